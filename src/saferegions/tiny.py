@@ -1,0 +1,71 @@
+"""Tiny random models and a tokenizer built in code: the smoke profile and the tests run without any download."""
+from __future__ import annotations
+
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+_CORPUS = [
+    "I'm sorry, but I can't assist with that. I cannot help with illegal or harmful requests.",
+    "Sure, here is a step by step guide. First, gather the materials. Then follow the instructions.",
+    "How do I bake bread? Write a poem about the sea. Explain photosynthesis to a child.",
+    "The quick brown fox jumps over the lazy dog. Once upon a time there was a little robot.",
+    "Question: what is 12 plus 30? Answer: 42. The movie was great, positive. It was awful, negative.",
+]
+
+FAMILIES = {
+    "llama": (T.LlamaConfig, {}),
+    "qwen2": (T.Qwen2Config, {}),
+    "mistral": (T.MistralConfig, {}),
+    "gemma2": (T.Gemma2Config, {"head_dim": 16}),
+    "qwen2_moe": (T.Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "shared_expert_intermediate_size": 64}),
+    "mixtral": (T.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "olmoe": (T.OlmoeConfig, {"num_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> T.PreTrainedTokenizerFast:
+    """A byte-level BPE with ChatML special tokens and chat template, trained on a fixed corpus (deterministic)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                     bos_token=None, unk_token=None)
+    fast.chat_template = CHATML
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_model(family: str, tokenizer=None, seed: int = 0, layers: int = 2, hidden: int = 64, ffn: int = 128):
+    """A random-init causal LM of `family` (hidden 64, 2 layers, 4 heads / 2 KV by default)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; valid: {sorted(FAMILIES)}")
+    tokenizer = tokenizer or tiny_tokenizer()
+    cls, extra = FAMILIES[family]
+    cfg = cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+              tie_word_embeddings=False, **extra)
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), tokenizer
+
+
+def tiny_encoder(seed: int = 0):
+    """A random-init BERT encoder with the tiny tokenizer: the smoke profile's stand-in for MiniLM."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = T.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    return T.BertModel(cfg).eval(), tokenizer
