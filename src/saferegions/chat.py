@@ -1,0 +1,68 @@
+"""Chat-template rendering, batched left-padded greedy generation, and response-only training batches."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+def render(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
+    """Each prompt as a single user turn in the model's own chat template, generation prompt on."""
+    out = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def _by_length(texts: list[str]) -> list[int]:
+    return sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+             system: str | None = None, do_sample: bool = False, seed: int = 0, desc: str = "generate",
+             **sample_kwargs) -> list[str]:
+    """Responses in prompt order. Prompts are batched longest-first to limit padding; greedy by default."""
+    texts = render(tokenizer, prompts, system)
+    order = _by_length(texts)
+    responses: list[str | None] = [None] * len(texts)
+    device = next(model.parameters()).device
+    if do_sample:
+        torch.manual_seed(seed)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             pad_token_id=tokenizer.pad_token_id, **sample_kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            responses[i] = text.strip()
+    return responses
+
+
+def response_batches(tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8,
+                     max_length: int = 512, system: str | None = None):
+    """Yield {input_ids, attention_mask, labels} with labels = -100 on prompt and padding positions, so
+    losses and activation statistics use response tokens only (Wei et al.'s default)."""
+    texts = render(tokenizer, prompts, system)
+    eos = tokenizer.eos_token or ""
+    rows = []
+    for t, r in zip(texts, responses):
+        p_ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(r + eos, add_special_tokens=False)["input_ids"]
+        ids = (p_ids + r_ids)[:max_length]
+        labels = ([-100] * len(p_ids) + r_ids)[:max_length]
+        rows.append((ids, labels))
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (ids, lab) in enumerate(chunk):  # left padding, as in generation
+            input_ids[j, width - len(ids):] = torch.tensor(ids)
+            labels[j, width - len(lab):] = torch.tensor(lab)
+            mask[j, width - len(ids):] = 1
+        yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
