@@ -1,0 +1,136 @@
+"""Forward hooks and in-place weight edits as context managers that always undo themselves.
+
+Every manager removes its hooks (or restores its weights) in a `finally`, so an exception inside the
+`with` block cannot leave a model silently modified (DESIGN §8: "hooks left attached after an exception").
+Modules are called with keyword arguments in transformers 5 (e.g. `self_attn(hidden_states=...)`), so the
+"first input" of a call is its first positional argument, else its first tensor keyword argument.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _first_input(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor]:
+    if args:
+        return 0, args[0]
+    for key, value in kwargs.items():
+        if torch.is_tensor(value):
+            return key, value
+    raise ValueError("module call has no tensor input")
+
+
+def _main_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _registered(handles_factory):
+    """Register hooks via `handles_factory(handles)` and remove every one of them on exit."""
+    handles = []
+    try:
+        yield handles_factory(handles)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_inputs(modules: dict, reduce=None):
+    """Yield {name: [first input of each call]}; `reduce(name, x)` stores a summary instead of x."""
+    def install(handles):
+        store = {name: [] for name in modules}
+        for name, module in modules.items():
+            def hook(mod, args, kwargs, name=name):
+                x = _first_input(args, kwargs)[1]
+                store[name].append(reduce(name, x) if reduce else x.detach())
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return store
+    return _registered(install)
+
+
+def capture_outputs(modules: dict, reduce=None):
+    """Yield {name: [main output of each call]} (the first element when a module returns a tuple)."""
+    def install(handles):
+        store = {name: [] for name in modules}
+        for name, module in modules.items():
+            def hook(mod, args, output, name=name):
+                y = _main_output(output)
+                store[name].append(reduce(name, y) if reduce else y.detach())
+            handles.append(module.register_forward_hook(hook))
+        return store
+    return _registered(install)
+
+
+def capture_calls(modules: dict):
+    """Yield {name: [(args, kwargs) of each call]}, so a module can be re-run alone on the same inputs."""
+    def install(handles):
+        store = {name: [] for name in modules}
+        for name, module in modules.items():
+            def hook(mod, args, kwargs, name=name):
+                store[name].append((args, dict(kwargs)))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return store
+    return _registered(install)
+
+
+def edit_input(module: nn.Module, fn):
+    """Replace the module's first input x by fn(x) on every call."""
+    def install(handles):
+        def hook(mod, args, kwargs):
+            key, x = _first_input(args, kwargs)
+            if key == 0:
+                return (fn(x), *args[1:]), kwargs
+            return args, {**kwargs, key: fn(x)}
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return _registered(install)
+
+
+def edit_output(module: nn.Module, fn):
+    """Replace the module's main output y by fn(y) on every call."""
+    def install(handles):
+        def hook(mod, args, output):
+            if isinstance(output, tuple):
+                return (fn(output[0]), *output[1:])
+            return fn(output)
+        handles.append(module.register_forward_hook(hook))
+    return _registered(install)
+
+
+def _scale_last_dims(x: torch.Tensor, dims, factor: float) -> torch.Tensor:
+    idx = torch.as_tensor(list(dims), dtype=torch.long, device=x.device)
+    if factor == 0:
+        return x.index_fill(-1, idx, 0)
+    y = x.clone()
+    y[..., idx] = y[..., idx] * factor
+    return y
+
+
+def scale_output_dims(module: nn.Module, dims, factor: float):
+    """Multiply output features `dims` by `factor` (0 zeroes them: deactivates q/k/v output neurons)."""
+    return edit_output(module, lambda y: _scale_last_dims(y, dims, factor))
+
+
+def zero_input_dims(module: nn.Module, dims):
+    """Zero input features `dims` (deactivates FFN units at down_proj, per-head dims at o_proj)."""
+    return edit_input(module, lambda x: _scale_last_dims(x, dims, 0.0))
+
+
+@contextmanager
+def scaled_weights(model: nn.Module, names, alpha: float):
+    """Multiply the named parameters by alpha in place; restore them bit-exactly from a copy on exit."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"unknown parameter names: {missing[:5]}")
+    saved = {n: params[n].detach().clone() for n in names}
+    try:
+        with torch.no_grad():
+            for n in saved:
+                params[n].mul_(alpha)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)

@@ -1,0 +1,129 @@
+"""SafeLayer (METHODS §2.3): "safety layers" are where normal and malicious prompts' last-token states part.
+
+Step 1 (`layer_cosine`, `gap_range`): per-layer cosine similarity of N-N, M-M and N-M prompt pairs; the range
+starts where the same-type vs cross-type gap first jumps and ends where it stops growing. Step 2
+(`overrejection_sweep`): scale the candidate layers' projection weights by α and keep the range that makes the
+model refuse the most borderline-benign prompts. Ranges are half-open layer ids [start, end), layer ℓ being
+decoder block ℓ (0-based). The region's native units are layer ids.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..chat import generate, render
+from ..hooks import scaled_weights
+from ..models import block_modules, component, eligible_weights, layer_index
+
+PAIR_TYPES = ("nn", "mm", "nm")
+
+
+@torch.no_grad()
+def last_token_states(model, tok, prompts: list[str], batch_size: int = 8,
+                      template: str | None = None) -> torch.Tensor:
+    """[layers, prompts, hidden] fp32: each block's hidden state at the last prompt token (HF's
+    `hidden_states[1:]`, so the last entry is after the final norm, as in the reference). One batched forward
+    per batch with left padding equals the reference's one-token generation at step 0."""
+    texts = [template.format(prompt=p) for p in prompts] if template else render(tok, prompts)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                  add_special_tokens=template is not None).to(device)
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        hs = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
+                   output_hidden_states=True, use_cache=False).hidden_states[1:]
+        out.append(torch.stack([h[:, -1].float().cpu() for h in hs]))
+    return torch.cat(out, dim=1)
+
+
+def _pairs(n_a: int, n_b: int, count: int, same: bool, seed: int) -> torch.Tensor:
+    """[count, 2] random index pairs; within one pool the two prompts differ (like random.sample(pool, 2))."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(n_a, (count,), generator=g)
+    if not same:
+        return torch.stack([i, torch.randint(n_b, (count,), generator=g)], 1)
+    j = torch.randint(n_a - 1, (count,), generator=g)
+    return torch.stack([i, j + (j >= i)], 1)
+
+
+def layer_cosine(model, tok, normal_prompts: list[str], malicious_prompts: list[str], pairs: int = 500,
+                 seed: int = 0, batch_size: int = 8, template: str | None = None) -> dict:
+    """Per layer, mean and std (population) of the cosine similarity over `pairs` random N-N, M-M and N-M
+    pairs, read from Gram matrices of the unit-normalised last-token states. Also returns the pairs drawn."""
+    if min(len(normal_prompts), len(malicious_prompts)) < 2:
+        raise ValueError("need at least two normal and two malicious prompts")
+
+    def states(prompts):
+        x = last_token_states(model, tok, prompts, batch_size, template)
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    xn, xm = states(normal_prompts), states(malicious_prompts)
+    grams = {"nn": xn @ xn.transpose(1, 2), "mm": xm @ xm.transpose(1, 2), "nm": xn @ xm.transpose(1, 2)}
+    stats = {"pairs": {}}
+    for offset, kind in enumerate(PAIR_TYPES):
+        g = grams[kind]
+        idx = _pairs(g.shape[1], g.shape[2], pairs, kind != "nm", seed + offset)
+        sims = g[:, idx[:, 0], idx[:, 1]]                       # [layers, pairs]
+        stats[f"{kind}_mean"] = sims.mean(1).tolist()
+        stats[f"{kind}_std"] = sims.std(1, correction=0).tolist()
+        stats["pairs"][kind] = idx.tolist()
+    return stats
+
+
+def gap_range(stats: dict, jump: float = 0.001, grow: float = 1e-4) -> tuple[int, int]:
+    """[start, end) by the automated rule: gap_ℓ = mean(N-N, M-M) − N-M; start = first layer whose gap exceeds
+    the previous layer's by > `jump`; the range continues while the gap grows by > `grow` per layer."""
+    nn_, mm, nm = (torch.tensor(stats[f"{k}_mean"]) for k in PAIR_TYPES)
+    gap = (nn_ + mm) / 2 - nm
+    rise = gap[1:] - gap[:-1]                                   # rise[ℓ-1] = gap_ℓ − gap_{ℓ-1}
+    jumps = (rise > jump).nonzero().flatten()
+    if len(jumps) == 0:
+        raise ValueError(f"the N-M gap never jumps by > {jump} between layers; no safety-layer range found")
+    start = int(jumps[0]) + 1
+    end = start + 1
+    while end < len(gap) and rise[end - 1] > grow:
+        end += 1
+    return start, end
+
+
+def layer_weight_names(model, layers, include_o: bool = True) -> list[str]:
+    """The projection weights (q, k, v, o, gate, up, down; experts and shared experts too) of those blocks."""
+    layers = set(layers)
+    return [n for n in eligible_weights(model)
+            if layer_index(n) in layers and (include_o or component(n) != "o")]
+
+
+@torch.no_grad()
+def overrejection_sweep(model, tok, prompts: list[str], start: int, end: int, *, judge, alpha: float = 1.1,
+                        radius: int = 3, max_new_tokens: int = 16, scale_o_proj: bool = True,
+                        sweep_start: bool = False, batch_size: int = 16) -> dict:
+    """Refusals R_o on `prompts` (greedy, `judge(responses) -> [refused]`) with layers [s, e) scaled by α.
+    Candidates: e within ±`radius` of the step-1 end; s fixed at the step-1 start, or also ±`radius` when
+    `sweep_start` ((2r+1)² generations instead of 2r+1). `scale_o_proj=False` reproduces the published
+    numbers' o_proj bug. Weights are restored bit-exactly after every candidate. Best = most refusals, ties to
+    the narrower, then earlier range.
+    Returns {"baseline": unscaled refusals, "table": [{start, end, refusals}], "best": (s, e)}."""
+    n_layers = len(block_modules(model))
+
+    def refusals() -> int:
+        responses = generate(model, tok, prompts, max_new_tokens, batch_size, desc="over-rejection")
+        return int(sum(judge(responses)))
+
+    starts = range(max(0, start - radius), start + radius + 1) if sweep_start else [start]
+    table = []
+    for s in starts:
+        for e in range(max(s + 1, end - radius), min(n_layers, end + radius) + 1):
+            with scaled_weights(model, layer_weight_names(model, range(s, e), scale_o_proj), alpha):
+                table.append({"start": s, "end": e, "refusals": refusals()})
+    if not table:
+        raise ValueError(f"no candidate range around [{start}, {end}) within {n_layers} layers")
+    best = max(table, key=lambda r: (r["refusals"], -(r["end"] - r["start"]), -r["start"]))
+    return {"baseline": refusals(), "table": table, "best": (best["start"], best["end"])}
+
+
+def to_weight_masks(model, layers) -> dict[str, torch.Tensor]:
+    """Layer ℓ → all elements of block ℓ's projection matrices (METHODS §3.2; norms excluded)."""
+    layers = {int(l) for l in layers}
+    return {n: torch.full(p.shape, layer_index(n) in layers, dtype=torch.bool)
+            for n, p in eligible_weights(model).items()}

@@ -1,0 +1,111 @@
+"""SNIP importance of every eligible weight (METHODS §2.1; Lee et al. 2019 as used by Wei et al. 2024).
+
+    I_SNIP(W) = |W| ⊙ Σ_s |∂L_s/∂W|,   L_s = mean cross-entropy over the response tokens of sample s.
+
+The absolute value is taken per sample, so every sample gets its own backward pass. Unlike the reference code
+(one decoder layer at a time, every sample re-run for each layer), one forward/backward per sample scores all
+layers at once: a post-accumulate-grad hook on each scored weight adds |grad| into an fp32 accumulator and
+frees `.grad` immediately, so peak memory is about weights + one fp32 score buffer + one sample's activations.
+
+Cost-saving details that do not change the result:
+- each sample is run alone with its padding stripped (RoPE attention only sees relative positions, so a
+  left-padded row and its unpadded copy are the same computation);
+- the lm_head (vocabulary projection) runs only at the positions that predict a response token
+  (`logits_to_keep`), which is all the loss reads;
+- only the scored weights require grad, so no other weight gradient is computed.
+
+Forward and backward run in the model's dtype (bf16 on CPU is fast); accumulation is fp32 (trap T3). Scores are
+raw and non-negative (trap T1): direction is chosen at selection time.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models import eligible_weights
+
+
+def iter_samples(batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids [S], labels [S]) for every row of every batch, padding (attention_mask == 0) removed."""
+    for batch in batches:
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask = batch.get("attention_mask")
+        for i in range(ids.shape[0]):
+            keep = mask[i].bool() if mask is not None else torch.ones_like(ids[i], dtype=torch.bool)
+            yield ids[i][keep], labels[i][keep]
+
+
+def response_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """Mean next-token cross-entropy over the response tokens of one unpadded sample (None if it has none).
+
+    Position t predicts token t+1, so the logits are computed only where labels[t+1] != -100; the loss is
+    identical to the model's own `labels=` loss for this sample.
+    """
+    targets = labels[1:]
+    positions = (targets != -100).nonzero().squeeze(1)
+    if positions.numel() == 0:
+        return None
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids[None].to(device), logits_to_keep=positions.to(device), use_cache=False)
+    return F.cross_entropy(out.logits[0].float(), targets[positions].to(device))
+
+
+@contextlib.contextmanager
+def grad_only_for(model, params: Iterable[torch.nn.Parameter]):
+    """Inside: exactly `params` require grad, their `.grad` starts empty, the model is in eval mode and grad
+    mode is on. On exit (also after an exception): flags, pre-existing `.grad`s and train/eval are restored."""
+    params = list(params)
+    wanted = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    stashed = [(p, p.grad) for p in params]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in wanted)
+        for p in params:
+            p.grad = None
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p, g in stashed:
+            p.grad = g
+        model.train(was_training)
+
+
+def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Parameter] | None = None,
+                progress: bool = True) -> dict[str, torch.Tensor]:
+    """{name: fp32 CPU tensor shaped like the weight} with I = |W| ⊙ Σ_s |∂L_s/∂W| over every sample of
+    `batches` ({input_ids, attention_mask, labels} with labels -100 outside the response, as
+    `chat.response_batches` yields). `weights` defaults to `models.eligible_weights(model)`."""
+    weights = dict(weights) if weights is not None else eligible_weights(model)
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
+
+    def accumulate(buf: torch.Tensor):
+        def hook(p: torch.nn.Parameter) -> None:
+            g, p.grad = p.grad, None
+            buf.add_(g.abs())
+        return hook
+
+    handles = []
+    with grad_only_for(model, weights.values()):
+        try:
+            for name, p in weights.items():
+                handles.append(p.register_post_accumulate_grad_hook(accumulate(acc[name])))
+            for input_ids, labels in tqdm(iter_samples(batches), desc="snip", disable=not progress, leave=False):
+                loss = response_loss(model, input_ids, labels)
+                if loss is not None:
+                    loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+    scores = {}
+    for name, p in weights.items():
+        scores[name] = acc.pop(name).mul_(p.detach().abs()).cpu()
+    return scores

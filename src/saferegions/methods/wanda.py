@@ -1,0 +1,145 @@
+"""Wanda importance of every eligible weight (METHODS §2.1; Sun et al. 2023 as used by Wei et al. 2024).
+
+    I_Wanda(W)_ij = |W_ij| · ‖X_j‖₂,   ‖X_j‖₂² = (1/n_samples) Σ_samples Σ_{t ∈ response} x_{t,j}²
+
+where x_t is the input of the weight's linear map at position t. **Which positions count**: those whose
+label is not -100, i.e. the positions *of* response tokens (the reference's `tar.ne(-100)` mask on the
+unshifted labels). The hidden state at such a position carries the response token itself and predicts the next
+one; the last prompt position (which predicts the first response token) is excluded and the final response
+token (the end-of-turn token, which predicts nothing the loss reads) is included. Dividing by samples
+rather than tokens is a constant factor and changes no ranking.
+
+Inputs are captured with forward hooks that are removed on exit, also after an exception.
+- `nn.Linear` weights (q/k/v/o, gate/up/down, shared experts): hook on the Linear module.
+- Fused MoE experts (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]; no nn.Linear):
+  a pre-hook on the experts module reads the hidden states and the router's top-k choice. Expert e's
+  gate_up input is exactly the hidden states of the (response) tokens routed to e; its down_proj input is
+  exactly act(gate) * up of those tokens, recomputed with the module's own weights and gate function. So
+  the expert norms are per-expert and exact, at the price of recomputing the experts' first projection.
+
+One forward pass per batch under torch.no_grad; left-padded rows get position ids counted from their first
+real token, so a padded row is the same computation as the unpadded sample. Scores are raw, non-negative,
+fp32 and on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models import eligible_weights
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def hooks(registrations: Iterable):
+    """Register hooks from callables that each return a RemovableHandle; remove them all on exit."""
+    handles = []
+    try:
+        for register in registrations:
+            handles.append(register())
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _owner(model, name: str):
+    """(module, attribute) owning parameter `name`, checked to be a Linear weight or a fused experts weight."""
+    module_name, attr = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if isinstance(module, torch.nn.Linear) and attr == "weight":
+        return module, "linear"
+    if attr in EXPERT_WEIGHTS and hasattr(module, "gate_up_proj") and hasattr(module, "_apply_gate"):
+        if getattr(module, "is_transposed", False) or not getattr(module, "has_gate", True):
+            raise ValueError(f"{module_name}: transposed or gate-less expert layouts are not supported")
+        return module, attr
+    raise ValueError(f"{name} is neither an nn.Linear weight nor a fused experts weight")
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x reshaped to [tokens, features] with only the counted (response) positions kept."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] != mask.numel():
+        raise RuntimeError(f"hooked input has {x.shape[0]} rows but the batch has {mask.numel()} positions")
+    return x[mask]
+
+
+def _sq_sum(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return (x * x).sum(0)
+
+
+def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Parameter] | None = None,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
+    """{name: fp32 CPU tensor shaped like the weight} with I_ij = |W_ij| · ‖X_j‖₂ (see the module docstring)
+    over every sample of `batches` ({input_ids, attention_mask, labels}, as `chat.response_batches` yields).
+    `weights` defaults to `models.eligible_weights(model)`."""
+    weights = dict(weights) if weights is not None else eligible_weights(model)
+    device = next(model.parameters()).device
+    state = {"mask": None}           # flat [B*S] bool mask of the counted positions of the current batch
+    sumsq: dict[str, torch.Tensor] = {}
+    linears, experts = {}, {}        # module -> name; experts module -> {attr: name}
+    for name, p in weights.items():
+        module, kind = _owner(model, name)
+        if kind == "linear":
+            sumsq[name] = torch.zeros(p.shape[-1], dtype=torch.float32, device=p.device)
+            linears[module] = name
+        else:
+            sumsq[name] = torch.zeros(p.shape[0], p.shape[-1], dtype=torch.float32, device=p.device)
+            experts.setdefault(module, {})[kind] = name
+
+    def linear_hook(name):
+        def hook(module, args, output):
+            sumsq[name].add_(_sq_sum(_rows(args[0], state["mask"])))
+        return hook
+
+    def experts_hook(names):
+        def hook(module, args, kwargs):
+            hidden = args[0] if len(args) > 0 else kwargs["hidden_states"]
+            top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden = _rows(hidden, state["mask"])
+            top_k = top_k.reshape(-1, top_k.shape[-1])[state["mask"]]
+            for e in range(module.gate_up_proj.shape[0]):
+                x = hidden[(top_k == e).any(-1)]
+                if x.shape[0] == 0:
+                    continue
+                if "gate_up_proj" in names:
+                    sumsq[names["gate_up_proj"]][e].add_(_sq_sum(x))
+                if "down_proj" in names:
+                    h = module._apply_gate(F.linear(x, module.gate_up_proj[e]))
+                    sumsq[names["down_proj"]][e].add_(_sq_sum(h))
+        return hook
+
+    registrations = [lambda m=m, n=n: m.register_forward_hook(linear_hook(n)) for m, n in linears.items()]
+    registrations += [lambda m=m, n=n: m.register_forward_pre_hook(experts_hook(n), with_kwargs=True)
+                      for m, n in experts.items()]
+    n_samples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), hooks(registrations):
+            for batch in tqdm(batches, desc="wanda", disable=not progress, leave=False):
+                ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                attn = batch.get("attention_mask")
+                attn = torch.ones_like(ids) if attn is None else attn.to(device)
+                state["mask"] = (labels != -100).reshape(-1)
+                position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+                model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                      logits_to_keep=1)
+                n_samples += ids.shape[0]
+    finally:
+        state["mask"] = None
+        model.train(was_training)
+    if n_samples == 0:
+        raise ValueError("wanda_scores got no samples")
+    scores = {}
+    for name, p in weights.items():
+        norm = sumsq.pop(name).div_(n_samples).sqrt_()
+        norm = norm[None, :] if norm.dim() == 1 else norm[:, None, :]   # broadcast over output rows
+        scores[name] = (p.detach().abs().float() * norm).cpu()
+    return scores

@@ -1,0 +1,190 @@
+"""Masked AdamW for SET / SPA (METHODS §4.6) and the parameter selection that goes with it.
+
+The authors' optimizer (SafeWeights-ACL `optimizers.py`) keeps dense AdamW moments fed by the full gradient
+and multiplies the final update by the mask. Moments are element-wise, so the trajectory of a trainable entry
+never depends on another entry: keeping state only for the trainable entries ("sparse" mode) gives the same
+trajectory with memory proportional to the mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MODES = ("faithful", "sparse")
+_BIAS_NORM_KEYS = ("bias", "norm", "ln_")  # reference `trainer.py`: substring match on the lower-cased name
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW whose update touches only mask-True entries; mask-False entries stay bit-identical.
+
+    `params_with_masks`: list of (param, mask or None); mask is a bool tensor of the param's shape
+    (True = trainable), None = fully trainable.
+
+    Update (reference code, per element): m, v from the full gradient, then
+        θ ← θ − (lr / (1 − β₁ᵗ)) · M ⊙ (m / (√v / √(1 − β₂ᵗ) + ε) + λθ)
+    Note the reference multiplies the weight decay by the bias-corrected step size lr/(1 − β₁ᵗ), not by lr
+    (10× at step 1, → 1 after a few dozen steps). METHODS §4.6 writes the decay with plain η, which is
+    torch.optim.AdamW's decoupled decay. `ref_decay=True` (default) follows the code; `ref_decay=False` gives
+    the formula / torch.optim.AdamW.
+
+    Modes:
+    - "faithful": dense fp32 m, v for every param (the reference's memory profile).
+    - "sparse": per param with a mask, a flat index of the trainable entries and m, v of that size; the
+      gradient is gathered at the index and the new values written back with index_put_. Where the index
+      would cost more than dense moments (density > 8 / (8 + index bytes), e.g. SPA's 99% masks) the param
+      falls back to dense moments plus the mask — same trajectory, less memory.
+    Deviation from the reference: moments are fp32 and the update is computed in fp32 and cast back to the
+    param dtype (the reference keeps moments in the param dtype, i.e. bf16 under --bf16).
+    """
+
+    def __init__(self, params_with_masks, lr: float = 3e-5, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, mode: str = "faithful", ref_decay: bool = True,
+                 index_dtype: torch.dtype = torch.int64):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if index_dtype not in (torch.int64, torch.int32):
+            raise ValueError("index_dtype must be torch.int64 or torch.int32")
+        pairs = list(params_with_masks)
+        params = [p for p, _ in pairs]
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.mode, self.ref_decay = mode, ref_decay
+        self._masks: dict[torch.Tensor, torch.Tensor] = {}  # dense-layout masks (kept out of `state`)
+        idx_bytes = torch.empty((), dtype=index_dtype).element_size()
+        for p, mask in pairs:
+            if mask is None:
+                continue
+            if mask.dtype != torch.bool or mask.shape != p.shape:
+                raise ValueError(f"mask must be bool with the param's shape {tuple(p.shape)}, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+            mask = mask.to(p.device)
+            k = int(mask.sum())
+            if k == p.numel():
+                continue  # all-True: plain AdamW
+            if mode == "sparse" and k * (8 + idx_bytes) < 8 * p.numel():
+                if not p.is_contiguous():
+                    raise ValueError("sparse mode needs contiguous params (flat view)")
+                if index_dtype == torch.int32 and p.numel() >= 2**31:
+                    raise ValueError("int32 index cannot address a param with >= 2**31 entries")
+                self.state[p]["idx"] = mask.reshape(-1).nonzero().squeeze(1).to(index_dtype)
+            else:
+                self._masks[p] = mask
+
+    def load_state_dict(self, state_dict):
+        """torch casts floating state to the param dtype on load; keep the moments fp32."""
+        super().load_state_dict(state_dict)
+        for s in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in s:
+                    s[k] = s[k].float()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
+                state = self.state[p]
+                idx = state.get("idx")
+                if idx is not None and idx.numel() == 0:
+                    continue  # nothing trainable: no state, no update
+                if "step" not in state:
+                    shape = idx.shape if idx is not None else p.shape
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                state["step"] += 1
+                t = state["step"]
+                if idx is not None:
+                    flat = p.view(-1)
+                    g = p.grad.reshape(-1).index_select(0, idx).float()
+                    theta = flat.index_select(0, idx).float()
+                else:
+                    g, theta = p.grad.float(), p.float()
+                new = self._adam(theta, g, state["exp_avg"], state["exp_avg_sq"], t, lr, b1, b2, eps, wd)
+                new = new.to(p.dtype)
+                if idx is not None:
+                    flat.index_put_((idx,), new)  # index_copy_ would reject int32 indices
+                elif p in self._masks:
+                    p.copy_(torch.where(self._masks[p], new, p, out=new))
+                else:
+                    p.copy_(new)
+        return loss
+
+    def _adam(self, theta, g, m, v, t, lr, b1, b2, eps, wd):
+        """One element-wise AdamW step on fp32 tensors; updates m, v in place, returns the new θ."""
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        upd = v.sqrt().div_(math.sqrt(bc2)).add_(eps)  # in place throughout: one param-sized temporary
+        upd = torch.div(m, upd, out=upd)
+        step_size = lr / bc1
+        if self.ref_decay:  # reference: decay inside the bias-corrected step
+            if wd:
+                upd.add_(theta, alpha=wd)
+            return upd.mul_(-step_size).add_(theta)
+        return upd.mul_(-step_size).add_(theta, alpha=1 - lr * wd)  # torch.optim.AdamW: θ(1 − ηλ) − step
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of all tensors in the optimizer state (moments, indices; the python step counter is free)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def is_bias_or_norm(name: str) -> bool:
+    """Reference rule for `--force_train_bias_norm`: 'bias', 'norm' or 'ln_' in the lower-cased name."""
+    return any(k in name.lower() for k in _BIAS_NORM_KEYS)
+
+
+def invert_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SPA masks: freeze the region, train the rest of each masked tensor."""
+    return {k: ~m.bool() for k, m in masks.items()}
+
+
+def build_param_groups(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None,
+                       force_bias_norm: bool = True, train_outside_mask: bool = False,
+                       freeze_empty: bool = True) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+    """(param, mask) pairs for MaskedAdamW, as the reference's `generate_masks`.
+
+    - masks None: everything trainable (full SFT).
+    - SET: `masks` = region, train_outside_mask=False → params absent from `masks` are frozen.
+    - SPA: `invert_masks(region)`, train_outside_mask=True → params absent are fully trainable
+      (embeddings and lm_head included).
+    - force_bias_norm: bias / norm params are fully trainable whatever the mask (reference default, which its
+      CLI cannot turn off).
+    Params already frozen (requires_grad False) are skipped, as in the reference. Params with nothing to train
+    get requires_grad=False (no gradient, no state) when freeze_empty; set it False to keep their gradients,
+    e.g. for a global grad-norm clip over all weights as in the reference's Trainer run.
+    """
+    named = dict(model.named_parameters())
+    if masks is not None:
+        unknown = sorted(set(masks) - set(named))
+        if unknown:
+            raise KeyError(f"masks name {len(unknown)} tensors absent from the model, e.g. {unknown[:3]}")
+    pairs = []
+    for name, p in named.items():
+        if not p.requires_grad:
+            continue
+        if masks is None or (force_bias_norm and is_bias_or_norm(name)):
+            mask = None
+        elif name in masks:
+            mask = masks[name].to(device=p.device, dtype=torch.bool)
+            if mask.shape != p.shape:
+                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, param {tuple(p.shape)}")
+            if bool(mask.all()):
+                mask = None
+        else:
+            mask = None if train_outside_mask else torch.zeros_like(p, dtype=torch.bool)
+        if mask is not None and freeze_empty and not bool(mask.any()):
+            p.requires_grad_(False)
+            continue
+        pairs.append((p, mask))
+    return pairs
