@@ -45,3 +45,25 @@ def sst2_accuracy(responses: list[str], answers: list[str]) -> float:
         return "positive" if neg < 0 or (0 <= pos < neg) else "negative"
     hits = [label(r) == a for r, a in zip(responses, answers)]
     return float(np.mean(hits)) if hits else float("nan")
+
+
+def refusal_table(model, tokenizer, sets: dict[str, list[str]], judge_list: dict, max_new_tokens: int,
+                  batch_size: int, system: str | None = None, desc: str = "generate"):
+    """Generate once over all sets (batched across sets), then judge per set.
+
+    Returns (generations: list of row dicts, metrics: {set: {"refusal_rate": r, "n": n, ...per judge}})."""
+    names = [name for name, ps in sets.items() for _ in ps]
+    prompts = [p for ps in sets.values() for p in ps]
+    responses = chat.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              system=system, desc=desc)
+    verdicts = {j: judge.judge(prompts, responses) for j, judge in judge_list.items()}
+    first = next(iter(judge_list))
+    rows = [{"dataset": n, "prompt": p, "response": r, **{f"complied_{j}": bool(v.complied[i])
+             for j, v in verdicts.items()}} for i, (n, p, r) in enumerate(zip(names, prompts, responses))]
+    metrics = {}
+    for name in sets:
+        idx = np.array([n == name for n in names])
+        metrics[name] = {"n": int(idx.sum()),
+                         "refusal_rate": float(1 - verdicts[first].complied[idx].mean()),
+                         **{f"refusal_rate_{j}": float(1 - v.complied[idx].mean()) for j, v in verdicts.items()}}
+    return rows, metrics

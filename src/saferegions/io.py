@@ -23,7 +23,7 @@ def atomic_path(path: str | Path):
     """Yield a temporary sibling path; rename it onto `path` only if the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=f".{path.name}", dir=path.parent)  # keeps the extension
     os.close(fd)
     tmp = Path(tmp)
     try:

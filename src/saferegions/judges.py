@@ -200,3 +200,20 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray) -> float:
     po = float((a == b).mean())
     pe = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
     return 1.0 if pe == 1 else (po - pe) / (1 - pe)
+
+
+def fit_learned_judge(rows: list[dict], encoder, tokenizer, max_train: int, heldout_frac: float, seed: int,
+                      max_length: int = 128, batch_size: int = 64):
+    """Train the learned judge on labelled responses and score it on a seeded held-out split."""
+    rng = np.random.default_rng(seed)
+    rows = [rows[i] for i in rng.permutation(len(rows))[:max_train]]
+    n_held = max(1, int(len(rows) * heldout_frac))
+    held, train = rows[:n_held], rows[n_held:]
+    judge = LearnedJudge.train(encoder, tokenizer, [r["response"] for r in train], [r["label"] for r in train],
+                               max_length=max_length, batch_size=batch_size, seed=seed)
+    y = np.array([r["label"] for r in held], bool)
+    refused = judge.p_refusal([r["response"] for r in held]) >= 0.5
+    keyword = np.array([KeywordJudge().refused(r["response"]) for r in held], bool)
+    stats = {"heldout_accuracy": float((refused == y).mean()), "n_train": len(train), "n_heldout": len(held),
+             "keyword_heldout_accuracy": float((keyword == y).mean())}
+    return judge, stats

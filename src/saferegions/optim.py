@@ -71,12 +71,13 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self._masks[p] = mask
 
     def load_state_dict(self, state_dict):
-        """torch casts floating state to the param dtype on load; keep the moments fp32."""
+        """torch casts every state tensor to the param dtype on load (bf16 moments, float indices): undo it."""
+        keep = {i: {k: v for k, v in s.items() if torch.is_tensor(v)} for i, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        for s in self.state.values():
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in s:
-                    s[k] = s[k].float()
+        params = [p for g in self.param_groups for p in g["params"]]  # torch's state_dict numbering
+        for i, saved in keep.items():
+            for k, v in saved.items():
+                self.state[params[i]][k] = v.to(device=params[i].device, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,0 +1,31 @@
+# Thin, self-bootstrapping wrappers. `make repro` runs the embedded default pipeline; `make test` the tests.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(abspath $(VENV))/bin
+MIRROR ?= $(wildcard ../shared/datasets)
+export PATH := $(BIN):$(PATH)
+
+.PHONY: repro test data lab clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $@
+
+data: $(VENV)/.installed
+	$(PY) -m saferegions.data fetch $(if $(MIRROR),--mirror $(MIRROR))
+	dvc commit -f -q data.dvc
+
+repro: data
+	dvc repro
+	dvc metrics show
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lab: $(VENV)/.installed
+	jupyter lab
+
+clean:
+	rm -rf artifacts .pytest_cache

@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("SAFEREGIONS_DATA_MIRROR", ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are dominated by per-op overhead; one thread is faster and steadier on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def mirror():
+    if not (MIRROR / "MANIFEST.md").exists():
+        pytest.skip(f"dataset mirror {MIRROR} not present")
+    return MIRROR

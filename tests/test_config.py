@@ -1,0 +1,44 @@
+import pytest
+import yaml
+
+from saferegions import config
+from conftest import ROOT
+
+
+def test_default_and_smoke_params_validate():
+    for path in (ROOT / "params.yaml", ROOT / "profiles" / "smoke.yaml"):
+        cfg = config.load(path)
+        assert set(cfg.baseline.models) <= set(cfg.models)
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"baseline": {"datasets": ["advbnch"]}}, "valid choices: advbench"),
+    ({"models": {"a": {"id": "x"}}, "baseline": {"models": ["b"]}}, "valid choices: a"),
+    ({"models": {"a": {"id": "x", "offline": "no-such-mirror"}}}, "qwen2.5-coder-0.5b-instruct"),
+    ({"baseline": {"n_prompts": "many"}}, "expected int"),
+    ({"baseline": {"n_prompts": 0}}, "must be > 0"),
+    ({"baseline": {"n_promts": 3}}, "unknown key(s) ['n_promts']"),
+    ({"run": {"dtype": "int8"}}, "valid choices: bfloat16"),
+    ({"judges": {"learned": {"heldout_frac": 1.5}}}, "(0, 1]"),
+    ({"nosuchsection": {}}, "unknown params section"),
+])
+def test_bad_values_give_one_clear_error(raw, fragment):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(raw)
+    assert fragment in str(e.value)
+
+
+def test_stage_runner_rejects_bad_params_before_loading_anything(tmp_path):
+    bad = yaml.safe_load((ROOT / "params.yaml").read_text())
+    bad["baseline"]["models"] = ["aligned", "nonexistent"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    from saferegions import stage
+    with pytest.raises(SystemExit) as e:
+        stage.run("baseline", "params.yaml", root=tmp_path)
+    assert "nonexistent" in str(e.value) and "aligned" in str(e.value)
+
+
+def test_dvc_params_match_stage_sections():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, sections in config.STAGE_SECTIONS.items():
+        assert sorted(stages[name]["params"]) == sorted(sections), name

