@@ -1,0 +1,255 @@
+"""NLSR safety region over LoRA weights (METHODS §2.4; Yi et al. 2025, code xinykou/NLSR), and its projection
+to base-weight masks (§3.2).
+
+Pipeline, for a chat model without an alignment LoRA (project default):
+1. `train_safety_lora`: one LoRA on harmful -> refusal pairs (response-only CE), fixed across datasets.
+2. `expo_rescale`: every lora_A / lora_B weight <- 2α·W, so the update B·A scales by (2α)².
+3. `lowrank_project` (per dataset, ActSVD): for each LoRA matrix W [d_out, d_in] with inputs X over the
+   response tokens, V = top-q right singular vectors of Y = X Wᵀ, q = ⌊min(d_out, d_in)·rank_ratio⌋;
+   W <- V Vᵀ W. Computed exactly (no `svd_lowrank`, which is randomised) from a fp64 Gram matrix of size
+   min(d_out, d_in)² = r², whichever side is the rank r:
+   - d_out <= d_in (lora_A): accumulate G = Yᵀ Y, V = top-q eigenvectors of G;
+   - d_out >  d_in (lora_B): accumulate C = Xᵀ X, then Yᵀ Y = (W C^½)(W C^½)ᵀ, so V = the top-q left
+     singular vectors of the d_out × r matrix W C^½ (never forms the d_out × d_out Gram, 14336² on 8B FFNs).
+4. `magnitude_region`: top keep_frac of |W| per projected LoRA matrix.
+
+**Naming.** LoRA regions and projected weights are keyed by the PeftModel's parameter names, e.g.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`; `base_name` maps one to the base
+weight it updates (`model.layers.0.self_attn.q_proj.weight`, as `models.eligible_weights` names it).
+
+**Which positions count**: those whose label is not -100 (as in wanda.py: the positions of response tokens).
+"""
+from __future__ import annotations
+
+import math
+import re
+import types
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+
+from .. import regions
+from ..chat import response_batches
+from ..hooks import capture_inputs
+from ..models import eligible_weights
+
+# The seven projections of every decoder block (shared experts included); fused MoE experts are not Linear
+# modules and get no LoRA (their base masks stay empty). The `.layers.N.` anchor keeps lm_head etc. out.
+TARGET_MODULES = r".*\.layers\.\d+\..*\b(q|k|v|o|gate|up|down)_proj"
+_LORA = re.compile(r"\.lora_[AB]\.[^.]+\.weight$")
+
+
+def lora_weights(peft_model) -> dict[str, tuple[torch.nn.Linear, torch.nn.Parameter]]:
+    """{parameter name: (module, weight)} of every lora_A / lora_B Linear of the active adapter."""
+    pattern = re.compile(rf"\.lora_[AB]\.{re.escape(peft_model.active_adapter)}$")
+    out = {f"{n}.weight": (m, m.weight) for n, m in peft_model.named_modules()
+           if pattern.search(n) and isinstance(m, torch.nn.Linear)}
+    if not out:
+        raise ValueError("model has no LoRA matrices for its active adapter")
+    return out
+
+
+def base_name(lora_name: str) -> str:
+    """`base_model.model.<base module>.lora_A.<adapter>.weight` -> `<base module>.weight`."""
+    if not _LORA.search(lora_name):
+        raise ValueError(f"{lora_name!r} is not a LoRA weight name")
+    return _LORA.sub(".weight", lora_name.removeprefix("base_model.model."))
+
+
+def _position_ids(attn: torch.Tensor) -> torch.Tensor:
+    return (attn.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first real token
+
+
+# ---------------------------------------------------------------- 1. train
+
+
+def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str], r: int = 8,
+                      alpha: float = 32, dropout: float = 0.05, steps: int = 200, lr: float = 1e-4,
+                      batch_size: int = 4, seed: int = 0, max_length: int = 512, progress: bool = True):
+    """(PeftModel, loss per optimizer step): a LoRA on all block projections, AdamW (no weight decay, the HF
+    Trainer default) on response-only CE, cycling over the pairs (reshuffled each pass, seeded) for `steps`
+    steps. peft injects the LoRA layers into `model` itself; `unload()` gives the base model back. The
+    returned model is in eval mode."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError("need as many responses as prompts, and at least one pair")
+    torch.manual_seed(seed)  # lora_A init and dropout
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGET_MODULES,
+                     bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(peft_model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+
+    def cycle():
+        while True:
+            order = torch.randperm(len(prompts), generator=g).tolist()
+            yield from response_batches(tokenizer, [prompts[i] for i in order], [responses[i] for i in order],
+                                        batch_size, max_length)
+
+    losses = []
+    peft_model.train()
+    try:
+        bar = tqdm(zip(range(steps), cycle()), total=steps, desc="safety LoRA", disable=not progress,
+                   leave=False)
+        for _, batch in bar:
+            attn = batch["attention_mask"].to(device)
+            out = peft_model(input_ids=batch["input_ids"].to(device), attention_mask=attn,
+                             position_ids=_position_ids(attn), labels=batch["labels"].to(device),
+                             use_cache=False)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            losses.append(out.loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        peft_model.eval()
+    return peft_model, losses
+
+
+# ---------------------------------------------------------------- 2. expo
+
+
+@torch.no_grad()
+def expo_rescale(peft_model, alpha: float = 0.9):
+    """In place: W <- αW + αW = 2α·W for every LoRA matrix (expo-lora.py), so B·A scales by (2α)².
+    α = 0.5 is the identity. Returns the model."""
+    for _, w in lora_weights(peft_model).values():
+        w.mul_(2 * alpha)
+    return peft_model
+
+
+# ---------------------------------------------------------------- 3. low-rank projection
+
+
+def _top_subspace(w: torch.Tensor, gram: torch.Tensor, q: int) -> torch.Tensor:
+    """V [d_out, q]: top-q right singular vectors of Y = X Wᵀ, from G = YᵀY (d_out <= d_in) or C = XᵀX."""
+    d_out, d_in = w.shape
+    if d_out <= d_in:
+        _, vecs = torch.linalg.eigh(gram)                      # ascending eigenvalues
+        return vecs[:, d_out - q:]
+    evals, vecs = torch.linalg.eigh(gram)
+    m = w @ (vecs * evals.clamp(min=0).sqrt())                 # M Mᵀ = W C Wᵀ = YᵀY
+    u, _, _ = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :q]
+
+
+@torch.no_grad()
+def lowrank_project(peft_model, batches, rank_ratio: float = 0.8,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """{LoRA parameter name: W_proj = V Vᵀ W (fp32, CPU)} with V the top-q output directions of this data
+    (module docstring). The adapter is not modified: regions for every dataset reuse the same LoRA."""
+    if not 0.0 < rank_ratio <= 1.0:
+        raise ValueError(f"rank_ratio={rank_ratio} outside (0, 1]")
+    loras = lora_weights(peft_model)
+    w64 = {n: w.detach().double() for n, (_, w) in loras.items()}
+    state = {"mask": None}
+
+    def reduce(name, x):                                       # fp64 Gram of this call's response rows
+        x = x.reshape(-1, x.shape[-1])[state["mask"]].double()
+        w = w64[name]
+        if w.shape[0] <= w.shape[1]:
+            x = x @ w.T                                        # Y
+        return x.T @ x
+
+    grams = {n: None for n in loras}
+    device = next(peft_model.parameters()).device
+    was_training = peft_model.training
+    peft_model.eval()                                          # no LoRA dropout
+    try:
+        with capture_inputs({n: m for n, (m, _) in loras.items()}, reduce) as store:
+            for batch in tqdm(batches, desc="nlsr project", disable=not progress, leave=False):
+                attn = batch["attention_mask"].to(device)
+                state["mask"] = (batch["labels"] != -100).reshape(-1).to(device)
+                peft_model.get_base_model()(input_ids=batch["input_ids"].to(device), attention_mask=attn,
+                                            position_ids=_position_ids(attn), use_cache=False,
+                                            logits_to_keep=1)
+                for n, parts in store.items():                 # fold per batch: memory stays r² per matrix
+                    if parts:
+                        s = torch.stack(parts).sum(0)
+                        grams[n] = s if grams[n] is None else grams[n] + s
+                        parts.clear()
+    finally:
+        state["mask"] = None
+        peft_model.train(was_training)
+    missing = [n for n, gm in grams.items() if gm is None]
+    if missing:
+        raise RuntimeError(f"no inputs reached {missing[0]} (adapter disabled or merged, or no batches?)")
+    projected = {}
+    for n, w in w64.items():
+        q = math.floor(min(w.shape) * rank_ratio)
+        v = _top_subspace(w, grams[n], q)
+        projected[n] = (v @ (v.T @ w)).float().cpu()
+    return projected
+
+
+# ---------------------------------------------------------------- 4. regions
+
+
+def magnitude_region(projected: dict[str, torch.Tensor], keep_frac: float = 0.2, meta: dict | None = None):
+    """Top keep_frac of |W| per projected LoRA matrix (sparsity_ratio_low.py keeps |W| > 0.8-quantile)."""
+    scores = {n: w.abs() for n, w in projected.items()}
+    return regions.top_fraction(scores, keep_frac, group="matrix", largest=True,
+                                meta={"method": "nlsr", "space": "lora", **(meta or {})})
+
+
+def identify(peft_model, batches, rank_ratio: float = 0.8, keep_frac: float = 0.2, progress: bool = True):
+    """(Region over LoRA entries, projected weights): the projected weights are what `to_base_masks` needs."""
+    projected = lowrank_project(peft_model, batches, rank_ratio, progress)
+    region = magnitude_region(projected, keep_frac, meta={"rank_ratio": rank_ratio, "keep_frac": keep_frac})
+    return region, projected
+
+
+def refine(safety_region, utility_region):
+    """Safety \\ utility on LoRA entries (§2.4, §3.5)."""
+    return regions.difference(safety_region, utility_region)
+
+
+# ---------------------------------------------------------------- 5. base-weight masks (§3.2)
+
+
+def _base_eligible(model) -> dict[str, torch.nn.Parameter]:
+    """`eligible_weights` of the base model under its own names (peft renames wrapped weights
+    `<module>.base_layer.weight`; LoRA parameters are not base weights)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    params = [(n.replace(".base_layer.", "."), p) for n, p in base.named_parameters() if ".lora_" not in n]
+    view = types.SimpleNamespace(config=base.config, named_parameters=lambda: iter(params))
+    return eligible_weights(view)
+
+
+@torch.no_grad()
+def to_base_masks(model_or_peft, lora_region, projected: dict[str, torch.Tensor],
+                  scale: float | None = None) -> dict[str, torch.Tensor]:
+    """{eligible base weight name: bool mask}: per base matrix with a LoRA, the top-f entries of |ΔW_R|,
+    ΔW_R = (M_B ⊙ B)(M_A ⊙ A)·scale, f = the LoRA region's overall density; all False without a LoRA.
+
+    scale defaults to the adapter's lora_alpha / r (1.0 for a plain model); being a positive constant it
+    never changes the selection. Entries with ΔW_R = 0 are never selected (tie-breaking among zeros would
+    pick the lowest indices in every region alike), so a matrix whose ΔW_R has fewer than int(f·numel)
+    non-zeros gets all of them and a density below f.
+    """
+    if scale is None:
+        scale = 1.0
+        if isinstance(model_or_peft, PeftModel):
+            cfg = model_or_peft.peft_config[model_or_peft.active_adapter]
+            scale = cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+    pairs: dict[str, dict[str, str]] = {}
+    for n in lora_region.masks:
+        pairs.setdefault(base_name(n), {})["A" if ".lora_A." in n else "B"] = n
+    eligible = _base_eligible(model_or_peft)
+    unknown = sorted(set(pairs) - set(eligible))
+    if unknown:
+        raise ValueError(f"LoRA on weights that are not eligible base weights: {unknown[:3]}")
+    f = lora_region.density
+    out = {}
+    for name, p in eligible.items():
+        if name not in pairs:
+            out[name] = torch.zeros(p.shape, dtype=torch.bool)
+            continue
+        a, b = pairs[name]["A"], pairs[name]["B"]
+        delta = ((projected[b] * lora_region.masks[b]) @ (projected[a] * lora_region.masks[a])).abs_() * scale
+        if delta.shape != p.shape:
+            raise ValueError(f"ΔW for {name} has shape {tuple(delta.shape)}, weight {tuple(p.shape)}")
+        out[name] = regions.top_fraction({name: delta}, f, group="matrix").masks[name] & (delta > 0)
+    return out
