@@ -17,7 +17,7 @@ from .data import BENIGN_SETS, SAFETY_SETS
 from .models import ModelEntry, mirrors
 
 PROMPT_SETS = SAFETY_SETS + BENIGN_SETS
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -97,7 +97,7 @@ class ModelCfg:
 class RunCfg:
     seed: int = 0
     device: str = "auto"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
 
     def __post_init__(self):
         _choice("run.device", self.device, DEVICES)
