@@ -78,13 +78,15 @@ class LearnedJudge:
     def embed(self, texts: list[str], encoder=None, tokenizer=None, max_length=128, batch_size=64) -> torch.Tensor:
         encoder = encoder or self.encoder
         tokenizer = tokenizer or self.tokenizer
-        out = []
+        out = torch.zeros(len(texts), encoder.config.hidden_size)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
         for i in tqdm(range(0, len(texts), batch_size), desc="embed", leave=False):
-            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+            idx = order[i:i + batch_size]
+            enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
             hidden = encoder(**enc).last_hidden_state
-            out.append(self.pool(hidden, enc["attention_mask"]).float())
-        return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
+            out[idx] = self.pool(hidden, enc["attention_mask"]).float()
+        return out
 
     def p_refusal(self, responses: list[str]) -> np.ndarray:
         x = self.embed(list(responses), max_length=self.max_length, batch_size=self.batch_size)
