@@ -14,8 +14,8 @@ Cost-saving details that do not change the result:
   (`logits_to_keep`), which is all the loss reads;
 - only the scored weights require grad, so no other weight gradient is computed.
 
-Forward and backward run in the model's dtype (bf16 on CPU is fast); accumulation is fp32 (trap T3). Scores are
-raw and non-negative (trap T1): direction is chosen at selection time.
+Forward and backward run in the model's dtype; accumulation is fp32 (trap T3). Scores are raw and
+non-negative (trap T1): direction is chosen at selection time.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def response_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch
 @contextlib.contextmanager
 def grad_only_for(model, params: Iterable[torch.nn.Parameter]):
     """Inside: exactly `params` require grad, their `.grad` starts empty, the model is in eval mode and grad
-    mode is on. On exit (also after an exception): flags, pre-existing `.grad`s and train/eval are restored."""
+    mode is on. On exit (also after an exception): flags, pre-existing `.grad`s and train/eval are
+    restored."""
     params = list(params)
     wanted = {id(p) for p in params}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -90,7 +91,7 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
     def accumulate(buf: torch.Tensor):
         def hook(p: torch.nn.Parameter) -> None:
             g, p.grad = p.grad, None
-            buf.add_(g.abs())
+            buf.add_(g.abs_())   # g is ours alone now (autograd only hands over unshared buffers)
         return hook
 
     handles = []
@@ -98,7 +99,8 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
         try:
             for name, p in weights.items():
                 handles.append(p.register_post_accumulate_grad_hook(accumulate(acc[name])))
-            for input_ids, labels in tqdm(iter_samples(batches), desc="snip", disable=not progress, leave=False):
+            samples = tqdm(iter_samples(batches), desc="snip", disable=not progress, leave=False)
+            for input_ids, labels in samples:
                 loss = response_loss(model, input_ids, labels)
                 if loss is not None:
                     loss.backward()

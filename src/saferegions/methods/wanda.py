@@ -49,7 +49,8 @@ def hooks(registrations: Iterable):
 
 
 def _owner(model, name: str):
-    """(module, attribute) owning parameter `name`, checked to be a Linear weight or a fused experts weight."""
+    """(module, kind) owning parameter `name`: kind "linear" for an nn.Linear weight, else the fused experts
+    attribute ("gate_up_proj" / "down_proj")."""
     module_name, attr = name.rsplit(".", 1)
     module = model.get_submodule(module_name)
     if isinstance(module, torch.nn.Linear) and attr == "weight":
