@@ -15,15 +15,6 @@ from saferegions.tiny import tiny_model, tiny_tokenizer
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine thread contention dominates the runtime."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def judge():
     """A tiny learned judge whose tokenizer (300 BPE tokens) differs from the targets' (512)."""

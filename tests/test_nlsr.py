@@ -22,15 +22,6 @@ QA = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
 QB = QA.replace("lora_A", "lora_B")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine thread contention dominates the runtime."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batches(tok):
     return list(response_batches(tok, PROMPTS, RESPONSES, batch_size=3))   # 2 batches, left-padded
 

@@ -11,15 +11,6 @@ from saferegions.tiny import tiny_model
 MODES = ["faithful", "sparse"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest and immune to OpenMP spin-waits on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _params(seed=0, dtypes=(torch.float32, torch.float32, torch.bfloat16)):
     """A few params with random masks: 5% and 30% density, an all-False one, a bf16 one, one unmasked."""
     g = torch.Generator().manual_seed(seed)

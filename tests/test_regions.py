@@ -7,15 +7,6 @@ import torch
 
 from saferegions import regions as R
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP start-up per op costs more than the work, badly so on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SHAPES = {"l0.q": (6, 10), "l0.down": (5, 13), "l1.experts": (3, 4, 9), "l1.bias": (11,)}
 
 
