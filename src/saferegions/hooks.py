@@ -134,3 +134,25 @@ def scaled_weights(model: nn.Module, names, alpha: float):
         with torch.no_grad():
             for n, w in saved.items():
                 params[n].copy_(w)
+
+
+@contextmanager
+def zeroed_weights(model: nn.Module, masks: dict):
+    """Set the masked entries of the named parameters to zero in place; restore them bit-exactly on exit."""
+    params = dict(model.named_parameters())
+    missing = [n for n in masks if n not in params]
+    if missing:
+        raise KeyError(f"unknown parameter names: {missing[:5]}")
+    saved = {}
+    try:
+        with torch.no_grad():
+            for n, m in masks.items():
+                if m.any():
+                    m = m.to(params[n].device)
+                    saved[n] = (m, params[n][m].clone())
+                    params[n][m] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for n, (m, values) in saved.items():
+                params[n][m] = values
