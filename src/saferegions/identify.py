@@ -23,6 +23,7 @@ from pathlib import Path
 
 
 from . import chat, data, regions
+from .hooks import one_thread, single_thread
 from .io import read_jsonl, write_json, write_jsonl
 from .methods import layers, neurons, nlsr, snip, wanda
 from .models import component, layer_index
@@ -153,6 +154,7 @@ def run_wanda(ctx: Context) -> Iterator[tuple[str, str, Region]]:
 # ---------------------------------------------------------------- neurons (§2.2)
 
 
+@one_thread
 def _neuron_region(ctx: Context, units: dict, meta: dict) -> Region:
     units = {str(l): u for l, u in units.items()}
     return Region(neurons.to_weight_masks(ctx.model, units), meta, {"neurons": units})
@@ -182,6 +184,7 @@ def run_neuron(ctx: Context) -> Iterator[tuple[str, str, Region]]:
 # ---------------------------------------------------------------- layers (§2.3)
 
 
+@one_thread
 def _layer_region(ctx: Context, ids, meta: dict) -> Region:
     ids = sorted(int(i) for i in ids)
     return Region(layers.to_weight_masks(ctx.model, ids), meta, {"layers": ids})
@@ -315,11 +318,13 @@ def run(method: str, ctx: Context, out: str | Path) -> list[dict]:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     rows = []
     for dataset, kind, region in RUNNERS[method](ctx):
-        regions.save(region, region_path(out, dataset, kind))
-        row = {"dataset": dataset, "kind": kind, "size": region.size, "numel": region.numel,
-               "density": region.density, **_units_summary(region)}
-        if not kind.endswith(".lora"):
-            row["by_layer"], row["by_component"] = profile(region)
+        with single_thread():
+            regions.save(region, region_path(out, dataset, kind))
+            size, numel = region.size, region.numel
+            row = {"dataset": dataset, "kind": kind, "size": size, "numel": numel, "density": size / numel,
+                   **_units_summary(region)}
+            if not kind.endswith(".lora"):
+                row["by_layer"], row["by_component"] = profile(region)
         rows.append(row)
     return rows
 
