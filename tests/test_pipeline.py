@@ -32,10 +32,14 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert "up to date" in run("dvc", "status", "data.dvc")
     run("dvc", "repro")
 
-    for stage in ("data", "models", "baseline"):
+    methods = ("snip", "wanda", "neuron", "layer", "nlsr")
+    executed = ["data", "models", "baseline", "calibrate/aligned", "validate"]
+    executed += [f"identify/aligned-{m}" for m in methods]
+    for stage in executed:
         nb = json.loads((work / "results" / stage / "notebook.ipynb").read_text())
         errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors and (work / "results" / stage / "notebook.html").exists(), stage
+        assert json.loads((work / "results" / stage / "timing.json").read_text())["wall_seconds"] > 0
     base = json.loads((work / "results/baseline/metrics.json").read_text())
     assert set(base["models"]) == {"aligned", "unaligned"}
     for per_set in base["models"].values():
@@ -43,4 +47,27 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
         assert all(v["n"] == 3 and 0 <= v["refusal_rate"] <= 1 for v in per_set.values())
     assert 0 <= base["judge"]["heldout_accuracy"] <= 1
     assert (work / "results/baseline/figures/refusal_heatmap.png").stat().st_size > 1000
+
+    sets = ("advbench", "harmbench", "jailbreakbench", "strongreject", "maliciousinstruct", "catqa",
+            "donotanswer", "saladbench", "simplesafetytests", "xstest_unsafe")
+    for m in methods:
+        ident = json.loads((work / f"results/identify/aligned-{m}/metrics.json").read_text())
+        assert ident["method"] == m and set(ident["datasets"]) == set(sets)
+        for d in sets:
+            raw, refined = ident["datasets"][d]["raw"], ident["datasets"][d]["refined"]
+            assert 0 <= refined["size"] <= raw["size"] and 0 <= raw["density"] <= 1
+            for kind in ("raw", "refined"):
+                assert (work / f"artifacts/identify/aligned/{m}/{d}.{kind}.safetensors").exists()
+        assert (work / f"artifacts/identify/aligned/{m}/alpaca.utility.safetensors").exists()
+        assert (work / f"results/identify/aligned-{m}/figures/layer_density_raw.png").exists()
+    assert (work / "artifacts/identify/aligned/nlsr/advbench.raw.lora.safetensors").exists()
+
+    val = json.loads((work / "results/validate/metrics.json").read_text())
+    assert set(val) == {"aligned"} and set(val["aligned"]) == set(methods)
+    for per_method in val["aligned"].values():
+        assert set(per_method) == {"advbench", "harmbench"}
+        for v in per_method.values():
+            assert set(v) == {"asr_region", "asr_random", "utility_region", "utility_random"}
+            assert all(0 <= x <= 1 for x in v.values())
+    assert (work / "results/validate/figures/validate.png").stat().st_size > 1000
     assert "up to date" in run("dvc", "status")  # a second repro would do nothing

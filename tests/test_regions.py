@@ -110,6 +110,24 @@ def test_selection_chunked_passes(monkeypatch):
                     same(got, R.Region(ref_select(sc, 0.3, group, largest)))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("largest", [True, False])
+def test_sampled_fast_path_equals_full_sort(monkeypatch, ties, largest):
+    """Per-matrix selection on large tensors uses a sampled threshold; it must stay exact (ties included), also
+    when forced onto small tensors, where the sample is the whole tensor."""
+    big = {"w": torch.rand(300, 700, generator=torch.Generator().manual_seed(5))}
+    if ties:
+        big["w"] = (big["w"] * 50).floor()
+    for frac in (0.001, 0.02, 0.2):
+        same(R.top_fraction(big, frac, "matrix", largest), R.Region(ref_select(big, frac, "matrix", largest)))
+    monkeypatch.setattr(R, "_FAST_MIN", 1)
+    monkeypatch.setattr(R, "_SAMPLE", 16)
+    for seed in range(3):
+        sc = scores(seed, ties)
+        for frac in (0.05, 0.2):
+            same(R.top_fraction(sc, frac, "matrix", largest), R.Region(ref_select(sc, frac, "matrix", largest)))
+
+
 def test_largest_false_picks_smallest():
     sc = {"w": torch.tensor([[0.9, 0.1, 0.5, 0.0], [0.3, 0.7, 0.2, 0.8]])}
     small = R.top_fraction(sc, 0.25, "matrix", largest=False).masks["w"]

@@ -17,6 +17,10 @@ from .data import BENIGN_SETS, SAFETY_SETS
 from .models import ModelEntry, mirrors
 
 PROMPT_SETS = SAFETY_SETS + BENIGN_SETS
+METHODS = ("snip", "wanda", "neuron", "layer", "nlsr")   # paper 1's identification methods (METHODS §2)
+GROUPS = ("matrix", "row", "global")
+QK_MODES = ("ablate", "plnd")
+VARIANTS = ("raw", "refined")
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -159,12 +163,159 @@ class BaselineCfg:
             _positive(f"baseline.{k}", getattr(self, k))
 
 
+def _subset(where: str, values, valid) -> None:
+    for v in values:
+        _choice(where, v, valid)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{where}: duplicate entries in {values!r}")
+
+
+# Dataclass defaults are the paper-scale / METHODS values; params.yaml scales them down for the CPU budget.
+
+@dataclass
+class CalibrateCfg:
+    """Calibration examples = (ident prompt, the model's own greedy response), generated once per model and
+    shared by every method (METHODS §2, shared conventions)."""
+    datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))
+    utility_set: str = "alpaca"
+    n: int = 128                 # examples per dataset (Wei et al.'s nsamples)
+    max_new_tokens: int = 128    # METHODS: identify.max_new_tokens = 128 (UNKNOWN for paper 1)
+    batch_size: int = 16
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        _subset("calibrate.datasets", self.datasets, SAFETY_SETS)
+        _choice("calibrate.utility_set", self.utility_set, BENIGN_SETS)
+        for k in ("n", "max_new_tokens", "batch_size"):
+            _positive(f"calibrate.{k}", getattr(self, k))
+
+
+@dataclass
+class SnipCfg:
+    n: int | None = None         # calibration examples per dataset used (None = all calibrate.n)
+
+    def __post_init__(self):
+        if self.n is not None:
+            _positive("identify.snip.n", self.n)
+
+
+@dataclass
+class NeuronCfg:
+    attn_frac: float = 0.06      # METHODS §2.2 (≈ SN-Tune's 1000 / 16,384)
+    ffn_frac: float = 0.18       # (≈ 2000 / 11,008)
+    min_prompt_frac: float = 1.0  # 1.0 = SN-Tune's intersection over prompts
+    qk_mode: str = "ablate"
+    chunk: int = 16
+    attn_rank: str = "joint"
+
+    def __post_init__(self):
+        for k in ("attn_frac", "ffn_frac", "min_prompt_frac"):
+            _fraction(f"identify.neuron.{k}", getattr(self, k))
+        _choice("identify.neuron.qk_mode", self.qk_mode, QK_MODES)
+        _choice("identify.neuron.attn_rank", self.attn_rank, ("joint", "per_unit"))
+        _positive("identify.neuron.chunk", self.chunk)
+
+
+@dataclass
+class LayerCfg:
+    normal_set: str = "alpaca"     # the "N" side of the cosine analysis; each dataset is the "M" side
+    overrej_set: str = "xstest_safe"
+    n_overrej: int = 128           # over-rejection prompts (reference: 721 / 731)
+    pairs: int = 500
+    jump: float = 0.001
+    grow: float = 1e-4
+    alpha: float = 1.1
+    sweep_radius: int = 3
+    max_new_tokens: int = 16
+    scale_o_proj: bool = True
+
+    def __post_init__(self):
+        _choice("identify.layer.normal_set", self.normal_set, PROMPT_SETS)
+        _choice("identify.layer.overrej_set", self.overrej_set, PROMPT_SETS)
+        for k in ("n_overrej", "pairs", "max_new_tokens", "alpha"):
+            _positive(f"identify.layer.{k}", getattr(self, k))
+        if self.sweep_radius < 0:
+            raise ConfigError(f"identify.layer.sweep_radius: must be >= 0, got {self.sweep_radius}")
+
+
+@dataclass
+class NlsrCfg:
+    lora_r: int = 8
+    lora_alpha: float = 32
+    dropout: float = 0.05
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    max_length: int = 512
+    expo_alpha: float = 0.9
+    rank_ratio: float = 0.8
+    keep_frac: float = 0.2
+
+    def __post_init__(self):
+        for k in ("lora_r", "steps", "lr", "batch_size", "max_length", "expo_alpha"):
+            _positive(f"identify.nlsr.{k}", getattr(self, k))
+        _fraction("identify.nlsr.rank_ratio", self.rank_ratio)
+        _fraction("identify.nlsr.keep_frac", self.keep_frac)
+
+
+@dataclass
+class IdentifyCfg:
+    models: list[str] = field(default_factory=lambda: ["aligned"])   # roles; the size axis adds more
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    q: float = 0.02              # top-q of the safety scores (METHODS §2.1)
+    p: float = 0.04              # top-p of the utility scores, subtracted (Wei et al.'s p = 0.04, q = 0.02)
+    group: str = "matrix"
+    batch_size: int = 8
+    max_length: int = 512
+    snip: SnipCfg = field(default_factory=SnipCfg)
+    neuron: NeuronCfg = field(default_factory=NeuronCfg)
+    layer: LayerCfg = field(default_factory=LayerCfg)
+    nlsr: NlsrCfg = field(default_factory=NlsrCfg)
+
+    def __post_init__(self):
+        _subset("identify.methods", self.methods, METHODS)
+        _fraction("identify.q", self.q)
+        _fraction("identify.p", self.p)
+        _choice("identify.group", self.group, GROUPS)
+        _positive("identify.batch_size", self.batch_size)
+        _positive("identify.max_length", self.max_length)
+
+
+@dataclass
+class ValidateCfg:
+    datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))   # regions ablated, per method
+    variant: str = "refined"     # which region of each dataset is ablated
+    eval_sets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))  # held-out harmful prompt pool
+    n_eval: int = 18             # eval prompts per set (data.eval_min keeps at least 18)
+    n_utility: int = 100         # Alpaca eval prompts for the utility score
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    layer_alpha: float = 0.0     # layer regions are scaled by this (0 = the blocks' projections are off)
+    random_mode: str = "per_matrix_matched"
+
+    def __post_init__(self):
+        _subset("validate.datasets", self.datasets, SAFETY_SETS)
+        _subset("validate.eval_sets", self.eval_sets, SAFETY_SETS)
+        _choice("validate.variant", self.variant, VARIANTS)
+        _choice("validate.random_mode", self.random_mode, ("per_matrix_matched", "global_uniform"))
+        for k in ("n_eval", "n_utility", "max_new_tokens", "batch_size"):
+            _positive(f"validate.{k}", getattr(self, k))
+        if self.layer_alpha < 0:
+            raise ConfigError(f"validate.layer_alpha: must be >= 0, got {self.layer_alpha}")
+
+
 SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judges": JudgesCfg,
-            "baseline": BaselineCfg}
+            "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": IdentifyCfg,
+            "validate": ValidateCfg}
+# A "section.key" entry passes one sub-section only (dvc.yaml lists the same key), so e.g. retraining the
+# learned judge does not invalidate the identification stages.
 STAGE_SECTIONS = {
     "data": ["run", "data"],
     "models": ["models"],
     "baseline": ["run", "models", "judges", "baseline"],
+    "calibrate": ["run", "models", "judges.keyword", "calibrate"],
+    "identify": ["run", "models", "judges.keyword", "calibrate", "identify"],
+    "validate": ["run", "models", "judges.keyword", "calibrate", "identify", "validate"],
 }
 
 
@@ -191,7 +342,26 @@ def parse(raw: dict) -> types.SimpleNamespace:
                 _choice("baseline.models", m, roles)
         if "judges" in out:
             _choice("judges.learned.encoder", cfg.judges.learned.encoder, roles)
+        if "identify" in out:
+            _subset("identify.models", cfg.identify.models, roles)
+    if "validate" in out and "calibrate" in out:
+        _subset("validate.datasets", cfg.validate.datasets, cfg.calibrate.datasets)
     return cfg
+
+
+def deviations(section, name: str) -> list[dict]:
+    """Keys of a section whose value differs from the dataclass default (the paper-scale / METHODS value):
+    the executed notebooks print these beside each CPU reduction."""
+    rows = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += deviations(value, f"{name}.{f.name}")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value != default:
+            rows.append({"param": f"{name}.{f.name}", "this run": value, "paper-scale default": default})
+    return rows
 
 
 def load(path: str | Path = "params.yaml") -> types.SimpleNamespace:
@@ -207,4 +377,14 @@ def stage_params(stage: str, path: str | Path = "params.yaml") -> dict:
     _choice("stage", stage, sorted(STAGE_SECTIONS))
     load(path)
     raw = yaml.safe_load(Path(path).read_text())
-    return {k: raw[k] for k in STAGE_SECTIONS[stage] if k in raw}
+    out: dict = {}
+    for key in STAGE_SECTIONS[stage]:
+        section, _, sub = key.partition(".")
+        if section not in raw:
+            continue
+        if sub:
+            if sub in (raw[section] or {}):
+                out.setdefault(section, {})[sub] = raw[section][sub]
+        else:
+            out[section] = raw[section]
+    return out

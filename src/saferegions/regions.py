@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from .hooks import one_thread
 from .io import atomic_path
 
 __all__ = [
@@ -30,6 +31,8 @@ IDX_MAX_DENSITY = 0.03  # at or below this density, sorted int32 indices are sma
 FORMAT = "saferegions.region/1"
 _CHUNK = 1 << 24  # score entries per pass: bounds temporaries on lm_head-sized tensors
 _WORDS = 1 << 15  # uint64 words per popcount step: keeps the operands in cache
+_FAST_MIN = 1 << 16  # tensors at least this large take the sampled-threshold path of per-matrix selection
+_SAMPLE = 1 << 16   # sample size for that threshold
 
 
 @dataclass
@@ -177,6 +180,39 @@ def _select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, tor
     return masks
 
 
+def _select_sampled(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor | None:
+    """Exact top-k of one large tensor, fast: a threshold from a seeded random sample keeps a few percent of
+    the entries as candidates (one vectorised pass), then the exact k-th key among them decides, ties to the
+    lowest flat index as in `_select`. Returns None when the sample's margin fell short (caller falls back)."""
+    flat = x.view(-1)
+    n = flat.numel()
+    key = _keys(flat, largest)
+    s = min(n, _SAMPLE)
+    sample = key[torch.randint(n, (s,), generator=torch.Generator().manual_seed(0))]
+    t = k / n
+    keep = min(s, math.ceil(s * (1.1 * t + 8 * math.sqrt(t * (1 - t) / s)) + 8))
+    lo = sample.topk(keep, sorted=False).values.min()
+    cand = (key >= lo).nonzero().view(-1)
+    if cand.numel() < k:
+        return None
+    ck = key[cand]
+    thr = ck.kthvalue(cand.numel() - k + 1).values
+    gt, eq = ck > thr, ck == thr
+    pick = gt | (eq & (eq.cumsum(0) <= k - int(gt.sum())))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[cand[pick]] = True
+    return mask.view(x.shape)
+
+
+def _select_one(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Top-k of one tensor: the sampled fast path for large tensors and small fractions, else radix select."""
+    if k and x.numel() >= _FAST_MIN and k <= x.numel() // 4:
+        mask = _select_sampled(x, k, largest)
+        if mask is not None:
+            return mask
+    return _select({"x": x}, k, largest)["x"]
+
+
 def _select_rows(x: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
     """int(frac*cols) per row of the last two dims (each [out, in] slice of a 3-D expert tensor)."""
     cols = x.shape[-1] if x.dim() else 1
@@ -195,6 +231,7 @@ def _select_rows(x: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
     return m.view(x.shape)
 
 
+@one_thread
 def top_k_global(scores: dict[str, torch.Tensor], k: int, largest: bool = True,
                  meta: dict | None = None) -> Region:
     """Exactly k entries ranked across all tensors together (ESI, §4.3: k = int(ratio * ALL params))."""
@@ -206,6 +243,7 @@ def top_k_global(scores: dict[str, torch.Tensor], k: int, largest: bool = True,
     return Region(_select(xs, int(k), largest), {**(meta or {}), "selection": sel})
 
 
+@one_thread
 def top_fraction(scores: dict[str, torch.Tensor], frac: float, group: str = "matrix",
                  largest: bool = True, meta: dict | None = None) -> Region:
     """Top fraction per matrix (k = int(frac*numel)), per row (int(frac*cols)) or globally (int(frac*total)).
@@ -223,7 +261,7 @@ def top_fraction(scores: dict[str, torch.Tensor], frac: float, group: str = "mat
         masks = {}
         for n, s in scores.items():
             x = _flat32(n, s)
-            masks[n] = _select({n: x}, int(frac * x.numel()), largest)[n]
+            masks[n] = _select_one(x, int(frac * x.numel()), largest)
     elif group == "row":
         masks = {n: _select_rows(_flat32(n, s), frac, largest) for n, s in scores.items()}
     else:
@@ -253,6 +291,7 @@ def _scatter(n: int, idx: torch.Tensor, flip: bool) -> torch.Tensor:
     return m.logical_not_() if flip else m
 
 
+@one_thread
 def random_like(region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
     """Chance control (§3.4, §4.3), without replacement: same per-tensor counts, or same total uniformly.
 
@@ -301,6 +340,7 @@ def _check(regions) -> dict[str, tuple[int, ...]]:
     return ref
 
 
+@one_thread
 def _combine(op: str, regions: list[Region], fn) -> Region:
     _check(regions)
     masks = {n: functools.reduce(fn, [r.masks[n] for r in regions]) for n in regions[0].masks}
@@ -368,6 +408,7 @@ def _use_idx(n: int, count: int, encoding: str) -> bool:
     return encoding == "idx" or (encoding == "auto" and n < 2**31 and count <= IDX_MAX_DENSITY * n)
 
 
+@one_thread
 def pack(region: Region | PackedRegion, encoding: str = "auto") -> PackedRegion:
     """Pack (or re-encode) per tensor: 'bits', 'idx', or 'auto' (idx when density <= 3%, §3.1)."""
     data = {}
@@ -391,6 +432,7 @@ def pack(region: Region | PackedRegion, encoding: str = "auto") -> PackedRegion:
     return PackedRegion(data, _shapes(region), region.meta, region.units)
 
 
+@one_thread
 def unpack(packed: PackedRegion) -> Region:
     masks = {}
     for n, arr in packed.data.items():

@@ -3,6 +3,10 @@
 `python -m saferegions.stage baseline` executes notebooks/02_baseline.ipynb into
 results/baseline/notebook.ipynb (and notebook.html), passing the stage's params sections as papermill
 parameters. The executed notebook replaces the old one only when the whole run succeeded.
+
+Matrix stages take their matrix values as options (`python -m saferegions.stage identify --model aligned
+--method snip`); each is passed to the notebook as a parameter of the same name, and the results go to
+results/<stage>/<model>[-<method>]/ (the notebook gets that folder as `results_dir`).
 """
 from __future__ import annotations
 
@@ -14,13 +18,38 @@ from pathlib import Path
 from . import config
 from .io import atomic_path, write_json
 
-NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline"}
+NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline", "calibrate": "03_calibrate",
+             "identify": "03_identify", "validate": "04_validate"}
+MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
 
 
-def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".") -> Path:
+def _check_matrix(stage: str, params_file: Path, matrix: dict) -> None:
+    """Every matrix value of the stage given, and each one a valid name (one error listing the choices)."""
+    required = MATRIX.get(stage, ())
+    missing = [k for k in required if not matrix.get(k)]
+    extra = [k for k, v in matrix.items() if v and k not in required]
+    if missing or extra:
+        raise config.ConfigError(f"stage {stage!r} needs --{' --'.join(required) if required else '(no options)'}"
+                                 f"; missing {missing}, unexpected {extra}")
+    cfg = config.load(params_file)
+    if "model" in required:
+        config._choice("--model", matrix["model"], sorted(cfg.models))
+    if "method" in required:
+        config._choice("--method", matrix["method"], config.METHODS)
+
+
+def results_dir(stage: str, matrix: dict | None = None) -> Path:
+    matrix = matrix or {}
+    parts = [matrix[k] for k in MATRIX.get(stage, ())]
+    return Path("results") / stage / "-".join(parts) if parts else Path("results") / stage
+
+
+def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".", **matrix) -> Path:
     root = Path(root)
+    matrix = {k: v for k, v in matrix.items() if v}
     try:
         params = config.stage_params(stage, root / params_file)
+        _check_matrix(stage, root / params_file, matrix)
     except config.ConfigError as e:
         sys.exit(f"invalid params for stage {stage!r}: {e}")
     import nbformat
@@ -28,17 +57,21 @@ def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".") ->
     from nbconvert import HTMLExporter
 
     source = root / "notebooks" / f"{NOTEBOOKS[stage]}.ipynb"
-    out_dir = root / "results" / stage
+    rel = results_dir(stage, matrix)
+    out_dir = root / rel
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "notebook.ipynb"
+    parameters = {"params": params, **matrix}
+    if matrix:
+        parameters["results_dir"] = str(rel)
     start = time.time()
     with atomic_path(target) as tmp:
-        pm.execute_notebook(str(source), str(tmp), parameters={"params": params}, cwd=str(root),
+        pm.execute_notebook(str(source), str(tmp), parameters=parameters, cwd=str(root),
                             kernel_name="python3", progress_bar=False, log_output=False)
         html, _ = HTMLExporter().from_notebook_node(nbformat.read(str(tmp), as_version=4))
         with atomic_path(out_dir / "notebook.html") as html_tmp:
             html_tmp.write_text(html)
-    write_json(out_dir / "timing.json", {"stage": stage, "wall_seconds": round(time.time() - start, 1)})
+    write_json(out_dir / "timing.json", {"stage": stage, **matrix, "wall_seconds": round(time.time() - start, 1)})
     return target
 
 
@@ -46,8 +79,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m saferegions.stage")
     ap.add_argument("stage", choices=sorted(NOTEBOOKS))
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", default=None, help="model role (matrix stages)")
+    ap.add_argument("--method", default=None, help=f"identification method: {', '.join(config.METHODS)}")
     args = ap.parse_args(argv)
-    print(run(args.stage, args.params))
+    print(run(args.stage, args.params, model=args.model, method=args.method))
 
 
 if __name__ == "__main__":

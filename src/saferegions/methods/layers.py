@@ -53,12 +53,19 @@ def layer_cosine(model, tok, normal_prompts: list[str], malicious_prompts: list[
     pairs, read from Gram matrices of the unit-normalised last-token states. Also returns the pairs drawn."""
     if min(len(normal_prompts), len(malicious_prompts)) < 2:
         raise ValueError("need at least two normal and two malicious prompts")
+    xn = last_token_states(model, tok, normal_prompts, batch_size, template)
+    xm = last_token_states(model, tok, malicious_prompts, batch_size, template)
+    return cosine_stats(xn, xm, pairs, seed)
 
-    def states(prompts):
-        x = last_token_states(model, tok, prompts, batch_size, template)
-        return torch.nn.functional.normalize(x, dim=-1)
 
-    xn, xm = states(normal_prompts), states(malicious_prompts)
+def cosine_stats(normal_states: torch.Tensor, malicious_states: torch.Tensor, pairs: int = 500,
+                 seed: int = 0) -> dict:
+    """`layer_cosine` from precomputed [layers, prompts, hidden] states, so one set of normal-prompt states
+    serves every malicious dataset."""
+    if min(normal_states.shape[1], malicious_states.shape[1]) < 2:
+        raise ValueError("need at least two normal and two malicious prompts")
+    xn = torch.nn.functional.normalize(normal_states.float(), dim=-1)
+    xm = torch.nn.functional.normalize(malicious_states.float(), dim=-1)
     grams = {"nn": xn @ xn.transpose(1, 2), "mm": xm @ xm.transpose(1, 2), "nm": xn @ xm.transpose(1, 2)}
     stats = {"pairs": {}}
     for offset, kind in enumerate(PAIR_TYPES):
@@ -97,29 +104,31 @@ def layer_weight_names(model, layers, include_o: bool = True) -> list[str]:
 @torch.no_grad()
 def overrejection_sweep(model, tok, prompts: list[str], start: int, end: int, *, judge, alpha: float = 1.1,
                         radius: int = 3, max_new_tokens: int = 16, scale_o_proj: bool = True,
-                        sweep_start: bool = False, batch_size: int = 16) -> dict:
+                        sweep_start: bool = False, batch_size: int = 16, cache: dict | None = None) -> dict:
     """Refusals R_o on `prompts` (greedy, `judge(responses) -> [refused]`) with layers [s, e) scaled by α.
     Candidates: e within ±`radius` of the step-1 end; s fixed at the step-1 start, or also ±`radius` when
     `sweep_start` ((2r+1)² generations instead of 2r+1). `scale_o_proj=False` reproduces the published
     numbers' o_proj bug. Weights are restored bit-exactly after every candidate. Best = most refusals, ties to
-    the narrower, then earlier range.
+    the narrower, then earlier range. `cache` (a dict the caller keeps) memoises refusal counts per range, so
+    sweeps for several datasets with the same prompts and settings generate each candidate once.
     Returns {"baseline": unscaled refusals, "table": [{start, end, refusals}], "best": (s, e)}."""
     n_layers = len(block_modules(model))
+    cache = {} if cache is None else cache
 
-    def refusals() -> int:
-        responses = generate(model, tok, prompts, max_new_tokens, batch_size, desc="over-rejection")
-        return int(sum(judge(responses)))
+    def refusals(s: int, e: int) -> int:
+        if (s, e) not in cache:
+            with scaled_weights(model, layer_weight_names(model, range(s, e), scale_o_proj), alpha):
+                responses = generate(model, tok, prompts, max_new_tokens, batch_size, desc="over-rejection")
+            cache[s, e] = int(sum(judge(responses)))
+        return cache[s, e]
 
     starts = range(max(0, start - radius), start + radius + 1) if sweep_start else [start]
-    table = []
-    for s in starts:
-        for e in range(max(s + 1, end - radius), min(n_layers, end + radius) + 1):
-            with scaled_weights(model, layer_weight_names(model, range(s, e), scale_o_proj), alpha):
-                table.append({"start": s, "end": e, "refusals": refusals()})
+    table = [{"start": s, "end": e, "refusals": refusals(s, e)}
+             for s in starts for e in range(max(s + 1, end - radius), min(n_layers, end + radius) + 1)]
     if not table:
         raise ValueError(f"no candidate range around [{start}, {end}) within {n_layers} layers")
     best = max(table, key=lambda r: (r["refusals"], -(r["end"] - r["start"]), -r["start"]))
-    return {"baseline": refusals(), "table": table, "best": (best["start"], best["end"])}
+    return {"baseline": refusals(0, 0), "table": table, "best": (best["start"], best["end"])}
 
 
 def to_weight_masks(model, layers) -> dict[str, torch.Tensor]:

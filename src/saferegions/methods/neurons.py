@@ -278,6 +278,24 @@ def to_weight_masks(model, units: dict) -> dict[str, torch.Tensor]:
     return masks
 
 
+def unit_counts(model) -> dict:
+    """{layer: {unit: number of neurons of that type}} in the native index spaces of the module docstring."""
+    out = {}
+    for l, block in enumerate(block_modules(model)):
+        attn, ffn = block.self_attn, _ffn_module(block)
+        out[l] = {"ffn": ffn.down_proj.in_features if ffn is not None else 0, "o": attn.o_proj.in_features,
+                  **{c: getattr(attn, f"{c}_proj").out_features for c in ("q", "k", "v")}}
+    return out
+
+
+def random_units(model, units: dict, seed: int) -> dict:
+    """A chance control: per layer and unit type, as many uniformly random neurons as `units` holds."""
+    g = torch.Generator().manual_seed(seed)
+    counts = unit_counts(model)
+    return {l: {u: sorted(torch.randperm(counts[int(l)][u], generator=g)[:len(idx)].tolist()) if idx else []
+                for u, idx in per.items()} for l, per in units.items()}
+
+
 @contextmanager
 def deactivate(model, units: dict):
     """Zero the selected neurons with hooks (validation: does the behaviour change without them?)."""
