@@ -122,7 +122,7 @@ def _flat32(name: str, s: torch.Tensor) -> torch.Tensor:
     if not s.is_floating_point():
         raise ValueError(f"scores {name!r} must be floating point, got {s.dtype}")
     x = s.detach().to("cpu", torch.float32).contiguous()
-    if torch.isnan(x).any():
+    if torch.isnan(x.sum()) and torch.isnan(x).any():  # one pass and no temporary in the usual case
         raise ValueError(f"scores {name!r} contain NaN")
     return x
 
@@ -183,25 +183,29 @@ def _select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, tor
 def _select_sampled(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor | None:
     """Exact top-k of one large tensor, fast: a threshold from a seeded random sample keeps a few percent of
     the entries as candidates (one vectorised pass), then the exact k-th key among them decides, ties to the
-    lowest flat index as in `_select`. Returns None when the sample's margin fell short (caller falls back)."""
+    lowest flat index as in `_select`. Returns None when the sample's margin fell short (caller falls back).
+    Compaction uses numpy: torch's single-threaded nonzero is ~6x slower on CPU."""
     flat = x.view(-1)
     n = flat.numel()
-    key = _keys(flat, largest)
     s = min(n, _SAMPLE)
-    sample = key[torch.randint(n, (s,), generator=torch.Generator().manual_seed(0))]
+    sample = flat[torch.randint(n, (s,), generator=torch.Generator().manual_seed(0))]
     t = k / n
     keep = min(s, math.ceil(s * (1.1 * t + 8 * math.sqrt(t * (1 - t) / s)) + 8))
-    lo = sample.topk(keep, sorted=False).values.min()
-    cand = (key >= lo).nonzero().view(-1)
-    if cand.numel() < k:
+    a = flat.numpy()
+    # Float order is key order up to -0.0 < +0.0, so the float candidates contain every key candidate.
+    if largest:
+        cand = np.flatnonzero(a >= float(sample.topk(keep, sorted=False).values.min()))
+    else:
+        cand = np.flatnonzero(a <= float(sample.topk(keep, largest=False, sorted=False).values.max()))
+    if cand.size < k:
         return None
-    ck = key[cand]
-    thr = ck.kthvalue(cand.numel() - k + 1).values
+    ck = _keys(torch.from_numpy(a[cand]), largest)
+    thr = ck.kthvalue(cand.size - k + 1).values
     gt, eq = ck > thr, ck == thr
     pick = gt | (eq & (eq.cumsum(0) <= k - int(gt.sum())))
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[cand[pick]] = True
-    return mask.view(x.shape)
+    mask = np.zeros(n, dtype=np.bool_)
+    mask[cand[pick.numpy()]] = True
+    return torch.from_numpy(mask).view(x.shape)
 
 
 def _select_one(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -426,7 +430,7 @@ def pack(region: Region | PackedRegion, encoding: str = "auto") -> PackedRegion:
     for n, m in region.masks.items():
         flat = m.reshape(-1)
         if _use_idx(flat.numel(), int(flat.count_nonzero()), encoding):
-            data[n] = torch.nonzero(flat).view(-1).to(torch.int32).numpy()
+            data[n] = np.flatnonzero(flat.numpy()).astype(np.int32)  # numpy: ~6x faster than torch here
         else:
             data[n] = np.packbits(flat.numpy())
     return PackedRegion(data, _shapes(region), region.meta, region.units)
