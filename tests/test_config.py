@@ -18,7 +18,7 @@ def test_default_and_smoke_params_validate():
     ({"baseline": {"n_prompts": "many"}}, "expected int"),
     ({"baseline": {"n_prompts": 0}}, "must be > 0"),
     ({"baseline": {"n_promts": 3}}, "unknown key(s) ['n_promts']"),
-    ({"run": {"dtype": "int8"}}, "valid choices: bfloat16"),
+    ({"run": {"dtype": "int8"}}, "valid choices: auto, bfloat16"),
     ({"judges": {"learned": {"heldout_frac": 1.5}}}, "(0, 1]"),
     ({"nosuchsection": {}}, "unknown params section"),
 ])
