@@ -119,7 +119,7 @@ def overrejection_sweep(model, tok, prompts: list[str], start: int, end: int, *,
         if (s, e) not in cache:
             with scaled_weights(model, layer_weight_names(model, range(s, e), scale_o_proj), alpha):
                 responses = generate(model, tok, prompts, max_new_tokens, batch_size, desc="over-rejection")
-            cache[s, e] = int(sum(judge(responses)))
+                cache[s, e] = int(sum(judge(responses)))
         return cache[s, e]
 
     starts = range(max(0, start - radius), start + radius + 1) if sweep_start else [start]
