@@ -191,8 +191,14 @@ class CalibrateCfg:
 
 
 @dataclass
+class WandaCfg:
+    datasets: list[str] | None = None   # identification datasets this method runs on (None = calibrate.datasets)
+
+
+@dataclass
 class SnipCfg:
     n: int | None = None         # calibration examples per dataset used (None = all calibrate.n)
+    datasets: list[str] | None = None
 
     def __post_init__(self):
         if self.n is not None:
@@ -207,6 +213,7 @@ class NeuronCfg:
     qk_mode: str = "ablate"
     chunk: int = 16
     attn_rank: str = "joint"
+    datasets: list[str] | None = None
 
     def __post_init__(self):
         for k in ("attn_frac", "ffn_frac", "min_prompt_frac"):
@@ -225,9 +232,10 @@ class LayerCfg:
     jump: float = 0.001
     grow: float = 1e-4
     alpha: float = 1.1
-    sweep_radius: int = 3
+    sweep_radius: int = 3          # 0 = step 1 only (no over-rejection generations)
     max_new_tokens: int = 16
     scale_o_proj: bool = True
+    datasets: list[str] | None = None
 
     def __post_init__(self):
         _choice("identify.layer.normal_set", self.normal_set, PROMPT_SETS)
@@ -250,6 +258,7 @@ class NlsrCfg:
     expo_alpha: float = 0.9
     rank_ratio: float = 0.8
     keep_frac: float = 0.2
+    datasets: list[str] | None = None
 
     def __post_init__(self):
         for k in ("lora_r", "steps", "lr", "batch_size", "max_length", "expo_alpha"):
@@ -267,6 +276,7 @@ class IdentifyCfg:
     group: str = "matrix"
     batch_size: int = 8
     max_length: int = 512
+    wanda: WandaCfg = field(default_factory=WandaCfg)
     snip: SnipCfg = field(default_factory=SnipCfg)
     neuron: NeuronCfg = field(default_factory=NeuronCfg)
     layer: LayerCfg = field(default_factory=LayerCfg)
@@ -279,6 +289,11 @@ class IdentifyCfg:
         _choice("identify.group", self.group, GROUPS)
         _positive("identify.batch_size", self.batch_size)
         _positive("identify.max_length", self.max_length)
+
+    def datasets(self, method: str, all_datasets: list[str]) -> list[str]:
+        """The identification datasets `method` runs on: its own `datasets` key, else every calibrated one."""
+        own = getattr(self, method).datasets
+        return list(all_datasets) if own is None else list(own)
 
 
 @dataclass
@@ -344,8 +359,17 @@ def parse(raw: dict) -> types.SimpleNamespace:
             _choice("judges.learned.encoder", cfg.judges.learned.encoder, roles)
         if "identify" in out:
             _subset("identify.models", cfg.identify.models, roles)
+    if "identify" in out and "calibrate" in out:
+        for m in METHODS:
+            own = getattr(cfg.identify, m).datasets
+            if own is not None:
+                _subset(f"identify.{m}.datasets", own, cfg.calibrate.datasets)
     if "validate" in out and "calibrate" in out:
         _subset("validate.datasets", cfg.validate.datasets, cfg.calibrate.datasets)
+        if "identify" in out:    # every validated region must have been identified by every method
+            for m in cfg.identify.methods:
+                _subset(f"validate.datasets (identified by {m})", cfg.validate.datasets,
+                        cfg.identify.datasets(m, cfg.calibrate.datasets))
     return cfg
 
 

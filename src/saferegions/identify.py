@@ -213,6 +213,9 @@ def run_layer(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         except ValueError as err:           # the rule found no range: an empty region, reported as such
             ctx.details[name] = {**info, "step1": None, "best": None, "note": str(err)}
             return []
+        if c.sweep_radius == 0:             # step 1 only: the single candidate needs no generations
+            ctx.details[name] = {**info, "step1": [s, e], "best": [s, e], "note": "step 1 only (sweep_radius 0)"}
+            return list(range(s, e))
         sweep = layers.overrejection_sweep(ctx.model, ctx.tok, overrej, s, e, judge=_refusals(ctx.judge),
                                            alpha=c.alpha, radius=c.sweep_radius, max_new_tokens=c.max_new_tokens,
                                            scale_o_proj=c.scale_o_proj, batch_size=ctx.cfg.batch_size,
