@@ -11,6 +11,7 @@ pair by pair; tests and the notebook cross-check the two.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -137,10 +138,65 @@ def _popcount(x: np.ndarray) -> int:
     return int(np.bitwise_count(x).sum(dtype=np.int64))
 
 
+class _Tensor:
+    """Query counts on one tensor's packed words. Set algebra saves most passes: |A ∪ B| = |A| + |B| − |A ∩ B|,
+    |S \\ U| terms come from |S ∩ U|, an intersection or union reuses the one of its set minus one element
+    (an ordering's prefixes cost one op each), and an empty operand or empty partial intersection ends the
+    chain without touching memory (most tensors of a layer region, most deep prefixes)."""
+
+    def __init__(self, planes: dict):
+        self.size = {x: _popcount(w) for x, w in planes.items()}
+        self.plane = {x: (w if self.size[x] else None) for x, w in planes.items()}
+        self.arrays: dict = {}
+        self.memo: dict = {}
+
+    def _array(self, op: str, s: frozenset):
+        """The AND/OR of the planes in s, or None when it is empty."""
+        if len(s) == 1:
+            return self.plane[next(iter(s))]
+        key = (op, s)
+        if key not in self.arrays:
+            x = next((x for x in sorted(s) if (op, s - {x}) in self.arrays), sorted(s)[-1])
+            rest, w = self._array(op, s - {x}), self.plane[x]
+            if op == "and":
+                out = None if rest is None or w is None else np.bitwise_and(rest, w)
+                if out is not None and not _popcount(out):
+                    out = None
+            else:
+                out = rest if w is None else w if rest is None else np.bitwise_or(rest, w)
+            self.arrays[key] = out
+        return self.arrays[key]
+
+    def value(self, q: Query) -> int:
+        if q in self.memo:
+            return self.memo[q]
+        op, s, minus = q
+        if minus is not None:
+            if op == "and":     # |∩S \\ U| = |∩S| − |∩S ∩ U|
+                v = self.value(("and", s, None)) - self.value(("and", s | {minus}, None))
+            elif len(s) == 2:   # |(A ∪ B) \\ U| = |A ∪ B| − |A ∩ U| − |B ∩ U| + |A ∩ B ∩ U|
+                a, b = sorted(s)
+                v = (self.value(("or", s, None)) - self.value(("and", frozenset([a, minus]), None))
+                     - self.value(("and", frozenset([b, minus]), None)) + self.value(("and", s | {minus}, None)))
+            else:
+                arr, u = self._array("or", s), self.plane[minus]
+                v = 0 if arr is None else _popcount(arr) if u is None else _popcount(arr & ~u)
+        elif len(s) == 1:
+            v = self.size[next(iter(s))]
+        elif op == "or" and len(s) == 2:
+            a, b = sorted(s)
+            v = self.size[a] + self.size[b] - self.value(("and", s, None))
+        else:
+            arr = self._array(op, s)
+            v = 0 if arr is None else _popcount(arr)
+        self.memo[q] = v
+        return v
+
+
 def count(regs: Sequence[Region | PackedRegion], names: Sequence[str], queries: Sequence[Query]) -> Counts:
     """Popcount every query, one tensor at a time: only that tensor's packed bits of each region exist
-    (cache-sized, so the many queries of a 10-dataset analysis re-read cached words, not RAM); intersections
-    and unions of a set reuse the one of the set minus one element (orderings' prefixes cost one op each)."""
+    (cache-sized, so the many queries of a 10-dataset analysis re-read cached words, not RAM); see `_Tensor`
+    for the set algebra that keeps the passes few."""
     regs, names = list(regs), list(names)
     if not regs or len(names) != len(regs) or len(set(names)) != len(names):
         raise ValueError("count needs >= 1 region and one distinct name per region")
@@ -152,27 +208,10 @@ def count(regs: Sequence[Region | PackedRegion], names: Sequence[str], queries: 
     tensors = list(shapes)
     numel = np.array([math.prod(shapes[t]) for t in tensors], dtype=np.int64)
     table = {q: np.zeros(len(tensors), dtype=np.int64) for q in queries}
-    order = sorted(table, key=lambda q: len(q[1]))
     for t, tensor in enumerate(tensors):
-        plane = {x: _words(regions._bits(r, tensor)) for x, r in zip(names, regs)}
-        cache = {}
-
-        def combo(op, s):
-            if len(s) == 1:
-                return plane[next(iter(s))]
-            key = (op, s)
-            if key not in cache:
-                fn = np.bitwise_and if op == "and" else np.bitwise_or
-                x = next((x for x in sorted(s) if (op, s - {x}) in cache), None)
-                if x is None:
-                    x = sorted(s)[-1]
-                cache[key] = fn(combo(op, s - {x}), plane[x])
-            return cache[key]
-
-        for q in order:
-            op, s, minus = q
-            arr = combo(op, s)
-            table[q][t] = _popcount(arr & ~plane[minus]) if minus is not None else _popcount(arr)
+        ev = _Tensor({x: _words(regions._bits(r, tensor)) for x, r in zip(names, regs)})
+        for q in table:
+            table[q][t] = ev.value(q)
     return Counts(names, tensors, numel, table)
 
 
@@ -200,17 +239,22 @@ def layer_numel(shapes: dict[str, tuple[int, ...]]) -> dict[int, int]:
 
 def chance_layers(counts: Sequence[int], per_layer: dict[int, int], draws: int, seed: int) -> float:
     """Expected IoU of independent random sets of whole layers with the given layer counts, by simulation
-    (layers are the unit of a SafeLayer region, so entry-level chance would overstate independence);
-    weighted by each layer's entry count. Pairs of empty draws are skipped (IoU undefined)."""
+    (layers are the unit of a SafeLayer region, so entry-level chance would understate chance overlap);
+    weighted by each layer's entry count. Draws whose union is empty are skipped (IoU undefined)."""
     layers = sorted(per_layer)
-    w = np.array([per_layer[x] for x in layers], dtype=float)
     if any(c > len(layers) or c < 0 for c in counts):
         raise ValueError(f"layer counts {list(counts)} outside [0, {len(layers)}]")
+    return _chance_layers(tuple(sorted(counts)), tuple(per_layer[x] for x in layers), draws, seed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _chance_layers(counts: tuple, weights: tuple, draws: int, seed: int) -> float:
+    w = np.array(weights, dtype=float)
     rng = np.random.default_rng(seed)
-    rank = rng.random((draws, len(counts), len(layers))).argsort(-1).argsort(-1)
-    member = rank < np.asarray(counts)[None, :, None]        # (draws, regions, layers): a random c-subset each
-    inter = (member.all(1) * w).sum(-1)
-    uni = (member.any(1) * w).sum(-1)
+    perm = rng.random((draws, len(counts), len(w)), dtype=np.float32).argsort(-1)  # a uniform permutation
+    member = perm < np.asarray(counts)[None, :, None]      # so its first c values mark a uniform c-subset
+    inter = member.all(1) @ w
+    uni = member.any(1) @ w
     ok = uni > 0
     return float((inter[ok] / uni[ok]).mean()) if ok.any() else math.nan
 
