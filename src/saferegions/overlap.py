@@ -326,7 +326,7 @@ def depth_profile(profile: dict[int, float], points: int = 21) -> np.ndarray:
 
 def same_space(a, b) -> bool:
     """True when two regions cover the same tensors with the same shapes (direct IoU is defined)."""
-    return _shapes(a) == _shapes(b)
+    return regions._shapes(a) == regions._shapes(b)
 
 
 def refinement_terms(m: Counts, a, b, u) -> dict:
