@@ -91,6 +91,7 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
                 assert (tables / f"aligned-{m}-{kind}-{scope}-chance.csv").exists()
     for name in ("summary", "convergence", "refinement", "cross_method", "bootstrap"):
         assert (tables / f"{name}.csv").stat().st_size > 0, name
-    for fig in ("pairwise_aligned_snip", "convergence", "refinement", "cross_method_aligned", "layer_profile"):
+    for fig in ("pairwise_aligned_snip", "convergence", "refinement", "cross_method_aligned",
+                "layer_profile"):
         assert (work / f"results/overlap/figures/{fig}.png").stat().st_size > 1000, fig
     assert "up to date" in run("dvc", "status")  # a second repro would do nothing

@@ -2,12 +2,12 @@
 cross-method, cross-size, and a prompt bootstrap.
 
 Every count comes from one streaming pass per set of regions (`count`): the analyses first *plan* the
-intersections and unions they need (every pair, every prefix of the random orderings, the same with the utility
-region subtracted), then one pass over the tensors popcounts all of them on packed bits, with only one tensor's
-bits of each region in memory (a few hundred KB for a 0.5B model, cache-resident, so the ~200 queries of a
-10-dataset analysis cost one read of the regions, not 200). Per-tensor counts are kept, so global and
-per-matrix scopes and per-layer/component profiles need no second pass. `regions.iou` computes the same numbers
-pair by pair; tests and the notebook cross-check the two.
+intersections and unions they need (every pair, every prefix of the random orderings, the same with the
+utility region subtracted), then one pass over the tensors popcounts all of them on packed bits, with only one
+tensor's bits of each region in memory (a few hundred KB for a 0.5B model, cache-resident, so the hundreds of
+queries of a 10-dataset analysis cost one read of the regions, not hundreds). Per-tensor counts are kept, so
+global and per-matrix scopes and per-layer/component profiles need no second pass. `regions.iou` computes the
+same numbers pair by pair; tests and the notebook cross-check the two.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ SCOPES = ("global", "per_matrix")
 # ---------------------------------------------------------------- counts of intersections and unions
 
 
-Query = tuple  # (op, frozenset of names, name to subtract or None), op "and" (|∩ S \\ U|) or "or" (|∪ S \\ U|)
+# A query: (op, frozenset of names, name to subtract or None); op "and" = |∩ S \\ U|, "or" = |∪ S \\ U|.
+Query = tuple
 
 
 def inter_q(names, minus=None) -> Query:
@@ -139,7 +140,8 @@ def _popcount(x: np.ndarray) -> int:
 
 
 class _Tensor:
-    """Query counts on one tensor's packed words. Set algebra saves most passes: |A ∪ B| = |A| + |B| − |A ∩ B|,
+    """Query counts on one tensor's packed words. Set algebra saves most passes:
+    |A ∪ B| = |A| + |B| − |A ∩ B|,
     |S \\ U| terms come from |S ∩ U|, an intersection or union reuses the one of its set minus one element
     (an ordering's prefixes cost one op each), and an empty operand or empty partial intersection ends the
     chain without touching memory (most tensors of a layer region, most deep prefixes)."""
@@ -177,7 +179,8 @@ class _Tensor:
             elif len(s) == 2:   # |(A ∪ B) \\ U| = |A ∪ B| − |A ∩ U| − |B ∩ U| + |A ∩ B ∩ U|
                 a, b = sorted(s)
                 v = (self.value(("or", s, None)) - self.value(("and", frozenset([a, minus]), None))
-                     - self.value(("and", frozenset([b, minus]), None)) + self.value(("and", s | {minus}, None)))
+                     - self.value(("and", frozenset([b, minus]), None))
+                     + self.value(("and", s | {minus}, None)))
             else:
                 arr, u = self._array("or", s), self.plane[minus]
                 v = 0 if arr is None else _popcount(arr) if u is None else _popcount(arr & ~u)
@@ -316,7 +319,7 @@ def group_density(m: Counts, names, key) -> dict:
 
 
 def depth_profile(profile: dict[int, float], points: int = 21) -> np.ndarray:
-    """A per-layer profile resampled onto relative depth 0..1, so models with different layer counts compare."""
+    """A per-layer profile resampled onto relative depth 0..1, so models of different depths compare."""
     layers = sorted(profile)
     if not layers:
         return np.full(points, np.nan)
@@ -378,8 +381,8 @@ def bootstrap(model, tok, calib: dict, method: str, datasets: Sequence[str], n: 
             prompts, responses = calib[d]
             k = min(n or len(prompts), len(prompts))
             pick = rng.integers(0, len(prompts), k)
-            batches = list(chat.response_batches(tok, [prompts[i] for i in pick], [responses[i] for i in pick],
-                                                 batch_size, max_length, system))
+            ps, rs = [prompts[i] for i in pick], [responses[i] for i in pick]
+            batches = list(chat.response_batches(tok, ps, rs, batch_size, max_length, system))
             region = regions.top_fraction(score(model, batches), q, group)
             found.append(regions.pack(region))
             del region
@@ -402,7 +405,7 @@ def interval(values, level: float = 0.95) -> tuple[float, float]:
     return float(np.quantile(v, lo)), float(np.quantile(v, 1 - lo))
 
 
-# ---------------------------------------------------------------- one method's whole analysis (the notebook's unit)
+# ---------------------------------------------------------------- one method's whole analysis
 
 
 def _is_layer_region(r) -> bool:
@@ -410,8 +413,9 @@ def _is_layer_region(r) -> bool:
 
 
 def chance_fn(c: Counts, regs: dict, scope: str, draws: int, seed: int):
-    """chance(names) for regions of one method: layer-unit simulation for SafeLayer regions, per-matrix-matched
-    entry-level expectation otherwise. Cached, since the convergence curve asks for many prefixes."""
+    """chance(names) for regions of one method: layer-unit simulation for SafeLayer regions,
+    per-matrix-matched entry-level expectation otherwise. Cached: the convergence curve asks for many
+    prefixes."""
     layer = all(_is_layer_region(regs[x]) for x in c.names if x in regs)
     per_layer = layer_numel(regions._shapes(next(iter(regs.values())))) if layer else None
     memo: dict = {}
@@ -428,8 +432,8 @@ def chance_fn(c: Counts, regs: dict, scope: str, draws: int, seed: int):
 
 def analyze(raw: dict, refined: dict, utility, variants, scopes, n_orders: int, seed: int,
             draws: int) -> dict:
-    """Everything the notebook shows for one (model, method): one counting pass over the raw and refined regions
-    of every dataset ({dataset: PackedRegion}) and the utility region, then pairwise matrices, chance,
+    """Everything the notebook shows for one (model, method): one counting pass over the raw and refined
+    regions of every dataset ({dataset: PackedRegion}) and the utility region, then pairwise matrices, chance,
     convergence, the refinement identity and per-layer/component profiles.
 
     Returns {"counts", "datasets", "matrix": {(variant, scope): n×n}, "chance": {(variant, scope): n×n},
@@ -437,14 +441,18 @@ def analyze(raw: dict, refined: dict, utility, variants, scopes, n_orders: int, 
     "by_component": {variant: {...}}, "exact": {dataset: refined == raw \\ utility in weight space}}."""
     datasets = list(raw)
     if set(refined) != set(raw):
-        raise ValueError(f"raw and refined regions cover different datasets: {sorted(raw)} vs {sorted(refined)}")
+        raise ValueError(f"raw and refined regions cover different datasets: {sorted(raw)} vs "
+                         f"{sorted(refined)}")
     sets = {"raw": raw, "refined": refined}
     regs = {f"{d}.{v}": sets[v][d] for v in variants for d in datasets}
     u = None
     if utility is not None and "raw" in variants:
         u = "utility"
         regs[u] = utility
-    orders = orderings(datasets, n_orders, seed) if len(datasets) > 2 else [datasets] if len(datasets) == 2 else []
+    if len(datasets) > 2:
+        orders = orderings(datasets, n_orders, seed)
+    else:
+        orders = [datasets] if len(datasets) == 2 else []
     queries = []
     for v in variants:
         names = [f"{d}.{v}" for d in datasets]
@@ -481,7 +489,8 @@ def analyze(raw: dict, refined: dict, utility, variants, scopes, n_orders: int, 
 
 def exact_difference(c: Counts, raw: str, refined: str, u: str) -> bool:
     """True when the stored refined region is exactly raw \\ U in the weight space (sizes and containment),
-    i.e. when the refinement identity must hold for it. Needs inter([raw, refined]) and inter([refined, u])."""
+    i.e. when the refinement identity must hold for it.
+    Needs the queries inter([raw, refined]) and inter([refined, u])."""
     r, f = int(c.inter([raw]).sum()), int(c.inter([refined]).sum())
     return (int(c.inter([raw, refined]).sum()) == f and int(c.inter([refined, u]).sum()) == 0
             and f == r - int(c.inter([raw, u]).sum()))

@@ -75,8 +75,8 @@ def bar_panels(frame, x: str, hue: str, panels: dict[str, str], title: str, refs
 # ---------------------------------------------------------------- stage `overlap` (issue 4)
 
 
-def heatmap_grid(tables: dict, title: str, xlabel: str, ylabel: str, cbar_label: str = "IoU", fmt: str = ".2f",
-                 vmin=0.0, vmax=1.0, cmap: str = "rocket_r"):
+def heatmap_grid(tables: dict, title: str, xlabel: str, ylabel: str, cbar_label: str = "IoU",
+                 fmt: str = ".2f", vmin=0.0, vmax=1.0, cmap: str = "rocket_r"):
     """Side-by-side annotated heatmaps ({panel title: square DataFrame}) on one colour scale."""
     style()
     n = len(tables)
