@@ -70,4 +70,28 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
             assert set(v) == {"asr_region", "asr_random", "utility_region", "utility_random"}
             assert all(0 <= x <= 1 for x in v.values())
     assert (work / "results/validate/figures/validate.png").stat().st_size > 1000
+
+    # stage overlap (issue 4)
+    nb = json.loads((work / "results/overlap/notebook.ipynb").read_text())
+    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert json.loads((work / "results/overlap/timing.json").read_text())["wall_seconds"] > 0
+    ov = json.loads((work / "results/overlap/metrics.json").read_text())
+    assert set(ov) == {"aligned"} and set(ov["aligned"]) == set(methods)
+    for m, per_method in ov["aligned"].items():
+        assert set(per_method) == {"raw", "refined"}
+        for v in per_method.values():   # None where every pair's union is empty (e.g. no layer range found)
+            assert set(v) == {"mean_iou", "chance_iou"} and all(x is None or 0 <= x <= 1 for x in v.values())
+        if m in ("snip", "wanda"):
+            assert 0 < per_method["raw"]["chance_iou"] < per_method["raw"]["mean_iou"] <= 1
+    tables = work / "results/overlap/tables"
+    for m in methods:
+        for kind in ("raw", "refined"):
+            for scope in ("global", "per_matrix"):
+                assert (tables / f"aligned-{m}-{kind}-{scope}.csv").exists()
+                assert (tables / f"aligned-{m}-{kind}-{scope}-chance.csv").exists()
+    for name in ("summary", "convergence", "refinement", "cross_method", "bootstrap"):
+        assert (tables / f"{name}.csv").stat().st_size > 0, name
+    for fig in ("pairwise_aligned_snip", "convergence", "refinement", "cross_method_aligned",
+                "layer_profile"):
+        assert (work / f"results/overlap/figures/{fig}.png").stat().st_size > 1000, fig
     assert "up to date" in run("dvc", "status")  # a second repro would do nothing

@@ -319,6 +319,45 @@ class ValidateCfg:
             raise ConfigError(f"validate.layer_alpha: must be >= 0, got {self.layer_alpha}")
 
 
+@dataclass
+class BootstrapCfg:
+    """Prompt bootstrap of the IoU (resample a dataset's calibration examples, re-identify, recompute)."""
+    methods: list[str] = field(default_factory=lambda: ["snip", "wanda"])   # weight-level methods only
+    datasets: list[str] | None = None   # None = every dataset the method identified on
+    n_resamples: int = 200
+    seed: int = 0
+
+    def __post_init__(self):
+        _subset("overlap.bootstrap.methods", self.methods, ("snip", "wanda"))
+        if self.datasets is not None:
+            _subset("overlap.bootstrap.datasets", self.datasets, SAFETY_SETS)
+            if len(self.datasets) < 2:
+                raise ConfigError("overlap.bootstrap.datasets: needs at least two datasets (one pair)")
+        if self.n_resamples < 0:
+            raise ConfigError(f"overlap.bootstrap.n_resamples: must be >= 0, got {self.n_resamples}")
+
+
+@dataclass
+class OverlapCfg:
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    scope: str = "both"          # global | per_matrix | both (METHODS §3.3); metrics.json uses global
+    n_orders: int = 20           # random dataset orderings for the multi-way convergence curve (§3.3)
+    seed: int = 0
+    chance_draws: int = 10000    # simulated draws of random layer sets (layer-unit chance, §3.4)
+    bootstrap: BootstrapCfg = field(default_factory=BootstrapCfg)
+
+    def __post_init__(self):
+        _subset("overlap.variants", self.variants, VARIANTS)
+        if not self.variants:
+            raise ConfigError("overlap.variants: give at least one of raw, refined")
+        _choice("overlap.scope", self.scope, ("global", "per_matrix", "both"))
+        for k in ("n_orders", "chance_draws"):
+            _positive(f"overlap.{k}", getattr(self, k))
+
+    def scopes(self) -> list[str]:
+        return ["global", "per_matrix"] if self.scope == "both" else [self.scope]
+
+
 SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judges": JudgesCfg,
             "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": IdentifyCfg,
             "validate": ValidateCfg}
@@ -332,6 +371,9 @@ STAGE_SECTIONS = {
     "identify": ["run", "models", "judges.keyword", "calibrate", "identify"],
     "validate": ["run", "models", "judges.keyword", "calibrate", "identify", "validate"],
 }
+# stage `overlap` (issue 4)
+SECTIONS["overlap"] = OverlapCfg
+STAGE_SECTIONS["overlap"] = ["run", "models", "calibrate", "identify", "overlap"]
 
 
 def _check_models(models: dict[str, ModelCfg]) -> None:
@@ -369,6 +411,13 @@ def parse(raw: dict) -> types.SimpleNamespace:
         if "identify" in out:    # every validated region must have been identified by every method
             for m in cfg.identify.methods:
                 _subset(f"validate.datasets (identified by {m})", cfg.validate.datasets,
+                        cfg.identify.datasets(m, cfg.calibrate.datasets))
+    if "overlap" in out and "identify" in out:   # bootstrapped methods must have been identified
+        for m in cfg.overlap.bootstrap.methods:
+            if m not in cfg.identify.methods:
+                raise ConfigError(f"overlap.bootstrap.methods: {m!r} is not in identify.methods")
+            if cfg.overlap.bootstrap.datasets is not None and "calibrate" in out:
+                _subset(f"overlap.bootstrap.datasets (identified by {m})", cfg.overlap.bootstrap.datasets,
                         cfg.identify.datasets(m, cfg.calibrate.datasets))
     return cfg
 

@@ -70,3 +70,48 @@ def bar_panels(frame, x: str, hue: str, panels: dict[str, str], title: str, refs
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- stage `overlap` (issue 4)
+
+
+def heatmap_grid(tables: dict, title: str, xlabel: str, ylabel: str, cbar_label: str = "IoU",
+                 fmt: str = ".2f", vmin=0.0, vmax=1.0, cmap: str = "rocket_r"):
+    """Side-by-side annotated heatmaps ({panel title: square DataFrame}) on one colour scale."""
+    style()
+    n = len(tables)
+    side = max(3.5, 0.55 * max(t.shape[0] for t in tables.values()) + 1.5)
+    fig, axes = plt.subplots(1, n, figsize=(side * n + 1, side), squeeze=False)
+    for k, (ax, (name, table)) in enumerate(zip(axes[0], tables.items())):
+        sns.heatmap(table, annot=table.shape[0] <= 12, fmt=fmt, vmin=vmin, vmax=vmax, cmap=cmap, ax=ax,
+                    cbar=k == n - 1, cbar_kws={"label": cbar_label} if k == n - 1 else None, square=True)
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabel if k == 0 else "")
+        plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def band_lines(frame, x: str, y: str, hue: str, col: str, title: str, xlabel: str, ylabel: str,
+               ref: str | None = None, ref_label: str = "chance", logy: bool = False):
+    """Mean line with a min–max band over repeated rows (e.g. orderings), one panel per `col` value; `ref`
+    names a column drawn dashed in the same colour (e.g. the chance value)."""
+    style()
+    panels = list(dict.fromkeys(frame[col]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
+    palette = dict(zip(dict.fromkeys(frame[hue]), sns.color_palette()))
+    for ax, p in zip(axes[0], panels):
+        sub = frame[frame[col] == p]
+        sns.lineplot(data=sub, x=x, y=y, hue=hue, palette=palette, marker="o", errorbar=("pi", 100), ax=ax)
+        if ref:
+            for h, g in sub.groupby(hue):
+                m = g.groupby(x)[ref].mean()
+                ax.plot(m.index, m.values, ls="--", color=palette[h], alpha=0.7)
+            ax.plot([], [], ls="--", color="0.4", label=ref_label)
+            ax.legend(fontsize="small")
+        if logy:
+            ax.set_yscale("log")
+        ax.set(title=f"{col} = {p}", xlabel=xlabel, ylabel=ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

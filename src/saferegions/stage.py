@@ -26,6 +26,7 @@ from .io import atomic_path, write_json
 NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline", "calibrate": "03_calibrate",
              "identify": "03_identify", "validate": "04_validate"}
 MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
+NOTEBOOKS["overlap"] = "05_overlap"   # issue 4
 
 
 def _check_matrix(stage: str, params_file: Path, matrix: dict) -> None:

@@ -1,0 +1,201 @@
+"""Known answers for the overlap analysis (METHODS §3.3-3.5): planned popcounts against bool references,
+hand-made IoUs, chance baselines, the refinement identity on regions built like the identify artifacts,
+convergence, profiles, and the prompt bootstrap on a tiny model."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saferegions import chat, config, overlap as O, regions as R, tiny
+from saferegions.methods import wanda
+
+SHAPES = {"model.layers.0.self_attn.q_proj.weight": (8, 16), "model.layers.0.mlp.down_proj.weight": (16, 24),
+          "model.layers.1.self_attn.q_proj.weight": (8, 16), "model.layers.1.mlp.down_proj.weight": (16, 24)}
+
+
+def rand_region(seed, density, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return R.Region({n: torch.rand(s, generator=g) < density for n, s in shapes.items()}, {"seed": seed})
+
+
+def bool_iou(masks, scope, minus=None):
+    per, tn, td = [], 0, 0
+    for n in masks[0]:
+        ms = torch.stack([m[n] for m in masks])
+        keep = ~minus[n] if minus is not None else torch.ones_like(ms[0])
+        i, u = int((ms.all(0) & keep).sum()), int((ms.any(0) & keep).sum())
+        tn, td = tn + i, td + u
+        if u:
+            per.append(i / u)
+    return tn / td if scope == "global" else float(np.mean(per))
+
+
+def test_hand_made_counts():
+    a = R.Region({"w": torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 1, 0], dtype=torch.bool)})
+    b = R.Region({"w": torch.tensor([0, 1, 1, 1, 0, 0, 0, 0, 1, 1], dtype=torch.bool)})
+    u = R.Region({"w": torch.tensor([0, 0, 1, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool)})
+    c = O.count([a.packed("bits"), b.packed("idx"), u], ["a", "b", "u"],
+                O.plan(["a", "b"], minus="u", orders=[["a", "b"]]))
+    assert c.multiway(["a", "b"]) == 3 / 6            # ∩ = {1, 2, 8}, ∪ = {0, 1, 2, 3, 8, 9}
+    assert c.refined("a", "b", "u") == 2 / 4          # ∩ \ U = {1, 8}, ∪ \ U = {0, 1, 3, 8}
+    t = O.refinement_terms(c, "a", "b", "u")
+    assert (t["u_frac_of_inter"], t["u_frac_of_union"]) == (1 / 3, 2 / 6)
+    p = c.pairwise(names=["a", "b"])
+    assert p[0, 1] == 0.5 and p[0, 0] == 1.0
+    with pytest.raises(KeyError, match="not counted"):
+        c.union(["a", "u"])
+    with pytest.raises(ValueError, match="unknown names"):
+        O.count([a, b], ["a", "b"], [O.inter_q(["a", "z"])])
+
+
+@pytest.mark.parametrize("scope", ["global", "per_matrix"])
+def test_counts_match_bool_reference_and_regions_iou(scope):
+    regs = [rand_region(s, d) for s, d in zip(range(5), (0.02, 0.3, 0.5, 0.01, 0.2))]
+    regs[3].masks["model.layers.1.mlp.down_proj.weight"][:] = False     # an empty tensor: skipped per matrix
+    names = list("abcde")
+    packed = [r.packed("idx" if i % 2 else "bits") for i, r in enumerate(regs)]
+    orders = O.orderings(names[:4], 3, seed=1)
+    c = O.count(packed, names, O.plan(names[:4], minus="e", orders=orders))
+    for i, j in itertools.combinations(range(4), 2):
+        want = bool_iou([regs[i].masks, regs[j].masks], scope)
+        assert c.multiway([names[i], names[j]], scope) == pytest.approx(want)
+        assert c.multiway([names[i], names[j]], scope) == pytest.approx(R.iou(packed[i], packed[j], scope))
+        want = bool_iou([regs[i].masks, regs[j].masks], scope, regs[4].masks)
+        assert c.refined(names[i], names[j], "e", scope) == pytest.approx(want)
+    for order in orders:
+        for k in range(2, 5):
+            idx = [names.index(x) for x in order[:k]]
+            want = R.multiway_iou([regs[i] for i in idx], scope)
+            assert c.multiway(order[:k], scope) == pytest.approx(want)
+
+
+def test_refinement_identity_on_artifact_like_regions(tmp_path):
+    """Regions built as identify builds them (top-q per matrix of scores, utility = top-p,
+    refined = raw \\ U), stored and reloaded in packed form: the refined IoU equals
+    |(A ∩ B) \\ U| / |(A ∪ B) \\ U| exactly."""
+    scores = [{n: torch.rand(s, generator=torch.Generator().manual_seed(k)) for n, s in SHAPES.items()}
+              for k in range(4)]
+    util = R.top_fraction(scores[3], 0.4)
+    raw = {f"d{k}": R.top_fraction(scores[k], 0.2) for k in range(3)}
+    refined = {d: R.difference(r, util) for d, r in raw.items()}
+
+    def stored(region, name):
+        R.save(region, tmp_path / f"{name}.safetensors")
+        return R.load_packed(tmp_path / f"{name}.safetensors")
+
+    res = O.analyze({d: stored(r, f"{d}.raw") for d, r in raw.items()},
+                    {d: stored(r, f"{d}.refined") for d, r in refined.items()}, stored(util, "alpaca.utility"),
+                    ["raw", "refined"], ["global", "per_matrix"], n_orders=2, seed=0, draws=100)
+    assert all(res["exact"].values())
+    for row in res["refinement"]:
+        assert row["identity_iou"] == row["refined_iou"]
+        assert (row["refined_iou"] < row["raw_iou"]) == (row["u_frac_of_inter"] > row["u_frac_of_union"])
+    broken = dict(refined, d0=R.difference(raw["d0"], R.top_fraction(scores[2], 0.4)))   # not raw \ U
+    res = O.analyze(raw, broken, util, ["raw", "refined"], ["global"], n_orders=1, seed=0, draws=100)
+    assert not res["exact"]["d0"] and res["exact"]["d1"]
+
+
+def test_chance_entries_matches_random_regions():
+    big = {"model.layers.0.mlp.up_proj.weight": (400, 500), "model.layers.1.mlp.up_proj.weight": (300, 500)}
+    a, b = rand_region(0, 0.05, big), rand_region(1, 0.2, big)
+    c = O.count([a, b], ["a", "b"], O.plan(["a", "b"]))
+    want = R.chance_iou(a.density, b.density)
+    assert O.chance_entries(c, ["a", "b"]) == pytest.approx(want, rel=0.02)
+    f = 0.02
+    assert R.chance_iou(f) == pytest.approx(f / (2 - f))
+    ra, rb = R.random_like(a, 5), R.random_like(b, 6)
+    assert R.iou(ra, rb) == pytest.approx(O.chance_entries(c, ["a", "b"]), rel=0.05)
+    assert O.corrected(want, want) == 0 and O.corrected(1.0, want) == 1
+
+
+def test_chance_layers_matches_hypergeometric():
+    L = 24
+    exact = sum(math.comb(3, x) * math.comb(L - 3, 5 - x) / math.comb(L, 5) * x / (8 - x) for x in range(4))
+    got = O.chance_layers([3, 5], {i: 7 for i in range(L)}, 20000, 0)
+    assert got == pytest.approx(exact, abs=0.004)
+    assert O.chance_layers([L, L], {i: 1 for i in range(L)}, 10, 0) == 1.0
+    with pytest.raises(ValueError):
+        O.chance_layers([L + 1, 1], {i: 1 for i in range(L)}, 10, 0)
+
+
+def test_convergence_plateau_and_profiles():
+    """A shared core plus dataset-specific noise: IoU_k levels off well above chance."""
+    core = rand_region(100, 0.1)
+    regs = {f"d{k}": R.union(core, rand_region(k, 0.02)) for k in range(5)}
+    names = list(regs)
+    orders = O.orderings(names, 4, 0)
+    c = O.count(list(regs.values()), names, O.plan(names, orders=orders))
+    rows = O.convergence(c, orders, "global", chance=lambda ns: O.chance_entries(c, ns))
+    assert {r["k"] for r in rows} == {2, 3, 4, 5} and len(rows) == 16
+    last = [r for r in rows if r["k"] == 5]
+    assert all(r["iou"] > 5 * r["chance"] for r in last)
+    assert all(r["survive"] >= core.size / max(x.size for x in regs.values()) - 1e-12 for r in last)
+    by_layer = O.group_iou(c, names, lambda n: int(n.split(".")[2]))
+    assert set(by_layer) == {0, 1} and all(0 < v < 1 for v in by_layer.values())
+    dens = O.group_density(c, names, lambda n: int(n.split(".")[2]))
+    assert all(0.1 <= v < 0.2 for v in dens.values())
+    prof = O.depth_profile({0: 0.1, 1: 0.3, 2: 0.5}, points=5)
+    assert prof[0] == pytest.approx(0.1) and prof[-1] == pytest.approx(0.5) and np.all(np.diff(prof) >= 0)
+    assert O.same_space(regs["d0"], regs["d1"].packed())
+    assert not O.same_space(regs["d0"], rand_region(0, 0.1, {"x": (2, 2)}))
+
+
+def test_layer_regions_use_layer_chance():
+    shapes = {f"model.layers.{i}.mlp.up_proj.weight": (4, 4) for i in range(6)}
+
+    def layer_region(ids):
+        masks = {n: torch.full(s, i in ids, dtype=torch.bool) for i, (n, s) in enumerate(shapes.items())}
+        return R.Region(masks, {}, {"layers": sorted(ids)})
+
+    raw = {"a": layer_region({0, 1}), "b": layer_region({1, 2}), "c": layer_region({1, 2, 3})}
+    util = layer_region({2})
+    refined = {d: R.Region(R.difference(r, util).masks, {}, {"layers": sorted(set(r.units["layers"]) - {2})})
+               for d, r in raw.items()}
+    res = O.analyze(raw, refined, util, ["raw", "refined"], ["global"], n_orders=2, seed=0, draws=5000)
+    assert res["matrix"]["raw", "global"][0, 1] == pytest.approx(1 / 3)
+    exact = sum(math.comb(2, x) * math.comb(4, 2 - x) / math.comb(6, 2) * x / (4 - x) for x in range(3))
+    assert res["chance"]["raw", "global"][0, 1] == pytest.approx(exact, abs=0.02)
+    assert all(res["exact"].values())
+
+
+def test_bootstrap_on_tiny_model():
+    torch.manual_seed(0)
+    model, tok = tiny.tiny_model("llama")
+    calib = {d: ([f"prompt {d} {i}" for i in range(3)], [f"answer {i} for {d}" for i in range(3)])
+             for d in ("advbench", "harmbench", "alpaca")}
+    batches = list(chat.response_batches(tok, *calib["alpaca"], batch_size=4, max_length=32))
+    util = R.top_fraction(wanda.wanda_scores(model, batches, progress=False), 0.04).packed()
+    rows = O.bootstrap(model, tok, calib, "wanda", ["advbench", "harmbench"], None, 0.02, "matrix", util,
+                       n_resamples=2, seed=0, batch_size=4, max_length=32, progress=False)
+    assert len(rows) == 2 and {r["pair"] for r in rows} == {"advbench–harmbench"}
+    assert all(0 <= r["raw"] <= 1 and 0 <= r["refined"] <= 1 for r in rows)
+    again = O.bootstrap(model, tok, calib, "wanda", ["advbench", "harmbench"], None, 0.02, "matrix", util,
+                        n_resamples=2, seed=0, batch_size=4, max_length=32, progress=False)
+    assert again == rows                                  # seeded resampling
+    snip_rows = O.bootstrap(model, tok, calib, "snip", ["advbench", "harmbench"], 1, 0.02, "matrix", None,
+                            n_resamples=1, seed=0, batch_size=4, max_length=32, progress=False)
+    assert len(snip_rows) == 1 and "refined" not in snip_rows[0]
+    with pytest.raises(ValueError, match="snip and wanda"):
+        O.bootstrap(model, tok, calib, "layer", ["advbench", "harmbench"], None, 0.02, "matrix", None, 1, 0)
+    with pytest.raises(ValueError, match="two datasets"):
+        O.bootstrap(model, tok, calib, "wanda", ["advbench"], None, 0.02, "matrix", None, 1, 0)
+    lo, hi = O.interval([0.1, 0.2, 0.3, float("nan")])
+    assert lo == pytest.approx(0.105) and hi == pytest.approx(0.295)
+
+
+def test_overlap_config():
+    cfg = config.parse({"overlap": {"bootstrap": {"methods": ["wanda"], "datasets": ["advbench", "catqa"]}}})
+    assert cfg.overlap.scopes() == ["global", "per_matrix"] and cfg.overlap.n_orders == 20
+    for bad, msg in (({"scope": "rows"}, "overlap.scope"), ({"variants": ["cooked"]}, "overlap.variants"),
+                     ({"bootstrap": {"methods": ["layer"]}}, "bootstrap.methods"),
+                     ({"bootstrap": {"datasets": ["advbench"]}}, "at least two"),
+                     ({"n_orders": 0}, "n_orders")):
+        with pytest.raises(config.ConfigError, match=msg):
+            config.parse({"overlap": bad})
+    with pytest.raises(config.ConfigError, match="not in identify.methods"):
+        config.parse({"identify": {"methods": ["snip"]}, "overlap": {"bootstrap": {"methods": ["wanda"]}}})
+    with pytest.raises(config.ConfigError, match="identified by snip"):
+        config.parse({"calibrate": {}, "identify": {"snip": {"datasets": ["advbench", "harmbench"]}},
+                      "overlap": {"bootstrap": {"methods": ["snip"], "datasets": ["advbench", "catqa"]}}})
