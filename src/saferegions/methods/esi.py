@@ -319,14 +319,17 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
                   gumbel: bool | None = None, accum_dtype: str | None = None,
                   judge_sees_prompt: bool | None = None, exclude_router: bool = True,
                   transfer_M: torch.Tensor | None = None, gen_batch_size: int = 1,
-                  records: list | None = None) -> dict[str, torch.Tensor]:
+                  records: list | None = None,
+                  generated: list[tuple[torch.Tensor, int]] | None = None) -> dict[str, torch.Tensor]:
     """g = Σ_prompts ∂S/∂θ for every `eligible_esi` weight, {name: fp32 CPU tensor} (signed; |·| is taken by
     `esi_scores`). S = the judge's safe score (objective 'judge', §4.2) or log p(refusal)
     ('refusal_likelihood', an ablation without judge or generation).
 
     All responses are generated first (`respond`, `gen_batch_size` prompts at a time), then one forward and
     backward per prompt. `transfer_M` (from `transfer_matrix`) is built here when not given. `records`, if a
-    list, receives {prompt, response, safe} per prompt (safe = the judge's score of the hard response)."""
+    list, receives {prompt, response, safe} per prompt (safe = the judge's score of the hard response).
+    `generated` (the output of `respond` for these prompts) skips generation: greedy responses do not depend
+    on the variant or the judge, so one generation pass serves every region computed on the same prompts."""
     if objective not in ("judge", "refusal_likelihood"):
         raise ValueError(f"objective must be 'judge' or 'refusal_likelihood', got {objective!r}")
     cfg = resolve_switches(variant, bos_align=bos_align, guard_grad_wrt=guard_grad_wrt, gumbel=gumbel,
@@ -339,7 +342,10 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
             transfer_M = transfer_matrix(soft_judge.vocab_tokenizer, tokenizer,
                                          (soft_judge.embedding_matrix.shape[0], V_t))
         transfer_M = transfer_M.to(soft_judge.embedding_matrix.device)
-        generated = respond(model, tokenizer, prompts, max_new_tokens, system, gen_batch_size, progress)
+        if generated is None:
+            generated = respond(model, tokenizer, prompts, max_new_tokens, system, gen_batch_size, progress)
+        elif len(generated) != len(prompts):
+            raise ValueError(f"generated has {len(generated)} responses for {len(prompts)} prompts")
     with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as result:
         for i, prompt in enumerate(tqdm(prompts, desc="esi", disable=not progress, leave=False)):
             if objective == "refusal_likelihood":
