@@ -94,4 +94,18 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     for fig in ("pairwise_aligned_snip", "convergence", "refinement", "cross_method_aligned",
                 "layer_profile"):
         assert (work / f"results/overlap/figures/{fig}.png").stat().st_size > 1000, fig
+    nb = json.loads((work / "results/esi/notebook.ipynb").read_text())
+    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    esi_m = json.loads((work / "results/esi/metrics.json").read_text())
+    assert set(esi_m) == {"aligned", "unaligned"}
+    for role, m in esi_m.items():
+        assert all(0 <= m[k] <= 1 for k in ("asr_topk", "asr_random", "asr_bottomk", "faithful_vs_fixed_iou"))
+        assert set(m["component_share"]) <= {"q", "k", "v", "o", "gate", "up", "down", "lm_head", "other"}
+        assert abs(sum(m["component_share"].values()) - 1) < 1e-6
+        assert 0 <= m["refusal_likelihood_iou"] <= 1 and 0 <= m["dataset_iou"]["mean"] <= 1
+        for kind in ("topk", "bottomk"):
+            assert (work / f"artifacts/esi/{role}/{kind}.safetensors").exists()
+        assert (work / f"results/esi/figures/heatmap_{role}_region_count.png").stat().st_size > 1000
+    assert set(esi_m["aligned"]["method_iou"]) == {"snip", "wanda"}
+    assert (work / "results/esi/figures/perturbation.png").stat().st_size > 1000
     assert "up to date" in run("dvc", "status")  # a second repro would do nothing

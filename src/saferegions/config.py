@@ -356,11 +356,86 @@ class OverlapCfg:
 
     def scopes(self) -> list[str]:
         return ["global", "per_matrix"] if self.scope == "both" else [self.scope]
+# ESI (paper 2, METHODS §4.1-§4.5). Defaults = the paper / reference-code values.
+ESI_VARIANTS = ("faithful", "fixed")
+ESI_JUDGES = ("learned", "guard")
+ESI_OBJECTIVES = ("judge", "refusal_likelihood")
+ESI_SCORES = ("esi", "grad", "grad_std_mag")
+RANDOM_MODES = ("per_matrix_matched", "global_uniform")
+
+
+@dataclass
+class EsiCfg:
+    """ESI regions of each model role, their architecture profile and the perturbation check (stage `esi`).
+    The first entry of `judges` and of `objectives` makes the primary region (saved for SET/SPA); every other
+    entry, and the other `variant`, makes a comparison region whose IoU with the primary is reported."""
+    models: list[str] = field(default_factory=lambda: ["aligned", "unaligned"])   # SET: unaligned, SPA: aligned
+    dataset: str = "advbench"        # harmful set of the primary region (reference: all 520 AdvBench goals)
+    n_prompts: int | None = None     # ident prompts used (None = the whole ident split)
+    max_new_tokens: int = 256        # greedy response length (§4.2 step 1)
+    gen_batch_size: int = 1          # prompts generated together (1 = the reference)
+    system_prompt: str | None = "You are a helpful assistant."
+    variant: str = "faithful"        # the reference's quirks (§4.2 table); the other variant is compared
+    judges: list[str] = field(default_factory=lambda: ["guard", "learned"])   # guard = judges.llama_guard
+    guard_score: str = "safe"        # 'safe' logit (reference) or 'safe_minus_unsafe' (§5.5 stand-in)
+    objectives: list[str] = field(default_factory=lambda: ["judge", "refusal_likelihood"])
+    score: str = "esi"               # esi | grad | grad_std_mag (§4.1 ablations)
+    exclude_router: bool = True
+    top_frac: float = 0.01           # k = int(top_frac x ALL parameters)
+    random_mode: str = "per_matrix_matched"
+    noise_ratio: float = 0.38        # perturbation: theta += eps * sigma_W * noise_ratio (§4.5)
+    perturb_seeds: int = 3
+    eval_sets: list[str] = field(default_factory=lambda: ["advbench"])   # held-out harmful prompts (eval split)
+    n_eval: int | None = None        # eval prompts per set (None = the whole eval split)
+    perturb_max_new_tokens: int = 512
+    temperature: float = 0.9
+    top_p: float = 0.95
+    perturb_batch_size: int = 16
+    datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))   # beyond the paper: one region each
+    dataset_models: list[str] | None = None   # roles that get the per-dataset regions (None = all of `models`)
+    compare_methods: list[str] = field(default_factory=lambda: ["snip", "wanda"])   # paper-1 regions compared
+
+    def __post_init__(self):
+        if not self.models or len(set(self.models)) != len(self.models):
+            raise ConfigError(f"esi.models: needs distinct model roles, got {self.models!r}")
+        _choice("esi.dataset", self.dataset, SAFETY_SETS)
+        _choice("esi.variant", self.variant, ESI_VARIANTS)
+        for key, valid in (("judges", ESI_JUDGES), ("objectives", ESI_OBJECTIVES)):
+            values = getattr(self, key)
+            if not values:
+                raise ConfigError(f"esi.{key}: needs at least one entry")
+            _subset(f"esi.{key}", values, valid)
+        _choice("esi.guard_score", self.guard_score, ("safe", "safe_minus_unsafe"))
+        _choice("esi.score", self.score, ESI_SCORES)
+        _choice("esi.random_mode", self.random_mode, RANDOM_MODES)
+        _fraction("esi.top_frac", self.top_frac)
+        _subset("esi.eval_sets", self.eval_sets, SAFETY_SETS)
+        _subset("esi.datasets", self.datasets, SAFETY_SETS)
+        if self.dataset_models is not None:
+            _subset("esi.dataset_models", self.dataset_models, self.models)
+        _subset("esi.compare_methods", self.compare_methods, ("snip", "wanda"))
+        for k in ("max_new_tokens", "gen_batch_size", "perturb_seeds", "perturb_max_new_tokens", "temperature",
+                  "perturb_batch_size"):
+            _positive(f"esi.{k}", getattr(self, k))
+        for k in ("n_prompts", "n_eval"):
+            if getattr(self, k) is not None:
+                _positive(f"esi.{k}", getattr(self, k))
+        if self.noise_ratio < 0:
+            raise ConfigError(f"esi.noise_ratio: must be >= 0, got {self.noise_ratio}")
+        _fraction("esi.top_p", self.top_p)
+
+    @property
+    def judge(self) -> str:
+        return self.judges[0]
+
+    @property
+    def objective(self) -> str:
+        return self.objectives[0]
 
 
 SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judges": JudgesCfg,
             "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": IdentifyCfg,
-            "validate": ValidateCfg}
+            "validate": ValidateCfg, "esi": EsiCfg}
 # A "section.key" entry passes one sub-section only (dvc.yaml lists the same key), so e.g. retraining the
 # learned judge does not invalidate the identification stages.
 STAGE_SECTIONS = {
@@ -370,6 +445,7 @@ STAGE_SECTIONS = {
     "calibrate": ["run", "models", "judges.keyword", "calibrate"],
     "identify": ["run", "models", "judges.keyword", "calibrate", "identify"],
     "validate": ["run", "models", "judges.keyword", "calibrate", "identify", "validate"],
+    "esi": ["run", "models", "judges", "esi"],
 }
 # stage `overlap` (issue 4)
 SECTIONS["overlap"] = OverlapCfg
@@ -419,7 +495,21 @@ def parse(raw: dict) -> types.SimpleNamespace:
             if cfg.overlap.bootstrap.datasets is not None and "calibrate" in out:
                 _subset(f"overlap.bootstrap.datasets (identified by {m})", cfg.overlap.bootstrap.datasets,
                         cfg.identify.datasets(m, cfg.calibrate.datasets))
+    if "esi" in out:
+        _check_esi(cfg)
     return cfg
+
+
+def _check_esi(cfg) -> None:
+    """Roles exist; a guard judge needs `judges.llama_guard`."""
+    e = cfg.esi
+    if getattr(cfg, "models", None) is not None:
+        roles = sorted(cfg.models)
+        _subset("esi.models", e.models, roles)
+    if "guard" in e.judges and "judge" in e.objectives and getattr(cfg, "judges", None) is not None \
+            and cfg.judges.llama_guard is None:
+        raise ConfigError("esi.judges: 'guard' needs judges.llama_guard (a Llama-Guard-style model: "
+                          "{id, offline}); the offline default uses [learned]")
 
 
 def deviations(section, name: str) -> list[dict]:

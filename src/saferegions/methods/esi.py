@@ -18,6 +18,7 @@ Any object with `vocab_tokenizer`, `embedding_matrix` and `safe_score(soft_embed
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,7 @@ from .. import regions as R
 from ..chat import render
 from ..judges import LlamaGuardJudge
 from ..models import component, is_expert, layer_index, param_count
+from ..hooks import one_thread
 from .snip import grad_only_for
 
 TAU = 0.3
@@ -319,14 +321,17 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
                   gumbel: bool | None = None, accum_dtype: str | None = None,
                   judge_sees_prompt: bool | None = None, exclude_router: bool = True,
                   transfer_M: torch.Tensor | None = None, gen_batch_size: int = 1,
-                  records: list | None = None) -> dict[str, torch.Tensor]:
+                  records: list | None = None,
+                  generated: list[tuple[torch.Tensor, int]] | None = None) -> dict[str, torch.Tensor]:
     """g = Σ_prompts ∂S/∂θ for every `eligible_esi` weight, {name: fp32 CPU tensor} (signed; |·| is taken by
     `esi_scores`). S = the judge's safe score (objective 'judge', §4.2) or log p(refusal)
     ('refusal_likelihood', an ablation without judge or generation).
 
     All responses are generated first (`respond`, `gen_batch_size` prompts at a time), then one forward and
     backward per prompt. `transfer_M` (from `transfer_matrix`) is built here when not given. `records`, if a
-    list, receives {prompt, response, safe} per prompt (safe = the judge's score of the hard response)."""
+    list, receives {prompt, response, safe} per prompt (safe = the judge's score of the hard response).
+    `generated` (the output of `respond` for these prompts) skips generation: greedy responses do not depend
+    on the variant or the judge, so one generation pass serves every region computed on the same prompts."""
     if objective not in ("judge", "refusal_likelihood"):
         raise ValueError(f"objective must be 'judge' or 'refusal_likelihood', got {objective!r}")
     cfg = resolve_switches(variant, bos_align=bos_align, guard_grad_wrt=guard_grad_wrt, gumbel=gumbel,
@@ -339,7 +344,10 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
             transfer_M = transfer_matrix(soft_judge.vocab_tokenizer, tokenizer,
                                          (soft_judge.embedding_matrix.shape[0], V_t))
         transfer_M = transfer_M.to(soft_judge.embedding_matrix.device)
-        generated = respond(model, tokenizer, prompts, max_new_tokens, system, gen_batch_size, progress)
+        if generated is None:
+            generated = respond(model, tokenizer, prompts, max_new_tokens, system, gen_batch_size, progress)
+        elif len(generated) != len(prompts):
+            raise ValueError(f"generated has {len(generated)} responses for {len(prompts)} prompts")
     with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as result:
         for i, prompt in enumerate(tqdm(prompts, desc="esi", disable=not progress, leave=False)):
             if objective == "refusal_likelihood":
@@ -391,7 +399,51 @@ def esi_region(scores: dict[str, torch.Tensor], model, ratio: float = 0.01, larg
         k = int(resort_k * k)
     k = min(k, sum(s.numel() for s in scores.values()))  # only tiny models have fewer candidates than k
     meta = {"method": "esi", "ratio": ratio, "resort_k": resort_k, "n_params": param_count(model), "k": k}
-    return R.top_k_global(scores, k, largest, meta)
+    fast = _top_k_sampled(scores, k, largest)
+    if fast is None:
+        return R.top_k_global(scores, k, largest, meta)
+    return R.Region(fast, {**meta, "selection": {"k": int(k), "group": "global", "largest": largest}})
+
+
+_SAMPLE = 1 << 18
+
+
+@one_thread
+def _top_k_sampled(scores: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor] | None:
+    """The same masks as `regions.top_k_global`, faster on large models: a threshold from a seeded global
+    sample keeps a few times k entries as candidates (one numpy compare per tensor), and the exact radix
+    select runs on the candidates only. Candidates keep tensor order and flat order, so ties go to the same
+    entries; every entry at or beyond the k-th score is a candidate when there are >= k of them, else None
+    (the caller falls back to the full select). Scores are |g|·σ >= 0, so float order is key order."""
+    xs = {n: s.detach().to("cpu", torch.float32).contiguous().view(-1) for n, s in scores.items()}
+    total = sum(x.numel() for x in xs.values())
+    if k == 0 or total < 4 * _SAMPLE or k > total // 4:
+        return None
+    g = torch.Generator().manual_seed(0)
+    names, sizes = list(xs), torch.tensor([x.numel() for x in xs.values()])
+    draw = torch.randint(total, (_SAMPLE,), generator=g).sort().values
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    owner = torch.searchsorted(offsets, draw, right=True) - 1
+    sample = torch.cat([xs[names[i]][draw[owner == i] - offsets[i]] for i in owner.unique().tolist()])
+    t = k / total
+    keep = min(_SAMPLE, math.ceil(_SAMPLE * (1.5 * t + 8 * math.sqrt(t * (1 - t) / _SAMPLE)) + 8))
+    thr = float(sample.topk(keep, largest=largest, sorted=False).values.min() if largest
+                else sample.topk(keep, largest=False, sorted=False).values.max())
+    cand = {}
+    for n, x in xs.items():
+        a = x.numpy()
+        cand[n] = np.flatnonzero(a >= thr if largest else a <= thr)
+    if sum(c.size for c in cand.values()) < k:
+        return None
+    if any(torch.isnan(xs[n][torch.from_numpy(c)]).any() for n, c in cand.items() if c.size):
+        return None   # the full select raises the clear error
+    picked = R._select({n: xs[n][torch.from_numpy(c)] for n, c in cand.items()}, k, largest)
+    out = {}
+    for n, s in scores.items():
+        m = np.zeros(xs[n].numel(), dtype=np.bool_)
+        m[cand[n][picked[n].numpy()]] = True
+        out[n] = torch.from_numpy(m).view(s.shape)
+    return out
 
 
 def bottom_region(scores: dict[str, torch.Tensor], model, ratio: float = 0.01) -> R.Region:

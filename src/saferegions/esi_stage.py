@@ -1,0 +1,325 @@
+"""Stage `esi` orchestration (paper 2, METHODS §4): ESI regions of each model role, what they overlap with,
+where they sit, and whether perturbing them changes safety more than perturbing other weights.
+
+Per role (`run_role`):
+1. one greedy generation pass over every prompt set the role needs (`methods.esi.respond`); greedy responses do
+   not depend on the judge or the variant, so all judge-guided regions on a set share it;
+2. the **primary** region: global top `top_frac` of the ESI score from (`variant`, `judges[0]`, `objectives[0]`)
+   on `dataset`, and its bottom-k (the controls SET and SPA read from artifacts/esi/<role>/);
+3. **comparison** regions, each one setting away from the primary (`plan`): the other variant (faithful ↔
+   fixed), every further judge, every further objective (the `refusal_likelihood` ablation); IoU with the
+   primary beside its chance value (METHODS §3.4);
+4. beyond the paper: one region per dataset of `datasets` (primary settings), their pairwise and multi-way IoU,
+   and their IoU with paper 1's SNIP/Wanda regions of the same dataset and model (`method_overlap`) in the
+   common tensor space (ESI may select lm_head, which paper 1's methods do not search);
+5. the layer × component profile of the primary gradient (`methods.esi.architecture_profile`);
+6. perturbation (§4.5): Gaussian noise at top-k, bottom-k and random-k entries (and none), sampled responses to
+   held-out harmful prompts, ASR by the keyword judge; the model is restored bit-exactly after each.
+Gradients, scores and bool masks of a 0.5B model are ~2.5 GB each, so every region is packed (int32 indices at
+1% density) as soon as it is selected and each gradient set is dropped before the next is computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import chat, data, judges, models
+from . import regions as R
+from .methods import esi
+
+PERTURB_CONDITIONS = ("none", "topk", "bottomk", "random")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One ESI region to compute: `name` says how it differs from the primary."""
+    name: str
+    dataset: str
+    variant: str
+    judge: str | None          # None for the refusal_likelihood objective (no judge)
+    objective: str
+
+
+def other_variant(variant: str) -> str:
+    return "fixed" if variant == "faithful" else "faithful"
+
+
+def plan(e, role: str) -> list[Spec]:
+    """The primary region, then the comparison regions, then the other datasets' regions (`e`: EsiCfg)."""
+    def spec(name, dataset=e.dataset, variant=e.variant, judge=e.judge, objective=e.objective):
+        return Spec(name, dataset, variant, judge if objective == "judge" else None, objective)
+
+    other = other_variant(e.variant)
+    specs = [spec("primary"), spec(other, variant=other)]
+    specs += [spec(f"judge={j}", judge=j, objective="judge") for j in e.judges[1:]]
+    specs += [spec(o, objective=o) for o in e.objectives[1:]]
+    dataset_roles = e.models if e.dataset_models is None else e.dataset_models
+    if role in dataset_roles:
+        specs += [spec(f"dataset={d}", dataset=d) for d in e.datasets if d != e.dataset]
+    return specs
+
+
+# ---------------------------------------------------------------- judges
+
+
+def load_soft_judges(cfg, names, learned_path: str | Path = "artifacts/baseline/learned_judge.safetensors",
+                     models_root: str | Path = "models") -> dict:
+    """{name: soft judge} for 'learned' (the baseline stage's encoder + logistic head) and 'guard'
+    (`judges.llama_guard`, a Llama-Guard-style causal LM)."""
+    out = {}
+    device = models.pick_device(cfg.run.device)
+    for name in names:
+        if name == "learned":
+            if not Path(learned_path).exists():
+                raise FileNotFoundError(f"{learned_path} not found: run the baseline stage first")
+            enc, etok = models.load_encoder(cfg.models[cfg.judges.learned.encoder].entry(), models_root, device)
+            out[name] = esi.LearnedSoftJudge(judges.LearnedJudge.load(learned_path, enc, etok))
+        elif name == "guard":
+            if cfg.judges.llama_guard is None:
+                raise ValueError("the guard judge needs judges.llama_guard")
+            gm, gtok = models.load(cfg.judges.llama_guard.entry(), models_root, cfg.run.dtype, cfg.run.device)
+            unsafe = "unsafe" if cfg.esi.guard_score == "safe_minus_unsafe" else None
+            out[name] = esi.GuardSoftJudge(gm, gtok, "safe", unsafe)
+        else:
+            raise ValueError(f"unknown ESI judge {name!r}")
+    return out
+
+
+# ---------------------------------------------------------------- regions
+
+
+def restrict(region: R.Region | R.PackedRegion, names) -> R.PackedRegion:
+    """The region on a subset of its tensors (e.g. paper 1's space, without lm_head), packed."""
+    p = region if isinstance(region, R.PackedRegion) else R.pack(region)
+    missing = [n for n in names if n not in p.data]
+    if missing:
+        raise ValueError(f"region lacks tensors {missing[:3]} of the comparison space")
+    return R.PackedRegion({n: p.data[n] for n in names}, {n: p.shapes[n] for n in names}, p.meta, p.units)
+
+
+def component_shares(profile: pd.DataFrame, value: str) -> dict[str, float]:
+    """Share of `value` (e.g. region_count, esi_sum) per component, in `esi.COMPONENT_ORDER`, summing to 1."""
+    sums = profile.groupby("component")[value].sum()
+    total = float(sums.sum())
+    return {c: float(sums[c]) / total if total else float("nan") for c in esi.COMPONENT_ORDER if c in sums}
+
+
+def pairwise_iou(regions: dict[str, R.PackedRegion]) -> tuple[pd.DataFrame, dict]:
+    """Dataset × dataset IoU table, and the summary: mean/sd of the off-diagonal pairs, their chance value
+    at the regions' mean density, and the multi-way IoU of all of them with its chance value."""
+    names = list(regions)
+    table = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
+    pairs = {}
+    for a, b in itertools.combinations(names, 2):
+        table.loc[a, b] = table.loc[b, a] = pairs[f"{a}|{b}"] = R.iou(regions[a], regions[b])
+    f = float(np.mean([r.density for r in regions.values()])) if regions else float("nan")
+    vals = list(pairs.values())
+    summary = {"pairs": pairs, "mean": float(np.mean(vals)) if vals else float("nan"),
+               "sd": float(np.std(vals)) if vals else float("nan"), "chance": R.chance_iou(f),
+               "multiway": R.multiway_iou(list(regions.values())) if len(names) > 2 else float("nan"),
+               "multiway_chance": R.chance_multiway(f, len(names)) if len(names) > 2 else float("nan"),
+               "density": f}
+    return table, summary
+
+
+def method_overlap(dataset_regions: dict[str, R.PackedRegion], identify_dir: str | Path, methods,
+                   kind: str = "raw") -> tuple[list[dict], list[str]]:
+    """IoU of each dataset's ESI region with paper 1's `kind` region of the same dataset and method
+    (`identify_dir/<method>/<dataset>.<kind>.safetensors`), in paper 1's tensor space; (rows, missing files)."""
+    rows, missing = [], []
+    for method in methods:
+        for d, region in dataset_regions.items():
+            path = Path(identify_dir) / method / f"{d}.{kind}.safetensors"
+            if not path.exists():
+                missing.append(str(path))
+                continue
+            other = R.load_packed(path)
+            mine = restrict(region, list(other.shapes))
+            bad = [n for n in other.shapes if tuple(other.shapes[n]) != tuple(mine.shapes[n])]
+            if bad:
+                raise ValueError(f"{path}: tensor {bad[0]!r} has another shape than the model's")
+            rows.append({"method": method, "dataset": d, "iou": R.iou(mine, other),
+                         "iou_per_matrix": R.iou(mine, other, "per_matrix"),
+                         "chance": R.chance_iou(mine.density, other.density), "esi_density": mine.density,
+                         "method_density": other.density, "esi_share_in_space": mine.size / max(region.size, 1)})
+    return rows, missing
+
+
+# ---------------------------------------------------------------- one role
+
+
+@dataclass
+class RoleResult:
+    role: str
+    model_id: str
+    n_params: int
+    k: int
+    top: R.PackedRegion
+    bottom: R.PackedRegion
+    profile: pd.DataFrame
+    comparisons: list[dict] = field(default_factory=list)     # one row per non-primary spec
+    dataset_regions: dict[str, R.PackedRegion] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)         # primary: prompt, response, safe score
+    perturbation: list[dict] = field(default_factory=list)    # one row per (seed, condition)
+    generations: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + round(time.perf_counter() - start, 2)
+
+
+def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[str]], soft_judges: dict, e,
+                    timings: dict, progress: bool = True):
+    """Yield (spec, top region, gradients, scores, records) per spec; the primary's bottom-k is made by the
+    caller from its scores. Gradients and scores are yielded for the caller to use and drop."""
+    judged = sorted({s.dataset for s in specs if s.objective == "judge"})
+    generated = {}
+    if judged:   # one generation pass over every judged set
+        flat = [p for d in judged for p in prompt_sets[d]]
+        with _timed(timings, "generate"):
+            out = esi.respond(model, tok, flat, e.max_new_tokens, e.system_prompt, e.gen_batch_size, progress)
+        start = 0
+        for d in judged:
+            generated[d] = out[start:start + len(prompt_sets[d])]
+            start += len(prompt_sets[d])
+    V_t = model.get_output_embeddings().weight.shape[0]
+    transfers = {}
+    for spec in tqdm(specs, desc="esi regions", disable=not progress, leave=False):
+        judge = soft_judges.get(spec.judge) if spec.judge else None
+        if spec.judge and spec.judge not in transfers:
+            with _timed(timings, "transfer matrix"):
+                transfers[spec.judge] = esi.transfer_matrix(judge.vocab_tokenizer, tok,
+                                                            (judge.embedding_matrix.shape[0], V_t))
+        records = []
+        with _timed(timings, "gradients"):
+            grads = esi.esi_gradients(model, tok, judge, prompt_sets[spec.dataset], e.max_new_tokens,
+                                      spec.variant, system=e.system_prompt, objective=spec.objective,
+                                      progress=False, exclude_router=e.exclude_router,
+                                      transfer_M=transfers.get(spec.judge), gen_batch_size=e.gen_batch_size,
+                                      records=records, generated=generated.get(spec.dataset))
+        with _timed(timings, "select"):
+            scores = esi.esi_scores(grads, model, e.score)
+            top = esi.esi_region(scores, model, e.top_frac)
+        top.meta.update({"spec": spec.name, "dataset": spec.dataset, "variant": spec.variant, "judge": spec.judge,
+                         "objective": spec.objective, "score": e.score, "n_prompts": len(prompt_sets[spec.dataset])})
+        yield spec, top, grads, scores, records
+
+
+def perturbation(model, tok, top: R.Region, bottom: R.Region, prompts: list[str], judge, e, role: str = "",
+                 progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """ASR of sampled responses with noise on no weights, the top-k, the bottom-k and a random region of the
+    top-k's per-matrix counts, for each seed (noise, random region and sampling share the seed)."""
+    rows, gens = [], []
+    for seed in range(e.perturb_seeds):
+        conditions = {"none": None, "topk": top, "bottomk": bottom,
+                      "random": esi.random_region(top, seed, e.random_mode)}
+        for cond, region in conditions.items():
+            ctx = esi.perturb(model, region, e.noise_ratio, seed) if region is not None else contextlib.nullcontext()
+            with ctx:
+                responses = chat.generate(model, tok, prompts, e.perturb_max_new_tokens, e.perturb_batch_size,
+                                          e.system_prompt, do_sample=True, seed=seed, desc=f"{role} {cond}",
+                                          temperature=e.temperature, top_p=e.top_p)
+            complied = [not judge.refused(r) for r in responses]
+            rows.append({"model": role, "seed": seed, "condition": cond, "asr": float(np.mean(complied)),
+                         "size": region.size if region is not None else 0, "n": len(prompts)})
+            gens += [{"model": role, "seed": seed, "condition": cond, "prompt": p, "response": r, "complied": c}
+                     for p, r, c in zip(prompts, responses, complied)]
+    return rows, gens
+
+
+def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keyword_judge,
+             prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True) -> RoleResult:
+    """Everything the stage computes for one model (module docstring); regions come back packed."""
+    e = cfg.esi
+    timings: dict[str, float] = {}
+    specs = plan(e, role)
+    prompt_sets = {d: data.prompts(prompts_path, d, "ident", e.n_prompts) for d in {s.dataset for s in specs}}
+    result = None
+    for spec, top, grads, scores, records in compute_regions(model, tok, specs, prompt_sets, soft_judges, e,
+                                                             timings, progress):
+        if spec.name == "primary":
+            with _timed(timings, "select"):
+                bottom = esi.bottom_region(scores, model, e.top_frac)
+                bottom.meta.update(top.meta, selection=bottom.meta["selection"])
+            with _timed(timings, "profile"):
+                profile = esi.architecture_profile(grads, model, top)
+            result = RoleResult(role, model_id, models.param_count(model), top.meta["k"], R.pack(top),
+                                R.pack(bottom), profile, records=records)
+            result.dataset_regions[spec.dataset] = result.top
+            del bottom
+        else:
+            packed = R.pack(top)
+            if spec.name.startswith("dataset="):
+                result.dataset_regions[spec.dataset] = packed
+            else:
+                result.comparisons.append({
+                    "model": role, "region": spec.name, "variant": spec.variant, "judge": spec.judge,
+                    "objective": spec.objective, "iou": R.iou(result.top, packed),
+                    "iou_per_matrix": R.iou(result.top, packed, "per_matrix"),
+                    "chance": R.chance_iou(result.top.density, packed.density), "size": packed.size})
+        del top, grads, scores
+    harmful = [p for s in e.eval_sets for p in data.prompts(prompts_path, s, "eval", e.n_eval)]
+    with _timed(timings, "perturbation"):
+        result.perturbation, result.generations = perturbation(
+            model, tok, R.unpack(result.top), R.unpack(result.bottom), harmful, keyword_judge, e, role, progress)
+    result.timings = timings
+    return result
+
+
+def save_role(result: RoleResult, out: str | Path) -> None:
+    """artifacts/esi/<role>/{topk,bottomk}.safetensors (the SET/SPA contract), datasets/<set>.safetensors,
+    profile.csv."""
+    from .io import atomic_path
+    out = Path(out)
+    R.save(result.top, out / "topk.safetensors")
+    R.save(result.bottom, out / "bottomk.safetensors")
+    for d, region in result.dataset_regions.items():
+        R.save(region, out / "datasets" / f"{d}.safetensors")
+    with atomic_path(out / "profile.csv") as tmp:
+        result.profile.to_csv(tmp, index=False)
+
+
+def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
+                 dataset_summary: dict | None = None) -> dict:
+    """The role's entry of results/esi/metrics.json (issue contract keys first, then the details)."""
+    pert = pd.DataFrame(result.perturbation)
+    asr = pert.groupby("condition").asr.mean()
+    comps = {c["region"]: c for c in result.comparisons}
+    other = other_variant(e.variant)
+    out = {
+        "asr_topk": float(asr["topk"]), "asr_random": float(asr["random"]), "asr_bottomk": float(asr["bottomk"]),
+        "asr_none": float(asr["none"]),
+        "component_share": component_shares(result.profile, "region_count"),
+        "faithful_vs_fixed_iou": comps[other]["iou"],
+        "component_esi_share": component_shares(result.profile, "esi_sum"),
+        "model_id": result.model_id, "n_params": result.n_params, "k": result.k, "top_frac": e.top_frac,
+        "density": result.top.density, "variant": e.variant, "judge": e.judge, "objective": e.objective,
+        "dataset": e.dataset, "n_prompts": result.top.meta["n_prompts"],
+        "mean_safe_score": float(np.mean([r["safe"] for r in result.records])) if result.records else None,
+        "iou_vs_primary": {name: {"iou": c["iou"], "chance": c["chance"]} for name, c in comps.items()},
+        "n_eval": int(pert.n.iloc[0]), "perturb_seeds": int(pert.seed.nunique()),
+        "wall_seconds": result.timings,
+    }
+    if "refusal_likelihood" in comps:
+        out["refusal_likelihood_iou"] = comps["refusal_likelihood"]["iou"]
+    if dataset_summary is not None:
+        out["dataset_iou"] = dataset_summary
+    if method_rows:
+        out["method_iou"] = {}
+        for r in method_rows:
+            out["method_iou"].setdefault(r["method"], {})[r["dataset"]] = {"iou": r["iou"], "chance": r["chance"]}
+    return out
