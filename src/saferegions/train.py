@@ -305,12 +305,17 @@ def _rate(rows: list[dict], sets) -> float:
     return sum(picked) / len(picked) if picked else float("nan")
 
 
+UTILITY = "_utility"   # set name of the utility prompts inside one generation batch
+
+
 def set_measure(model, tok, harmful: dict[str, list[str]], benign: dict[str, list[str]], utility_prompts,
-                utility_answers, judge, cfg, desc: str) -> tuple[dict, list[dict]]:
-    """SET evaluation: ASR (pooled over the harmful sets), benign refusal rate, utility, per-set rates."""
+                utility_answers, judge, cfg, desc: str, rows: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """SET evaluation: ASR (pooled over the harmful sets), benign refusal rate, utility, per-set rates.
+    `rows` = generations already made for these sets (the untuned model's), else generated here."""
     from .validate import utility_score
-    rows = generate_sets(model, tok, {**harmful, **benign}, judge, cfg.max_new_tokens, cfg.eval_batch_size,
-                         cfg.system_prompt, desc)
+    if rows is None:
+        rows = generate_sets(model, tok, {**harmful, **benign}, judge, cfg.max_new_tokens, cfg.eval_batch_size,
+                             cfg.system_prompt, desc)
     out = {"asr": _rate(rows, harmful), "benign_refusal": 1 - _rate(rows, benign),
            "utility": utility_score(model, tok, utility_prompts, utility_answers, cfg.eval_batch_size,
                                     cfg.system_prompt),
@@ -328,10 +333,11 @@ def run_set(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: l
     Returns (metrics {arm: {...}}, curves [{arm, step, loss, lr}], generations)."""
     examples = encode(tok, [r["prompt"] for r in pairs], [r["response"] for r in pairs], cfg.max_length,
                       cfg.chat_template, cfg.loss_on_prompt, cfg.system_prompt)
-    util_rows = generate_sets(model, tok, {"utility": utility_prompts}, judge, cfg.max_new_tokens,
-                              cfg.eval_batch_size, cfg.system_prompt, "utility answers")
-    answers = [r["response"] for r in util_rows]
-    before, rows = set_measure(model, tok, harmful, benign, utility_prompts, answers, judge, cfg, "before")
+    rows = generate_sets(model, tok, {**harmful, **benign, UTILITY: utility_prompts}, judge, cfg.max_new_tokens,
+                         cfg.eval_batch_size, cfg.system_prompt, "before")
+    answers = [r["response"] for r in rows if r["dataset"] == UTILITY]
+    rows = [r for r in rows if r["dataset"] != UTILITY]
+    before, _ = set_measure(model, tok, harmful, benign, utility_prompts, answers, judge, cfg, "before", rows)
     gens = [{"arm": "before", **r} for r in rows]
     metrics, curves = {}, []
     for name in cfg.arms:
