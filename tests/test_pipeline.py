@@ -108,4 +108,27 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
         assert (work / f"results/esi/figures/heatmap_{role}_region_count.png").stat().st_size > 1000
     assert set(esi_m["aligned"]["method_iou"]) == {"snip", "wanda"}
     assert (work / "results/esi/figures/perturbation.png").stat().st_size > 1000
+    # SET / SPA (paper 2): metrics shape, curves as DVC plots, figures
+    for stage in ("set", "spa"):
+        nb = json.loads((work / "results" / stage / "notebook.ipynb").read_text())
+        assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"], stage
+    set_m = json.loads((work / "results/set/metrics.json").read_text())
+    assert set(set_m) == {"set", "full", "lora", "random", "bottom"}
+    for arm, v in set_m.items():
+        assert {"asr_before", "asr_after", "utility_after", "trainable_fraction"} <= set(v)
+        assert 0 <= v["asr_before"] <= 1 and 0 <= v["asr_after"] <= 1 and 0 < v["utility_after"] <= 1
+        assert (work / f"results/set/curves/{arm}.csv").read_text().startswith("step,loss,lr")
+    assert set_m["full"]["trainable_fraction"] == 1.0 and 0 < set_m["set"]["trainable_fraction"] < 0.1
+    for fig in ("loss_curves.png", "before_after.png"):
+        assert (work / "results/set/figures" / fig).stat().st_size > 1000
+    spa_m = json.loads((work / "results/spa/metrics.json").read_text())
+    assert set(spa_m) == {"gsm8k", "sst2"}
+    for task, per_arm in spa_m.items():
+        assert set(per_arm) == {"spa", "full", "random"}
+        for arm, v in per_arm.items():
+            assert {"task_score", "asr_before", "asr_after"} <= set(v) and 0 <= v["task_score"] <= 1
+            assert (work / f"results/spa/curves/{task}-{arm}.csv").exists()
+        assert per_arm["spa"]["trainable_fraction"] > 0.9
+    for fig in ("loss_curves.png", "task_and_drift.png"):
+        assert (work / "results/spa/figures" / fig).stat().st_size > 1000
     assert "up to date" in run("dvc", "status")  # a second repro would do nothing

@@ -431,11 +431,103 @@ class EsiCfg:
     @property
     def objective(self) -> str:
         return self.objectives[0]
+# ---------------------------------------------------------------- SET / SPA (paper 2, METHODS §4.6)
+
+SET_ARMS = ("set", "full", "lora", "random", "bottom")
+SPA_ARMS = ("spa", "full", "random")
+SPA_TASKS = ("gsm8k", "sst2")
+OPTIMIZER_MODES = ("faithful", "sparse")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TuneCfg:
+    """Training recipe shared by SET and SPA: the reference CLI's defaults (METHODS §4.6) unless marked."""
+    max_steps: int = 100         # optimizer steps (SET: project default 100 = the paper's "100 iterations")
+    lr: float = 3e-5
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    batch_size: int = 1          # per step: batch_size x grad_accum examples
+    grad_accum: int = 4
+    weight_decay: float = 0.01   # MaskedAdamW's own default, used by every arm (the Trainer's 0 is unused)
+    max_grad_norm: float = 1.0   # HF Trainer default, not overridden by the reference [inference]; 0 = off
+    max_length: int = 2048       # tokens per example, truncated at the end
+    top_frac: float = 0.01       # ESI region size as a fraction of ALL parameters (checked against the file)
+    optimizer_mode: str = "faithful"   # faithful = dense moments (reference); sparse = state only where trainable
+    ref_decay: bool = True       # weight decay inside the bias-corrected step, as the reference code
+    force_bias_norm: bool = True  # biases and norms always trainable (the reference cannot turn it off)
+    chat_template: bool = False  # reference: plain "Instruction: ...\nAnswer: ..." text
+    loss_on_prompt: bool = True  # reference: labels = input ids (whole sequence)
+    random_mode: str = "per_matrix_matched"   # random-mask control (regions.random_like)
+    eval_sets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))   # held-out harmful pool
+    n_eval: int = 18             # eval-split prompts per harmful set
+    max_new_tokens: int = 64     # safety evaluation responses (greedy)
+    eval_batch_size: int = 16
+    system_prompt: str | None = None   # null = the model's own default (generation and chat-template training)
+
+    def _check(self, name: str):
+        for k in ("max_steps", "lr", "batch_size", "grad_accum", "max_length", "n_eval", "max_new_tokens",
+                  "eval_batch_size"):
+            _positive(f"{name}.{k}", getattr(self, k))
+        for k in ("weight_decay", "max_grad_norm", "warmup_ratio"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{name}.{k}: must be >= 0, got {getattr(self, k)!r}")
+        if self.warmup_ratio >= 1:
+            raise ConfigError(f"{name}.warmup_ratio: must be < 1, got {self.warmup_ratio!r}")
+        _fraction(f"{name}.top_frac", self.top_frac)
+        _choice(f"{name}.schedule", self.schedule, SCHEDULES)
+        _choice(f"{name}.optimizer_mode", self.optimizer_mode, OPTIMIZER_MODES)
+        _choice(f"{name}.random_mode", self.random_mode, ("per_matrix_matched", "global_uniform"))
+        _subset(f"{name}.eval_sets", self.eval_sets, SAFETY_SETS)
+
+
+@dataclass
+class SetCfg(TuneCfg):
+    """SET: train only the unaligned model's ESI top-k on harmful -> refusal pairs, against baselines."""
+    model: str = "unaligned"     # model role; its ESI regions come from artifacts/esi/<model>/
+    arms: list[str] = field(default_factory=lambda: list(SET_ARMS))
+    lora_r: int = 8
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    benign_sets: list[str] = field(default_factory=lambda: list(BENIGN_SETS))   # over-refusal check
+    n_benign: int = 18           # eval prompts per benign set; the Alpaca ones also give the utility score
+
+    def __post_init__(self):
+        self._check("set")
+        _subset("set.arms", self.arms, SET_ARMS)
+        _subset("set.benign_sets", self.benign_sets, BENIGN_SETS)
+        for k in ("lora_r", "lora_alpha", "n_benign"):
+            _positive(f"set.{k}", getattr(self, k))
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"set.lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
+
+
+@dataclass
+class SpaCfg(TuneCfg):
+    """SPA: instruction-tune the aligned model with its ESI top-k frozen, against plain and random-freeze."""
+    max_steps: int = 1000
+    model: str = "aligned"
+    arms: list[str] = field(default_factory=lambda: list(SPA_ARMS))
+    tasks: list[str] = field(default_factory=lambda: list(SPA_TASKS))
+    n_task: int = 200            # held-out task rows scored per task (project default)
+    task_max_new_tokens: dict[str, int] = field(default_factory=lambda: {"gsm8k": 256, "sst2": 8})  # per task
+    answer_only: bool = False    # GSM8K target: the worked solution (False) or only "The answer is N."
+
+    def __post_init__(self):
+        self._check("spa")
+        _subset("spa.arms", self.arms, SPA_ARMS)
+        _subset("spa.tasks", self.tasks, SPA_TASKS)
+        _positive("spa.n_task", self.n_task)
+        for t in self.tasks:
+            if t not in self.task_max_new_tokens:
+                raise ConfigError(f"spa.task_max_new_tokens: no entry for task {t!r}")
+            _positive(f"spa.task_max_new_tokens.{t}", self.task_max_new_tokens[t])
 
 
 SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judges": JudgesCfg,
             "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": IdentifyCfg,
             "validate": ValidateCfg, "esi": EsiCfg}
+            "validate": ValidateCfg, "set": SetCfg, "spa": SpaCfg}
 # A "section.key" entry passes one sub-section only (dvc.yaml lists the same key), so e.g. retraining the
 # learned judge does not invalidate the identification stages.
 STAGE_SECTIONS = {
@@ -446,6 +538,8 @@ STAGE_SECTIONS = {
     "identify": ["run", "models", "judges.keyword", "calibrate", "identify"],
     "validate": ["run", "models", "judges.keyword", "calibrate", "identify", "validate"],
     "esi": ["run", "models", "judges", "esi"],
+    "set": ["run", "models", "judges.keyword", "set"],
+    "spa": ["run", "models", "judges.keyword", "spa"],
 }
 # stage `overlap` (issue 4)
 SECTIONS["overlap"] = OverlapCfg
@@ -477,6 +571,9 @@ def parse(raw: dict) -> types.SimpleNamespace:
             _choice("judges.learned.encoder", cfg.judges.learned.encoder, roles)
         if "identify" in out:
             _subset("identify.models", cfg.identify.models, roles)
+        for stage in ("set", "spa"):
+            if stage in out:
+                _choice(f"{stage}.model", getattr(cfg, stage).model, roles)
     if "identify" in out and "calibrate" in out:
         for m in METHODS:
             own = getattr(cfg.identify, m).datasets

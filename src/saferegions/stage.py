@@ -26,6 +26,7 @@ from .io import atomic_path, write_json
 NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline", "calibrate": "03_calibrate",
              "identify": "03_identify", "validate": "04_validate"}
 NOTEBOOKS["esi"] = "06_esi"
+NOTEBOOKS.update({"set": "07_set", "spa": "08_spa"})   # paper 2: SET and SPA (train.py)
 MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
 NOTEBOOKS["overlap"] = "05_overlap"   # issue 4
 
