@@ -332,6 +332,10 @@ STAGE_SECTIONS = {
     "identify": ["run", "models", "judges.keyword", "calibrate", "identify"],
     "validate": ["run", "models", "judges.keyword", "calibrate", "identify", "validate"],
 }
+# The report prints every section's deviations from the paper-scale defaults, so it reads them all; sections
+# a profile leaves out are skipped (stage_params), and their stages are reported as "not run".
+STAGE_SECTIONS["report"] = ["run", "models", "data", "judges", "baseline", "calibrate", "identify", "validate",
+                            "overlap", "esi", "set", "spa"]
 
 
 def _check_models(models: dict[str, ModelCfg]) -> None:

@@ -25,6 +25,7 @@ from .io import atomic_path, write_json
 
 NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline", "calibrate": "03_calibrate",
              "identify": "03_identify", "validate": "04_validate"}
+NOTEBOOKS["report"] = "09_report"   # reads every stage's results; loads no model
 MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
 
 
