@@ -60,6 +60,7 @@ def _fixture(root, moe_family=None):
         _write(root, f"{stage}/timing.json", {"stage": stage, "wall_seconds": secs})
     _write(root, "baseline/figures/refusal_heatmap.png", "png")
     _write(root, "report/figures/wall_time.png", "png")
+    _write(root, "baseline/figures/.tmp.abc.refusal_heatmap.png", "")      # an interrupted atomic write
 
 
 def _by_id(rows):
@@ -72,6 +73,7 @@ def test_claims_from_every_stage_with_known_verdicts(tmp_path):
     assert all(s["status"] == "ran" for s in report.stage_status(results))
     c = _by_id(report.claims(results))
     assert c["setup_aligned_vs_unaligned"]["value"] == pytest.approx(0.5)     # alpaca is not a safety set
+    assert c["setup_paper1_scale"]["verdict"] == "reduced" and c["setup_paper1_scale"]["value"] == 2
     assert c["p1_region_affects_safety"]["verdict"] == "mixed"                # snip +0.4, wanda 0
     assert c["p1_region_affects_safety"]["value"] == pytest.approx(0.2)
     assert c["p1_low_overlap"]["verdict"] == "consistent" and c["p1_low_overlap"]["value"] == pytest.approx(0.35)
@@ -150,7 +152,7 @@ def test_figures_and_timings_per_stage(tmp_path):
     _fixture(tmp_path)
     figs = report.figures(tmp_path)
     assert set(figs) == {"identify", "baseline"}                              # the report's own are excluded
-    assert len(figs["identify"]) == 2
+    assert len(figs["identify"]) == 2 and len(figs["baseline"]) == 1
     totals = {t["stage"]: t for t in report.stage_totals(report.timings(tmp_path))}
     assert list(totals) == ["data", "baseline", "identify"]                   # pipeline order, no report
     assert totals["identify"]["wall_seconds"] == 20.0 and totals["identify"]["runs"] == 2

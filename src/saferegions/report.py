@@ -140,7 +140,7 @@ def load_results(root: str | Path = ".") -> dict:
     out: dict = {}
     for stage in STAGES:
         if stage in MATRIX_STAGES:
-            files = sorted((res / stage).glob("*/metrics.json"))
+            files = [f for f in sorted((res / stage).glob("*/metrics.json")) if not f.parent.name.startswith(".")]
             out[stage] = {f.parent.name: _read(f) for f in files} or None
             for f in files:
                 if stage in CHECKS:
@@ -194,7 +194,8 @@ def claims(results: dict, cfg=None) -> list[dict]:
     """One row per paper claim (METHODS §1), with this run's number and a verdict under a stated reading.
 
     Verdicts are 'consistent', 'mixed' (some models/methods/tasks agree), 'not consistent', 'not run', or
-    'n/a' (the number exists but the claim cannot be judged from it, e.g. ASR already 0 before SET)."""
+    'n/a' (the number exists but the claim cannot be judged from it, e.g. ASR already 0 before SET); the setup
+    row of paper 1 says 'paper scale' or 'reduced'."""
     rows = []
     P1, P2 = "2602.17696", "2604.08297"
 
@@ -212,6 +213,23 @@ def claims(results: dict, cfg=None) -> list[dict]:
             r.update(this_run=text, value=gap, verdict="consistent" if gap > 0 else "not consistent")
         elif rates:
             r.update(this_run=text, verdict="n/a")
+    rows.append(r)
+
+    # Paper 1's scale: four methods, four families with varying sizes, ten datasets.
+    r = _row("setup_paper1_scale", P1, "Four identification methods (weights to layers), four LLM families with "
+             "varying sizes, ten safety identification datasets", "4 methods, 4 families × sizes, 10 datasets",
+             "identify")
+    ident = results.get("identify")
+    if ident:
+        fam = _families(results)
+        methods = sorted({m["method"] for m in ident.values()})
+        roles = sorted({m["role"] for m in ident.values()})
+        families = sorted({fam.get(x) or x for x in roles})
+        n_sets = [len(m["datasets"]) for m in ident.values()]
+        full = len(methods) >= 4 and len(families) >= 4 and len(roles) > len(families) and min(n_sets) >= 10
+        r.update(this_run=f"{len(methods)} methods ({', '.join(methods)}); {len(roles)} models of {len(families)} "
+                          f"families ({', '.join(families)}); {min(n_sets)}–{max(n_sets)} datasets per method",
+                 value=float(min(n_sets)), verdict="paper scale" if full else "reduced")
     rows.append(r)
 
     # Paper 1, the definition: modifying a safety region changes safety behaviour (validate).
@@ -336,6 +354,7 @@ def figures(root: str | Path = ".") -> dict[str, list[Path]]:
     out = {}
     for stage in STAGES:
         pngs = sorted((res / stage).glob("figures/*.png")) + sorted((res / stage).glob("*/figures/*.png"))
+        pngs = [p for p in pngs if not any(part.startswith(".") for part in p.relative_to(res).parts)]  # temp files
         if pngs:
             out[stage] = pngs
     return out
