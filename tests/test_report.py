@@ -201,6 +201,10 @@ def test_param_deviations_cover_every_section():
     assert by["calibrate.n"]["this run"] == 2 and by["calibrate.n"]["paper-scale default"] == 128
     assert {"calibrate", "identify", "validate", "baseline"} <= {r["section"] for r in rows}
     assert len(report.documented_deviations()) >= 10
+    raw = yaml.safe_load((ROOT / "profiles" / "paper.yaml").read_text())   # an optional sub-section that is set
+    paper = report.param_deviations(config.parse({k: v for k, v in raw.items() if k in config.SECTIONS}))
+    assert "judges.llama_guard" in {r["param"] for r in paper}
+    assert not {r["param"] for r in paper} & {"calibrate.n", "identify.snip.n", "validate.n_eval"}
 
 
 def test_report_is_wired_into_the_pipeline():

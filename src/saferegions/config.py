@@ -383,11 +383,12 @@ def deviations(section, name: str) -> list[dict]:
     rows = []
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(default):
             rows += deviations(value, f"{name}.{f.name}")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if value != default:
+        if value != default:    # also an optional sub-section set where the default is None (judges.llama_guard)
             rows.append({"param": f"{name}.{f.name}", "this run": value, "paper-scale default": default})
     return rows
 
