@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from .data import BENIGN_SETS, SAFETY_SETS
-from .models import ModelEntry, mirrors
+# `.models` (torch, transformers) is imported where it is used, so validating params stays fast: the report stage
+# loads no model and spent half its wall time importing torch through this module.
 
 PROMPT_SETS = SAFETY_SETS + BENIGN_SETS
 METHODS = ("snip", "wanda", "neuron", "layer", "nlsr")   # paper 1's identification methods (METHODS §2)
@@ -93,7 +95,8 @@ class ModelCfg:
     id: str
     offline: str | None = None
 
-    def entry(self) -> ModelEntry:
+    def entry(self):
+        from .models import ModelEntry
         return ModelEntry(self.id, self.offline)
 
 
@@ -339,7 +342,8 @@ STAGE_SECTIONS["report"] = ["run", "models", "data", "judges", "baseline", "cali
 
 
 def _check_models(models: dict[str, ModelCfg]) -> None:
-    valid = sorted(mirrors())
+    from importlib import resources   # = models.mirrors(), without importing torch
+    valid = sorted(json.loads(resources.files("saferegions").joinpath("registry/mirrors.json").read_text()))
     for role, m in models.items():
         if m.offline and not m.offline.startswith("tiny-"):
             _choice(f"models.{role}.offline", m.offline, valid + ["tiny-<family>"])
