@@ -77,11 +77,14 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert not [o for c in rep_nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert (work / "results/report/notebook.html").exists()
     rep = json.loads((work / "results/report/metrics.json").read_text())
+    table = json.loads((work / "results/report/claims.json").read_text())
+    assert set(table) == set(rep["claims"])
+    assert all(rep["claims"][k] == {"value": v["value"], "verdict": v["verdict"]} for k, v in table.items())
     assert set(rep["claims"]) == {"setup_aligned_vs_unaligned", "setup_paper1_scale", "p1_region_affects_safety",
                                   "p1_low_overlap", "p1_refined_overlap_drops", "p2_esi_perturbation",
                                   "p2_esi_dense_components", "p2_esi_moe_late_mlp", "p2_set_halves_asr",
                                   "p2_spa_within_1pct"}
-    for cid, c in rep["claims"].items():
+    for cid, c in table.items():
         assert {"paper", "claim", "paper_value", "this_run", "value", "verdict", "stage"} <= set(c), cid
         assert c["verdict"] in ("consistent", "mixed", "not consistent", "not run", "n/a", "reduced"), cid
         if (work / "results" / c["stage"]).is_dir() and cid != "p2_esi_moe_late_mlp":
