@@ -227,8 +227,8 @@ def claims(results: dict, cfg=None) -> list[dict]:
         families = sorted({fam.get(x) or x for x in roles})
         n_sets = [len(m["datasets"]) for m in ident.values()]
         full = len(methods) >= 4 and len(families) >= 4 and len(roles) > len(families) and min(n_sets) >= 10
-        r.update(this_run=f"{len(methods)} methods ({', '.join(methods)}); {len(roles)} models of {len(families)} "
-                          f"families ({', '.join(families)}); {min(n_sets)}–{max(n_sets)} datasets per method",
+        r.update(this_run=f"{len(methods)} methods ({', '.join(methods)}); {len(roles)} model(s) of {len(families)} "
+                          f"famil{'y' if len(families) == 1 else 'ies'} ({', '.join(families)}); {min(n_sets)}–{max(n_sets)} datasets per method",
                  value=float(min(n_sets)), verdict="paper scale" if full else "reduced")
     rows.append(r)
 
