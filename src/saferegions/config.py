@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from .data import BENIGN_SETS, SAFETY_SETS
-from .models import ModelEntry, mirrors
+# `.models` (torch, transformers) is imported where it is used, so validating params stays fast: the report stage
+# loads no model and spent half its wall time importing torch through this module.
 
 PROMPT_SETS = SAFETY_SETS + BENIGN_SETS
 METHODS = ("snip", "wanda", "neuron", "layer", "nlsr")   # paper 1's identification methods (METHODS §2)
@@ -93,7 +95,8 @@ class ModelCfg:
     id: str
     offline: str | None = None
 
-    def entry(self) -> ModelEntry:
+    def entry(self):
+        from .models import ModelEntry
         return ModelEntry(self.id, self.offline)
 
 
@@ -544,10 +547,15 @@ STAGE_SECTIONS = {
 # stage `overlap` (issue 4)
 SECTIONS["overlap"] = OverlapCfg
 STAGE_SECTIONS["overlap"] = ["run", "models", "calibrate", "identify", "overlap"]
+# The report prints every section's deviations from the paper-scale defaults, so it reads them all; sections
+# a profile leaves out are skipped (stage_params), and their stages are reported as "not run".
+STAGE_SECTIONS["report"] = ["run", "models", "data", "judges", "baseline", "calibrate", "identify", "validate",
+                            "overlap", "esi", "set", "spa"]
 
 
 def _check_models(models: dict[str, ModelCfg]) -> None:
-    valid = sorted(mirrors())
+    from importlib import resources   # = models.mirrors(), without importing torch
+    valid = sorted(json.loads(resources.files("saferegions").joinpath("registry/mirrors.json").read_text()))
     for role, m in models.items():
         if m.offline and not m.offline.startswith("tiny-"):
             _choice(f"models.{role}.offline", m.offline, valid + ["tiny-<family>"])
@@ -615,11 +623,12 @@ def deviations(section, name: str) -> list[dict]:
     rows = []
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(default):
             rows += deviations(value, f"{name}.{f.name}")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if value != default:
+        if value != default:    # also an optional sub-section set where the default is None (judges.llama_guard)
             rows.append({"param": f"{name}.{f.name}", "this run": value, "paper-scale default": default})
     return rows
 

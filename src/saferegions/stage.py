@@ -27,6 +27,7 @@ NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline"
              "identify": "03_identify", "validate": "04_validate"}
 NOTEBOOKS["esi"] = "06_esi"
 NOTEBOOKS.update({"set": "07_set", "spa": "08_spa"})   # paper 2: SET and SPA (train.py)
+NOTEBOOKS["report"] = "09_report"   # reads every stage's results; loads no model
 MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
 NOTEBOOKS["overlap"] = "05_overlap"   # issue 4
 

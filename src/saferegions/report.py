@@ -1,0 +1,504 @@
+"""The report stage: every paper claim beside this run's number, every figure, every deviation, provenance.
+
+It only reads files other stages wrote (results/<stage>/metrics.json, figures, timing.json; models/*
+manifests; data.dvc, dvc.lock, the registries), so it loads no model and runs in seconds. A stage that did
+not run (switched off by the profile, or not built yet) is reported as "not run"; a metrics file that exists
+but does not have the shape its stage promises is an error naming the file and the key, because a report
+that silently skipped a broken number would misstate what the run found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import platform
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from .io import sha256_file
+
+# Pipeline order of the stages whose outputs the report reads (the report itself excluded).
+STAGES = ("data", "models", "baseline", "calibrate", "identify", "validate", "overlap", "esi", "set", "spa")
+MATRIX_STAGES = ("calibrate", "identify")   # results/<stage>/<item>/...
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "datasets", "gguf",
+            "numpy", "pandas", "matplotlib", "seaborn", "papermill", "nbconvert", "dvc")
+MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+LOW_TO_MODERATE = 0.5   # [inference] "low to moderate" IoU read as a mean pairwise IoU below 0.5
+NOT_RUN = "not run"
+
+
+class MetricsError(ValueError):
+    """A metrics file exists but does not have the shape its stage writes."""
+
+
+# ---------------------------------------------------------------- reading and checking metrics
+
+
+def _fail(path, where: str, msg: str):
+    raise MetricsError(f"{path}: {where}: {msg}")
+
+
+def _mapping(path, where: str, value, required=()) -> dict:
+    if not isinstance(value, dict) or not value:
+        _fail(path, where, f"expected a non-empty mapping, got {value!r:.80}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        _fail(path, where, f"missing key(s) {missing}; has {sorted(value)}")
+    return value
+
+
+def _number(path, where: str, value, lo: float | None = 0.0, hi: float | None = 1.0, none_ok: bool = False):
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(path, where, f"expected a finite number, got {value!r:.80}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        _fail(path, where, f"{value} outside [{lo}, {hi}]")
+    return float(value)
+
+
+def _leaves(path, where: str, entry, keys, **bounds) -> None:
+    _mapping(path, where, entry, keys)
+    for k in keys:
+        _number(path, f"{where}.{k}", entry[k], **bounds)
+
+
+def check_baseline(m: dict, path="baseline") -> None:
+    for role, sets in _mapping(path, "", m, ["models"])["models"].items():
+        for d, v in _mapping(path, f"models.{role}", sets).items():
+            _leaves(path, f"models.{role}.{d}", v, ["refusal_rate"])
+
+
+def check_identify(m: dict, path="identify") -> None:
+    _mapping(path, "", m, ["method", "role", "datasets"])
+    for d, v in _mapping(path, "datasets", m["datasets"]).items():
+        for kind in ("raw", "refined"):
+            _leaves(path, f"datasets.{d}.{kind}", _mapping(path, f"datasets.{d}", v, [kind])[kind], ["density"])
+
+
+def check_validate(m: dict, path="validate") -> None:
+    for model, methods in _mapping(path, "", m).items():
+        for method, sets in _mapping(path, model, methods).items():
+            for d, v in _mapping(path, f"{model}.{method}", sets).items():
+                _leaves(path, f"{model}.{method}.{d}", v,
+                        ["asr_region", "asr_random", "utility_region", "utility_random"])
+
+
+def check_overlap(m: dict, path="overlap") -> None:
+    for model, methods in _mapping(path, "", m).items():
+        for method, v in _mapping(path, model, methods).items():
+            _mapping(path, f"{model}.{method}", v, ["raw", "refined"])
+            for kind in ("raw", "refined"):
+                _leaves(path, f"{model}.{method}.{kind}", v[kind], ["mean_iou", "chance_iou"])
+
+
+def check_esi(m: dict, path="esi") -> None:
+    for model, v in _mapping(path, "", m).items():
+        _leaves(path, model, v, ["asr_topk", "asr_random", "asr_bottomk"])
+        for comp, s in _mapping(path, f"{model}.component_share", v.get("component_share")).items():
+            _number(path, f"{model}.component_share.{comp}", s)
+        if "faithful_vs_fixed_iou" not in v:
+            _fail(path, model, "missing key 'faithful_vs_fixed_iou'")
+        _number(path, f"{model}.faithful_vs_fixed_iou", v["faithful_vs_fixed_iou"], none_ok=True)
+
+
+def check_set(m: dict, path="set") -> None:
+    _mapping(path, "", m, ["set"])
+    for arm, v in m.items():
+        _leaves(path, arm, v, ["asr_before", "asr_after", "utility_after", "trainable_fraction"], hi=None)
+        for k in ("asr_before", "asr_after", "trainable_fraction"):
+            _number(path, f"{arm}.{k}", v[k])
+
+
+def check_spa(m: dict, path="spa") -> None:
+    for task, arms in _mapping(path, "", m).items():
+        _mapping(path, task, arms, ["spa"])
+        for arm, v in arms.items():
+            _leaves(path, f"{task}.{arm}", v, ["asr_before", "asr_after"])
+            _leaves(path, f"{task}.{arm}", v, ["task_score"], hi=None)
+
+
+CHECKS = {"baseline": check_baseline, "identify": check_identify, "validate": check_validate,
+          "overlap": check_overlap, "esi": check_esi, "set": check_set, "spa": check_spa}
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MetricsError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_results(root: str | Path = ".") -> dict:
+    """{stage: metrics} for every stage in STAGES; None where the stage wrote no metrics (not run). Matrix
+    stages give {item folder: metrics}. Every file present is checked against its stage's shape."""
+    res = Path(root) / "results"
+    out: dict = {}
+    for stage in STAGES:
+        if stage in MATRIX_STAGES:
+            files = [f for f in sorted((res / stage).glob("*/metrics.json")) if not f.parent.name.startswith(".")]
+            out[stage] = {f.parent.name: _read(f) for f in files} or None
+            for f in files:
+                if stage in CHECKS:
+                    CHECKS[stage](out[stage][f.parent.name], f)
+            continue
+        f = res / stage / "metrics.json"
+        out[stage] = _read(f) if f.exists() else None
+        if out[stage] is not None and stage in CHECKS:
+            CHECKS[stage](out[stage], f)
+    return out
+
+
+def stage_status(results: dict) -> list[dict]:
+    return [{"stage": s, "status": "ran" if results.get(s) is not None else NOT_RUN,
+             "items": len(results[s]) if s in MATRIX_STAGES and results.get(s) else None} for s in STAGES]
+
+
+# ---------------------------------------------------------------- claims
+
+
+def _row(cid, paper, claim, paper_value, stage, this_run=NOT_RUN, value=None, verdict=NOT_RUN):
+    return {"id": cid, "paper": paper, "claim": claim, "paper_value": paper_value, "this_run": this_run,
+            "value": value, "verdict": verdict, "stage": stage}
+
+
+def _all_any(flags: list[bool]) -> str:
+    if all(flags):
+        return "consistent"
+    return "mixed" if any(flags) else "not consistent"
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _is_mlp(comp: str) -> bool:
+    return any(k in comp for k in ("mlp", "gate", "up", "down", "expert", "w1", "w2", "w3"))
+
+
+def _is_v(comp: str) -> bool:
+    return comp in ("v", "v_proj") or comp.endswith("v_proj")
+
+
+def _families(results: dict) -> dict:
+    models = (results.get("models") or {}).get("models", {})
+    return {role: str(v.get("family", "")) for role, v in models.items() if isinstance(v, dict)}
+
+
+def claims(results: dict, cfg=None) -> list[dict]:
+    """One row per paper claim (METHODS §1), with this run's number and a verdict under a stated reading.
+
+    Verdicts are 'consistent', 'mixed' (some models/methods/tasks agree), 'not consistent', 'not run', or
+    'n/a' (the number exists but the claim cannot be judged from it, e.g. ASR already 0 before SET); the setup
+    row of paper 1 says 'paper scale' or 'reduced'."""
+    rows = []
+    P1, P2 = "2602.17696", "2604.08297"
+
+    # Setup premise of paper 2: an aligned model refuses harmful prompts, an unaligned one does not.
+    r = _row("setup_aligned_vs_unaligned", P2, "Aligned LLMs refuse harmful requests; unaligned ones do not "
+             "(premise of SET and SPA)", "aligned refusal rate > unaligned", "baseline")
+    base = results.get("baseline")
+    if base:
+        from .data import SAFETY_SETS
+        rates = {role: _mean(v["refusal_rate"] for d, v in sets.items() if d in SAFETY_SETS)
+                 for role, sets in base["models"].items() if any(d in SAFETY_SETS for d in sets)}
+        text = "mean refusal rate on the safety sets: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(rates.items()))
+        if "aligned" in rates and "unaligned" in rates:
+            gap = rates["aligned"] - rates["unaligned"]
+            r.update(this_run=text, value=gap, verdict="consistent" if gap > 0 else "not consistent")
+        elif rates:
+            r.update(this_run=text, verdict="n/a")
+    rows.append(r)
+
+    # Paper 1's scale: four methods, four families with varying sizes, ten datasets.
+    r = _row("setup_paper1_scale", P1, "Four identification methods (weights to layers), four LLM families with "
+             "varying sizes, ten safety identification datasets", "4 methods, 4 families × sizes, 10 datasets",
+             "identify")
+    ident = results.get("identify")
+    if ident:
+        fam = _families(results)
+        methods = sorted({m["method"] for m in ident.values()})
+        roles = sorted({m["role"] for m in ident.values()})
+        families = sorted({fam.get(x) or x for x in roles})
+        n_sets = [len(m["datasets"]) for m in ident.values()]
+        full = len(methods) >= 4 and len(families) >= 4 and len(roles) > len(families) and min(n_sets) >= 10
+        r.update(this_run=f"{len(methods)} methods ({', '.join(methods)}); {len(roles)} model(s) of {len(families)} "
+                          f"famil{'y' if len(families) == 1 else 'ies'} ({', '.join(families)}); {min(n_sets)}–{max(n_sets)} datasets per method",
+                 value=float(min(n_sets)), verdict="paper scale" if full else "reduced")
+    rows.append(r)
+
+    # Paper 1, the definition: modifying a safety region changes safety behaviour (validate).
+    r = _row("p1_region_affects_safety", P1, "Safety regions are parameter subsets whose modification directly "
+             "influences safety behaviour", "ablating a region raises ASR more than a random region of equal size",
+             "validate")
+    val = results.get("validate")
+    if val:
+        per = {}
+        for model, methods in val.items():
+            for method, sets in methods.items():
+                per[f"{model}/{method}"] = _mean(v["asr_region"] - v["asr_random"] for v in sets.values())
+        r.update(this_run="ASR(region) − ASR(random): " + ", ".join(f"{k} {v:+.2f}" for k, v in per.items()),
+                 value=_mean(per.values()), verdict=_all_any([v > 0 for v in per.values()]))
+    rows.append(r)
+
+    # Paper 1, finding 1 and 2 (overlap).
+    ov = results.get("overlap")
+    r1 = _row("p1_low_overlap", P1, "Regions identified from different datasets show only low to moderate "
+              "overlap (IoU)", f"low to moderate (no number given; read as mean IoU < {LOW_TO_MODERATE})", "overlap")
+    r2 = _row("p1_refined_overlap_drops", P1, "The overlap drops significantly once regions are refined with "
+              "utility datasets", "refined IoU < raw IoU (size of the drop not given)", "overlap")
+    if ov:
+        raw = {f"{m}/{k}": v["raw"] for m, methods in ov.items() for k, v in methods.items()}
+        ref = {f"{m}/{k}": v["refined"] for m, methods in ov.items() for k, v in methods.items()}
+        r1.update(this_run="mean IoU (chance): " + ", ".join(
+                      f"{k} {v['mean_iou']:.3f} ({v['chance_iou']:.3f})" for k, v in raw.items()),
+                  value=_mean(v["mean_iou"] for v in raw.values()),
+                  verdict=_all_any([v["mean_iou"] < LOW_TO_MODERATE for v in raw.values()]))
+        r2.update(this_run="raw → refined IoU: " + ", ".join(
+                      f"{k} {raw[k]['mean_iou']:.3f} → {ref[k]['mean_iou']:.3f}" for k in raw),
+                  value=_mean(ref[k]["mean_iou"] - raw[k]["mean_iou"] for k in raw),
+                  verdict=_all_any([ref[k]["mean_iou"] < raw[k]["mean_iou"] for k in raw]))
+    rows += [r1, r2]
+
+    # Paper 2, ESI.
+    esi = results.get("esi")
+    fam = _families(results)
+    r_val = _row("p2_esi_perturbation", P2, "ESI quantifies how individual parameters affect safety",
+                 "perturbing the top-k ESI weights raises ASR more than random or bottom-k weights "
+                 "[inference: the paper's perturbation validation]", "esi")
+    r_dense = _row("p2_esi_dense_components", P2, "Dense LLMs: many safety-critical parameters are in value "
+                   "matrices (V) and MLPs of middle layers", "largest ESI component share is V or an MLP matrix "
+                   "(the layer part is read from the ESI figures)", "esi")
+    r_moe = _row("p2_esi_moe_late_mlp", P2, "MoE LLMs: safety-critical parameters shift to late-layer MLPs "
+                 "(experts)", "largest ESI component share is an MLP/expert matrix (layer part: ESI figures)", "esi")
+    if esi:
+        gaps = {m: v["asr_topk"] - max(v["asr_random"], v["asr_bottomk"]) for m, v in esi.items()}
+        r_val.update(this_run="ASR top/random/bottom: " + ", ".join(
+                         f"{m} {v['asr_topk']:.2f}/{v['asr_random']:.2f}/{v['asr_bottomk']:.2f}"
+                         for m, v in esi.items()),
+                     value=_mean(gaps.values()), verdict=_all_any([g > 0 for g in gaps.values()]))
+        for row, moe in ((r_dense, False), (r_moe, True)):
+            sel = {m: v for m, v in esi.items() if (fam.get(m, "") in MOE_FAMILIES) == moe}
+            if not sel:
+                row.update(this_run=f"{NOT_RUN} (no {'MoE' if moe else 'dense'} model in this run)")
+                continue
+            texts, flags, shares = [], [], []
+            for m, v in sel.items():
+                share = v["component_share"]
+                top = max(share, key=share.get)
+                keep = sum(s for c, s in share.items() if _is_mlp(c) or (not moe and _is_v(c)))
+                shares.append(keep)
+                flags.append(_is_mlp(top) or (not moe and _is_v(top)))
+                texts.append(f"{m}: top {top} ({share[top]:.2f}), {'MLP' if moe else 'V+MLP'} share {keep:.2f}")
+            row.update(this_run="; ".join(texts), value=_mean(shares), verdict=_all_any(flags))
+    rows += [r_val, r_dense, r_moe]
+
+    # Paper 2, SET.
+    r = _row("p2_set_halves_asr", P2, "SET reduces the ASR of unaligned LLMs by over 50% with a 100-iteration "
+             "update on 1% of the weights, preserving performance", "relative ASR reduction > 50%; 1% trainable; "
+             "100 steps", "set")
+    st = results.get("set")
+    if st:
+        s = st["set"]
+        steps = getattr(getattr(cfg, "set", None), "max_steps", None)
+        others = ", ".join(f"{a} {v['asr_before']:.2f} → {v['asr_after']:.2f}" for a, v in st.items() if a != "set")
+        text = (f"ASR {s['asr_before']:.2f} → {s['asr_after']:.2f}, trainable {100 * s['trainable_fraction']:.2f}%"
+                f", utility after {s['utility_after']:.3f}" + (f", {steps} steps" if steps else "")
+                + (f"; other arms: {others}" if others else ""))
+        if s["asr_before"] > 0:
+            red = (s["asr_before"] - s["asr_after"]) / s["asr_before"]
+            r.update(this_run=f"{text} (−{100 * red:.0f}%)", value=red,
+                     verdict="consistent" if red > 0.5 else "not consistent")
+        else:
+            r.update(this_run=text, verdict="n/a")
+    rows.append(r)
+
+    # Paper 2, SPA.
+    r = _row("p2_spa_within_1pct", P2, "SPA keeps the safety degradation of aligned LLMs within 1% after "
+             "1,000-iteration instruction fine-tuning", "ASR increase ≤ 1 point [inference: absolute]", "spa")
+    sp = results.get("spa")
+    if sp:
+        drift = {t: arms["spa"]["asr_after"] - arms["spa"]["asr_before"] for t, arms in sp.items()}
+        full = {t: arms["full"]["asr_after"] - arms["full"]["asr_before"] for t, arms in sp.items() if "full" in arms}
+        steps = getattr(getattr(cfg, "spa", None), "max_steps", None)
+        r.update(this_run="ASR change (SPA / full FT), task score: " + ", ".join(
+                     f"{t} {100 * drift[t]:+.1f} / {('%+.1f' % (100 * full[t])) if t in full else '–'} pts, "
+                     f"{sp[t]['spa']['task_score']:.3f}" for t in sp) + (f"; {steps} steps" if steps else ""),
+                 value=max(drift.values()), verdict=_all_any([d <= 0.01 for d in drift.values()]))
+    rows.append(r)
+    return rows
+
+
+def region_summary(results: dict) -> list[dict]:
+    """Mean region density per (model, method), raw and refined, from the identify metrics."""
+    out = []
+    for item, m in (results.get("identify") or {}).items():
+        ds = m["datasets"]
+        out.append({"model": m["role"], "method": m["method"], "datasets": len(ds),
+                    "density_raw": _mean(v["raw"]["density"] for v in ds.values()),
+                    "density_refined": _mean(v["refined"]["density"] for v in ds.values())})
+    return out
+
+
+# ---------------------------------------------------------------- figures, timing
+
+
+def figures(root: str | Path = ".") -> dict[str, list[Path]]:
+    """{stage: [png, ...]} for every stage that wrote figures (results/<stage>[/<item>]/figures/*.png)."""
+    res = Path(root) / "results"
+    out = {}
+    for stage in STAGES:
+        pngs = sorted((res / stage).glob("figures/*.png")) + sorted((res / stage).glob("*/figures/*.png"))
+        pngs = [p for p in pngs if not any(part.startswith(".") for part in p.relative_to(res).parts)]  # temp files
+        if pngs:
+            out[stage] = pngs
+    return out
+
+
+def timings(root: str | Path = ".") -> list[dict]:
+    """One row per timing.json under results/ (matrix items separately), report excluded."""
+    rows = []
+    for f in sorted((Path(root) / "results").glob("**/timing.json")):
+        t = _read(f)
+        stage = f.relative_to(Path(root) / "results").parts[0]
+        if stage == "report":
+            continue
+        secs = t.get("wall_seconds") if isinstance(t, dict) else None
+        if isinstance(secs, bool) or not isinstance(secs, (int, float)):
+            raise MetricsError(f"{f}: wall_seconds missing or not a number")
+        item = f.parent.name if f.parent.name != stage else ""
+        rows.append({"stage": stage, "item": item, "wall_seconds": float(secs)})
+    return rows
+
+
+def stage_totals(rows: list[dict]) -> list[dict]:
+    order = {s: i for i, s in enumerate(STAGES)}
+    tot: dict = {}
+    for r in rows:
+        t = tot.setdefault(r["stage"], {"stage": r["stage"], "wall_seconds": 0.0, "runs": 0})
+        t["wall_seconds"] += r["wall_seconds"]
+        t["runs"] += 1
+    return sorted(tot.values(), key=lambda t: order.get(t["stage"], len(order)))
+
+
+# ---------------------------------------------------------------- deviations
+
+
+# Documented deviations from the papers (METHODS.md, README); the param-level ones come from `param_deviations`.
+DOCUMENTED = [
+    ("both", "METHODS §1", "Neither paper's tables or figures were available: every number not tagged [paper] in "
+     "METHODS.md is a reference-code or project default, named as a params key."),
+    ("paper 1", "DESIGN §4, README", "HEx-PHI and SORRY-Bench are gated / not redistributable: CatQA and "
+     "SALAD-Bench base questions substitute for them among the ten identification sets."),
+    ("both", "METHODS §6.1", "Model ids of both papers are unknown; the paper profile uses Llama-3.x, Qwen2.5, "
+     "Gemma-2, Mistral (+ an MoE), and base ('unaligned') vs instruct ('aligned') pairing is our reading."),
+    ("both", "METHODS §6.2", "The embedded default runs quantized-then-dequantized community GGUF conversions "
+     "(Qwen2.5-Coder-0.5B with an untied lm_head, SmolLM2-135M), not the official weights."),
+    ("paper 1", "METHODS §2.2", "'SafeNeuron' is read as SN-Tune's safety-neuron detector, with per-layer top "
+     "fractions instead of absolute counts and closed forms for FFN / o_proj neurons."),
+    ("paper 1", "METHODS §2.3", "SafeLayer is made dataset-dependent by using each dataset as the 'malicious' "
+     "side; the range is read off the cosine gap by an automated rule, not by eye."),
+    ("paper 1", "METHODS §2.4", "NLSR on chat models without a LoRA: one safety LoRA is trained first "
+     "(harmful → refusal), then projected per dataset; LoRA regions are projected to base weights by |ΔW|."),
+    ("paper 1", "METHODS §2.1", "SNIP scores all layers with one backward per sample and fp32 accumulation "
+     "(the reference reruns every sample per layer in bf16); same ranking, 1/L of the compute."),
+    ("paper 1", "METHODS §3.2-3.4", "The projection of neurons / layers to parameter masks, the IoU scope and "
+     "the chance baselines are our rules (paper 1's are unknown)."),
+    ("paper 2", "METHODS §4.2", "ESI reference-code quirks (BOS misalignment, gradient w.r.t. near-one-hot "
+     "logits, Gumbel noise, bf16 accumulation) are switches; offline, a Qwen2.5-Coder-1.5B guard stand-in "
+     "replaces Llama-Guard-3-8B."),
+    ("paper 2", "METHODS §4.6", "SET / SPA step counts are unknown in the code: 100 / 1,000 optimizer steps "
+     "from the abstract; 'within 1%' is read as an absolute ASR increase ≤ 1 point; SPA tasks GSM8K and SST-2 "
+     "(paper: GSM8K, AGNews, MedicalQA)."),
+    ("paper 2", "METHODS §4.6", "The masked AdamW keeps optimizer state only for trainable entries (identical "
+     "trajectories, far less memory)."),
+    ("both", "METHODS §5", "ASR is judged offline by a keyword judge and a learned MiniLM judge; the papers' "
+     "GPT-4o rubric is optional and Llama-Guard-3 is used on hub runs only."),
+]
+
+
+def documented_deviations() -> list[dict]:
+    return [{"paper": p, "source": s, "deviation": d} for p, s, d in DOCUMENTED]
+
+
+def param_deviations(cfg) -> list[dict]:
+    """Every params key of every parsed section that differs from its dataclass default (the paper-scale
+    value), via `config.deviations`."""
+    from . import config
+    rows = []
+    for name, section in vars(cfg).items():
+        if dataclasses.is_dataclass(section):
+            rows += [{"section": name, **r} for r in config.deviations(section, name)]
+    return rows
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def lock_digest(path: Path) -> dict:
+    """sha256 of dvc.lock, and of its entries without the report's own (which changes after the report runs)."""
+    if not path.exists():
+        return {"dvc_lock_sha256": None, "dvc_lock_upstream_sha256": None}
+    lock = yaml.safe_load(path.read_text()) or {}
+    stages = {k: v for k, v in (lock.get("stages") or {}).items() if k != "report"}
+    canon = json.dumps(stages, sort_keys=True, default=str).encode()
+    return {"dvc_lock_sha256": sha256_file(path), "dvc_lock_upstream_sha256": hashlib.sha256(canon).hexdigest()}
+
+
+def _hub_revision(model_id: str) -> str | None:
+    """The commit of a hub model in the local HF cache (what a hub run loaded), if any."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return None
+    ref = Path(HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text().strip() if ref.exists() else None
+
+
+def provenance(root: str | Path = ".", cfg=None) -> dict:
+    root = Path(root)
+    out: dict = {"git_commit": _git_commit(root), **lock_digest(root / "dvc.lock"),
+                 "python": platform.python_version(), "platform": platform.platform()}
+    out["packages"] = {}
+    for p in PACKAGES:
+        try:
+            out["packages"][p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out["packages"][p] = None
+    dvc_file = root / "data.dvc"
+    data_out = ((yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}])[0] if dvc_file.exists() else {}
+    out["data"] = {"data.dvc": {k: data_out.get(k) for k in ("md5", "nfiles", "size")}, "files": []}
+    from .data import registry
+    out["data"]["files"] = [{"file": e["file"], "sha256": e["sha256"], "license": e.get("license")}
+                            for e in registry()]
+    models = {}
+    roles = getattr(cfg, "models", None) or {}
+    for role, m in roles.items():
+        entry = {"id": m.id, "mirror": m.offline}
+        manifest = root / "models" / (m.offline or "") / "saferegions-manifest.json"
+        if m.offline and manifest.exists():
+            man = json.loads(manifest.read_text())
+            entry.update(source="offline mirror", weights_sha256=man.get("files", {}).get("model.safetensors"),
+                         gguf_sha256=man.get("gguf_sha256"), manifest_sha256=sha256_file(manifest))
+        else:
+            entry.update(source="hub", revision=_hub_revision(m.id))
+        models[role] = entry
+    judge = getattr(getattr(cfg, "judges", None), "llama_guard", None)
+    if judge is not None:
+        models["judges.llama_guard"] = {"id": judge.id, "mirror": judge.offline, "source": "hub",
+                                        "revision": _hub_revision(judge.id)}
+    out["models"] = models
+    return out
