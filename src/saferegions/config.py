@@ -529,8 +529,7 @@ class SpaCfg(TuneCfg):
 
 SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judges": JudgesCfg,
             "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": IdentifyCfg,
-            "validate": ValidateCfg, "esi": EsiCfg}
-            "validate": ValidateCfg, "set": SetCfg, "spa": SpaCfg}
+            "validate": ValidateCfg, "overlap": OverlapCfg, "esi": EsiCfg, "set": SetCfg, "spa": SpaCfg}
 # A "section.key" entry passes one sub-section only (dvc.yaml lists the same key), so e.g. retraining the
 # learned judge does not invalidate the identification stages.
 STAGE_SECTIONS = {
@@ -543,10 +542,8 @@ STAGE_SECTIONS = {
     "esi": ["run", "models", "judges", "esi"],
     "set": ["run", "models", "judges.keyword", "set"],
     "spa": ["run", "models", "judges.keyword", "spa"],
+    "overlap": ["run", "models", "calibrate", "identify", "overlap"],
 }
-# stage `overlap` (issue 4)
-SECTIONS["overlap"] = OverlapCfg
-STAGE_SECTIONS["overlap"] = ["run", "models", "calibrate", "identify", "overlap"]
 # The report prints every section's deviations from the paper-scale defaults, so it reads them all; sections
 # a profile leaves out are skipped (stage_params), and their stages are reported as "not run".
 STAGE_SECTIONS["report"] = ["run", "models", "data", "judges", "baseline", "calibrate", "identify", "validate",

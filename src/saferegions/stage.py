@@ -24,12 +24,9 @@ from . import config
 from .io import atomic_path, write_json
 
 NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline", "calibrate": "03_calibrate",
-             "identify": "03_identify", "validate": "04_validate"}
-NOTEBOOKS["esi"] = "06_esi"
-NOTEBOOKS.update({"set": "07_set", "spa": "08_spa"})   # paper 2: SET and SPA (train.py)
-NOTEBOOKS["report"] = "09_report"   # reads every stage's results; loads no model
+             "identify": "03_identify", "validate": "04_validate", "overlap": "05_overlap", "esi": "06_esi",
+             "set": "07_set", "spa": "08_spa", "report": "09_report"}
 MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
-NOTEBOOKS["overlap"] = "05_overlap"   # issue 4
 
 
 def _check_matrix(stage: str, params_file: Path, matrix: dict) -> None:
