@@ -114,6 +114,21 @@ def test_verdicts_that_go_against_the_papers(tmp_path):
     assert _by_id(report.claims(report.load_results(tmp_path)))["p2_set_halves_asr"]["verdict"] == "n/a"
 
 
+def test_overlap_of_empty_regions_is_undefined_not_an_error(tmp_path):
+    """A method whose regions are all empty (tiny profile: refined layer regions) writes mean_iou null."""
+    _fixture(tmp_path)
+    _write(tmp_path, "overlap/metrics.json", {"aligned": {
+        "snip": {"raw": {"mean_iou": 0.3, "chance_iou": 0.01}, "refined": {"mean_iou": 0.2, "chance_iou": 0.01}},
+        "layer": {"raw": {"mean_iou": 0.5, "chance_iou": 0.1}, "refined": {"mean_iou": None, "chance_iou": None}}}})
+    c = _by_id(report.claims(report.load_results(tmp_path)))
+    assert c["p1_low_overlap"]["value"] == pytest.approx(0.3)  # layer left out of the verdict
+    assert "aligned/layer undefined" in c["p1_low_overlap"]["this_run"]
+    assert c["p1_refined_overlap_drops"]["verdict"] == "consistent"
+    _write(tmp_path, "overlap/metrics.json", {"aligned": {
+        "layer": {"raw": {"mean_iou": None, "chance_iou": None}, "refined": {"mean_iou": None, "chance_iou": None}}}})
+    assert _by_id(report.claims(report.load_results(tmp_path)))["p1_low_overlap"]["verdict"] == "n/a"
+
+
 def test_absent_stages_are_not_run(tmp_path):
     (tmp_path / "results").mkdir()
     results = report.load_results(tmp_path)

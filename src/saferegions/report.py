@@ -92,8 +92,10 @@ def check_overlap(m: dict, path="overlap") -> None:
     for model, methods in _mapping(path, "", m).items():
         for method, v in _mapping(path, model, methods).items():
             _mapping(path, f"{model}.{method}", v, ["raw", "refined"])
-            for kind in ("raw", "refined"):
-                _leaves(path, f"{model}.{method}.{kind}", v[kind], ["mean_iou", "chance_iou"])
+            for kind in ("raw", "refined"):  # mean_iou is null when every region of the method is empty
+                _mapping(path, f"{model}.{method}.{kind}", v[kind], ["mean_iou", "chance_iou"])
+                _number(path, f"{model}.{method}.{kind}.mean_iou", v[kind]["mean_iou"], none_ok=True)
+                _number(path, f"{model}.{method}.{kind}.chance_iou", v[kind]["chance_iou"], none_ok=True)
 
 
 def check_esi(m: dict, path="esi") -> None:
@@ -167,6 +169,8 @@ def _row(cid, paper, claim, paper_value, stage, this_run=NOT_RUN, value=None, ve
 
 
 def _all_any(flags: list[bool]) -> str:
+    if not flags:
+        return "n/a"
     if all(flags):
         return "consistent"
     return "mixed" if any(flags) else "not consistent"
@@ -253,10 +257,15 @@ def claims(results: dict, cfg=None) -> list[dict]:
     r2 = _row("p1_refined_overlap_drops", P1, "The overlap drops significantly once regions are refined with "
               "utility datasets", "refined IoU < raw IoU (size of the drop not given)", "overlap")
     if ov:
-        raw = {f"{m}/{k}": v["raw"] for m, methods in ov.items() for k, v in methods.items()}
-        ref = {f"{m}/{k}": v["refined"] for m, methods in ov.items() for k, v in methods.items()}
+        # IoU of empty regions is undefined (null): shown, but left out of the verdicts.
+        raw = {f"{m}/{k}": v["raw"] for m, methods in ov.items() for k, v in methods.items()
+               if v["raw"]["mean_iou"] is not None and v["refined"]["mean_iou"] is not None}
+        ref = {f"{m}/{k}": v["refined"] for m, methods in ov.items() for k, v in methods.items()
+               if f"{m}/{k}" in raw}
         r1.update(this_run="mean IoU (chance): " + ", ".join(
-                      f"{k} {v['mean_iou']:.3f} ({v['chance_iou']:.3f})" for k, v in raw.items()),
+                      f"{k} {v['mean_iou']:.3f} ({v['chance_iou']:.3f})" for k, v in raw.items()) + "".join(
+                      f", {m}/{k} undefined (empty regions)" for m, methods in ov.items() for k in methods
+                      if f"{m}/{k}" not in raw),
                   value=_mean(v["mean_iou"] for v in raw.values()),
                   verdict=_all_any([v["mean_iou"] < LOW_TO_MODERATE for v in raw.values()]))
         r2.update(this_run="raw → refined IoU: " + ", ".join(
