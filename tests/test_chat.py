@@ -33,3 +33,26 @@ def test_response_batches_mask_prompt_and_padding():
         real = b["attention_mask"][j].bool()
         assert torch.all(labels[real][:n_prompt] == -100)
         assert torch.all(labels[~real] == -100)
+
+
+def test_shared_prefix_leaves_each_row_a_token():
+    assert chat.shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert chat.shared_prefix([[1, 2], [1, 2]]) == 1
+    assert chat.shared_prefix([[7, 1], [8, 1]]) == 0
+
+
+def _plain_generate(model, tok, prompts, system, n):
+    """Reference: HF generate on left-padded inputs, no cache reuse."""
+    enc = tok(chat.render(tok, prompts, system), return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def test_prefix_cached_generation_equals_plain_left_padded_generation():
+    for family in ("qwen2", "llama"):
+        model, tok = tiny.tiny_model(family)
+        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in chat.render(tok, PROMPTS, "Be brief.")]
+        assert chat.shared_prefix(rows) > 3   # the system turn is cached once per batch
+        cached = chat.generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=3, system="Be brief.")
+        assert cached == _plain_generate(model, tok, PROMPTS, "Be brief.", 6)
