@@ -5,6 +5,7 @@ import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -199,3 +200,30 @@ def test_overlap_config():
     with pytest.raises(config.ConfigError, match="identified by snip"):
         config.parse({"calibrate": {}, "identify": {"snip": {"datasets": ["advbench", "harmbench"]}},
                       "overlap": {"bootstrap": {"methods": ["snip"], "datasets": ["advbench", "catqa"]}}})
+
+
+def test_stage_tables_on_a_shared_core(tmp_path):
+    """overlap_stage turns analyze() into the notebook's tables: a shared core gives IoU far above chance, the
+    refinement identity holds, empty regions give null metrics, and the verdict states the numbers."""
+    from saferegions import overlap_stage as S
+    core = rand_region(100, 0.1)
+    raw = {f"d{k}": R.union(core, rand_region(k, 0.02)) for k in range(3)}
+    util = rand_region(50, 0.05)
+    refined = {d: R.difference(r, util) for d, r in raw.items()}
+    empty = {d: R.Region({n: torch.zeros(s, dtype=torch.bool) for n, s in SHAPES.items()}, {}) for d in raw}
+    results = {("m", "snip"): O.analyze(raw, refined, util, ["raw", "refined"], ["global"], 2, 0, 100),
+               ("m", "layer"): O.analyze(empty, empty, util, ["raw", "refined"], ["global"], 2, 0, 100)}
+    summary = S.summary(results, tmp_path)
+    snip = summary[(summary.method == "snip") & (summary.variant == "raw")].iloc[0]
+    assert snip.mean_iou > 5 * snip.chance_iou and snip.datasets == 3
+    assert (tmp_path / "m-snip-raw-global.csv").exists()
+    metrics = S.metrics(summary)
+    assert metrics["m"]["layer"]["raw"]["mean_iou"] is None
+    assert metrics["m"]["snip"]["raw"]["mean_iou"] == pytest.approx(snip.mean_iou)
+    ref = S.refinement(results)
+    assert ref[ref.method == "snip"]["refined = raw \\ U"].all()
+    plateau = S.plateau(S.convergence(results))
+    assert set(plateau.k_max) == {3}
+    text = S.verdict(summary, plateau, pd.DataFrame(), ref, ["raw", "refined"])
+    assert "For 1 of 1 model × method combinations" in text and f"{snip.mean_iou:.3f}" in text
+    assert "undefined: the regions are empty" in text and "RQ2" in text

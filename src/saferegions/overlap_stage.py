@@ -1,0 +1,256 @@
+"""The overlap stage's tables (notebook 05): loads the identified regions, runs `overlap.analyze` on each
+model × method, and turns the counts into the summary, convergence, refinement, cross-method, per-layer,
+across-size and bootstrap tables, the metrics and the plain-language verdict. `overlap.py` does the counting."""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import identify, models, overlap, regions
+
+MAIN = "global"   # scope of the summary numbers and metrics.json
+
+
+def nan_none(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def load(ident: Path, roles, methods, datasets_of, utility_set: str) -> dict:
+    """{(role, method): {"raw": {d: PackedRegion}, "refined": {...}, "utility": PackedRegion}}; one error
+    listing the missing files before anything is read."""
+    paths = {}
+    for role in roles:
+        for method in methods:
+            folder = ident / role / method
+            ds = datasets_of(method)
+            paths[role, method] = {v: {d: identify.region_path(folder, d, v) for d in ds} for v in ("raw", "refined")}
+            paths[role, method]["utility"] = identify.region_path(folder, utility_set, "utility")
+    absent = [str(p) for v in paths.values() for p in [*v["raw"].values(), *v["refined"].values(), v["utility"]]
+              if not p.exists()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} region files missing (run the identify stage): {absent[:4]}")
+    return {key: {"raw": {d: regions.load_packed(p) for d, p in v["raw"].items()},
+                  "refined": {d: regions.load_packed(p) for d, p in v["refined"].items()},
+                  "utility": regions.load_packed(v["utility"])} for key, v in paths.items()}
+
+
+def inventory(loaded: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"model": role, "method": method, "datasets": len(r["raw"]),
+                          "raw density": np.mean([x.density for x in r["raw"].values()]),
+                          "refined density": np.mean([x.density for x in r["refined"].values()]),
+                          "utility density": r["utility"].density,
+                          "MB packed": sum(a.nbytes for x in [*r["raw"].values(), *r["refined"].values(), r["utility"]]
+                                           for a in x.data.values()) / 2**20}
+                         for (role, method), r in loaded.items()])
+
+
+def cross_check(results: dict, loaded: dict, variants) -> None:
+    """The counted matrices agree with regions.iou on one pair per model × method × variant."""
+    for (role, method), a in results.items():
+        ds = a["datasets"]
+        if len(ds) >= 2:
+            for v in variants:
+                want = regions.iou(loaded[role, method][v][ds[0]], loaded[role, method][v][ds[-1]])
+                got = a["matrix"][v, MAIN][0, -1]
+                assert got == want or (math.isnan(got) and math.isnan(want)), (role, method, v, got, want)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if x.size and not np.isnan(x).all() else math.nan
+
+
+def summary(results: dict, tab: Path) -> pd.DataFrame:
+    """Mean ± sd of the off-diagonal IoU beside chance, per model × method × variant × scope; the full
+    matrices (and their chance matrices) go to tab/ as CSV."""
+    rows = []
+    for (role, method), a in results.items():
+        ds = a["datasets"]
+        for (v, scope), m in a["matrix"].items():
+            pd.DataFrame(m, index=ds, columns=ds).to_csv(tab / f"{role}-{method}-{v}-{scope}.csv")
+            pd.DataFrame(a["chance"][v, scope], index=ds, columns=ds).to_csv(
+                tab / f"{role}-{method}-{v}-{scope}-chance.csv")
+            off = overlap.off_diagonal(m)
+            mean, chance = _nanmean(off), _nanmean(overlap.off_diagonal(a["chance"][v, scope]))
+            rows.append({"model": role, "method": method, "variant": v, "scope": scope, "datasets": len(ds),
+                         "mean_iou": mean, "sd_iou": float(np.nanstd(off, ddof=1)) if off.size > 1 else math.nan,
+                         "chance_iou": chance, "ratio": mean / chance if chance else math.nan,
+                         "corrected": overlap.corrected(mean, chance)})
+    return pd.DataFrame(rows)
+
+
+def convergence(results: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"model": role, "method": method, **r} for (role, method), a in results.items()
+                         for r in a["convergence"]])
+
+
+def plateau(conv: pd.DataFrame) -> pd.DataFrame:
+    """Per model × method × variant: IoU_2, IoU_kmax, chance, and the relative change the last dataset made."""
+    last = conv.groupby(["model", "method", "variant", "k"])[["iou", "chance", "survive"]].mean().reset_index()
+    rows = []
+    for (role, method, v), g in last.groupby(["model", "method", "variant"]):
+        g = g.sort_values("k")
+        end, prev = g.iloc[-1], g.iloc[-2] if len(g) > 1 else g.iloc[-1]
+        rows.append({"model": role, "method": method, "variant": v, "k_max": int(end.k),
+                     "IoU_2": g.iloc[0].iou, "IoU_kmax": end.iou, "chance_kmax": end.chance,
+                     "last_step_change": (end.iou - prev.iou) / prev.iou if prev.iou else math.nan,
+                     "survive_kmax": end.survive})
+    return pd.DataFrame(rows)
+
+
+def refinement(results: dict) -> pd.DataFrame:
+    """Raw vs refined IoU per dataset pair, with IoU_refined = |(A∩B)\\U| / |(A∪B)\\U| asserted wherever the
+    stored refined regions are exactly raw \\ U."""
+    rows = []
+    for (role, method), a in results.items():
+        exact = all(a["exact"].values()) if a["exact"] else False
+        for r in a["refinement"]:
+            rows.append({"model": role, "method": method, "refined = raw \\ U": exact, **r})
+            if exact:
+                assert r["identity_iou"] == r["refined_iou"] or (math.isnan(r["identity_iou"])
+                                                                 and math.isnan(r["refined_iou"])), (method, r)
+    return pd.DataFrame(rows)
+
+
+def lora_space(folder: Path, datasets, utility_set: str, role: str) -> list[dict]:
+    """NLSR's regions in its own LoRA space: raw and refined IoU per pair, refinement identity asserted."""
+    lora = {f"{d}.{v}": regions.load_packed(identify.region_path(folder, d, f"{v}.lora")) for d in datasets
+            for v in ("raw", "refined")}
+    lora["utility"] = regions.load_packed(identify.region_path(folder, utility_set, "utility.lora"))
+    qs = overlap.plan([f"{d}.raw" for d in datasets], minus="utility") + overlap.plan([f"{d}.refined" for d in datasets])
+    c = overlap.count(list(lora.values()), list(lora), qs)
+    rows = []
+    for x, y in itertools.combinations(datasets, 2):
+        got, want = c.multiway([f"{x}.refined", f"{y}.refined"]), c.refined(f"{x}.raw", f"{y}.raw", "utility")
+        assert got == want or (math.isnan(got) and math.isnan(want)), ("nlsr lora", x, y, got, want)
+        rows.append({"model": role, "pair": f"{x}–{y}", "raw IoU (LoRA)": c.multiway([f"{x}.raw", f"{y}.raw"]),
+                     "refined IoU (LoRA)": got, "identity (LoRA)": want})
+    return rows
+
+
+def across_methods(loaded: dict, role: str, methods, datasets, variants) -> tuple[dict, list[dict]]:
+    """IoU between methods' regions in the common weight space: ({variant: method × method mean table},
+    rows per dataset and pair with chance)."""
+    tables, rows = {}, []
+    for v in variants:
+        mats = []
+        for d in datasets:
+            c = overlap.count([loaded[role, m][v][d] for m in methods], methods, overlap.plan(methods))
+            mats.append(c.pairwise(MAIN))
+            for a, b in itertools.combinations(methods, 2):
+                rows.append({"model": role, "variant": v, "dataset": d, "method_a": a, "method_b": b,
+                             "iou": c.multiway([a, b]), "chance": overlap.chance_entries(c, [a, b])})
+        tables[v] = pd.DataFrame(np.nanmean(mats, 0), index=methods, columns=methods)
+    return tables, rows
+
+
+def profiles(results: dict, variants) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean pairwise IoU per decoder layer and per component."""
+    layer = pd.DataFrame([{"model": role, "method": method, "variant": v, "layer": k, "iou": x}
+                          for (role, method), a in results.items() for v in variants
+                          for k, x in a["by_layer"][v].items()])
+    comp = pd.DataFrame([{"model": role, "method": method, "variant": v, "component": k, "iou": x}
+                         for (role, method), a in results.items() for v in variants
+                         for k, x in a["by_component"][v].items()])
+    return layer, comp
+
+
+def across_sizes(results: dict, loaded: dict, roles, methods, variants) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two sizes of a family: correlation of the per-layer density on relative depth, and the direct IoU where
+    both share one parameter space. Returns (one row per pair × method × variant, depth profiles)."""
+    rows, depth = [], []
+    for ra, rb in itertools.combinations(roles, 2):
+        for method in methods:
+            for v in variants:
+                grids = []
+                for role in (ra, rb):
+                    a = results[role, method]
+                    grid = overlap.depth_profile(overlap.group_density(
+                        a["counts"], [f"{d}.{v}" for d in a["datasets"]], models.layer_index))
+                    grids.append(grid)
+                    depth += [{"model": role, "method": method, "variant": v, "depth": x, "density": y}
+                              for x, y in zip(np.linspace(0, 1, grid.size), grid)]
+                ga, gb = grids
+                row = {"model_a": ra, "model_b": rb, "method": method, "variant": v,
+                       "profile_correlation": float(np.corrcoef(ga, gb)[0, 1]) if ga.std() and gb.std() else math.nan}
+                common = [d for d in loaded[ra, method][v] if d in loaded[rb, method][v]]
+                if common and overlap.same_space(loaded[ra, method][v][common[0]], loaded[rb, method][v][common[0]]):
+                    row["direct_iou"] = float(np.mean([regions.iou(loaded[ra, method][v][d], loaded[rb, method][v][d])
+                                                       for d in common]))
+                rows.append(row)
+    return pd.DataFrame(rows), pd.DataFrame(depth)
+
+
+def bootstrap_intervals(boot: pd.DataFrame, results: dict, role: str, variants) -> pd.DataFrame:
+    """Observed IoU of each bootstrapped pair beside the resampled mean and interval and chance."""
+    rows = []
+    for (m, pair), g in boot.groupby(["method", "pair"]):
+        a, b = pair.split("–")
+        res = results[role, m]
+        i, j = res["datasets"].index(a), res["datasets"].index(b)
+        for v in [x for x in variants if x in g]:
+            lo, hi = overlap.interval(g[v])
+            rows.append({"method": m, "pair": pair, "variant": v, "observed": res["matrix"][v, MAIN][i, j],
+                         "bootstrap mean": g[v].mean(), "low": lo, "high": hi, "chance": res["chance"][v, MAIN][i, j],
+                         "resamples": len(g)})
+    return pd.DataFrame(rows)
+
+
+def metrics(summary_table: pd.DataFrame) -> dict:
+    """results/overlap/metrics.json: {MODEL: {METHOD: {variant: {mean_iou, chance_iou}}}}, null = undefined."""
+    out = {}
+    for r in summary_table[summary_table.scope == MAIN].itertuples():
+        out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = {
+            "mean_iou": nan_none(r.mean_iou), "chance_iou": nan_none(r.chance_iou)}
+    return out
+
+
+def _convergence_verdict(r) -> str:
+    if math.isnan(r.IoU_kmax):
+        return "undefined: the regions are empty"
+    if not r.IoU_kmax > 0:
+        return f"the intersection of all {r.k_max} is empty: no common region"
+    if r.IoU_kmax <= 2 * r.chance_kmax:
+        return "it falls to chance level"
+    if r.last_step_change < -0.1:
+        return f"the last dataset still cuts it by {-100 * r.last_step_change:.0f}%: no plateau yet"
+    return f"the last dataset changes it by {100 * r.last_step_change:+.0f}%: it levels off above chance"
+
+
+def verdict(summary_table: pd.DataFrame, plateau_table: pd.DataFrame, ci: pd.DataFrame,
+            refinement_table: pd.DataFrame, variants) -> str:
+    """The plain-language answer to RQ1 (overlap across datasets) and RQ2 (utility refinement), with numbers."""
+    main = summary_table[(summary_table.scope == MAIN) & summary_table.mean_iou.notna()]
+    first = "raw" if "raw" in variants else variants[0]
+    raw = main[main.variant == first]
+    above = raw[(raw.ratio >= 2) & (raw.corrected > 0.05)]
+    lines = [f"**RQ1 — overlap across datasets.** For {len(above)} of {len(raw)} model × method combinations the "
+             f"{first} regions from different datasets overlap well above chance "
+             "(mean IoU at least twice the chance IoU and chance-corrected overlap above 0.05):"]
+    for r in raw.itertuples():
+        lines.append(f"- {r.model} · {r.method}: mean IoU {r.mean_iou:.3f} ± {r.sd_iou:.3f} over {r.datasets} datasets "
+                     f"vs chance {r.chance_iou:.4f} ({r.ratio:.1f}×, chance-corrected {r.corrected:.3f}).")
+    if not plateau_table.empty:
+        for r in plateau_table[plateau_table.variant == first].itertuples():
+            lines.append(f"- convergence, {r.method}: IoU_2 {r.IoU_2:.3f} → IoU_{r.k_max} {r.IoU_kmax:.3f} (chance "
+                         f"{r.chance_kmax:.1e}); {_convergence_verdict(r)}; {100 * r.survive_kmax:.1f}% of the first "
+                         "dataset's region lies in every dataset's region.")
+    if not ci.empty:
+        for r in ci[ci.variant == first].itertuples():
+            lines.append(f"- bootstrap, {r.method} {r.pair}: observed {r.observed:.3f}, resampled range "
+                         f"[{r.low:.3f}, {r.high:.3f}] over {r.resamples} resamples (chance {r.chance:.4f}).")
+    if {"raw", "refined"} <= set(variants) and not refinement_table.empty:
+        d = refinement_table.groupby(["model", "method"])[
+            ["raw_iou", "refined_iou", "u_frac_of_inter", "u_frac_of_union"]].mean()
+        lines.append(f"\n**RQ2 — utility refinement.** Refinement lowers the mean pairwise IoU for "
+                     f"{int((d.refined_iou < d.raw_iou).sum())} of {len(d)} model × method combinations and raises it "
+                     f"for {int((d.refined_iou > d.raw_iou).sum())}:")
+        for (role, method), r in d.iterrows():
+            lines.append(f"- {role} · {method}: {r.raw_iou:.3f} → {r.refined_iou:.3f}; the utility region covers "
+                         f"{100 * r.u_frac_of_inter:.1f}% of the shared part A ∩ B and {100 * r.u_frac_of_union:.1f}% "
+                         f"of A ∪ B, so the shared parameters are "
+                         f"{'more' if r.u_frac_of_inter > r.u_frac_of_union else 'less'} utility-critical than the rest.")
+    return "\n".join(lines)
