@@ -19,7 +19,7 @@ data: $(VENV)/.installed
 
 repro: data
 	dvc repro
-	dvc metrics show
+	@echo "Done. Start reading at results/report/notebook.html; 'dvc metrics show' lists every number."
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
