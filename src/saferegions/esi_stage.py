@@ -122,11 +122,12 @@ def pairwise_iou(regions: dict[str, R.PackedRegion]) -> tuple[pd.DataFrame, dict
         table.loc[a, b] = table.loc[b, a] = pairs[f"{a}|{b}"] = R.iou(regions[a], regions[b])
     f = float(np.mean([r.density for r in regions.values()])) if regions else float("nan")
     vals = list(pairs.values())
-    summary = {"pairs": pairs, "mean": float(np.mean(vals)) if vals else float("nan"),
-               "sd": float(np.std(vals)) if vals else float("nan"), "chance": R.chance_iou(f),
-               "multiway": R.multiway_iou(list(regions.values())) if len(names) > 2 else float("nan"),
-               "multiway_chance": R.chance_multiway(f, len(names)) if len(names) > 2 else float("nan"),
-               "density": f}
+    # None = undefined (no pair; a multi-way IoU needs three or more regions): JSON has no NaN.
+    summary = {"pairs": pairs, "mean": float(np.mean(vals)) if vals else None,
+               "sd": float(np.std(vals)) if vals else None, "chance": R.chance_iou(f) if regions else None,
+               "multiway": R.multiway_iou(list(regions.values())) if len(names) > 2 else None,
+               "multiway_chance": R.chance_multiway(f, len(names)) if len(names) > 2 else None,
+               "density": f if regions else None}
     return table, summary
 
 

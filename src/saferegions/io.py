@@ -54,8 +54,9 @@ def atomic_dir(path: str | Path):
 
 
 def write_json(path: str | Path, obj) -> None:
+    """Strict JSON (NaN/inf refused: other tools cannot read them; write None for an undefined value)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | Path, rows) -> None:
