@@ -92,10 +92,8 @@ def check_overlap(m: dict, path="overlap") -> None:
     for model, methods in _mapping(path, "", m).items():
         for method, v in _mapping(path, model, methods).items():
             _mapping(path, f"{model}.{method}", v, ["raw", "refined"])
-            for kind in ("raw", "refined"):  # mean_iou is null when every region of the method is empty
-                _mapping(path, f"{model}.{method}.{kind}", v[kind], ["mean_iou", "chance_iou"])
-                _number(path, f"{model}.{method}.{kind}.mean_iou", v[kind]["mean_iou"], none_ok=True)
-                _number(path, f"{model}.{method}.{kind}.chance_iou", v[kind]["chance_iou"], none_ok=True)
+            for kind in ("raw", "refined"):  # null when every region of the method is empty
+                _leaves(path, f"{model}.{method}.{kind}", v[kind], ["mean_iou", "chance_iou"], none_ok=True)
 
 
 def check_esi(m: dict, path="esi") -> None:
