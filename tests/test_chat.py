@@ -56,3 +56,20 @@ def test_prefix_cached_generation_equals_plain_left_padded_generation():
         assert chat.shared_prefix(rows) > 3   # the system turn is cached once per batch
         cached = chat.generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=3, system="Be brief.")
         assert cached == _plain_generate(model, tok, PROMPTS, "Be brief.", 6)
+
+
+def test_response_loss_equals_the_models_own_loss_on_padded_batches():
+    from saferegions import train
+    model, tok = tiny.tiny_model("qwen2")
+    responses = ["Sure, here is a guide.", "I'm sorry, but I can't assist with that.", "ok"]
+    left = next(chat.response_batches(tok, PROMPTS, responses, batch_size=3))
+    right = train.collate(train.encode(tok, PROMPTS, responses, 64, chat_template=True, loss_on_prompt=False),
+                          tok.pad_token_id)
+    for batch in (left, right):
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        expected = model(**batch, position_ids=positions).loss
+        got = chat.response_loss(model, batch["input_ids"], batch["labels"],
+                                 attention_mask=batch["attention_mask"], position_ids=positions)
+        assert torch.allclose(got, expected, atol=1e-6)
+    unlabelled = torch.full_like(left["labels"], -100)
+    assert chat.response_loss(model, left["input_ids"], unlabelled) is None

@@ -1,7 +1,8 @@
-"""Chat-template rendering, batched left-padded greedy generation, and response-only training batches."""
+"""Chat-template rendering, batched left-padded greedy generation, response-only training batches and loss."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -95,3 +96,15 @@ def response_batches(tokenizer, prompts: list[str], responses: list[str], batch_
             labels[j, width - len(lab):] = torch.tensor(lab)
             mask[j, width - len(ids):] = 1
         yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def response_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, **model_kwargs) -> torch.Tensor | None:
+    """Mean next-token cross-entropy over the labelled tokens of a batch (None if it has none): the model's own
+    `labels=` loss, but the vocabulary projection (a fifth of a 0.5B model's FLOPs) runs only on the columns
+    that predict a labelled token (`logits_to_keep`); position t predicts token t+1."""
+    targets = labels[:, 1:].to(input_ids.device)
+    cols = (targets != -100).any(0).nonzero().squeeze(1)
+    if cols.numel() == 0:
+        return None
+    logits = model(input_ids=input_ids, logits_to_keep=cols, use_cache=False, **model_kwargs).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, cols].flatten(), ignore_index=-100)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
+from . import cpu_linear
 from .io import atomic_dir, sha256_file
 
 MANIFEST = "saferegions-manifest.json"
@@ -262,7 +263,7 @@ def load(entry: ModelEntry, models_root: str | Path = "models", dtype: str = "au
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device).eval(), tok
+    return cpu_linear.use_row_split(model.to(device).eval()), tok
 
 
 def load_encoder(entry: ModelEntry, models_root: str | Path = "models", device: str = "cpu"):

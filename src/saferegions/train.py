@@ -146,7 +146,8 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
             total = 0.0
             for _ in range(grad_accum):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
-                loss = model(**batch, use_cache=False).loss / grad_accum
+                loss = chat.response_loss(model, batch["input_ids"], batch["labels"],
+                                          attention_mask=batch["attention_mask"]) / grad_accum
                 loss.backward()
                 total += float(loss.detach())
             if max_grad_norm:
@@ -247,11 +248,11 @@ def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, inv
         if name == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
-            yield model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            yield model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         elif name == "lora":
             with lora_attached(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed) as peft_model:
                 params = [p for p in peft_model.parameters() if p.requires_grad]
-                yield peft_model, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                yield peft_model, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         elif name in MASKED_ARMS:
             if masks is None:
                 raise ValueError(f"arm {name!r} needs masks")

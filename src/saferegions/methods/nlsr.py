@@ -26,11 +26,10 @@ import re
 import types
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from .. import regions
-from ..chat import response_batches
+from .. import chat
 from ..hooks import capture_inputs
 from ..models import eligible_weights
 
@@ -73,6 +72,7 @@ def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str]
     returned model is in eval mode."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("need as many responses as prompts, and at least one pair")
+    from peft import LoraConfig, get_peft_model   # imported here: peft takes ~3 s to import
     torch.manual_seed(seed)  # lora_A init and dropout
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGET_MODULES,
                      bias="none", task_type="CAUSAL_LM")
@@ -85,8 +85,8 @@ def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str]
     def cycle():
         while True:
             order = torch.randperm(len(prompts), generator=g).tolist()
-            yield from response_batches(tokenizer, [prompts[i] for i in order], [responses[i] for i in order],
-                                        batch_size, max_length)
+            yield from chat.response_batches(tokenizer, [prompts[i] for i in order],
+                                             [responses[i] for i in order], batch_size, max_length)
 
     losses = []
     peft_model.train()
@@ -95,13 +95,14 @@ def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str]
                    leave=False)
         for _, batch in bar:
             attn = batch["attention_mask"].to(device)
-            out = peft_model(input_ids=batch["input_ids"].to(device), attention_mask=attn,
-                             position_ids=_position_ids(attn), labels=batch["labels"].to(device),
-                             use_cache=False)
+            loss = chat.response_loss(peft_model, batch["input_ids"].to(device), batch["labels"],
+                                      attention_mask=attn, position_ids=_position_ids(attn))
+            if loss is None:
+                raise ValueError(f"a safety-LoRA batch has no response token within max_length={max_length}")
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             opt.step()
-            losses.append(out.loss.item())
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
         peft_model.eval()
@@ -209,10 +210,15 @@ def refine(safety_region, utility_region):
 # ---------------------------------------------------------------- 5. base-weight masks (§3.2)
 
 
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+
 def _base_eligible(model) -> dict[str, torch.nn.Parameter]:
     """`eligible_weights` of the base model under its own names (peft renames wrapped weights
     `<module>.base_layer.weight`; LoRA parameters are not base weights)."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = model.get_base_model() if _is_peft(model) else model
     params = [(n.replace(".base_layer.", "."), p) for n, p in base.named_parameters() if ".lora_" not in n]
     view = types.SimpleNamespace(config=base.config, named_parameters=lambda: iter(params))
     return eligible_weights(view)
@@ -231,7 +237,7 @@ def to_base_masks(model_or_peft, lora_region, projected: dict[str, torch.Tensor]
     """
     if scale is None:
         scale = 1.0
-        if isinstance(model_or_peft, PeftModel):
+        if _is_peft(model_or_peft):
             cfg = model_or_peft.peft_config[model_or_peft.active_adapter]
             scale = cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
     pairs: dict[str, dict[str, str]] = {}

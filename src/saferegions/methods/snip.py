@@ -23,9 +23,9 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import chat
 from ..models import eligible_weights
 
 
@@ -37,21 +37,6 @@ def iter_samples(batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.
         for i in range(ids.shape[0]):
             keep = mask[i].bool() if mask is not None else torch.ones_like(ids[i], dtype=torch.bool)
             yield ids[i][keep], labels[i][keep]
-
-
-def response_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-    """Mean next-token cross-entropy over the response tokens of one unpadded sample (None if it has none).
-
-    Position t predicts token t+1, so the logits are computed only where labels[t+1] != -100; the loss is
-    identical to the model's own `labels=` loss for this sample.
-    """
-    targets = labels[1:]
-    positions = (targets != -100).nonzero().squeeze(1)
-    if positions.numel() == 0:
-        return None
-    device = next(model.parameters()).device
-    out = model(input_ids=input_ids[None].to(device), logits_to_keep=positions.to(device), use_cache=False)
-    return F.cross_entropy(out.logits[0].float(), targets[positions].to(device))
 
 
 @contextlib.contextmanager
@@ -86,6 +71,7 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
     `batches` ({input_ids, attention_mask, labels} with labels -100 outside the response, as
     `chat.response_batches` yields). `weights` defaults to `models.eligible_weights(model)`."""
     weights = dict(weights) if weights is not None else eligible_weights(model)
+    device = next(model.parameters()).device
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
 
     def accumulate(buf: torch.Tensor):
@@ -101,7 +87,7 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
                 handles.append(p.register_post_accumulate_grad_hook(accumulate(acc[name])))
             samples = tqdm(iter_samples(batches), desc="snip", disable=not progress, leave=False)
             for input_ids, labels in samples:
-                loss = response_loss(model, input_ids, labels)
+                loss = chat.response_loss(model, input_ids[None].to(device), labels[None])
                 if loss is not None:
                     loss.backward()
         finally:
