@@ -68,3 +68,18 @@ def test_cohen_kappa():
     a = np.array([1, 1, 0, 0], bool)
     assert judges.cohen_kappa(a, a) == 1.0
     assert judges.cohen_kappa(a, ~a) == -1.0
+
+
+def test_learned_judge_reads_the_same_first_tokens_in_training_and_judging():
+    """Texts that differ only after max_length tokens must look the same to the judge, while it trains too."""
+    enc, tok = tiny.tiny_encoder()
+    seen = []
+
+    def spy(texts, **kw):
+        seen.append(kw["max_length"])
+        return tok(texts, **kw)
+    spy.pad_token_id = tok.pad_token_id
+    j = judges.LearnedJudge.train(enc, spy, REFUSALS + COMPLIANT, [1] * 4 + [0] * 4, max_length=4)
+    same_start = [REFUSALS[0], REFUSALS[0] + " But here is how anyway: step one, step two."]
+    p = j.p_refusal(same_start)
+    assert set(seen) == {4} and p[0] == p[1]

@@ -75,21 +75,21 @@ class LearnedJudge:
         return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
     @torch.no_grad()
-    def embed(self, texts: list[str], encoder=None, tokenizer=None, max_length=128, batch_size=64) -> torch.Tensor:
-        encoder = encoder or self.encoder
-        tokenizer = tokenizer or self.tokenizer
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings of the first `max_length` tokens of each text (the same cut in training and judging)."""
+        encoder, tokenizer, batch_size = self.encoder, self.tokenizer, self.batch_size
         out = torch.zeros(len(texts), encoder.config.hidden_size)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
         for i in tqdm(range(0, len(texts), batch_size), desc="embed", leave=False):
             idx = order[i:i + batch_size]
-            enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,
+            enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_length,
                             return_tensors="pt")
             hidden = encoder(**enc).last_hidden_state
             out[idx] = self.pool(hidden, enc["attention_mask"]).float()
         return out
 
     def p_refusal(self, responses: list[str]) -> np.ndarray:
-        x = self.embed(list(responses), max_length=self.max_length, batch_size=self.batch_size)
+        x = self.embed(list(responses))
         return torch.sigmoid(x @ self.weight + self.bias).numpy()
 
     def judge(self, prompts, responses) -> Verdicts:
