@@ -26,13 +26,14 @@ cfg = config.parse(params)
 ROOT, RESULTS = Path("models"), Path("results/models")
 registry = models.mirrors()
 # %%
+offline = [entry.offline for entry in cfg.models.values() if entry.offline]
+folders = dict(zip(offline, models.materialize_all(offline, ROOT)))   # one process per model
 rows = []
 for role, entry in cfg.models.items():
     if not entry.offline:
         rows.append({"role": role, "id": entry.id, "mirror": None, "source": "hub"})
         continue
-    folder = models.materialize(entry.offline, ROOT)
-    manifest = models.verify(folder)
+    manifest = models.verify(folders[entry.offline])
     rows.append({"role": role, "id": entry.id, "mirror": entry.offline, "source": manifest.get("provenance",
                  manifest.get("source")), "license": manifest.get("license", "-"),
                  "gguf_sha256": manifest.get("gguf_sha256", "-"),

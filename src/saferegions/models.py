@@ -6,12 +6,16 @@ profile); when it exists it is loaded (after checking its hashes), otherwise the
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -138,10 +142,30 @@ def _write_manifest(folder: Path, extra: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps({**extra, "files": files}, indent=2, sort_keys=True) + "\n")
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers parses a GGUF afresh for its config, its tokenizer and its weights (~20 s each for Qwen's
+    151k-token vocabulary in pure Python); inside, gguf.GGUFReader hands out one (read-only) reader per file."""
+    import gguf
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = os.path.realpath(path)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _gguf_to_bf16(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF with transformers, rebuild a clean bf16 model from its config and save it."""
-    tok = T.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = T.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _one_gguf_parse():
+        tok = T.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = T.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = loaded.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -198,6 +222,15 @@ def materialize(name: str, models_root: str | Path = "models", download_dir: str
                 _gguf_to_bf16(gguf, tmp)
             _write_manifest(tmp, extra)
     return out
+
+
+def materialize_all(names: list[str], models_root: str | Path = "models", jobs: int | None = None) -> list[Path]:
+    """`materialize` each name, in parallel processes: the GGUF conversions are single-threaded Python."""
+    jobs = jobs or min(len(names), os.cpu_count() or 1)
+    if jobs <= 1:
+        return [materialize(n, models_root) for n in names]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(materialize, names, [models_root] * len(names)))
 
 
 def verify(folder: str | Path) -> dict:
