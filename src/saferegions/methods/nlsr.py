@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import regions
 from .. import chat
-from ..hooks import capture_inputs
+from ..hooks import capture_inputs, single_thread
 from ..models import eligible_weights
 
 # The seven projections of every decoder block (shared experts included); fused MoE experts are not Linear
@@ -248,14 +248,14 @@ def to_base_masks(model_or_peft, lora_region, projected: dict[str, torch.Tensor]
     if unknown:
         raise ValueError(f"LoRA on weights that are not eligible base weights: {unknown[:3]}")
     f = lora_region.density
-    out = {}
-    for name, p in eligible.items():
+
+    def mask(name, p):
         if name not in pairs:
-            out[name] = torch.zeros(p.shape, dtype=torch.bool)
-            continue
+            return torch.zeros(p.shape, dtype=torch.bool)
         a, b = pairs[name]["A"], pairs[name]["B"]
         delta = ((projected[b] * lora_region.masks[b]) @ (projected[a] * lora_region.masks[a])).abs_() * scale
         if delta.shape != p.shape:
             raise ValueError(f"ΔW for {name} has shape {tuple(delta.shape)}, weight {tuple(p.shape)}")
-        out[name] = regions.top_fraction({name: delta}, f, group="matrix").masks[name] & (delta > 0)
-    return out
+        return regions.top_fraction({name: delta}, f, group="matrix").masks[name] & (delta > 0)
+    with single_thread():
+        return dict(zip(eligible, regions.per_matrix(mask, eligible.items())))
