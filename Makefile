@@ -7,13 +7,15 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: repro test data lab clean
 
-# uv installs the locked set in ~20 s where pip takes ~120 s; pip (same lock) is the fallback. uv reads no pip
-# config, so pip's find-links (a local torch wheel on some machines) are passed on.
+# uv installs the locked set in ~50 s where pip takes ~120 s; pip (same lock) is the fallback. uv reads no pip
+# config, so pip's find-links (a local torch wheel on some machines) are passed on. Bytecode is compiled at
+# install, as pip does: where PYTHONDONTWRITEBYTECODE is set, every stage would otherwise recompile torch.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c requirements.lock uv
-	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install -q $(foreach d,$(PIP_FIND_LINKS),--find-links $(d)) \
-		-c requirements.lock -e '.[dev]' || $(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install -q --compile-bytecode \
+		$(foreach d,$(PIP_FIND_LINKS),--find-links $(d)) -c requirements.lock -e '.[dev]' \
+		|| $(PY) -m pip install -q -c requirements.lock -e '.[dev]'
 	touch $@
 
 data: $(VENV)/.installed

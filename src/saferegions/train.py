@@ -242,17 +242,19 @@ def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, inv
         seed: int = 0):
     """Yield (model to train and evaluate, optimizer) for one arm; the model is restored on exit.
 
-    name: 'full' (torch AdamW, every weight), 'lora' (AdamW on the adapter), or a masked arm (MaskedAdamW on
-    `masks`, inverted for SPA)."""
+    name: 'full' (torch AdamW, every weight), 'lora' (AdamW on the adapter) — both fused, one pass per step —
+    or a masked arm (MaskedAdamW on `masks`, inverted for SPA)."""
     with arm_session(model):
         if name == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
-            yield model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+            yield model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=True)
         elif name == "lora":
             with lora_attached(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed) as peft_model:
                 params = [p for p in peft_model.parameters() if p.requires_grad]
-                yield peft_model, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+                yield peft_model, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                    fused=True)
         elif name in MASKED_ARMS:
             if masks is None:
                 raise ValueError(f"arm {name!r} needs masks")
