@@ -56,7 +56,12 @@ def cross_check(results: dict, loaded: dict, variants) -> None:
             for v in variants:
                 want = regions.iou(loaded[role, method][v][ds[0]], loaded[role, method][v][ds[-1]])
                 got = a["matrix"][v, MAIN][0, -1]
-                assert got == want or (math.isnan(got) and math.isnan(want)), (role, method, v, got, want)
+                assert _same(got, want), (role, method, v, got, want)
+
+
+def _same(got: float, want: float) -> bool:
+    """Equal IoUs, an undefined one (NaN: both regions empty) equal to another undefined one."""
+    return got == want or (math.isnan(got) and math.isnan(want))
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -110,8 +115,7 @@ def refinement(results: dict) -> pd.DataFrame:
         for r in a["refinement"]:
             rows.append({"model": role, "method": method, "refined = raw \\ U": exact, **r})
             if exact:
-                assert r["identity_iou"] == r["refined_iou"] or (math.isnan(r["identity_iou"])
-                                                                 and math.isnan(r["refined_iou"])), (method, r)
+                assert _same(r["identity_iou"], r["refined_iou"]), (method, r)
     return pd.DataFrame(rows)
 
 
@@ -125,7 +129,7 @@ def lora_space(folder: Path, datasets, utility_set: str, role: str) -> list[dict
     rows = []
     for x, y in itertools.combinations(datasets, 2):
         got, want = c.multiway([f"{x}.refined", f"{y}.refined"]), c.refined(f"{x}.raw", f"{y}.raw", "utility")
-        assert got == want or (math.isnan(got) and math.isnan(want)), ("nlsr lora", x, y, got, want)
+        assert _same(got, want), ("nlsr lora", x, y, got, want)
         rows.append({"model": role, "pair": f"{x}–{y}", "raw IoU (LoRA)": c.multiway([f"{x}.raw", f"{y}.raw"]),
                      "refined IoU (LoRA)": got, "identity (LoRA)": want})
     return rows
