@@ -17,6 +17,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _hash_memo(tmp_path_factory, monkeypatch):
+    """Tests keep io.sha256_file_memo's record out of the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
 @pytest.fixture
 def mirror():
     if not (MIRROR / "MANIFEST.md").exists():

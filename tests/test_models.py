@@ -1,9 +1,10 @@
 import json
+import os
 
 import pytest
 import torch
 
-from saferegions import models, tiny
+from saferegions import io, models, tiny
 
 DENSE = ("llama", "qwen2", "mistral", "gemma2")
 MOE = ("qwen2_moe", "mixtral", "olmoe")
@@ -51,6 +52,21 @@ def test_changed_model_file_is_refused(tmp_path):
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(ValueError, match="hash mismatch"):
         models.load(models.ModelEntry("tiny/qwen2", "tiny-qwen2"), tmp_path)
+
+
+def test_file_changed_after_a_verification_is_refused(tmp_path):
+    """verify() remembers hashes by (size, mtime, inode); an edit after it (a clock tick later) is still caught."""
+    folder = models.materialize("tiny-qwen2", tmp_path)
+    models.verify(folder)
+    f = folder / "model.safetensors"
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    with pytest.raises(ValueError, match="hash mismatch"):
+        models.verify(folder)
+    assert io.hash_memo_path().exists()
 
 
 def test_unknown_mirror_lists_valid_ones(tmp_path):

@@ -18,6 +18,33 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def hash_memo_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saferegions" / "sha256.json"
+
+
+def sha256_file_memo(path: str | Path) -> str:
+    """`sha256_file`, remembered per file by (size, mtime, inode) as DVC does: every stage verifies the 2 GB model
+    folder before loading it, and re-hashing an unchanged file cost ~2 s each time. Any write changes the key."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = [st.st_size, st.st_mtime_ns, st.st_ino]
+    memo_file = hash_memo_path()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(real, {}).get("key") == key:
+        return memo[real]["sha256"]
+    digest = sha256_file(real)
+    memo[real] = {"key": key, "sha256": digest}
+    try:
+        with atomic_path(memo_file) as tmp:
+            tmp.write_text(json.dumps(memo))
+    except OSError:
+        pass   # a read-only home only costs the re-hash next time
+    return digest
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary sibling path; rename it onto `path` only if the block finishes without error."""

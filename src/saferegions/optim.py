@@ -55,6 +55,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.mode, self.ref_decay = mode, ref_decay
         self._masks: dict[torch.Tensor, torch.Tensor] = {}  # dense-layout masks (kept out of `state`)
         self._frozen: dict[torch.Tensor, torch.Tensor] = {}  # their complements as flat indices (fused step)
+        self.trainable = sum(p.numel() for p, mask in pairs if mask is None)   # entries the optimizer may change
         idx_bytes = torch.empty((), dtype=index_dtype).element_size()
         for p, mask in pairs:
             if mask is None:
@@ -64,6 +65,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                                  f"got {mask.dtype} {tuple(mask.shape)}")
             mask = mask.to(p.device)
             k = int(mask.sum())
+            self.trainable += k
             if k == p.numel():
                 continue  # all-True: plain AdamW
             if mode == "sparse" and k * (8 + idx_bytes) < 8 * p.numel():

@@ -5,7 +5,7 @@ top-k for SET, everything but the top-k for SPA, a random or bottom-k mask of th
 `full` trains every weight with torch AdamW, `lora` trains a peft LoRA adapter on all linear layers. The
 loop is the same for all of them (causal-LM loss on the supervised tokens, gradient accumulation, warmup +
 cosine schedule, global grad-norm clip, seeded order), so arms differ only in what they may change.
-`arm_session` restores the model bit-exactly after each arm, so arms are independent and one loaded model
+a `Snapshot` restores the model bit-exactly after each arm, so arms are independent and one loaded model
 serves them all.
 
 Data: each example is (prompt, response). The reference trains on plain "Instruction: …\\nAnswer: …" text with
@@ -142,7 +142,7 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
     model.train()
     try:
         for step in tqdm(range(1, max_steps + 1), desc=desc, leave=False):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)   # zero in place: a fresh 2 GB of gradients per step page-faults
             total = 0.0
             for _ in range(grad_accum):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
@@ -189,38 +189,29 @@ def masked_optimizer(model, masks: dict[str, torch.Tensor], invert: bool, cfg) -
 
 
 def trainable_count(optimizer) -> int:
-    """Entries the optimizer can change (masked entries of MaskedAdamW, or every entry of its params)."""
-    n = 0
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            if isinstance(optimizer, optim.MaskedAdamW):
-                st = optimizer.state.get(p, {})
-                if "idx" in st:
-                    n += st["idx"].numel()
-                    continue
-                if p in optimizer._masks:
-                    n += int(optimizer._masks[p].sum())
-                    continue
-            n += p.numel()
-    return n
+    """Entries the optimizer can change (MaskedAdamW counts its masks once, at construction)."""
+    if isinstance(optimizer, optim.MaskedAdamW):
+        return optimizer.trainable
+    return sum(p.numel() for g in optimizer.param_groups for p in g["params"])
 
 
-@contextlib.contextmanager
-def arm_session(model):
-    """Snapshot every parameter and its requires_grad flag; restore both on exit (also after an error)."""
-    named = dict(model.named_parameters())
-    saved = {n: p.detach().clone() for n, p in named.items()}
-    flags = {n: p.requires_grad for n, p in named.items()}
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in saved:
-                    p.copy_(saved[n])
-                    p.requires_grad_(flags[n])
-                    p.grad = None
-        model.eval()
+class Snapshot:
+    """Every parameter and its requires_grad flag, taken once and restored after each arm (also after an
+    error), so arms are independent and one copy of the weights serves them all."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, p in self.model.named_parameters():
+            if n in self.saved:
+                p.copy_(self.saved[n])
+                p.requires_grad_(self.flags[n])
+                p.grad = None
+        self.model.eval()
 
 
 @contextlib.contextmanager
@@ -239,12 +230,13 @@ def lora_attached(model, r: int, alpha: float, dropout: float, seed: int = 0):
 
 @contextlib.contextmanager
 def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, invert: bool = False,
-        seed: int = 0):
+        seed: int = 0, snapshot: Snapshot | None = None):
     """Yield (model to train and evaluate, optimizer) for one arm; the model is restored on exit.
 
     name: 'full' (torch AdamW, every weight), 'lora' (AdamW on the adapter) — both fused, one pass per step —
     or a masked arm (MaskedAdamW on `masks`, inverted for SPA)."""
-    with arm_session(model):
+    snapshot = snapshot or Snapshot(model)
+    try:
         if name == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -263,15 +255,17 @@ def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, inv
             yield model, masked_optimizer(model, masks, invert, cfg)
         else:
             raise ValueError(f"unknown arm {name!r}; valid: full, lora, {', '.join(MASKED_ARMS)}")
+    finally:
+        snapshot.restore()
 
 
 def run_arm(model, name: str, cfg, examples: list[Example], pad_id: int, evaluate, masks=None,
-            invert: bool = False, seed: int = 0) -> tuple[list[dict], dict]:
+            invert: bool = False, seed: int = 0, snapshot: Snapshot | None = None) -> tuple[list[dict], dict]:
     """Train one arm with `cfg`'s recipe, call `evaluate(trained_model)` inside the arm, restore the model.
 
     Returns (loss curve, {trainable, trainable_fraction, **evaluate's dict})."""
     total = param_count(model)
-    with arm(model, name, cfg, masks, invert, seed) as (m, opt):
+    with arm(model, name, cfg, masks, invert, seed, snapshot) as (m, opt):
         n = trainable_count(opt)
         curve = train(m, opt, examples, cfg.max_steps, cfg.batch_size, pad_id, cfg.grad_accum,
                       cfg.warmup_ratio, cfg.schedule, cfg.max_grad_norm, seed, desc=f"train {name}")
@@ -344,14 +338,14 @@ def run_set(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: l
     rows = [r for r in rows if r["dataset"] != UTILITY]
     before, _ = set_measure(model, tok, harmful, benign, utility_prompts, answers, judge, cfg, "before", rows)
     gens = [{"arm": "before", **r} for r in rows]
-    metrics, curves = {}, []
+    metrics, curves, snapshot = {}, [], Snapshot(model)
     for name in cfg.arms:
         def evaluate(m, name=name):
             after, rows = set_measure(m, tok, harmful, benign, utility_prompts, answers, judge, cfg, name)
             gens.extend({"arm": name, **r} for r in rows)
             return after
         curve, res = run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                             invert=False, seed=seed)
+                             invert=False, seed=seed, snapshot=snapshot)
         curves += [{"arm": name, **c} for c in curve]
         metrics[name] = {"asr_before": before["asr"], "asr_after": res["asr"],
                          "benign_refusal_before": before["benign_refusal"],
@@ -385,7 +379,7 @@ def run_spa(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility:
     `masks` = {arm: region masks to FREEZE} for the masked arms (inverted here: train the rest).
     Returns (metrics {task: {arm: {...}}}, curves [{task, arm, step, loss, lr}], generations)."""
     metrics, curves, gens = {}, [], []
-    asr_before = None
+    asr_before, snapshot = None, Snapshot(model)
     for task in cfg.tasks:
         train_rows = [r for r in utility if r["dataset"] == task and r["split"] == "train"]
         eval_rows = [r for r in utility if r["dataset"] == task and r["split"] == "eval"][:cfg.n_task]
@@ -408,7 +402,7 @@ def run_spa(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility:
                 gens.extend({"task": task, "arm": name, **r} for r in rows)
                 return after
             curve, res = run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                                 invert=True, seed=seed)
+                                 invert=True, seed=seed, snapshot=snapshot)
             curves += [{"task": task, "arm": name, **c} for c in curve]
             metrics[task][name] = {"task_score": res["task_score"], "task_score_before": before["task_score"],
                                    "task_likelihood": res["task_likelihood"],
