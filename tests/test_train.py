@@ -149,6 +149,32 @@ def test_arms_are_independent(setup):
     assert 0 < res["trainable_fraction"] < 0.2
 
 
+@pytest.mark.parametrize("name, invert", [("set", False), ("spa", True), ("full", False)])
+def test_shared_first_gradient_trains_as_computing_it(setup, name, invert):
+    """first_gradients, computed once with every weight trainable, is each arm's own first gradient: the trained
+    weights and the curve are the same as when the arm computes it (grad-norm clipping on, 2 micro-batches)."""
+    model, tok, examples = setup
+    region = _region(model)
+    cfg = _cfg(max_grad_norm=0.5, grad_accum=2, batch_size=2, max_steps=3)
+    masks = None if name == "full" else region.masks
+    first = train.first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed=3)
+    assert all(p.grad is None for p in model.parameters())
+    runs = []
+    for shared in (None, first):
+        trained = {}
+
+        def evaluate(m):
+            trained.update({n: p.detach().clone() for n, p in m.named_parameters()})
+            return {}
+        curve, _ = train.run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks, invert=invert,
+                                 seed=3, first=shared)
+        runs.append((curve, trained))
+    (curve_a, weights_a), (curve_b, weights_b) = runs
+    assert curve_a == curve_b
+    assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+    assert any(not torch.equal(weights_a[n], w) for n, w in _snapshot(model).items())   # it did train
+
+
 def test_trainable_fraction_per_arm(setup):
     model, _, _ = setup
     region = _region(model, 0.01)

@@ -117,14 +117,50 @@ def task_score(task: str, responses: list[str], answers: list[str]) -> float:
 # ---------------------------------------------------------------- the loop
 
 
+def _accumulate(model, stream, grad_accum: int, device) -> float:
+    """Backward `grad_accum` micro-batches into the .grads (each loss divided by grad_accum); their summed loss."""
+    total = 0.0
+    for _ in range(grad_accum):
+        batch = {k: v.to(device) for k, v in next(stream).items()}
+        loss = chat.response_loss(model, batch["input_ids"], batch["labels"],
+                                  attention_mask=batch["attention_mask"]) / grad_accum
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def first_gradients(model, examples: list[Example], batch_size: int, pad_id: int, grad_accum: int = 1,
+                    seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+    """({param name: gradient}, loss) of the first step of `train`. Every arm that trains the base weights starts
+    from the same weights on the same first batch, so its first gradient is this one whatever its mask (masks act
+    on the update): computed once, it saves each such arm a forward and backward pass."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(seed)
+    model.train()
+    try:
+        loss = _accumulate(model, batch_stream(examples, batch_size, pad_id, seed), grad_accum,
+                           next(model.parameters()).device)
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(flags[n])
+        model.eval()
+    return grads, loss
+
+
 def train(model, optimizer, examples: list[Example], max_steps: int, batch_size: int, pad_id: int,
           grad_accum: int = 1, warmup_ratio: float = 0.0, schedule: str = "cosine", max_grad_norm: float = 0.0,
-          seed: int = 0, desc: str = "train") -> list[dict]:
+          seed: int = 0, desc: str = "train", first: tuple[dict[str, torch.Tensor], float] | None = None
+          ) -> list[dict]:
     """Run `max_steps` optimizer steps of causal-LM loss; returns the curve [{step, loss, lr}].
 
     Each step averages `grad_accum` micro-batches of `batch_size` examples (token-mean loss per micro-batch).
     Warmup is ceil(warmup_ratio × max_steps) steps, as the HF Trainer. Gradients are clipped to
-    `max_grad_norm` (0 = off) over the parameters the optimizer holds."""
+    `max_grad_norm` (0 = off) over the parameters the optimizer holds. `first` = `first_gradients(...)` of the
+    same model, examples and seed: step 1 uses it instead of computing it."""
     if max_steps <= 0 or batch_size <= 0 or grad_accum <= 0:
         raise ValueError("max_steps, batch_size and grad_accum must be > 0")
     torch.manual_seed(seed)
@@ -143,13 +179,15 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
     try:
         for step in tqdm(range(1, max_steps + 1), desc=desc, leave=False):
             optimizer.zero_grad(set_to_none=False)   # zero in place: a fresh 2 GB of gradients per step page-faults
-            total = 0.0
-            for _ in range(grad_accum):
-                batch = {k: v.to(device) for k, v in next(stream).items()}
-                loss = chat.response_loss(model, batch["input_ids"], batch["labels"],
-                                          attention_mask=batch["attention_mask"]) / grad_accum
-                loss.backward()
-                total += float(loss.detach())
+            if step == 1 and first is not None:
+                for _ in range(grad_accum):
+                    next(stream)
+                for n, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.grad = first[0][n].clone()
+                total = first[1]
+            else:
+                total = _accumulate(model, stream, grad_accum, device)
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
@@ -260,15 +298,18 @@ def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, inv
 
 
 def run_arm(model, name: str, cfg, examples: list[Example], pad_id: int, evaluate, masks=None,
-            invert: bool = False, seed: int = 0, snapshot: Snapshot | None = None) -> tuple[list[dict], dict]:
+            invert: bool = False, seed: int = 0, snapshot: Snapshot | None = None,
+            first: tuple[dict[str, torch.Tensor], float] | None = None) -> tuple[list[dict], dict]:
     """Train one arm with `cfg`'s recipe, call `evaluate(trained_model)` inside the arm, restore the model.
+    `first`: the shared first-step gradients (`first_gradients`), used by every arm but LoRA.
 
     Returns (loss curve, {trainable, trainable_fraction, **evaluate's dict})."""
     total = param_count(model)
     with arm(model, name, cfg, masks, invert, seed, snapshot) as (m, opt):
         n = trainable_count(opt)
         curve = train(m, opt, examples, cfg.max_steps, cfg.batch_size, pad_id, cfg.grad_accum,
-                      cfg.warmup_ratio, cfg.schedule, cfg.max_grad_norm, seed, desc=f"train {name}")
+                      cfg.warmup_ratio, cfg.schedule, cfg.max_grad_norm, seed, desc=f"train {name}",
+                      first=None if name == "lora" else first)
         result = {"trainable": n, "trainable_fraction": n / total, **evaluate(m)}
         del opt
     gc.collect()   # free this arm's moments before the next arm allocates its own (0.5B: 5 GB each)
@@ -339,13 +380,15 @@ def run_set(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: l
     before, _ = set_measure(model, tok, harmful, benign, utility_prompts, answers, judge, cfg, "before", rows)
     gens = [{"arm": "before", **r} for r in rows]
     metrics, curves, snapshot = {}, [], Snapshot(model)
+    first = first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed) \
+        if any(a != "lora" for a in cfg.arms) else None
     for name in cfg.arms:
         def evaluate(m, name=name):
             after, rows = set_measure(m, tok, harmful, benign, utility_prompts, answers, judge, cfg, name)
             gens.extend({"arm": name, **r} for r in rows)
             return after
         curve, res = run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                             invert=False, seed=seed, snapshot=snapshot)
+                             invert=False, seed=seed, snapshot=snapshot, first=first)
         curves += [{"arm": name, **c} for c in curve]
         metrics[name] = {"asr_before": before["asr"], "asr_after": res["asr"],
                          "benign_refusal_before": before["benign_refusal"],
@@ -395,6 +438,7 @@ def run_spa(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility:
             asr_before = before["asr"]
         gens += [{"task": task, "arm": "before", **r} for r in rows]
         metrics[task] = {}
+        first = first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed)
         for name in cfg.arms:
             def evaluate(m, name=name, task=task):
                 after, rows = spa_measure(m, tok, harmful, task, prompts, answers, targets, judge, cfg,
@@ -402,7 +446,7 @@ def run_spa(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility:
                 gens.extend({"task": task, "arm": name, **r} for r in rows)
                 return after
             curve, res = run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                                 invert=True, seed=seed, snapshot=snapshot)
+                                 invert=True, seed=seed, snapshot=snapshot, first=first)
             curves += [{"task": task, "arm": name, **c} for c in curve]
             metrics[task][name] = {"task_score": res["task_score"], "task_score_before": before["task_score"],
                                    "task_likelihood": res["task_likelihood"],
