@@ -4,8 +4,9 @@
 # Fine-tuning an aligned model on ordinary task data is known to erode its refusals. Paper 2 (arXiv 2604.08297)
 # claims that **Safety Preserving Adaptation** — freezing the aligned model's highest-ESI weights (stage 06) and
 # training everything else — keeps the safety degradation **within 1%** after 1,000 iterations of instruction
-# tuning on different tasks. This stage tunes the aligned default model on each task (GSM8K, SST-2) three ways,
-# on the same data and the same number of steps:
+# tuning on different tasks. This stage tunes the aligned default model on each task of `spa.tasks` three ways,
+# on the same data and the same number of steps (GSM8K and SST-2 at paper scale; the CPU default runs GSM8K only,
+# because in 2 steps SST-2 did not separate the arms, see `params.yaml`):
 #
 # | arm | what may change | optimizer |
 # |---|---|---|
