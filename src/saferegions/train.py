@@ -162,8 +162,9 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
     same model, examples and seed: step 1 uses it instead of computing it."""
     if max_steps <= 0 or batch_size <= 0 or grad_accum <= 0:
         raise ValueError("max_steps, batch_size and grad_accum must be > 0")
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup   # 3 s to import
-    torch.manual_seed(seed)                                                   # before a model is loaded
+    # imported here: at module import, before a model is loaded, these pull in peft and take 3 s
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    torch.manual_seed(seed)
     warmup = math.ceil(warmup_ratio * max_steps)
     if schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
