@@ -27,8 +27,10 @@ data: $(VENV)/.installed
 	$(PY) -m saferegions.data fetch $(if $(MIRROR),--mirror $(MIRROR))
 	dvc commit -f -q data.dvc
 
+# After the pipeline, README's generated blocks (timings, findings) are rewritten from results/ (tests check them).
 repro: data
 	dvc repro
+	$(PY) -m saferegions.readme
 	@echo "Done. Start reading at results/report/notebook.html; 'dvc metrics show' lists every number."
 
 test: $(VENV)/.installed

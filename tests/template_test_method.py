@@ -35,7 +35,7 @@ def _batches(tok, prompts=PROMPTS["advbench"]):
 
 @pytest.mark.parametrize("family", sorted(tiny.FAMILIES))
 def test_scores_cover_the_parameter_space_and_leave_the_model_clean(tok, family):
-    """Every eligible weight scored, raw non-negative fp32 (never negated: METHODS trap T1), deterministic, and
+    """Every eligible weight scored, raw non-negative fp32 (never negated: docs/methods.md §2.1 trap T1), deterministic, and
     no gradients, hooks or requires_grad changes left behind."""
     model, _ = tiny.tiny_model(family, tok)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -1,5 +1,6 @@
 import torch
 
+from greedy_margin import MARGIN, min_greedy_margin
 from saferegions import chat, tiny
 
 PROMPTS = ["How do I bake bread?", "hi", "Write a poem about the sea, please, right now."]
@@ -7,6 +8,8 @@ PROMPTS = ["How do I bake bread?", "hi", "Write a poem about the sea, please, ri
 
 def test_batched_left_padded_generation_equals_one_by_one():
     model, tok = tiny.tiny_model("qwen2")
+    # batch shapes change the logits' rounding: exact token equality needs clear argmaxes (greedy_margin.py)
+    assert min_greedy_margin(model, tok, PROMPTS, 6) > MARGIN
     batched = chat.generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=3)
     single = [chat.generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in PROMPTS]
     assert batched == single
@@ -54,6 +57,7 @@ def test_prefix_cached_generation_equals_plain_left_padded_generation():
         model, tok = tiny.tiny_model(family)
         rows = [tok(t, add_special_tokens=False)["input_ids"] for t in chat.render(tok, PROMPTS, "Be brief.")]
         assert chat.shared_prefix(rows) > 3   # the system turn is cached once per batch
+        assert min_greedy_margin(model, tok, PROMPTS, 6, "Be brief.") > MARGIN, family   # no near-tie to flip
         cached = chat.generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=3, system="Be brief.")
         assert cached == _plain_generate(model, tok, PROMPTS, "Be brief.", 6)
 
@@ -73,3 +77,26 @@ def test_response_loss_equals_the_models_own_loss_on_padded_batches():
         assert torch.allclose(got, expected, atol=1e-6)
     unlabelled = torch.full_like(left["labels"], -100)
     assert chat.response_loss(model, left["input_ids"], unlabelled) is None
+
+
+def test_eos_label_only_where_the_model_ended_the_response():
+    """A greedy response cut off at max_new_tokens gets no EOS label (the loss would teach stopping
+    mid-sentence); one the model ended does, and so does a dataset response (finished=None)."""
+    model, tok = tiny.tiny_model("llama")
+    cut, _ = chat.generate(model, tok, PROMPTS[:2], max_new_tokens=3, with_finished=True)
+    eos = tok.eos_token_id
+    force_eos = lambda m, i, out: out.index_fill(-1, torch.tensor([eos]), 1e4)  # noqa: E731
+    handle = model.lm_head.register_forward_hook(force_eos)
+    try:
+        ended, finished_ended = chat.generate(model, tok, PROMPTS[2:], max_new_tokens=3, with_finished=True)
+    finally:
+        handle.remove()
+    _, finished_cut = chat.generate(model, tok, PROMPTS[:2], max_new_tokens=3, with_finished=True)
+    assert finished_cut == [False, False] and finished_ended == [True] and ended == [""]
+    responses = ["Sure, here is a guide", "I'm sorry, but I can't assist with that."]
+    (b,) = chat.response_batches(tok, PROMPTS[:2], responses, batch_size=2, finished=[False, True])
+    kept = [row[row != -100] for row in b["labels"]]
+    assert tok.decode(kept[0]) == responses[0] and eos not in kept[0].tolist()
+    assert tok.decode(kept[1]) == responses[1] + tok.eos_token and kept[1][-1] == eos
+    (d,) = chat.response_batches(tok, PROMPTS[:2], responses, batch_size=2)
+    assert all(row[row != -100][-1] == eos for row in d["labels"])

@@ -42,3 +42,14 @@ def test_dvc_params_match_stage_sections():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, sections in config.STAGE_SECTIONS.items():
         assert sorted(stages[name]["params"]) == sorted(sections), name
+
+
+@pytest.mark.parametrize("n", [2, 15])
+def test_safelayer_needs_enough_distinct_prompts_per_side(n):
+    """SafeLayer's random pairs with 2 prompts per side are one pair repeated: one clear error below the minimum."""
+    with pytest.raises(config.ConfigError) as e:
+        config.parse({"identify": {"layer": {"n": n}}})
+    assert "identify.layer.n" in str(e.value) and f"at least {config.LAYER_MIN_PROMPTS}" in str(e.value)
+    assert config.parse({"identify": {"layer": {"n": config.LAYER_MIN_PROMPTS}}}).identify.layer.n == 16
+    for path in (ROOT / "params.yaml", ROOT / "profiles" / "smoke.yaml"):
+        assert config.load(path).identify.layer.n >= config.LAYER_MIN_PROMPTS

@@ -1,6 +1,7 @@
 import torch
 import torch.nn.functional as F
 
+from greedy_margin import MARGIN, min_greedy_margin
 from saferegions import chat, cpu_linear, tiny
 
 
@@ -20,6 +21,8 @@ def test_row_split_model_gives_the_same_generations_and_gradients(monkeypatch):
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT", 0)   # the tiny model's matrices are all small
     model, tok = tiny.tiny_model("qwen2")
     prompts = ["How do I bake bread?", "hi"]
+    # the two kernels round differently: equal tokens need clear argmaxes (greedy_margin.py)
+    assert min_greedy_margin(model, tok, prompts, 6) > MARGIN
     plain = chat.generate(model, tok, prompts, max_new_tokens=6)
     ids = tok(prompts[0], return_tensors="pt")["input_ids"]
     model(ids, labels=ids).loss.backward()

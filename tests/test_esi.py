@@ -1,10 +1,11 @@
-"""ESI (METHODS §4.1-§4.5): the judge-guided gradient against finite differences, the vocabulary transfer on
+"""ESI (docs/methods.md §4.1-§4.5): the judge-guided gradient against finite differences, the vocabulary transfer on
 two known tokenizers, exact global top-k, expert paths on MoE models, faithful vs fixed, exact restoration
 after perturbation, and a Llama-Guard-style judge played by a tiny llama."""
 import pytest
 import torch
 import transformers as T
 
+from greedy_margin import MARGIN, min_greedy_margin
 from saferegions.chat import render
 from saferegions.judges import LearnedJudge, LlamaGuardJudge
 from saferegions.methods import esi
@@ -201,6 +202,97 @@ def test_transfer_matrix_on_two_tokenizers():
     torch.testing.assert_close(P.to_dense()[:len(big), :len(small)], M)
 
 
+COMPLIANCE = "Sure, here is a step by step guide. First, gather the materials."
+
+
+def _wordpiece_tokenizer(vocab_size: int = 300):
+    """An uncased BERT-style WordPiece ([CLS] ... [SEP], '##' continuations), trained like tiny_tokenizer:
+    the offline stand-in for MiniLM's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from saferegions.tiny import _CORPUS
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(_CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                               show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                                     sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
+
+
+def _soft_judge(tok):
+    torch.manual_seed(1)
+    cfg = T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=128)
+    learned = LearnedJudge(T.BertModel(cfg).eval(), tok, torch.randn(32), torch.tensor(0.1))
+    return esi.LearnedSoftJudge(learned)
+
+
+# the (judge, target) tokenizer kinds of the profiles: MiniLM (WordPiece, uncased) -> Qwen2.5 / SmolLM2 /
+# Llama-3 (byte-level BPE); Llama-Guard-3 -> Llama-3.1 and the smoke profile's tiny encoder -> tiny targets
+# (one BPE on both sides)
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+@pytest.mark.parametrize("variant", ["fixed", "faithful"])
+def test_judge_gradient_reaches_every_response_token(kind, variant):
+    """S's gradient reaches every token of a refusal and of a compliance (docs/methods.md §5.7): before the
+    WordPiece rule only ',' and '.' of the refusal had a nonzero G_L[t, y_t]."""
+    target = tiny_tokenizer(512)
+    judge = _soft_judge(_wordpiece_tokenizer() if kind == "wordpiece" else tiny_tokenizer(512))
+    M = esi.transfer_matrix(judge.vocab_tokenizer, target)
+    cfg = esi.resolve_switches(variant)
+    for text in (esi.REFUSAL, COMPLIANCE):
+        G, _ = esi.judge_gradient(judge, text, cfg)
+        ids = target(text, add_special_tokens=False)["input_ids"]
+        assert esi.judge_token_coverage(esi.transfer(G, M), ids) == 1.0, (kind, variant, text)
+
+
+def test_wordpiece_transfer_rule_and_cls_alignment():
+    """Word-initial pieces reach the space-prefixed, bare and case forms, '##' pieces the bare continuation,
+    specials nothing; [CLS]/[SEP] are dropped like a BOS under bos_align, kept (offset by one) otherwise."""
+    wp, target = _wordpiece_tokenizer(), tiny_tokenizer(512)
+    M = esi.transfer_matrix(wp, target).to_dense()
+
+    def row(token):
+        r = M[wp.convert_tokens_to_ids(token)]
+        return {target.convert_ids_to_tokens(j): r[j].item() for j in r.nonzero().flatten().tolist()}
+
+    assert row("sorry") == {"Ġsorry": 1.0}
+    assert row("the") == {"Ġthe": 1.0, "The": 1.0, "ĠThe": 1.0}
+    assert {"I": 1.0, "ĠI": 1.0}.items() <= row("i").items()
+    assert row("[CLS]") == {} and row("[SEP]") == {}
+    piece = next(t for t in wp.convert_ids_to_tokens(range(len(wp)))
+                 if t.startswith("##") and target.convert_tokens_to_ids(t[2:]) is not None)
+    assert row(piece)[piece[2:]] == 1.0
+    # "'m" is one target token but two judge tokens ("'", "m"): it takes both
+    assert M[:, target.convert_tokens_to_ids("'m")].nonzero().flatten().tolist() == sorted(
+        wp.convert_tokens_to_ids(["'", "m"]))
+    judge = _soft_judge(wp)
+    n = len(wp(esi.REFUSAL, add_special_tokens=False)["input_ids"])
+    G_fixed, _ = esi.judge_gradient(judge, esi.REFUSAL, esi.resolve_switches("fixed"))
+    G_faithful, _ = esi.judge_gradient(judge, esi.REFUSAL, esi.resolve_switches("fixed", bos_align=False))
+    assert G_fixed.shape[0] == n and G_faithful.shape[0] == n + 2
+    torch.testing.assert_close(G_fixed, G_faithful[1:-1])
+
+
+def test_real_minilm_to_qwen_reaches_the_refusal():
+    """Optional: the embedded default's real tokenizers, where the models stage has materialized them."""
+    from conftest import ROOT
+    paths = [ROOT / "models" / n for n in ("all-minilm-l6-v2", "qwen2.5-coder-0.5b-instruct")]
+    if not all((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists() for p in paths):
+        pytest.skip("models/ not materialized (run the models stage)")
+    judge_tok, target = (T.AutoTokenizer.from_pretrained(p) for p in paths)
+    M = esi.transfer_matrix(judge_tok, target)
+    reached = set(M.indices()[1].tolist())
+    for text in (esi.REFUSAL, COMPLIANCE):
+        ids = target(text, add_special_tokens=False)["input_ids"]
+        missed = [target.convert_ids_to_tokens(i) for i in ids if i not in reached]
+        assert not missed, missed
+
+
 # ---------------------------------------------------------------- selection
 
 
@@ -353,6 +445,8 @@ def test_batched_generation_matches_one_by_one():
     prompts = PROMPTS + ["Hi", "Explain photosynthesis to a child, step by step, please."]
     # a second EOS id that greedy decoding hits: rows of a batch stop at different steps
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("Ġthe")]
+    # batch shapes change the logits' rounding: equal tokens need clear argmaxes (greedy_margin.py)
+    assert min_greedy_margin(model, tok, prompts, 8, "You are a helpful assistant.") > MARGIN
     one = esi.respond(model, tok, prompts, 8, "You are a helpful assistant.")
     batched = esi.respond(model, tok, prompts, 8, "You are a helpful assistant.", batch_size=3)
     assert [(ids.tolist(), n) for ids, n in one] == [(ids.tolist(), n) for ids, n in batched]

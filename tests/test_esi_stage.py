@@ -8,6 +8,7 @@ import transformers as T
 import yaml
 
 from conftest import ROOT
+from greedy_margin import MARGIN, min_greedy_margin
 from saferegions import config, esi_stage, judges
 from saferegions import regions as R
 from saferegions.io import write_jsonl
@@ -86,7 +87,11 @@ def test_run_role_end_to_end(prompts_path, learned, tmp_path):
     assert len(res.generations) == 4 * len(EVAL)
     assert res.profile.region_count.sum() == k
 
-    # the primary top-k is exactly the global top-k of the gradients esi_gradients gives for these settings
+    # the primary top-k is exactly the global top-k of the gradients esi_gradients gives for these settings;
+    # run_role generated its responses in one left-padded batch, esi_gradients one prompt at a time: the same
+    # tokens (so the same gradients) only where no greedy step is a near-tie (greedy_margin.py)
+    assert min_greedy_margin(model, tok, PROMPTS["advbench"][:2], cfg.esi.max_new_tokens,
+                             cfg.esi.system_prompt) > MARGIN
     grads = esi.esi_gradients(model, tok, learned, PROMPTS["advbench"][:2], cfg.esi.max_new_tokens, "faithful",
                               system=cfg.esi.system_prompt, progress=False)
     expect = esi.esi_region(esi.esi_scores(grads, model), model, cfg.esi.top_frac)
@@ -108,6 +113,8 @@ def test_run_role_end_to_end(prompts_path, learned, tmp_path):
     assert m["faithful_vs_fixed_iou"] == res.comparisons[0]["iou"]
     assert sum(m["component_share"].values()) == pytest.approx(1.0)
     assert set(m["component_share"]) <= set(esi.COMPONENT_ORDER)
+    # a 300-token BPE judge (reference rule) reaches only part of a 512-token target's random responses
+    assert all(r["response_tokens"] > 0 for r in res.records) and 0 < m["judge_token_coverage"] < 1
 
 
 def test_guard_judge_beside_learned(prompts_path, learned):

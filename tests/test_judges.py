@@ -82,4 +82,5 @@ def test_learned_judge_reads_the_same_first_tokens_in_training_and_judging():
     j = judges.LearnedJudge.train(enc, spy, REFUSALS + COMPLIANT, [1] * 4 + [0] * 4, max_length=4)
     same_start = [REFUSALS[0], REFUSALS[0] + " But here is how anyway: step one, step two."]
     p = j.p_refusal(same_start)
-    assert set(seen) == {4} and p[0] == p[1]
+    # two rows of one batch: rows may be summed in different orders (AVX-512 vs AVX2), so not bit-equal
+    assert set(seen) == {4} and p[0] == pytest.approx(p[1], rel=1e-5, abs=1e-6)

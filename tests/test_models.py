@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from conftest import ROOT
 from saferegions import io, models, tiny
 
 DENSE = ("llama", "qwen2", "mistral", "gemma2")
@@ -101,3 +102,15 @@ def test_no_remote_code_anywhere():
         assert "trust_remote_code=True" not in text, f
         assert "torch.load(" not in text and "import pickle" not in text, f
     assert json.loads((src / "registry/mirrors.json").read_text())
+
+
+def test_dtype_does_not_depend_on_the_cpu():
+    """`auto` is fp32 on every CPU (AVX2, AVX-512, AMX alike) and bf16 on CUDA; the embedded default pins fp32."""
+    import yaml
+
+    from saferegions.models import pick_dtype
+
+    assert pick_dtype("auto", "cpu") == torch.float32
+    assert pick_dtype("auto", "cuda") == torch.bfloat16
+    assert pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["run"]["dtype"] == "float32"

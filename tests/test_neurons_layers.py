@@ -150,6 +150,29 @@ def test_projection_masks_and_deactivate_agree(llama):
     torch.testing.assert_close(hooked, zeroed, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_weight_density_counts_the_projected_masks(family):
+    model, _ = tiny_model(family)
+    units = {0: {"ffn": [3, 10], "q": [1], "k": [2, 31], "v": [0], "o": [5, 6]}, 1: {"ffn": [7], "o": [1]}}
+    masks = NS.to_weight_masks(model, units)
+    expect = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert NS.weight_density(model, {str(l): u for l, u in units.items()}) == pytest.approx(expect, rel=1e-12)
+
+
+def test_density_vs_n_is_non_increasing_for_the_strict_intersection(llama):
+    """SN-Tune's safety neurons are the intersection over prompts: every extra prompt can only remove neurons, so
+    the density over the first n prompts never rises, and at n = all it is the region's own density."""
+    model, tok = llama
+    prompts = [f"{p} ({i})" for i in range(3) for p in PROMPTS]
+    batches = list(response_batches(tok, prompts, RESPONSES * 3, batch_size=4))
+    scores = NS.neuron_scores(model, batches, qk_mode="plnd")
+    curve = [NS.density_after(model, scores, k, 0.25, 0.5) for k in range(1, len(prompts) + 1)]
+    assert all(b <= a for a, b in zip(curve, curve[1:])) and curve[0] > curve[-1] > 0
+    assert curve[-1] == NS.weight_density(model, NS.select_neurons(scores, 0.25, 0.5))
+    loose = [NS.density_after(model, scores, k, 0.25, 0.5, min_prompt_frac=0.5) for k in (1, 9)]
+    assert loose[1] > curve[8]                                  # a looser rule keeps more
+
+
 def test_moe_projection_uses_shared_expert_only():
     model, _ = tiny_model("qwen2_moe")
     masks = NS.to_weight_masks(model, {0: {"ffn": [7]}})

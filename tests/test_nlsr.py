@@ -1,4 +1,4 @@
-"""NLSR (METHODS §2.4, §3.2): LoRA training lowers the loss, expo rescaling, the exact ActSVD projection
+"""NLSR (docs/methods.md §2.4, §3.2): LoRA training lowers the loss, expo rescaling, the exact ActSVD projection
 against a direct SVD of Y, per-matrix magnitude selection, base-weight masks, and a read-only, deterministic
 identification."""
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from saferegions import regions
+from saferegions import chat, regions
 from saferegions.chat import response_batches
 from saferegions.hooks import capture_inputs
 from saferegions.methods import nlsr
@@ -64,13 +64,60 @@ def _ys(pm, batches):
 
 def test_training_lowers_loss():
     model, tok = tiny_model("llama")
-    pm, losses = nlsr.train_safety_lora(model, tok, PROMPTS, RESPONSES, r=4, alpha=16, steps=8, lr=1e-2,
-                                        batch_size=2, progress=False)
-    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    pm, hist = nlsr.train_safety_lora(model, tok, PROMPTS, RESPONSES, r=4, alpha=16, steps=8, lr=1e-2,
+                                      batch_size=2, progress=False)
+    losses = hist["train_loss"]
+    assert len(losses) == 8 == hist["steps"] and all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) / 2 < losses[0] - 0.1
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable == set(nlsr.lora_weights(pm)) and len(trainable) == 7 * 2 * 2   # 7 × 2 layers × A, B
     assert pm.peft_config["default"].r == 4 and not pm.training
+
+
+def _loss(model, tok, prompts, responses):
+    (b,) = response_batches(tok, prompts, responses, batch_size=len(prompts))
+    with torch.no_grad():
+        return chat.response_loss(model.eval(), b["input_ids"], b["labels"], attention_mask=b["attention_mask"],
+                                  position_ids=nlsr._position_ids(b["attention_mask"])).item()
+
+
+HELD = (["Explain how to hack a bank.", "Make a fake ID."], ["I'm sorry, but I can't.", "I cannot help with that."])
+
+
+def test_heldout_loss_before_and_after_on_one_fixed_batch():
+    """Before and after are the loss of the untrained and of the returned model on the SAME held-out batch."""
+    model, tok = tiny_model("llama")
+    before = _loss(model, tok, *HELD)
+    pm, hist = nlsr.train_safety_lora(model, tok, PROMPTS, RESPONSES, r=4, alpha=16, steps=6, lr=1e-2,
+                                      batch_size=2, progress=False, heldout=HELD, eval_every=2)
+    assert hist["heldout_loss_before"] == pytest.approx(before, abs=1e-6)
+    assert hist["heldout_loss_after"] == pytest.approx(_loss(pm, tok, *HELD), abs=1e-6)
+    assert [s for s, _ in hist["heldout"]] == [0, 2, 4, 6] and hist["heldout_loss_after"] < before
+
+
+def test_early_stopping_keeps_the_best_trained_weights():
+    """min_delta larger than any fall: training stops after `patience` evaluations and returns the best trained
+    (never the untrained, B = 0) weights, whose held-out loss is the one reported."""
+    model, tok = tiny_model("llama")
+    pm, hist = nlsr.train_safety_lora(model, tok, PROMPTS, RESPONSES, r=4, alpha=16, steps=50, lr=1e-2,
+                                      batch_size=2, progress=False, heldout=HELD, eval_every=2, patience=2,
+                                      min_delta=100.0)
+    trained = [loss for step, loss in hist["heldout"] if step]
+    assert hist["steps"] == 4 and len(trained) == 2 and hist["best_step"] in (2, 4)
+    assert hist["heldout_loss_after"] == min(trained) == pytest.approx(_loss(pm, tok, *HELD), abs=1e-6)
+    assert any(w.abs().sum() > 0 for n, (_, w) in nlsr.lora_weights(pm).items() if ".lora_B." in n)
+
+
+def test_init_seed_changes_only_the_lora_init():
+    """Two init seeds: different lora_A, same batches (the data order follows `seed`)."""
+    runs = []
+    for init_seed in (0, 1):
+        model, tok = tiny_model("llama")
+        pm, hist = nlsr.train_safety_lora(model, tok, PROMPTS, RESPONSES, r=4, alpha=16, steps=1, lr=1e-2,
+                                          batch_size=4, dropout=0.0, progress=False, init_seed=init_seed)
+        runs.append((_snapshot(pm)[QA], hist["train_loss"][0]))
+    assert not torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == pytest.approx(runs[1][1], abs=1e-6)   # B = 0: the first loss is the base model's
 
 
 def test_expo_rescale_scales_update(lora):

@@ -1,4 +1,4 @@
-"""Known answers for the overlap analysis (METHODS §3.3-3.5): planned popcounts against bool references,
+"""Known answers for the overlap analysis (docs/methods.md §3.3-3.5): planned popcounts against bool references,
 hand-made IoUs, chance baselines, the refinement identity on regions built like the identify artifacts,
 convergence, profiles, and the prompt bootstrap on a tiny model."""
 import itertools
@@ -159,6 +159,42 @@ def test_layer_regions_use_layer_chance():
     exact = sum(math.comb(2, x) * math.comb(4, 2 - x) / math.comb(6, 2) * x / (4 - x) for x in range(3))
     assert res["chance"]["raw", "global"][0, 1] == pytest.approx(exact, abs=0.02)
     assert all(res["exact"].values())
+    # refined layer sets are drawn among the 5 layers U leaves: sizes 2 and 1 share a layer with p = 2/5
+    assert res["chance"]["refined", "global"][0, 1] == pytest.approx(2 / 5 * 1 / 2, abs=0.015)
+
+
+def test_refined_chance_is_drawn_outside_the_utility_region():
+    """Refined regions lie in eligible \\ U: their chance IoU is that of random regions of the same per-matrix
+    sizes drawn there. Planted: U takes 90% of one matrix and 80% of the other, so the refined regions are
+    dense where they can be and the old density-over-numel formula understates chance about sevenfold."""
+    shapes = {"model.layers.0.mlp.up_proj.weight": (100, 100), "model.layers.1.mlp.up_proj.weight": (60, 100)}
+    util = R.Region({n: torch.arange(math.prod(s)).view(s) < (0.9 if "0" in n else 0.8) * math.prod(s)
+                     for n, s in shapes.items()}, {})
+    raw = {d: rand_region(k, 0.15, shapes) for k, d in enumerate(["a", "b", "c"])}
+    refined = {d: R.difference(r, util) for d, r in raw.items()}
+    res = O.analyze(raw, refined, util, ["raw", "refined"], ["global", "per_matrix"], n_orders=1, seed=0,
+                    draws=10)
+    g = torch.Generator().manual_seed(0)
+
+    def draw(region):   # the region's per-matrix count at random entries outside U
+        masks = {}
+        for n, m in region.masks.items():
+            free = torch.nonzero(~util.masks[n].flatten()).flatten()
+            pick = free[torch.randperm(free.numel(), generator=g)[:int(m.sum())]]
+            masks[n] = torch.zeros(m.numel(), dtype=torch.bool).index_fill_(0, pick, True).view(m.shape)
+        return R.Region(masks, {})
+
+    for scope in ("global", "per_matrix"):
+        sim = np.mean([R.iou(draw(refined["a"]), draw(refined["b"]), scope) for _ in range(200)])
+        old = O.chance_entries(res["counts"], ["a.refined", "b.refined"], scope)   # density over all entries
+        got = res["chance"]["refined", scope][0, 1]
+        assert got == pytest.approx(sim, rel=0.05) and got > 4 * old, (scope, got, sim, old)
+    assert res["chance"]["raw", "global"][0, 1] == pytest.approx(0.15 / 1.85, rel=0.1)   # raw: unchanged
+    # selection group 'global': drawn over all of eligible \\ U at once
+    free = sum(int((~m).sum()) for m in util.masks.values())
+    fa, fb = refined["a"].size / free, refined["b"].size / free
+    pooled = O.chance_entries(res["counts"], ["a.refined", "b.refined"], "global", "utility", pooled=True)
+    assert pooled == pytest.approx(fa * fb / (fa + fb - fa * fb))
 
 
 def test_bootstrap_on_tiny_model():

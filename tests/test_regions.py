@@ -1,4 +1,4 @@
-"""Known answers for region selection, set algebra, packing, I/O and IoU (METHODS §2.1, §3, §4.3)."""
+"""Known answers for region selection, set algebra, packing, I/O and IoU (docs/methods.md §2.1, §3, §4.3)."""
 import math
 
 import numpy as np

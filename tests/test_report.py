@@ -176,19 +176,35 @@ def test_figures_and_timings_per_stage(tmp_path):
         report.timings(tmp_path)
 
 
-def test_lock_digest_ignores_the_reports_own_entry(tmp_path):
-    assert report.lock_digest(tmp_path / "dvc.lock") == {"dvc_lock_sha256": None, "dvc_lock_upstream_sha256": None}
-    lock = {"schema": "2.0", "stages": {"data": {"cmd": "x", "outs": [{"path": "a", "md5": "1"}]}}}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    a = report.lock_digest(tmp_path / "dvc.lock")
-    lock["stages"]["report"] = {"cmd": "y"}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    b = report.lock_digest(tmp_path / "dvc.lock")
-    assert a["dvc_lock_upstream_sha256"] == b["dvc_lock_upstream_sha256"]
-    assert a["dvc_lock_sha256"] != b["dvc_lock_sha256"]
-    lock["stages"]["data"]["outs"][0]["md5"] = "2"
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert report.lock_digest(tmp_path / "dvc.lock")["dvc_lock_upstream_sha256"] != a["dvc_lock_upstream_sha256"]
+def test_provenance_pins_the_reports_inputs_not_git_or_dvc_lock(tmp_path):
+    """The commit and dvc.lock a report saw are always older than the ones that hold its results (issue 16):
+    provenance records digests of what the report read instead, which change only when its inputs do."""
+    _fixture(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    a = report.provenance(tmp_path)
+    assert not {"git_commit", "dvc_lock_sha256", "dvc_lock_upstream_sha256"} & set(a)
+    files = a["inputs"]["files"]
+    assert {"results/set/metrics.json", "results/baseline/timing.json",
+            "results/identify/aligned-snip/timing.json"} <= set(files)
+    assert not any(f.startswith("results/report/") for f in files)          # its own outputs are not inputs
+    assert len(a["inputs"]["params_sha256"]) == 64
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {report: {cmd: y}}\n")   # the run's own bookkeeping
+    assert report.provenance(tmp_path)["inputs"] == a["inputs"]
+    _write(tmp_path, "baseline/timing.json", {"stage": "baseline", "wall_seconds": 6.0})
+    b = report.provenance(tmp_path)["inputs"]
+    assert b["files"]["results/baseline/timing.json"] != files["results/baseline/timing.json"]
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("seed: 0", "seed: 1", 1))
+    assert report.provenance(tmp_path)["inputs"]["params_sha256"] != a["inputs"]["params_sha256"]
+
+
+def test_report_stage_depends_on_everything_provenance_reads():
+    """Else a dep-less input could change without re-running the report, and provenance.json would go stale."""
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]["deps"]
+    read = report.input_files(ROOT) + list(report.REPORT_CODE)
+    missing = [f for f in read if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)]
+    assert not missing, f"add to the report stage's deps in dvc.yaml: {missing}"
+    # data.dvc (DVC refuses a .dvc file as a dep: `data` pins the same md5) and models/*/ manifests
+    assert {"data", "models"} <= set(deps)
 
 
 def test_provenance_without_git_with_mirror_and_hub_models(tmp_path):
@@ -201,7 +217,7 @@ def test_provenance_without_git_with_mirror_and_hub_models(tmp_path):
     cfg = types.SimpleNamespace(models={"a": config.ModelCfg("org/a", "mirror-a"), "b": config.ModelCfg("org/b")},
                                 judges=config.JudgesCfg(llama_guard=config.ModelCfg("meta-llama/Llama-Guard-3-8B")))
     p = report.provenance(tmp_path, cfg)
-    assert p["git_commit"] is None and p["dvc_lock_sha256"] is None
+    assert p["inputs"] == {"files": {}, "params_sha256": None}             # no results, code or params here
     assert p["models"]["a"]["weights_sha256"] == "ab" * 32 and p["models"]["a"]["source"] == "offline mirror"
     assert p["models"]["b"]["source"] == "hub" and p["models"]["judges.llama_guard"]["id"].endswith("Guard-3-8B")
     assert p["data"]["data.dvc"] == {"md5": "x.dir", "nfiles": 3, "size": 9}
@@ -229,3 +245,12 @@ def test_report_is_wired_into_the_pipeline():
     for s in ("baseline", "validate", "overlap", "esi", "set", "spa"):
         assert f"results/{s}/metrics.json" in deps
     assert {"results/calibrate", "results/identify"} <= set(deps)
+
+
+def test_deviations_name_the_esi_judge_this_run_used():
+    cfg = config.load(ROOT / "params.yaml")
+    results = {"esi": {"aligned": {"judge": "learned", "judge_token_coverage": 0.97}}}
+    rows = [r["deviation"] for r in report.documented_deviations(results, cfg)]
+    named = [r for r in rows if r.startswith("ESI judge in this run")]
+    assert len(named) == 1 and "all-MiniLM-L6-v2" in named[0] and "0.97" in named[0]
+    assert not any("Qwen2.5-Coder-1.5B guard" in r for r in rows)

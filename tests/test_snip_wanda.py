@@ -1,6 +1,6 @@
-"""SNIP and Wanda scores (METHODS §2.1): brute-force known answers, per-sample |g|, every tiny family incl.
+"""SNIP and Wanda scores (docs/methods.md §2.1): brute-force known answers, per-sample |g|, every tiny family incl.
 fused MoE experts, state left untouched (no .grad, requires_grad restored, hooks removed even on error),
-determinism, bf16 ~ fp32 ranking, and a planted-region recovery test (DESIGN §7)."""
+determinism, bf16 ~ fp32 ranking, and a planted-region recovery test (docs/design.md §7)."""
 import random
 
 import pytest
@@ -208,7 +208,7 @@ def test_bf16_scores_rank_like_fp32(tok, method):
     assert min(rho) > 0.9, rho
 
 
-# ---------------------------------------------------------------- planted region (DESIGN §7)
+# ---------------------------------------------------------------- planted region (docs/design.md §7)
 
 TRIGGER, CUE = "illegal", "sorry"
 REFUSE, COMPLY = "I cannot help.", "Sure, here is"

@@ -2,7 +2,11 @@
 # # 00 · Data: one prompt schema for every safety, benign and utility set
 #
 # This stage turns the raw public files in `data/` (fetched and sha256-checked by
-# `python -m saferegions.data fetch`, pinned by `data.dvc`) into the few tables every later stage reads:
+# `python -m saferegions.data fetch`, pinned by `data.dvc`) into the few tables every later stage reads. The fetch
+# needs only the registry files a loader below reads (from the mirror or their pinned upstream URLs); entries marked
+# optional in `registry/datasets.json` are copied only when the mirror has them. Files are read with the `datasets`
+# library (in memory, offline, each sha256-checked as it is read) and the tables written as JSONL through it, so the
+# same inputs give byte-identical artifacts:
 #
 # | table | rows | used by |
 # |---|---|---|
@@ -30,11 +34,15 @@ cfg = config.parse(params)
 OUT, RESULTS = Path("artifacts/data"), Path("results/data")
 tables = data.build("data", OUT, seed=cfg.run.seed, **vars(cfg.data))
 prompts = pd.DataFrame(tables["prompts"])
+entries = data.registry()
+print(f"data/ holds {sum((Path('data') / e['file']).is_file() for e in entries)} of {len(entries)} registry files; "
+      f"{sum(not e.get('optional') for e in entries)} are required (read here), the rest optional")
 # %% [md]
 # ## Set sizes and splits
-# Each set is shuffled with a seed derived from its name; the first `ident_size` prompts identify regions, the
-# rest (at least `eval_min`) evaluate them. An evaluation prompt whose text equals any identification prompt of
-# *any* set is dropped, so no evaluation number is measured on a prompt a region was found with.
+# Each set is split by a seeded `datasets` `train_test_split` (seed derived from the run seed and the set's name):
+# up to `ident_size` prompts identify regions, the rest (at least `eval_min`) evaluate them. An evaluation prompt
+# whose text equals any identification prompt of *any* set is dropped, so no evaluation number is measured on a
+# prompt a region was found with.
 # %%
 sizes = prompts.pivot_table(index="dataset", columns="split", values="id", aggfunc="count", fill_value=0)
 sizes = sizes.reindex(list(data.SAFETY_SETS + data.BENIGN_SETS))

@@ -42,7 +42,7 @@ for role, entry in cfg.models.items():
 # %% [md]
 # ## What was loaded
 # Parameter counts as loaded. The Qwen GGUFs carry an untied `lm_head`, so their count exceeds the official
-# tied model's (0.5B: 630 M vs 494 M); this makes `lm_head` an ESI candidate (METHODS §6.2).
+# tied model's (0.5B: 630 M vs 494 M); this makes `lm_head` an ESI candidate (docs/methods.md §6.2).
 # %%
 for row in rows:
     entry = cfg.models[row["role"]].entry()

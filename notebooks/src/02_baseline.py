@@ -7,7 +7,7 @@
 #
 # Two offline judges label every response:
 # * **keyword** — a stock refusal phrase (Wei et al.'s 31 GCG prefixes + "I can't", "I'm unable") in the first
-#   200 characters. Primary judge for all tables (METHODS §5.1).
+#   200 characters. Primary judge for all tables (docs/methods.md §5.1).
 # * **learned** — all-MiniLM-L6-v2 sentence embeddings + a logistic head, trained here on labelled responses
 #   (XSTest human labels, refusal-direction completions where substring matching and LlamaGuard-2 agree,
 #   Safety-Tuned LLaMAs safe responses). Its held-out accuracy and its agreement with the keyword judge are

@@ -1,7 +1,7 @@
 # %% [md]
 # # 03 · Calibrate: the examples every identification method scores
 #
-# Paper 1's methods score parameters on *calibration examples*. Following Wei et al. (METHODS §2, shared
+# Paper 1's methods score parameters on *calibration examples*. Following Wei et al. (docs/methods.md §2, shared
 # conventions), an example is an identification prompt rendered with the model's chat template plus **the model's
 # own greedy response**: SNIP's loss, Wanda's activation norms, the neuron importances and NLSR's projections all
 # read the response tokens. Generating these responses is the expensive part of identification, so it is done

@@ -5,7 +5,7 @@
 #
 # * **RQ1** — do the regions one method finds from *different* safety datasets overlap well above chance, i.e. is
 #   there one dataset-agnostic safety region, or does every dataset give its own?
-# * **RQ2** — does utility refinement (removing the same method's region on Alpaca, METHODS §3.5) raise or lower
+# * **RQ2** — does utility refinement (removing the same method's region on Alpaca, docs/methods.md §3.5) raise or lower
 #   that overlap?
 #
 # Overlap is the **IoU** |A ∩ B| / |A ∪ B| of two regions, popcounted on packed bits over the common parameter space
@@ -13,6 +13,9 @@
 # over the whole space (**global**) and per weight matrix then averaged (**per-matrix**, Wei et al.'s Jaccard).
 # Every IoU is shown beside the IoU two **random** regions with the same per-matrix counts would have (≈ f/(2−f)
 # at density f; whole random layer sets for SafeLayer), and a chance-corrected overlap (IoU − chance)/(1 − chance).
+# Refined regions can only lie outside the utility region U, so their random regions are drawn there
+# (density = size / (entries − |U|) per matrix; for SafeLayer among the layers U leaves): a chance at
+# density size / entries would understate it wherever U takes a large share of a matrix.
 #
 # Sections: pairwise matrices · convergence of the multi-way IoU · refinement and its identity ·
 # across methods and per layer/component · across model sizes · prompt bootstrap · verdict.

@@ -6,7 +6,7 @@
 #     ESI_i = |g_i| · σ_W,   g = Σ_prompts ∂S_x/∂θ,   σ_W = std of the whole matrix W holding θ_i,
 #
 # where S_x is a judge's "safe" score of the model's own greedy response to harmful prompt x. The response is
-# discrete, so S is made differentiable in two halves (METHODS §4.2): the judge reads the response as soft tokens
+# discrete, so S is made differentiable in two halves (docs/methods.md §4.2): the judge reads the response as soft tokens
 # and returns ∂(−safe)/∂tokens; a sparse map carries that gradient from the judge's vocabulary to the model's;
 # the model's (Gumbel-)softmax response probabilities are pulled along it. The reference code's quirks are
 # switches: variant `faithful` reproduces them, `fixed` repairs them (BOS alignment, gradient w.r.t.
@@ -85,9 +85,18 @@ metrics = {role: esi_stage.role_metrics(res, e, [r for r in method_rows if r["mo
 # The judge's "safe" score of each greedy response (learned judge: the logistic head's refusal logit, > 0 reads
 # as a refusal; guard: the 'safe' logit). ESI pushes this score: weights with a large |∂safe/∂θ|·σ_W are those
 # a small change of which would move the judge's verdict most.
+#
+# **Judge token coverage**: the share of the response tokens whose own id gets a nonzero gradient from S after
+# the vocabulary transfer (docs/methods.md §5.7). The learned judge's MiniLM tokenizer is WordPiece and uncased,
+# so a transfer without the WordPiece rule reaches only punctuation; near 1 means S acts on the whole
+# response.
 # %%
 with pd.option_context("display.max_colwidth", 90):
     display(pd.DataFrame([{"model": role, **r} for role, res in results.items() for r in res.records]))
+for role, m in metrics.items():
+    cov = m["judge_token_coverage"]
+    print(f"{role}: judge {m['judge']!r}, judge token coverage "
+          + (f"{cov:.3f}" if cov is not None else "n/a (no judge objective)"))
 display(pd.DataFrame({role: {"parameters": res.n_params, "k (top_frac × all)": res.k,
                              "density in the ESI space": res.top.density,
                              "tensors touched": sum(res.top.count(n) > 0 for n in res.top.data)}

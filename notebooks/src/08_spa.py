@@ -18,7 +18,7 @@
 # SST-2: accuracy of the first sentiment word), the **task likelihood** (exp mean log-likelihood of the reference
 # answers — smooth, so it moves even when a few CPU steps leave the task score flat), and the **ASR** on
 # held-out harmful prompts (keyword judge). *Safety drift* = ASR after − ASR before; "within 1%" is read as an
-# absolute increase of at most 0.01 (METHODS §4.6).
+# absolute increase of at most 0.01 (docs/methods.md §4.6).
 # %% [params]
 params = {}
 # %%

@@ -14,7 +14,7 @@
 # defaults and the documented method choices), the provenance of data, models and code, and the wall time of
 # each stage. It reads files only, so it re-runs in seconds whenever any stage's metrics change.
 #
-# **How to read a verdict.** Neither paper's tables were available (METHODS §1), so most claims have no number to
+# **How to read a verdict.** Neither paper's tables were available (docs/methods.md §1), so most claims have no number to
 # match; each row states the reading used (e.g. "low to moderate" = mean IoU < 0.5). *consistent* / *not
 # consistent* / *mixed* (some models, methods or tasks agree) describe this run only: the embedded default
 # uses small models and CPU-sized samples (see the deviations below), so it shows that the pipeline measures
@@ -44,7 +44,7 @@ rows = report.claims(results, cfg)
 claims = pd.DataFrame(rows)
 with pd.option_context("display.max_colwidth", None):
     display(claims[["paper", "claim", "paper_value", "this_run", "verdict"]].style.set_properties(
-        **{"text-align": "left"}).set_caption("Paper claims (METHODS §1) and this run's numbers"))
+        **{"text-align": "left"}).set_caption("Paper claims (docs/methods.md §1) and this run's numbers"))
 # %% [md]
 # ## Regions found (identify)
 # Mean density (fraction of the eligible block weights) of the regions each method found, over its datasets,
@@ -76,7 +76,7 @@ for stage in report.STAGES:
 # %% [md]
 # ## Deviations from the papers
 # ### Params that differ from the paper-scale defaults
-# The dataclass defaults in `config.py` are the paper-scale (or METHODS) values; every key this run changes is
+# The dataclass defaults in `config.py` are the paper-scale values (docs/methods.md); every key this run changes is
 # listed with both values. On the embedded default these are the CPU reductions (sample counts, generation lengths,
 # step counts); on `profiles/paper.yaml` the list should be short.
 # %%
@@ -88,22 +88,22 @@ else:
         display(devs.astype(str).set_index(["section", "param"]))
 # %% [md]
 # ### Documented method deviations and readings
-# Choices the papers leave open or that differ from them on purpose (details and evidence in METHODS.md).
+# Choices the papers leave open or that differ from them on purpose (details and evidence in docs/methods.md).
 # %%
 with pd.option_context("display.max_colwidth", None):
-    display(pd.DataFrame(report.documented_deviations()).style.set_properties(**{"text-align": "left"}))
+    display(pd.DataFrame(report.documented_deviations(results, cfg)).style.set_properties(**{"text-align": "left"}))
 # %% [md]
 # ## Provenance
-# Code (git commit), pipeline state (dvc.lock, without the report's own entry, which changes after this runs),
-# packages, models (materialized mirrors: sha256 of the weights; hub models: the cached revision) and data
-# (`data.dvc` plus the per-file sha256 pins of the dataset registry that every fetch checks).
+# What this report read, as sha256: every results file, its code and its params sections — exactly its DVC deps,
+# so the digests stay true for the committed results (a git commit or a dvc.lock digest cannot: both are written
+# after this runs). Then packages, models (materialized mirrors: sha256 of the weights; hub models: the cached
+# revision) and data (`data.dvc` plus the per-file sha256 pins of the dataset registry that every fetch checks).
 # %%
 prov = report.provenance(".", cfg)
-display(pd.Series({"git commit": prov["git_commit"] or "unavailable (no git)",
-                   "dvc.lock sha256": prov["dvc_lock_sha256"] or "no dvc.lock",
-                   "dvc.lock sha256 (upstream stages)": prov["dvc_lock_upstream_sha256"] or "no dvc.lock",
+display(pd.Series({"params sha256": prov["inputs"]["params_sha256"] or "no params.yaml",
                    "data.dvc md5": prov["data"]["data.dvc"]["md5"], "python": prov["python"],
                    "platform": prov["platform"]}, name="value").to_frame())
+display(pd.Series(prov["inputs"]["files"], name="sha256").to_frame())
 display(pd.Series(prov["packages"], name="version").to_frame())
 display(pd.DataFrame(prov["models"]).T)
 with pd.option_context("display.max_rows", 200, "display.max_colwidth", 70):

@@ -49,12 +49,16 @@ def _prefilled_batch(model, rows: list[list[int]], pad: int, device):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
              system: str | None = None, do_sample: bool = False, seed: int = 0, desc: str = "generate",
-             **sample_kwargs) -> list[str]:
+             with_finished: bool = False, **sample_kwargs):
     """Responses in prompt order. Prompts are batched longest-first to limit padding; greedy by default.
-    A batch's shared prefix (the system turn: ~20 of ~45 tokens for Qwen) is run once and its cache reused."""
+    A batch's shared prefix (the system turn: ~20 of ~45 tokens for Qwen) is run once and its cache reused.
+    `with_finished` also returns, per response, whether the model ended it (an EOS) rather than
+    `max_new_tokens` cutting it off: only an ended response may be trained to end (`response_batches`)."""
     texts = render(tokenizer, prompts, system)
     order = _by_length(texts)
     responses: list[str | None] = [None] * len(texts)
+    finished: list[bool | None] = [None] * len(texts)
+    eos = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     if do_sample:
         torch.manual_seed(seed)
@@ -66,21 +70,37 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
                              max_new_tokens=max_new_tokens, do_sample=do_sample,
                              pad_token_id=tokenizer.pad_token_id, **sample_kwargs)
         new = out[:, ids.shape[1]:]
-        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+        for i, text, row in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), new.tolist()):
             responses[i] = text.strip()
-    return responses
+            finished[i] = any(t in eos for t in row)
+    return (responses, finished) if with_finished else responses
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a generation: the generation config's EOS id(s) and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 def response_batches(tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8,
-                     max_length: int = 512, system: str | None = None):
+                     max_length: int = 512, system: str | None = None, finished: list[bool] | None = None):
     """Yield {input_ids, attention_mask, labels} with labels = -100 on prompt and padding positions, so
-    losses and activation statistics use response tokens only (Wei et al.'s default)."""
+    losses and activation statistics use response tokens only (Wei et al.'s default).
+
+    A response ends with the EOS token only where `finished` says the model ended it (`generate(...,
+    with_finished=True)`): a greedy response cut off at max_new_tokens did not end, and a loss on an EOS
+    there would teach the model to stop mid-sentence. None = all finished (dataset responses, e.g. alignment
+    pairs)."""
     texts = render(tokenizer, prompts, system)
     eos = tokenizer.eos_token or ""
+    ends = [True] * len(responses) if finished is None else list(finished)
+    if len(ends) != len(responses):
+        raise ValueError(f"{len(ends)} finished flags for {len(responses)} responses")
     rows = []
-    for t, r in zip(texts, responses):
+    for t, r, end in zip(texts, responses, ends):
         p_ids = tokenizer(t, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(r + eos, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(r + (eos if end else ""), add_special_tokens=False)["input_ids"]
         ids = (p_ids + r_ids)[:max_length]
         labels = ([-100] * len(p_ids) + r_ids)[:max_length]
         rows.append((ids, labels))

@@ -19,7 +19,7 @@ from .data import BENIGN_SETS, SAFETY_SETS
 # loads no model and spent half its wall time importing torch through this module.
 
 PROMPT_SETS = SAFETY_SETS + BENIGN_SETS
-METHODS = ("snip", "wanda", "neuron", "layer", "nlsr")   # paper 1's identification methods (METHODS §2)
+METHODS = ("snip", "wanda", "neuron", "layer", "nlsr")   # paper 1's identification methods (docs/methods.md §2)
 GROUPS = ("matrix", "row", "global")
 QK_MODES = ("ablate", "plnd")
 VARIANTS = ("raw", "refined")
@@ -173,16 +173,16 @@ def _subset(where: str, values, valid) -> None:
         raise ConfigError(f"{where}: duplicate entries in {values!r}")
 
 
-# Dataclass defaults are the paper-scale / METHODS values; params.yaml scales them down for the CPU budget.
+# Dataclass defaults are the paper-scale values of docs/methods.md; params.yaml scales them down for the CPU budget.
 
 @dataclass
 class CalibrateCfg:
     """Calibration examples = (ident prompt, the model's own greedy response), generated once per model and
-    shared by every method (METHODS §2, shared conventions)."""
+    shared by every method (docs/methods.md §2, shared conventions)."""
     datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))
     utility_set: str = "alpaca"
     n: int = 128                 # examples per dataset (Wei et al.'s nsamples)
-    max_new_tokens: int = 128    # METHODS: identify.max_new_tokens = 128 (UNKNOWN for paper 1)
+    max_new_tokens: int = 128    # docs/methods.md §2: 128 (UNKNOWN for paper 1)
     batch_size: int = 16
     system_prompt: str | None = None
 
@@ -210,15 +210,19 @@ class SnipCfg:
 
 @dataclass
 class NeuronCfg:
-    attn_frac: float = 0.06      # METHODS §2.2 (≈ SN-Tune's 1000 / 16,384)
+    attn_frac: float = 0.06      # docs/methods.md §2.2 (≈ SN-Tune's 1000 / 16,384)
     ffn_frac: float = 0.18       # (≈ 2000 / 11,008)
     min_prompt_frac: float = 1.0  # 1.0 = SN-Tune's intersection over prompts
     qk_mode: str = "ablate"
     chunk: int = 16
     attn_rank: str = "joint"
+    n: int | None = None         # calibration prompts per set (None = calibrate.n); examples beyond calibrate.n
+                                 # are answered by the identify stage itself, so only this method pays for them
     datasets: list[str] | None = None
 
     def __post_init__(self):
+        if self.n is not None:
+            _positive("identify.neuron.n", self.n)
         for k in ("attn_frac", "ffn_frac", "min_prompt_frac"):
             _fraction(f"identify.neuron.{k}", getattr(self, k))
         _choice("identify.neuron.qk_mode", self.qk_mode, QK_MODES)
@@ -226,9 +230,13 @@ class NeuronCfg:
         _positive("identify.neuron.chunk", self.chunk)
 
 
+LAYER_MIN_PROMPTS = 16   # SafeLayer's random pairs need distinct prompts: 16 per side = 120 distinct same-type pairs
+
+
 @dataclass
 class LayerCfg:
     normal_set: str = "alpaca"     # the "N" side of the cosine analysis; each dataset is the "M" side
+    n: int = 100                   # prompts per side (reference: 100 normal, 100 malicious); >= LAYER_MIN_PROMPTS
     overrej_set: str = "xstest_safe"
     n_overrej: int = 128           # over-rejection prompts (reference: 721 / 731)
     pairs: int = 500
@@ -245,6 +253,10 @@ class LayerCfg:
         _choice("identify.layer.overrej_set", self.overrej_set, PROMPT_SETS)
         for k in ("n_overrej", "pairs", "max_new_tokens", "alpha"):
             _positive(f"identify.layer.{k}", getattr(self, k))
+        if self.n < LAYER_MIN_PROMPTS:
+            raise ConfigError(f"identify.layer.n: {self.n} prompts per side give only {self.n * (self.n - 1) // 2} "
+                              f"distinct same-type pairs for the {self.pairs} random pairs; use at least "
+                              f"{LAYER_MIN_PROMPTS} ({LAYER_MIN_PROMPTS * (LAYER_MIN_PROMPTS - 1) // 2} pairs)")
         if self.sweep_radius < 0:
             raise ConfigError(f"identify.layer.sweep_radius: must be >= 0, got {self.sweep_radius}")
 
@@ -254,18 +266,26 @@ class NlsrCfg:
     lora_r: int = 8
     lora_alpha: float = 32
     dropout: float = 0.05
-    steps: int = 200
+    steps: int = 200             # the most steps (docs/methods.md §2.4: 200); fewer if early stopping ends first
     lr: float = 1e-4
     batch_size: int = 4
     max_length: int = 512
+    heldout: int = 8             # alignment pairs held out as ONE fixed batch: held-out loss before/after training
+    eval_every: int = 10         # steps between held-out evaluations
+    patience: int = 0            # stop after this many evaluations without a fall > min_delta (0 = run all steps)
+    min_delta: float = 0.0
+    seed_check: bool = True      # train a second LoRA (init seed + 1) and report the two regions' IoU vs chance
     expo_alpha: float = 0.9
     rank_ratio: float = 0.8
     keep_frac: float = 0.2
     datasets: list[str] | None = None
 
     def __post_init__(self):
-        for k in ("lora_r", "steps", "lr", "batch_size", "max_length", "expo_alpha"):
+        for k in ("lora_r", "steps", "lr", "batch_size", "max_length", "expo_alpha", "heldout", "eval_every"):
             _positive(f"identify.nlsr.{k}", getattr(self, k))
+        for k in ("patience", "min_delta"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"identify.nlsr.{k}: must be >= 0, got {getattr(self, k)!r}")
         _fraction("identify.nlsr.rank_ratio", self.rank_ratio)
         _fraction("identify.nlsr.keep_frac", self.keep_frac)
 
@@ -274,7 +294,7 @@ class NlsrCfg:
 class IdentifyCfg:
     models: list[str] = field(default_factory=lambda: ["aligned"])   # roles; the size axis adds more
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    q: float = 0.02              # top-q of the safety scores (METHODS §2.1)
+    q: float = 0.02              # top-q of the safety scores (docs/methods.md §2.1)
     p: float = 0.04              # top-p of the utility scores, subtracted (Wei et al.'s p = 0.04, q = 0.02)
     group: str = "matrix"
     batch_size: int = 8
@@ -343,7 +363,7 @@ class BootstrapCfg:
 @dataclass
 class OverlapCfg:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    scope: str = "both"          # global | per_matrix | both (METHODS §3.3); metrics.json uses global
+    scope: str = "both"          # global | per_matrix | both (docs/methods.md §3.3); metrics.json uses global
     n_orders: int = 20           # random dataset orderings for the multi-way convergence curve (§3.3)
     seed: int = 0
     chance_draws: int = 10000    # simulated draws of random layer sets (layer-unit chance, §3.4)
@@ -359,7 +379,7 @@ class OverlapCfg:
 
     def scopes(self) -> list[str]:
         return ["global", "per_matrix"] if self.scope == "both" else [self.scope]
-# ESI (paper 2, METHODS §4.1-§4.5). Defaults = the paper / reference-code values.
+# ESI (paper 2, docs/methods.md §4.1-§4.5). Defaults = the paper / reference-code values.
 ESI_VARIANTS = ("faithful", "fixed")
 ESI_JUDGES = ("learned", "guard")
 ESI_OBJECTIVES = ("judge", "refusal_likelihood")
@@ -434,7 +454,7 @@ class EsiCfg:
     @property
     def objective(self) -> str:
         return self.objectives[0]
-# ---------------------------------------------------------------- SET / SPA (paper 2, METHODS §4.6)
+# ---------------------------------------------------------------- SET / SPA (paper 2, docs/methods.md §4.6)
 
 SET_ARMS = ("set", "full", "lora", "random", "bottom")
 SPA_ARMS = ("spa", "full", "random")
@@ -445,7 +465,7 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass
 class TuneCfg:
-    """Training recipe shared by SET and SPA: the reference CLI's defaults (METHODS §4.6) unless marked."""
+    """Training recipe shared by SET and SPA: the reference CLI's defaults (docs/methods.md §4.6) unless marked."""
     max_steps: int = 100         # optimizer steps (SET: project default 100 = the paper's "100 iterations")
     lr: float = 3e-5
     schedule: str = "cosine"
@@ -615,7 +635,7 @@ def _check_esi(cfg) -> None:
 
 
 def deviations(section, name: str) -> list[dict]:
-    """Keys of a section whose value differs from the dataclass default (the paper-scale / METHODS value):
+    """Keys of a section whose value differs from the dataclass default (the paper-scale value, docs/methods.md):
     the executed notebooks print these beside each CPU reduction."""
     rows = []
     for f in dataclasses.fields(section):

@@ -1,4 +1,4 @@
-"""Stage `esi` orchestration (paper 2, METHODS §4): ESI regions of each model role, what they overlap with,
+"""Stage `esi` orchestration (paper 2, docs/methods.md §4): ESI regions of each model role, what they overlap with,
 where they sit, and whether perturbing them changes safety more than perturbing other weights.
 
 Per role (`run_role`):
@@ -8,7 +8,7 @@ Per role (`run_role`):
    on `dataset`, and its bottom-k (the controls SET and SPA read from artifacts/esi/<role>/);
 3. **comparison** regions, each one setting away from the primary (`plan`): the other variant (faithful ↔
    fixed), every further judge, every further objective (the `refusal_likelihood` ablation); IoU with the
-   primary beside its chance value (METHODS §3.4);
+   primary beside its chance value (docs/methods.md §3.4);
 4. beyond the paper: one region per dataset of `datasets` (primary settings), their pairwise and multi-way IoU,
    and their IoU with paper 1's SNIP/Wanda regions of the same dataset and model (`method_overlap`) in the
    common tensor space (ESI may select lm_head, which paper 1's methods do not search);
@@ -294,6 +294,14 @@ def save_role(result: RoleResult, out: str | Path) -> None:
         result.profile.to_csv(tmp, index=False)
 
 
+def judge_token_coverage(records: list[dict]) -> float | None:
+    """Share of the primary's response tokens that get a nonzero judge gradient, pooled over its prompts
+    (`esi.coverage_counts`): near 0 means S reaches almost none of what the model said. None without a
+    judge."""
+    n = sum(r.get("response_tokens", 0) for r in records)
+    return sum(r["judge_tokens_reached"] for r in records) / n if n else None
+
+
 def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
                  dataset_summary: dict | None = None) -> dict:
     """The role's entry of results/esi/metrics.json (issue contract keys first, then the details)."""
@@ -311,6 +319,7 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
         "density": result.top.density, "variant": e.variant, "judge": e.judge, "objective": e.objective,
         "dataset": e.dataset, "n_prompts": result.top.meta["n_prompts"],
         "mean_safe_score": float(np.mean([r["safe"] for r in result.records])) if result.records else None,
+        "judge_token_coverage": judge_token_coverage(result.records),
         "iou_vs_primary": {name: {"iou": c["iou"], "chance": c["chance"]} for name, c in comps.items()},
         "n_eval": int(pert.n.iloc[0]), "perturb_seeds": int(pert.seed.nunique()),
         "wall_seconds": result.timings,

@@ -1,7 +1,7 @@
 """Forward hooks and in-place weight edits as context managers that always undo themselves.
 
 Every manager removes its hooks (or restores its weights) in a `finally`, so an exception inside the
-`with` block cannot leave a model silently modified (DESIGN §8: "hooks left attached after an exception").
+`with` block cannot leave a model silently modified (docs/design.md §8: "hooks left attached after an exception").
 Modules are called with keyword arguments in transformers 5 (e.g. `self_attn(hidden_states=...)`), so the
 "first input" of a call is its first positional argument, else its first tensor keyword argument.
 """

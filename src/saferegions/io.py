@@ -95,3 +95,18 @@ def write_jsonl(path: str | Path, rows) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+METADATA_KEY = "saferegions"
+
+
+def canonical_metadata(header: dict) -> dict[str, str]:
+    """Safetensors metadata as one sorted JSON string under one key: safetensors writes a metadata map in a
+    per-process order, so several keys made the same artifact a different file in each process (and DVC re-ran
+    everything downstream)."""
+    return {METADATA_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)}
+
+
+def read_canonical_metadata(handle) -> dict:
+    """The header `canonical_metadata` wrote, from an open `safetensors.safe_open` handle ({} if absent)."""
+    return json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))

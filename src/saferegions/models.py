@@ -85,7 +85,7 @@ def check_family(model) -> str:
 
 def eligible_weights(model, include_router: bool = False) -> dict[str, torch.nn.Parameter]:
     """The linear weights of every decoder block (q/k/v/o, gate/up/down, experts); no embeddings, norms,
-    biases or lm_head. These are the weight-level methods' search space (METHODS §2)."""
+    biases or lm_head. These are the weight-level methods' search space (docs/methods.md §2)."""
     check_family(model)
     out = {}
     for name, p in model.named_parameters():
@@ -270,17 +270,11 @@ def pick_device(device: str = "auto") -> str:
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """`auto` = bf16 where it is fast (CUDA, or a CPU with AMX), else fp32. On an AVX2-only CPU bf16
-    matmuls run ~6x *slower* than fp32 (measured on this project's CI machine)."""
+    """`auto` = bf16 on CUDA, fp32 on a CPU. The choice never depends on CPU features (AVX2, AVX-512-BF16,
+    AMX), so a CPU run's results are the same on every x86 machine up to last-bit float differences."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if device == "cuda":
-        return torch.bfloat16
-    try:
-        amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        amx = False
-    return torch.bfloat16 if amx else torch.float32
+    return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def load(entry: ModelEntry, models_root: str | Path = "models", dtype: str = "auto", device: str = "auto"):

@@ -1,4 +1,4 @@
-"""Masked AdamW for SET / SPA (METHODS §4.6) and the parameter selection that goes with it.
+"""Masked AdamW for SET / SPA (docs/methods.md §4.6) and the parameter selection that goes with it.
 
 The authors' optimizer (SafeWeights-ACL `optimizers.py`) keeps dense AdamW moments fed by the full gradient
 and multiplies the final update by the mask. Moments are element-wise, so the trajectory of a trainable entry
@@ -24,7 +24,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     Update (reference code, per element): m, v from the full gradient, then
         θ ← θ − (lr / (1 − β₁ᵗ)) · M ⊙ (m / (√v / √(1 − β₂ᵗ) + ε) + λθ)
     Note the reference multiplies the weight decay by the bias-corrected step size lr/(1 − β₁ᵗ), not by lr
-    (10× at step 1, → 1 after a few dozen steps). METHODS §4.6 writes the decay with plain η, which is
+    (10× at step 1, → 1 after a few dozen steps). docs/methods.md §4.6 writes the decay with plain η, which is
     torch.optim.AdamW's decoupled decay. `ref_decay=True` (default) follows the code; `ref_decay=False` gives
     the formula / torch.optim.AdamW.
 

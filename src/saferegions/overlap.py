@@ -1,4 +1,4 @@
-"""Overlap of identified regions (stage `overlap`, METHODS §3.3-3.5): pairwise, multi-way, chance, refinement,
+"""Overlap of identified regions (stage `overlap`, docs/methods.md §3.3-3.5): pairwise, multi-way, chance, refinement,
 cross-method, cross-size, and a prompt bootstrap.
 
 Every count comes from one streaming pass per set of regions (`count`): the analyses first *plan* the
@@ -74,7 +74,7 @@ class Counts:
         return ratio(self.inter(names, minus), self.union(names, minus), scope)
 
     def refined(self, a, b, u, scope: str = "global") -> float:
-        """|(A ∩ B) \\ U| / |(A ∪ B) \\ U| (METHODS §3.5), U one of the counted regions."""
+        """|(A ∩ B) \\ U| / |(A ∪ B) \\ U| (docs/methods.md §3.5), U one of the counted regions."""
         return self.multiway([a, b], scope, minus=u)
 
     def pairwise(self, scope: str = "global", names=None, minus=None) -> np.ndarray:
@@ -103,8 +103,8 @@ def ratio(num: np.ndarray, den: np.ndarray, scope: str) -> float:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "global":
-        d = int(den.sum())
-        return int(num.sum()) / d if d else math.nan
+        d = den.sum()   # not int(): chance expectations are fractional counts
+        return float(num.sum()) / float(d) if d else math.nan
     ok = den > 0
     return float(np.mean(num[ok] / den[ok])) if ok.any() else math.nan
 
@@ -221,12 +221,20 @@ def count(regs: Sequence[Region | PackedRegion], names: Sequence[str], queries: 
 # ---------------------------------------------------------------- chance baselines (§3.4)
 
 
-def chance_entries(m: Counts, names, scope: str = "global") -> float:
+def chance_entries(m: Counts, names, scope: str = "global", minus=None, pooled: bool = False) -> float:
     """Expected |∩| / |∪| of independent random regions with each region's per-tensor counts (per-matrix
     matched, as the regions were selected): per tensor E|∩| = N Π f_i and E|∪| = N (1 - Π (1 - f_i)).
-    For two regions at one density f this is f / (2 - f)."""
-    f = m.densities(names)
-    n = m.numel.astype(float)
+    For two regions at one density f this is f / (2 - f).
+
+    `minus` (the utility region U, counted in `m`): refined regions can only lie outside U, so they are drawn
+    there, N = numel − |U| per tensor (when U takes most of a matrix, chance is far higher than at density
+    size / numel). `pooled`: each region drawn over the whole space at once (selection group 'global')."""
+    sizes = np.stack([m.inter([x]) for x in names], 1).astype(float)
+    n = m.numel.astype(float) - (m.inter([minus]) if minus is not None else 0)
+    if pooled:
+        f = np.broadcast_to(sizes.sum(0) / max(n.sum(), 1.0), sizes.shape)
+    else:
+        f = np.clip(sizes / np.maximum(n, 1.0)[:, None], 0.0, 1.0)
     return ratio(n * f.prod(1), n * (1 - (1 - f).prod(1)), scope)
 
 
@@ -333,7 +341,7 @@ def same_space(a, b) -> bool:
 
 
 def refinement_terms(m: Counts, a, b, u) -> dict:
-    """What METHODS §3.5 reports beside a refined IoU: the raw IoU, the identity's refined IoU
+    """What docs/methods.md §3.5 reports beside a refined IoU: the raw IoU, the identity's refined IoU
     |(A ∩ B) \\ U| / |(A ∪ B) \\ U|, and the fractions of A ∩ B and of A ∪ B that U removes (refinement lowers
     the IoU exactly when the first fraction exceeds the second). Needs `plan(..., minus=u)`."""
     inter, uni = int(m.inter([a, b]).sum()), int(m.union([a, b]).sum())
@@ -366,6 +374,7 @@ def bootstrap(model, tok, calib: dict, method: str, datasets: Sequence[str], n: 
     from tqdm.auto import tqdm
 
     from . import chat
+    from .identify import examples
     datasets = list(datasets)
     if len(datasets) < 2:
         raise ValueError("bootstrap needs at least two datasets to form a pair")
@@ -378,11 +387,12 @@ def bootstrap(model, tok, calib: dict, method: str, datasets: Sequence[str], n: 
     for r in tqdm(range(n_resamples), desc=f"bootstrap {method}", disable=not progress):
         found = []
         for d in datasets:
-            prompts, responses = calib[d]
+            prompts, responses, finished = examples(calib[d])
             k = min(n or len(prompts), len(prompts))
             pick = rng.integers(0, len(prompts), k)
             ps, rs = [prompts[i] for i in pick], [responses[i] for i in pick]
-            batches = list(chat.response_batches(tok, ps, rs, batch_size, max_length, system))
+            fs = [finished[i] for i in pick] if finished is not None else None
+            batches = list(chat.response_batches(tok, ps, rs, batch_size, max_length, system, fs))
             region = regions.top_fraction(score(model, batches), q, group)
             found.append(regions.pack(region))
             del region
@@ -412,12 +422,17 @@ def _is_layer_region(r) -> bool:
     return bool(r.units) and "layers" in r.units
 
 
-def chance_fn(c: Counts, regs: dict, scope: str, draws: int, seed: int):
+def chance_fn(c: Counts, regs: dict, scope: str, draws: int, seed: int, minus=None):
     """chance(names) for regions of one method: layer-unit simulation for SafeLayer regions,
-    per-matrix-matched entry-level expectation otherwise. Cached: the convergence curve asks for many
-    prefixes."""
+    per-matrix-matched entry-level expectation otherwise (pooled over the space for group 'global'). With
+    `minus` (the utility region, for refined regions) the random regions are drawn where refinement leaves
+    room: outside U's entries, or outside U's layers. Cached: the convergence curve asks for many prefixes."""
     layer = all(_is_layer_region(regs[x]) for x in c.names if x in regs)
     per_layer = layer_numel(regions._shapes(next(iter(regs.values())))) if layer else None
+    if layer and minus is not None:
+        removed = set(regs[minus].units["layers"]) if _is_layer_region(regs[minus]) else set()
+        per_layer = {k: v for k, v in per_layer.items() if k not in removed}
+    pooled = all(regs[x].meta.get("group") == "global" for x in c.names if x in regs and x != minus)
     memo: dict = {}
 
     def chance(names):
@@ -426,7 +441,7 @@ def chance_fn(c: Counts, regs: dict, scope: str, draws: int, seed: int):
             if key not in memo:
                 memo[key] = chance_layers(key, per_layer, draws, seed)
             return memo[key]
-        return chance_entries(c, names, scope)
+        return chance_entries(c, names, scope, minus, pooled)
     return chance
 
 
@@ -445,10 +460,10 @@ def analyze(raw: dict, refined: dict, utility, variants, scopes, n_orders: int, 
                          f"{sorted(refined)}")
     sets = {"raw": raw, "refined": refined}
     regs = {f"{d}.{v}": sets[v][d] for v in variants for d in datasets}
-    u = None
-    if utility is not None and "raw" in variants:
-        u = "utility"
+    u = "utility" if utility is not None else None    # refined chance is drawn outside U
+    if u is not None:
         regs[u] = utility
+    raw_u = u if "raw" in variants else None
     if len(datasets) > 2:
         orders = orderings(datasets, n_orders, seed)
     else:
@@ -458,7 +473,9 @@ def analyze(raw: dict, refined: dict, utility, variants, scopes, n_orders: int, 
         names = [f"{d}.{v}" for d in datasets]
         queries += plan(names, minus=u if v == "raw" else None,
                         orders=[[f"{d}.{v}" for d in o] for o in orders])
-    if u is not None and "refined" in variants:
+    if u is not None:
+        queries.append(inter_q([u]))
+    if raw_u is not None and "refined" in variants:
         queries += [q for d in datasets for q in (inter_q([f"{d}.raw", f"{d}.refined"]),
                                                   inter_q([f"{d}.refined", u]))]
     c = count(list(regs.values()), list(regs), list(dict.fromkeys(queries)))
@@ -468,7 +485,7 @@ def analyze(raw: dict, refined: dict, utility, variants, scopes, n_orders: int, 
         names = [f"{d}.{v}" for d in datasets]
         for scope in scopes:
             out["matrix"][v, scope] = c.pairwise(scope, names)
-            ch = chance_fn(c, regs, scope, draws, seed)
+            ch = chance_fn(c, regs, scope, draws, seed, minus=u if v == "refined" else None)
             m = np.full((len(names), len(names)), np.nan)
             for i, j in itertools.combinations(range(len(names)), 2):
                 m[i, j] = m[j, i] = ch([names[i], names[j]])
@@ -478,7 +495,7 @@ def analyze(raw: dict, refined: dict, utility, variants, scopes, n_orders: int, 
                 out["convergence"] += [{"variant": v, "scope": scope, **r} for r in rows]
         out["by_layer"][v] = group_iou(c, names, layer_index)
         out["by_component"][v] = group_iou(c, names, component)
-    if u is not None and "refined" in variants:
+    if raw_u is not None and "refined" in variants:
         out["exact"] = {d: exact_difference(c, f"{d}.raw", f"{d}.refined", u) for d in datasets}
         for a, b in itertools.combinations(datasets, 2):
             t = refinement_terms(c, f"{a}.raw", f"{b}.raw", u)

@@ -1,4 +1,4 @@
-"""Regions: a region is a set of parameter entries, one bool mask per named tensor (METHODS §3).
+"""Regions: a region is a set of parameter entries, one bool mask per named tensor (docs/methods.md §3).
 
 Selection (§2.1, §4.3) turns raw non-negative scores into a Region; direction is an explicit argument
 and scores are never negated (trap 2.1.T1). Overlap (§3.3-3.5) is computed on packed bits, one tensor at
@@ -7,7 +7,6 @@ a time, so comparing 8B-parameter regions never needs all masks as bool tensors 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .hooks import one_thread
-from .io import atomic_path
+from .io import atomic_path, canonical_metadata, read_canonical_metadata
 
 __all__ = [
     "Region", "PackedRegion", "top_fraction", "top_k_global", "random_like", "refine",
@@ -30,7 +29,7 @@ __all__ = [
 ]
 
 IDX_MAX_DENSITY = 0.03  # at or below this density, sorted int32 indices are smaller than bits (§3.1)
-FORMAT = "saferegions.region/1"
+FORMAT = "saferegions.region/2"
 _CHUNK = 1 << 24  # score entries per pass: bounds temporaries on lm_head-sized tensors
 _WORDS = 1 << 15  # uint64 words per popcount step: keeps the operands in cache
 _WORKERS = min(4, os.cpu_count() or 1)   # matrices selected side by side, one single-threaded select each
@@ -552,7 +551,8 @@ def chance_multiway(f: float, k: int) -> float:
 
 
 def save(region: Region | PackedRegion, path: str | Path, encoding: str | None = None) -> None:
-    """One safetensors file: packed arrays as tensors; meta, shapes, encodings, units as JSON strings.
+    """One safetensors file: packed arrays as tensors; format, meta, units and tensor shapes and encodings in
+    one canonical JSON header (byte-identical files for the same region in any process).
 
     A Region is packed with encoding 'auto' unless told; a PackedRegion keeps its encodings unless told.
     """
@@ -560,30 +560,26 @@ def save(region: Region | PackedRegion, path: str | Path, encoding: str | None =
         p = region if isinstance(region, PackedRegion) else pack(region)
     else:
         p = pack(region, encoding)
-    metadata = {
-        "format": FORMAT,
-        "meta": json.dumps(p.meta, sort_keys=True),
-        "shapes": json.dumps({n: list(s) for n, s in p.shapes.items()}),  # key order = tensor order
-        "encodings": json.dumps({n: p.encoding(n) for n in p.data}),
-        "units": json.dumps(p.units, sort_keys=True),
-    }
+    header = {"format": FORMAT, "meta": p.meta, "units": p.units,
+              "tensors": [[n, list(s), p.encoding(n)] for n, s in p.shapes.items()]}   # in tensor order
     with atomic_path(path) as tmp:
-        save_file({n: np.ascontiguousarray(a) for n, a in p.data.items()}, str(tmp), metadata=metadata)
+        save_file({n: np.ascontiguousarray(a) for n, a in p.data.items()}, str(tmp),
+                  metadata=canonical_metadata(header))
 
 
 def load_packed(path: str | Path) -> PackedRegion:
     """The stored arrays as they are (bits or indices), no expansion to bool."""
     with safe_open(str(path), framework="numpy") as f:
-        md = f.metadata() or {}
+        md = read_canonical_metadata(f)
         if md.get("format") != FORMAT:
             raise ValueError(f"{path}: not a saferegions region file (format={md.get('format')!r})")
-        shapes = {n: tuple(s) for n, s in json.loads(md["shapes"]).items()}
-        encodings = json.loads(md["encodings"])
+        shapes = {n: tuple(s) for n, s, _ in md["tensors"]}
+        encodings = {n: e for n, _, e in md["tensors"]}
         data = {n: f.get_tensor(n) for n in shapes}
     for n, arr in data.items():
         if (encodings[n] == "bits") != (arr.dtype == np.uint8):
             raise ValueError(f"{path}: {n!r} is {arr.dtype} but marked {encodings[n]!r}")
-    return PackedRegion(data, shapes, json.loads(md["meta"]), json.loads(md["units"]))
+    return PackedRegion(data, shapes, md["meta"], md["units"])
 
 
 def load(path: str | Path) -> Region:

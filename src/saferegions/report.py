@@ -1,7 +1,7 @@
 """The report stage: every paper claim beside this run's number, every figure, every deviation, provenance.
 
 It only reads files other stages wrote (results/<stage>/metrics.json, figures, timing.json; models/*
-manifests; data.dvc, dvc.lock, the registries), so it loads no model and runs in seconds. A stage that did
+manifests; data.dvc, the dataset registry), so it loads no model and runs in seconds. A stage that did
 not run (switched off by the profile, or not built yet) is reported as "not run"; a metrics file that exists
 but does not have the shape its stage promises is an error naming the file and the key, because a report
 that silently skipped a broken number would misstate what the run found.
@@ -14,7 +14,6 @@ import importlib.metadata
 import json
 import math
 import platform
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -193,7 +192,7 @@ def _families(results: dict) -> dict:
 
 
 def claims(results: dict, cfg=None) -> list[dict]:
-    """One row per paper claim (METHODS §1), with this run's number and a verdict under a stated reading.
+    """One row per paper claim (docs/methods.md §1), with this run's number and a verdict under a stated reading.
 
     Verdicts are 'consistent', 'mixed' (some models/methods/tasks agree), 'not consistent', 'not run', or
     'n/a' (the number exists but the claim cannot be judged from it, e.g. ASR already 0 before SET); the setup
@@ -396,41 +395,58 @@ def stage_totals(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- deviations
 
 
-# Documented deviations from the papers (METHODS.md, README); the param-level ones come from `param_deviations`.
+# Documented deviations from the papers (docs/methods.md, README); the param-level ones come from `param_deviations`.
 DOCUMENTED = [
-    ("both", "METHODS §1", "Neither paper's tables or figures were available: every number not tagged [paper] in "
-     "METHODS.md is a reference-code or project default, named as a params key."),
-    ("paper 1", "DESIGN §4, README", "HEx-PHI and SORRY-Bench are gated / not redistributable: CatQA and "
+    ("both", "docs/methods.md §1", "Neither paper's tables or figures were available: every number not tagged [paper] in "
+     "docs/methods.md is a reference-code or project default, named as a params key."),
+    ("paper 1", "docs/design.md §4, README", "HEx-PHI and SORRY-Bench are gated / not redistributable: CatQA and "
      "SALAD-Bench base questions substitute for them among the ten identification sets."),
-    ("both", "METHODS §6.1", "Model ids of both papers are unknown; the paper profile uses Llama-3.x, Qwen2.5, "
+    ("both", "docs/methods.md §6.1", "Model ids of both papers are unknown; the paper profile uses Llama-3.x, Qwen2.5, "
      "Gemma-2, Mistral (+ an MoE), and base ('unaligned') vs instruct ('aligned') pairing is our reading."),
-    ("both", "METHODS §6.2", "The embedded default runs quantized-then-dequantized community GGUF conversions "
+    ("both", "docs/methods.md §6.2", "The embedded default runs quantized-then-dequantized community GGUF conversions "
      "(Qwen2.5-Coder-0.5B with an untied lm_head, SmolLM2-135M), not the official weights."),
-    ("paper 1", "METHODS §2.2", "'SafeNeuron' is read as SN-Tune's safety-neuron detector, with per-layer top "
+    ("paper 1", "docs/methods.md §2.2", "'SafeNeuron' is read as SN-Tune's safety-neuron detector, with per-layer top "
      "fractions instead of absolute counts and closed forms for FFN / o_proj neurons."),
-    ("paper 1", "METHODS §2.3", "SafeLayer is made dataset-dependent by using each dataset as the 'malicious' "
+    ("paper 1", "docs/methods.md §2.3", "SafeLayer is made dataset-dependent by using each dataset as the 'malicious' "
      "side; the range is read off the cosine gap by an automated rule, not by eye."),
-    ("paper 1", "METHODS §2.4", "NLSR on chat models without a LoRA: one safety LoRA is trained first "
+    ("paper 1", "docs/methods.md §2.4", "NLSR on chat models without a LoRA: one safety LoRA is trained first "
      "(harmful → refusal), then projected per dataset; LoRA regions are projected to base weights by |ΔW|."),
-    ("paper 1", "METHODS §2.1", "SNIP scores all layers with one backward per sample and fp32 accumulation "
+    ("paper 1", "docs/methods.md §2.1", "SNIP scores all layers with one backward per sample and fp32 accumulation "
      "(the reference reruns every sample per layer in bf16); same ranking, 1/L of the compute."),
-    ("paper 1", "METHODS §3.2-3.4", "The projection of neurons / layers to parameter masks, the IoU scope and "
+    ("paper 1", "docs/methods.md §3.2-3.4", "The projection of neurons / layers to parameter masks, the IoU scope and "
      "the chance baselines are our rules (paper 1's are unknown)."),
-    ("paper 2", "METHODS §4.2", "ESI reference-code quirks (BOS misalignment, gradient w.r.t. near-one-hot "
-     "logits, Gumbel noise, bf16 accumulation) are switches; offline, a Qwen2.5-Coder-1.5B guard stand-in "
-     "replaces Llama-Guard-3-8B."),
-    ("paper 2", "METHODS §4.6", "SET / SPA step counts are unknown in the code: 100 / 1,000 optimizer steps "
+    ("paper 2", "docs/methods.md §4.2", "ESI reference-code quirks (BOS misalignment, gradient w.r.t. near-one-hot "
+     "logits, Gumbel noise, bf16 accumulation) are switches; the judge this run used is named in its own row "
+     "(Llama-Guard-3-8B on hub runs only)."),
+    ("paper 2", "docs/methods.md §4.6", "SET / SPA step counts are unknown in the code: 100 / 1,000 optimizer steps "
      "from the abstract; 'within 1%' is read as an absolute ASR increase ≤ 1 point; SPA tasks GSM8K and SST-2 "
      "(paper: GSM8K, AGNews, MedicalQA)."),
-    ("paper 2", "METHODS §4.6", "The masked AdamW keeps optimizer state only for trainable entries (identical "
+    ("paper 2", "docs/methods.md §4.6", "The masked AdamW keeps optimizer state only for trainable entries (identical "
      "trajectories, far less memory)."),
-    ("both", "METHODS §5", "ASR is judged offline by a keyword judge and a learned MiniLM judge; the papers' "
+    ("both", "docs/methods.md §5", "ASR is judged offline by a keyword judge and a learned MiniLM judge; the papers' "
      "GPT-4o rubric is optional and Llama-Guard-3 is used on hub runs only."),
 ]
 
 
-def documented_deviations() -> list[dict]:
-    return [{"paper": p, "source": s, "deviation": d} for p, s, d in DOCUMENTED]
+def documented_deviations(results: dict | None = None, cfg=None) -> list[dict]:
+    """The fixed deviations, plus the ESI judge this run actually used (read from its metrics)."""
+    rows = [{"paper": p, "source": s, "deviation": d} for p, s, d in DOCUMENTED]
+    esi = (results or {}).get("esi")
+    if esi and cfg is not None:
+        rows.append({"paper": "paper 2", "source": "results/esi/metrics.json",
+                     "deviation": "ESI judge in this run: " + "; ".join(
+                         f"{role}: {esi_judge_name(m['judge'], cfg)}, judge token coverage "
+                         f"{m.get('judge_token_coverage', float('nan')):.2f}" for role, m in sorted(esi.items()))})
+    return rows
+
+
+def esi_judge_name(judge: str, cfg) -> str:
+    if judge == "learned":
+        return (f"the learned judge ({cfg.models[cfg.judges.learned.encoder].id} embeddings + a logistic head, "
+                "WordPiece token transfer of docs/methods.md §5.7)")
+    if judge == "guard" and cfg.judges.llama_guard is not None:
+        return cfg.judges.llama_guard.id
+    return judge
 
 
 def param_deviations(cfg) -> list[dict]:
@@ -447,22 +463,39 @@ def param_deviations(cfg) -> list[dict]:
 # ---------------------------------------------------------------- provenance
 
 
-def _git_commit(root: Path) -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
+# What the report reads besides results/: its code (checked against dvc.yaml by tests/test_report.py).
+REPORT_CODE = ("notebooks/09_report.ipynb", "src/saferegions/report.py", "src/saferegions/config.py",
+               "src/saferegions/plots.py", "src/saferegions/data.py", "src/saferegions/io.py",
+               "src/saferegions/registry/datasets.json")
 
 
-def lock_digest(path: Path) -> dict:
-    """sha256 of dvc.lock, and of its entries without the report's own (which changes after the report runs)."""
-    if not path.exists():
-        return {"dvc_lock_sha256": None, "dvc_lock_upstream_sha256": None}
-    lock = yaml.safe_load(path.read_text()) or {}
-    stages = {k: v for k, v in (lock.get("stages") or {}).items() if k != "report"}
-    canon = json.dumps(stages, sort_keys=True, default=str).encode()
-    return {"dvc_lock_sha256": sha256_file(path), "dvc_lock_upstream_sha256": hashlib.sha256(canon).hexdigest()}
+def input_files(root: str | Path = ".") -> list[str]:
+    """The results files the report reads (metrics and timing of every stage that ran), relative to root."""
+    root = Path(root)
+    out = []
+    for stage in STAGES:
+        base = root / "results" / stage
+        for name in ("metrics.json", "timing.json"):
+            found = sorted(base.glob(f"*/{name}")) if stage in MATRIX_STAGES else [base / name]
+            out += [f.relative_to(root).as_posix() for f in found
+                    if f.exists() and not f.parent.name.startswith(".")]
+    return out
+
+
+def input_digests(root: str | Path = ".") -> dict:
+    """sha256 of everything the report read: results files, its code and the params sections it gets.
+
+    These are exactly its DVC deps, so they stay true for the committed results. A git commit or a dvc.lock
+    digest cannot: the commit that holds the results is made after the report ran, and dvc.lock is rewritten
+    by the very run that writes this file (the report cannot depend on it)."""
+    root = Path(root)
+    files = input_files(root) + [c for c in REPORT_CODE if (root / c).exists()]
+    params = None
+    if (root / "params.yaml").exists():
+        from .config import stage_params
+        canon = json.dumps(stage_params("report", root / "params.yaml"), sort_keys=True, default=str)
+        params = hashlib.sha256(canon.encode()).hexdigest()
+    return {"files": {f: sha256_file(root / f) for f in files}, "params_sha256": params}
 
 
 def _hub_revision(model_id: str) -> str | None:
@@ -477,8 +510,10 @@ def _hub_revision(model_id: str) -> str | None:
 
 def provenance(root: str | Path = ".", cfg=None) -> dict:
     root = Path(root)
-    out: dict = {"git_commit": _git_commit(root), **lock_digest(root / "dvc.lock"),
-                 "python": platform.python_version(), "platform": platform.platform()}
+    # inputs / data / models are pinned by the report's DVC deps; python, platform, packages and hub
+    # revisions describe the environment the report ran in.
+    out: dict = {"inputs": input_digests(root), "python": platform.python_version(),
+                 "platform": platform.platform()}
     out["packages"] = {}
     for p in PACKAGES:
         try:

@@ -1,4 +1,4 @@
-"""Fine-tuning for SET and SPA (paper 2, METHODS §4.6): one small loop shared by every arm.
+"""Fine-tuning for SET and SPA (paper 2, docs/methods.md §4.6): one small loop shared by every arm.
 
 An *arm* is a way of choosing what may change: a masked arm trains through `optim.MaskedAdamW` (the ESI
 top-k for SET, everything but the top-k for SPA, a random or bottom-k mask of the same size as controls),
@@ -43,23 +43,28 @@ class Example:
 
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, chat_template: bool = False,
-           loss_on_prompt: bool = True, system: str | None = None) -> list[Example]:
+           loss_on_prompt: bool = True, system: str | None = None,
+           finished: list[bool] | None = None) -> list[Example]:
     """Tokenize (prompt, response) pairs, truncated to `max_length` tokens at the end.
 
     chat_template=False is the reference's text format "Instruction: {prompt}\\nAnswer: {response}"; True renders
-    the prompt as a user turn of the model's chat template. The response ends with the EOS token. Examples left
-    with no supervised token after truncation are dropped (an error if none remain)."""
+    the prompt as a user turn of the model's chat template. The response ends with the EOS token where
+    `finished` (None: all, as dataset responses are) says it ended, as in `chat.response_batches`. Examples
+    left with no supervised token after truncation are dropped (an error if none remain)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    ends = [True] * len(responses) if finished is None else list(finished)
+    if len(ends) != len(responses):
+        raise ValueError(f"{len(ends)} finished flags for {len(responses)} responses")
     heads = chat.render(tokenizer, prompts, system) if chat_template else [f"Instruction: {p}\nAnswer: "
                                                                             for p in prompts]
     eos = tokenizer.eos_token or ""
     bos = [tokenizer.bos_token_id] if not chat_template and getattr(tokenizer, "add_bos_token", False) \
         and tokenizer.bos_token_id is not None else []
     out = []
-    for head, resp in zip(heads, responses):
+    for head, resp, end in zip(heads, responses, ends):
         p_ids = bos + tokenizer(head, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(resp + eos, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(resp + (eos if end else ""), add_special_tokens=False)["input_ids"]
         ids = (p_ids + r_ids)[:max_length]
         labels = (p_ids if loss_on_prompt else [-100] * len(p_ids)) + r_ids
         labels = labels[:max_length]
@@ -332,13 +337,15 @@ def disjoint(pairs: list[dict], held_out: list[str]) -> list[dict]:
 
 def generate_sets(model, tok, sets: dict[str, list[str]], judge, max_new_tokens: int, batch_size: int,
                   system: str | None, desc: str) -> list[dict]:
-    """One batched greedy generation over every set; rows {dataset, prompt, response, complied}."""
+    """One batched greedy generation over every set; rows {dataset, prompt, response, complied, finished}
+    (finished: the model ended the response, see `chat.generate`)."""
     prompts = [p for ps in sets.values() for p in ps]
     names = [n for n, ps in sets.items() for _ in ps]
-    responses = chat.generate(model, tok, prompts, max_new_tokens, batch_size, system, desc=desc)
+    responses, finished = chat.generate(model, tok, prompts, max_new_tokens, batch_size, system, desc=desc,
+                                        with_finished=True)
     complied = judge.judge(prompts, responses).complied
-    return [{"dataset": n, "prompt": p, "response": r, "complied": bool(c)}
-            for n, p, r, c in zip(names, prompts, responses, complied)]
+    return [{"dataset": n, "prompt": p, "response": r, "complied": bool(c), "finished": f}
+            for n, p, r, c, f in zip(names, prompts, responses, complied, finished)]
 
 
 def _rate(rows: list[dict], sets) -> float:

@@ -43,7 +43,7 @@ def ablation(model, method: str, region: Region, layer_alpha: float = 0.0):
 
 
 def random_control(model, method: str, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
-    """A random region of the same size and granularity (METHODS §3.4)."""
+    """A random region of the same size and granularity (docs/methods.md §3.4)."""
     meta = {"method": "random", "seed": seed, "reference": region.meta}
     if method in WEIGHT_METHODS:
         return regions.random_like(region, seed, mode)

@@ -1,4 +1,4 @@
-"""ESI: judge-guided safety importance of every weight (METHODS §4.1-§4.5; paper 2, SafeWeights-ACL code).
+"""ESI: judge-guided safety importance of every weight (docs/methods.md §4.1-§4.5; paper 2, SafeWeights-ACL code).
 
     ESI_i = |g_i| · σ_W,   g = Σ_prompts ∂S_x/∂θ (signed, summed, |·| after),   σ_W = std of all of W.
 
@@ -49,7 +49,7 @@ COMPONENT_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "router"
 
 
 class LearnedSoftJudge:
-    """The offline learned judge (sentence encoder + logistic head, METHODS §5.5) made differentiable in its
+    """The offline learned judge (sentence encoder + logistic head, docs/methods.md §5.5) made differentiable in its
     input embeddings. safe = the head's refusal logit: refusal is the safe direction on harmful prompts."""
 
     def __init__(self, learned_judge):
@@ -134,8 +134,11 @@ def transfer_matrix(judge_tok, target_tok, shape: tuple[int, int] | None = None,
     Build it once per (judge, target) pair and pass it to `esi_gradients(transfer_M=...)`. `shape` defaults
     to the tokenizers' lengths; pass the embedding/logit sizes when those are padded beyond the vocabulary.
     `decode=True` (not the reference) turns every token into its real text with the judge's own decoder, so
-    byte symbols such as 'Ċ' (newline) map to the target's newline rather than to the bytes of 'Ċ'."""
+    byte symbols such as 'Ċ' (newline) map to the target's newline rather than to the bytes of 'Ċ'.
+    A WordPiece judge (MiniLM) has no space marker, so it gets `wordpiece_pairs` instead (docs/methods.md §5.7)."""
     n_g, n_t = shape or (len(judge_tok), len(target_tok))
+    if _wordpiece_prefix(judge_tok) is not None:
+        return _sparse(wordpiece_pairs(judge_tok, target_tok), (n_g, n_t))
     ids = list(range(min(n_g, len(judge_tok))))
     tokens = judge_tok.convert_ids_to_tokens(ids)
     present = [(i, judge_tok.convert_tokens_to_string([t]) if decode else token_text(t))
@@ -152,6 +155,97 @@ def transfer_matrix(judge_tok, target_tok, shape: tuple[int, int] | None = None,
     index = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
     values = torch.tensor(vals, dtype=torch.float32)
     return torch.sparse_coo_tensor(index, values, (n_g, n_t), check_invariants=True).coalesce()
+
+
+def _wordpiece_prefix(tok) -> str | None:
+    """The continuing-subword prefix ('##') of a WordPiece (BERT-style) fast tokenizer, else None."""
+    from tokenizers.models import WordPiece
+    model = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
+    return model.continuing_subword_prefix if isinstance(model, WordPiece) else None
+
+
+def _lowercases(tok) -> bool:
+    """True for an uncased tokenizer (its normalizer lower-cases), whose vocabulary has no capitals."""
+    norm = getattr(getattr(tok, "backend_tokenizer", None), "normalizer", None)
+    return norm.normalize_str("A") == "a" if norm is not None else bool(getattr(tok, "do_lower_case", False))
+
+
+def _sparse(pairs: dict[tuple[int, int], float], shape: tuple[int, int]) -> torch.Tensor:
+    pairs = {k: v for k, v in pairs.items() if k[0] < shape[0] and k[1] < shape[1]}
+    index = torch.tensor(list(pairs), dtype=torch.long).reshape(-1, 2).T
+    values = torch.tensor(list(pairs.values()), dtype=torch.float32)
+    return torch.sparse_coo_tensor(index, values, shape, check_invariants=True).coalesce()
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    """Ids of many texts without special tokens; the Rust batch encoder directly when there is one (half the
+    time of `tok(texts)` on a 150k-entry vocabulary)."""
+    if not texts:
+        return []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def wordpiece_pairs(judge_tok, target_tok) -> dict[tuple[int, int], float]:
+    """{(judge id, target id): weight} for a WordPiece judge (docs/methods.md §5.7).
+
+    WordPiece marks continuations ('##ing') instead of word starts and an uncased one has no capitals, so the
+    reference's 'Ġ' rule reaches no space-prefixed target token. Here a word-initial judge token maps to the
+    target's space-prefixed and bare forms, a '##' piece to its bare form, for an uncased judge each also
+    Capitalized and UPPER (" sorry", "sorry", " Sorry", ...): weight 1 to every form that is one target token;
+    a token with no such form gets the reference's split of its first form (1/n over its n target tokens).
+    A target token still unreached (Qwen's "'m", which BERT splits into "'" and "m") takes the judge pieces of
+    its own text, 1/n each. Special tokens map to nothing."""
+    prefix = _wordpiece_prefix(judge_tok)
+    special = set(judge_tok.all_special_ids)
+    cased = not _lowercases(judge_tok)
+    forms: dict[int, list[str]] = {}
+    for i, t in enumerate(judge_tok.convert_ids_to_tokens(list(range(len(judge_tok))))):
+        if not t or i in special or (len(t) > 2 and t[0] == "[" and t[-1] == "]"):   # [unused12] etc.
+            continue
+        cont = t.startswith(prefix) and len(t) > len(prefix)
+        word = t[len(prefix):] if cont else t
+        variants = [word] if cased else [word, word.capitalize(), word.upper()]
+        forms[i] = list(dict.fromkeys(f for v in variants for f in ([v] if cont else [" " + v, v])))
+    flat = [f for fs in forms.values() for f in fs]
+    encoded = iter(_encode(target_tok, flat))
+    pairs: dict[tuple[int, int], float] = {}
+    for i, fs in forms.items():
+        ids = [next(encoded) for _ in fs]
+        singles = {x[0] for x in ids if len(x) == 1}
+        for j in singles or ids[0]:
+            pairs[i, j] = 1.0 if singles else max(pairs.get((i, j), 0.0), 1.0 / len(ids[0]))
+    reached = {j for _, j in pairs}
+    t_special = set(target_tok.all_special_ids) | {
+        j for j, a in getattr(target_tok, "added_tokens_decoder", {}).items() if a.special}
+    rest = [j for j in range(len(target_tok)) if j not in reached and j not in t_special]
+    texts = [target_tok.convert_tokens_to_string([t]) for t in target_tok.convert_ids_to_tokens(rest)]
+    for j, ids in zip(rest, _encode(judge_tok, texts), strict=True):
+        ids = [i for i in ids if i not in special]
+        for i in ids:
+            pairs[i, j] = max(pairs.get((i, j), 0.0), 1.0 / len(ids))
+    return pairs
+
+
+def judge_token_coverage(G_L: torch.Tensor, response_ids, skip_ids=()) -> float:
+    """Share of the response's tokens t whose own id y_t gets a nonzero transferred judge gradient G_L[t, y_t]
+    (rows beyond G_L's get none): how much of the response S can reach (docs/methods.md §5.7). Tokens in
+    `skip_ids` (EOS: the judge reads the text without special tokens) are left out; NaN if none is left."""
+    hits, n = coverage_counts(G_L, response_ids, skip_ids)
+    return hits / n if n else float("nan")
+
+
+def coverage_counts(G_L: torch.Tensor, response_ids, skip_ids=()) -> tuple[int, int]:
+    """(tokens reached, tokens counted) of `judge_token_coverage`, to pool over responses."""
+    skip = {int(i) for i in skip_ids}
+    rows = [(t, int(y)) for t, y in enumerate(response_ids) if int(y) not in skip]
+    inside = [(t, y) for t, y in rows if t < G_L.shape[0] and y < G_L.shape[1]]
+    if not inside:
+        return 0, len(rows)
+    t, y = torch.tensor(inside, device=G_L.device).T
+    return int((G_L[t, y] != 0).sum()), len(rows)
 
 
 # ---------------------------------------------------------------- the gradient
@@ -219,8 +313,10 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int, system: s
 
 def judge_gradient(soft_judge, response: str, cfg: dict,
                    prompt: str | None = None) -> tuple[torch.Tensor, float]:
-    """(G, safe): G = ∂(−safe)/∂z or ∂(−safe)/∂p_g, fp32 [T_g × V_g] (step 3 of §4.2), with the leading
-    special tokens (BOS) dropped when `bos_align`, so row t lines up with the target's response token t."""
+    """(G, safe): G = ∂(−safe)/∂z or ∂(−safe)/∂p_g, fp32 [T_g × V_g] (step 3 of §4.2), with the special
+    tokens around the text (a guard's BOS, a BERT judge's [CLS] ... [SEP]) dropped when `bos_align`, so row t
+    lines up with the target's response token t; without it (faithful) [CLS] shifts every row by one, as BOS
+    does."""
     tok, E = soft_judge.vocab_tokenizer, soft_judge.embedding_matrix
     max_length = getattr(soft_judge, "max_length", None)
     ids = tok(response, add_special_tokens=True, truncation=max_length is not None,
@@ -240,8 +336,8 @@ def judge_gradient(soft_judge, response: str, cfg: dict,
     G = G.float()
     if cfg["bos_align"]:
         special = set(tok.all_special_ids)
-        lead = next((i for i, t in enumerate(ids) if t not in special), len(ids))
-        G = G[lead:]
+        text = [i for i, t in enumerate(ids) if t not in special]
+        G = G[text[0]:text[-1] + 1] if text else G[:0]
     return G, float(safe.detach())
 
 
@@ -329,7 +425,8 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
 
     All responses are generated first (`respond`, `gen_batch_size` prompts at a time), then one forward and
     backward per prompt. `transfer_M` (from `transfer_matrix`) is built here when not given. `records`, if a
-    list, receives {prompt, response, safe} per prompt (safe = the judge's score of the hard response).
+    list, receives {prompt, response, safe, judge_tokens_reached, response_tokens} per prompt (safe = the
+    judge's score of the hard response; the counts are `coverage_counts`).
     `generated` (the output of `respond` for these prompts) skips generation: greedy responses do not depend
     on the variant or the judge, so one generation pass serves every region computed on the same prompts."""
     if objective not in ("judge", "refusal_likelihood"):
@@ -356,9 +453,12 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
             ids, prompt_len = generated[i]
             response = tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
             G, safe = judge_gradient(soft_judge, response, cfg, prompt)
+            G_L = transfer(G, transfer_M)
             if records is not None:
-                records.append({"prompt": prompt, "response": response, "safe": safe})
-            loss = target_loss(model, ids, prompt_len, transfer(G, transfer_M), cfg["gumbel"], generator)
+                hits, n = coverage_counts(G_L, ids[prompt_len:], tokenizer.all_special_ids)
+                records.append({"prompt": prompt, "response": response, "safe": safe,
+                                "judge_tokens_reached": hits, "response_tokens": n})
+            loss = target_loss(model, ids, prompt_len, G_L, cfg["gumbel"], generator)
             if loss is not None:
                 loss.backward()
         return result()

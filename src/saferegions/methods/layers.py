@@ -1,4 +1,4 @@
-"""SafeLayer (METHODS §2.3): "safety layers" are where normal and malicious prompts' last-token states part.
+"""SafeLayer (docs/methods.md §2.3): "safety layers" are where normal and malicious prompts' last-token states part.
 
 Step 1 (`layer_cosine`, `gap_range`): per-layer cosine similarity of N-N, M-M and N-M prompt pairs; the range
 starts where the same-type vs cross-type gap first jumps and ends where it stops growing. Step 2
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..chat import generate, render
+from ..chat import _prefilled_batch, generate, render
 from ..hooks import scaled_weights
 from ..models import block_modules, component, eligible_weights, layer_index
 
@@ -22,17 +22,19 @@ def last_token_states(model, tok, prompts: list[str], batch_size: int = 8,
                       template: str | None = None) -> torch.Tensor:
     """[layers, prompts, hidden] fp32: each block's hidden state at the last prompt token (HF's
     `hidden_states[1:]`, so the last entry is after the final norm, as in the reference). One batched forward
-    per batch with left padding equals the reference's one-token generation at step 0."""
+    per batch with left padding equals the reference's one-token generation at step 0. The batch's shared prefix
+    (the system turn, about half of a Qwen prompt) runs once from a KV cache, and no vocabulary projection runs:
+    16 prompts per side cost what 8 did."""
     texts = [template.format(prompt=p) for p in prompts] if template else render(tok, prompts)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                  add_special_tokens=template is not None).to(device)
-        mask = enc["attention_mask"]
+        rows = [tok(t, add_special_tokens=template is not None)["input_ids"] for t in texts[start:start + batch_size]]
+        ids, mask, cache = _prefilled_batch(model, rows, tok.pad_token_id, device)   # [prefix][pads][own tokens]
+        k = cache.get_seq_length() if cache is not None else 0
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        hs = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
-                   output_hidden_states=True, use_cache=False).hidden_states[1:]
+        hs = model(input_ids=ids[:, k:], attention_mask=mask, position_ids=positions[:, k:], past_key_values=cache,
+                   output_hidden_states=True, use_cache=cache is not None, logits_to_keep=1).hidden_states[1:]
         out.append(torch.stack([h[:, -1].float().cpu() for h in hs]))
     return torch.cat(out, dim=1)
 
@@ -132,7 +134,7 @@ def overrejection_sweep(model, tok, prompts: list[str], start: int, end: int, *,
 
 
 def to_weight_masks(model, layers) -> dict[str, torch.Tensor]:
-    """Layer ℓ → all elements of block ℓ's projection matrices (METHODS §3.2; norms excluded)."""
+    """Layer ℓ → all elements of block ℓ's projection matrices (docs/methods.md §3.2; norms excluded)."""
     layers = {int(l) for l in layers}
     return {n: torch.full(p.shape, layer_index(n) in layers, dtype=torch.bool)
             for n, p in eligible_weights(model).items()}

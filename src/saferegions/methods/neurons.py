@@ -1,4 +1,4 @@
-"""SN-Tune-style safety neurons (METHODS §2.2), computed with plain forward hooks.
+"""SN-Tune-style safety neurons (docs/methods.md §2.2), computed with plain forward hooks.
 
 Importance of a neuron N for a prompt = Σ_t ‖h_¬N(t) − h(t)‖₂ over its response tokens (label ≠ −100), where
 h is the output of the neuron's own sub-layer: the MLP output for FFN units, the attention output (o_proj
@@ -248,6 +248,31 @@ def identify(model, batches, attn_frac: float = 0.06, ffn_frac: float = 0.18, mi
     return select_neurons(scores, attn_frac, ffn_frac, min_prompt_frac, attn_rank)
 
 
+def weight_density(model, units: dict) -> float:
+    """Fraction of the eligible weights `to_weight_masks(model, units)` selects, counted from shapes without
+    building masks: an FFN unit is a row of gate and up and a column of down, q/k/v a row, o a column."""
+    units = {int(l): u for l, u in units.items()}
+    picked = total = 0
+    for name, p in eligible_weights(model).items():
+        total += p.numel()
+        u, comp = units.get(layer_index(name)), component(name)
+        if u and not is_expert(name) and comp in ("gate", "up", "down", "q", "k", "v", "o"):
+            key = "ffn" if comp in ("gate", "up", "down") else comp
+            picked += len(u.get(key, [])) * p.shape[0 if comp in ("down", "o") else 1]
+    return picked / total
+
+
+def density_after(model, scores: dict, k: int, attn_frac: float = 0.06, ffn_frac: float = 0.18,
+                  min_prompt_frac: float = 1.0, attn_rank: str = "joint") -> float:
+    """`weight_density` of the neurons selected from the first k prompts' scores (0.0 when none is kept): the
+    curve over k shows whether the intersection has stabilised."""
+    first = {l: {u: s[:k] for u, s in per.items()} for l, per in scores.items()}
+    try:
+        return weight_density(model, select_neurons(first, attn_frac, ffn_frac, min_prompt_frac, attn_rank))
+    except ValueError:          # select_neurons refuses an empty region
+        return 0.0
+
+
 def refine(safety_units: dict, utility_units: dict) -> dict:
     """Set difference per layer and unit type (RSN-Tune: safety minus foundation neurons)."""
     def diff(l, u):
@@ -256,7 +281,7 @@ def refine(safety_units: dict, utility_units: dict) -> dict:
 
 
 def to_weight_masks(model, units: dict) -> dict[str, torch.Tensor]:
-    """Project neurons to bool masks over every eligible weight (METHODS §3.2): FFN unit i → row i of gate/up
+    """Project neurons to bool masks over every eligible weight (docs/methods.md §3.2): FFN unit i → row i of gate/up
     and column i of down; q/k/v output dim j → row j of that matrix; o neuron j (input dim j of o_proj, the
     unit SN-Tune deactivates) → column j of o_proj. Routed experts are never selected."""
     units = {int(l): u for l, u in units.items()}

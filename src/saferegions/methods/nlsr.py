@@ -1,8 +1,9 @@
-"""NLSR safety region over LoRA weights (METHODS §2.4; Yi et al. 2025, code xinykou/NLSR), and its projection
+"""NLSR safety region over LoRA weights (docs/methods.md §2.4; Yi et al. 2025, code xinykou/NLSR), and its projection
 to base-weight masks (§3.2).
 
 Pipeline, for a chat model without an alignment LoRA (project default):
-1. `train_safety_lora`: one LoRA on harmful -> refusal pairs (response-only CE), fixed across datasets.
+1. `train_safety_lora`: one LoRA on harmful -> refusal pairs (response-only CE), fixed across datasets, trained
+   until the loss on a fixed held-out batch stops falling (early stopping) or for a set number of steps.
 2. `expo_rescale`: every lora_A / lora_B weight <- 2α·W, so the update B·A scales by (2α)².
 3. `lowrank_project` (per dataset, ActSVD): for each LoRA matrix W [d_out, d_in] with inputs X over the
    response tokens, V = top-q right singular vectors of Y = X Wᵀ, q = ⌊min(d_out, d_in)·rank_ratio⌋;
@@ -65,15 +66,29 @@ def _position_ids(attn: torch.Tensor) -> torch.Tensor:
 
 def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str], r: int = 8,
                       alpha: float = 32, dropout: float = 0.05, steps: int = 200, lr: float = 1e-4,
-                      batch_size: int = 4, seed: int = 0, max_length: int = 512, progress: bool = True):
-    """(PeftModel, loss per optimizer step): a LoRA on all block projections, AdamW (no weight decay, the HF
-    Trainer default) on response-only CE, cycling over the pairs (reshuffled each pass, seeded) for `steps`
-    steps. peft injects the LoRA layers into `model` itself; `unload()` gives the base model back. The
-    returned model is in eval mode."""
+                      batch_size: int = 4, seed: int = 0, max_length: int = 512, progress: bool = True, *,
+                      heldout: tuple[list[str], list[str]] | None = None, eval_every: int = 10, patience: int = 0,
+                      min_delta: float = 0.0, init_seed: int | None = None):
+    """(PeftModel, history): a LoRA on all block projections, AdamW (no weight decay, the HF Trainer default) on
+    response-only CE, cycling over the pairs (reshuffled each pass) for at most `steps` steps. peft injects the
+    LoRA into `model` itself (`unload()` gives it back); the returned model is in eval mode.
+
+    `heldout` (prompts, responses) is ONE fixed batch, scored in eval mode before training, every `eval_every`
+    steps and after the last, so "before" and "after" compare the same examples. With `patience` > 0 training
+    stops after `patience` evaluations in a row that do not beat the best held-out loss by more than
+    `min_delta`, and the best trained weights (never the untrained B = 0) are restored: after Adam's first step
+    every |B| entry has the same size, so a barely trained LoRA's region is set by A's random init.
+    `init_seed` (default `seed`) seeds the LoRA init and dropout; the batches follow `seed`, so two init seeds
+    see the same data.
+
+    history: train_loss per step, heldout [[step, loss], ...], steps run, best_step, heldout_loss_before,
+    heldout_loss_after (of the returned weights; None without `heldout`)."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("need as many responses as prompts, and at least one pair")
+    if patience and heldout is None:
+        raise ValueError("early stopping (patience > 0) needs a held-out batch")
     from peft import LoraConfig, get_peft_model   # imported here: peft takes ~3 s to import
-    torch.manual_seed(seed)  # lora_A init and dropout
+    torch.manual_seed(seed if init_seed is None else init_seed)  # lora_A init and dropout
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGET_MODULES,
                      bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
@@ -88,25 +103,65 @@ def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str]
             yield from chat.response_batches(tokenizer, [prompts[i] for i in order],
                                              [responses[i] for i in order], batch_size, max_length)
 
-    losses = []
+    def loss_of(batch):
+        attn = batch["attention_mask"].to(device)
+        loss = chat.response_loss(peft_model, batch["input_ids"].to(device), batch["labels"],
+                                  attention_mask=attn, position_ids=_position_ids(attn))
+        if loss is None:
+            raise ValueError(f"a safety-LoRA batch has no response token within max_length={max_length}")
+        return loss
+
+    held = None
+    if heldout is not None:
+        (held,) = chat.response_batches(tokenizer, *heldout, len(heldout[0]), max_length)
+
+    @torch.no_grad()
+    def evaluate():
+        peft_model.eval()
+        try:
+            return loss_of(held).item()
+        finally:
+            peft_model.train()
+
+    hist = {"train_loss": [], "heldout": [], "steps": 0, "best_step": None, "heldout_loss_before": None,
+            "heldout_loss_after": None}
+    ref, best, best_state, stale = math.inf, math.inf, None, 0   # ref: best held-out loss, untrained included
     peft_model.train()
     try:
+        if held is not None:
+            ref = hist["heldout_loss_before"] = evaluate()
+            hist["heldout"].append([0, ref])
         bar = tqdm(zip(range(steps), cycle()), total=steps, desc="safety LoRA", disable=not progress,
                    leave=False)
-        for _, batch in bar:
-            attn = batch["attention_mask"].to(device)
-            loss = chat.response_loss(peft_model, batch["input_ids"].to(device), batch["labels"],
-                                      attention_mask=attn, position_ids=_position_ids(attn))
-            if loss is None:
-                raise ValueError(f"a safety-LoRA batch has no response token within max_length={max_length}")
+        for step, batch in bar:
+            loss = loss_of(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            hist["train_loss"].append(loss.item())
+            hist["steps"] = step + 1
+            bar.set_postfix(loss=f"{hist['train_loss'][-1]:.4f}")
+            if held is None or ((step + 1) % eval_every and step + 1 < steps):
+                continue
+            h = evaluate()
+            hist["heldout"].append([step + 1, h])
+            stale = 0 if h < ref - min_delta else stale + 1
+            ref = min(ref, h)
+            if patience and h < best:
+                best, hist["best_step"] = h, step + 1
+                best_state = [p.detach().clone() for p in params]
+            if patience and stale >= patience:
+                break
     finally:
         peft_model.eval()
-    return peft_model, losses
+    if held is not None and patience:
+        with torch.no_grad():
+            for p, b in zip(params, best_state):
+                p.copy_(b)
+        hist["heldout_loss_after"] = best
+    elif held is not None:
+        hist["heldout_loss_after"], hist["best_step"] = hist["heldout"][-1][1], hist["steps"]
+    return peft_model, hist
 
 
 # ---------------------------------------------------------------- 2. expo

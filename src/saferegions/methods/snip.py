@@ -1,4 +1,4 @@
-"""SNIP importance of every eligible weight (METHODS §2.1; Lee et al. 2019 as used by Wei et al. 2024).
+"""SNIP importance of every eligible weight (docs/methods.md §2.1; Lee et al. 2019 as used by Wei et al. 2024).
 
     I_SNIP(W) = |W| ⊙ Σ_s |∂L_s/∂W|,   L_s = mean cross-entropy over the response tokens of sample s.
 

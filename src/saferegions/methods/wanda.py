@@ -1,4 +1,4 @@
-"""Wanda importance of every eligible weight (METHODS §2.1; Sun et al. 2023 as used by Wei et al. 2024).
+"""Wanda importance of every eligible weight (docs/methods.md §2.1; Sun et al. 2023 as used by Wei et al. 2024).
 
     I_Wanda(W)_ij = |W_ij| · ‖X_j‖₂,   ‖X_j‖₂² = (1/n_samples) Σ_samples Σ_{t ∈ response} x_{t,j}²
 

@@ -1,0 +1,187 @@
+"""Write README.md's result blocks (timings, findings) from results/, so the README cannot drift from them.
+
+`python -m saferegions.readme` rewrites the text between `<!-- generated:NAME -->` and
+`<!-- /generated:NAME -->`; `--check` only exits 1 when README.md differs from what results/ give
+(`make repro` runs the former, a test the latter). Everything is read from files and formatted by fixed
+rules, so the same results give the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .report import MATRIX_STAGES, NOT_RUN, STAGES, load_results
+
+ALL_STAGES = STAGES + ("report",)
+BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
+
+
+def _f(x, digits: int = 2) -> str:
+    """`digits` decimals, one more where that one is exact (0.875 of 8 prompts is not 0.88); '–' for None."""
+    if x is None:
+        return "–"
+    s = f"{x:.{digits + 1}f}"
+    return s if float(s) == x and not s.endswith("0") else f"{x:.{digits}f}"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+
+
+def _arrow(v: dict, key: str, before: str | None = None) -> str:
+    b = v.get(before or f"{key}_before")
+    return f"{_f(b)} → {_f(v.get(key))}" if b is not None else _f(v.get(key))
+
+
+# ---------------------------------------------------------------- timings
+
+
+def _seconds(path: Path) -> float:
+    return float(json.loads(path.read_text())["wall_seconds"])
+
+
+def timings(root: Path) -> str:
+    """One row per stage in pipeline order: its timing.json's wall seconds (matrix items summed, listed)."""
+    res, rows, total = root / "results", [], 0.0
+    for stage in ALL_STAGES:
+        if stage in MATRIX_STAGES:
+            items = {f.parent.name: _seconds(f) for f in sorted((res / stage).glob("*/timing.json"))
+                     if not f.parent.name.startswith(".")}
+        else:
+            f = res / stage / "timing.json"
+            items = {"": _seconds(f)} if f.exists() else {}
+        if not items:
+            rows.append([stage, NOT_RUN, ""])
+            continue
+        secs = sum(items.values())
+        total += secs
+        rows.append([stage, f"{secs:,.1f}", " · ".join(f"{k} {v:.1f}" for k, v in items.items() if k)])
+    rows.append(["**all stages**", f"**{total:,.1f}**", ""])
+    return "\n".join(_table(["stage", "wall time (s)", "matrix items (s)"], rows))
+
+
+# ---------------------------------------------------------------- findings
+
+
+def _baseline(m: dict, results: dict) -> list[str]:
+    from .data import BENIGN_SETS, SAFETY_SETS
+    rows = []
+    for role, sets in m["models"].items():
+        mean = lambda names: _f(sum(v["refusal_rate"] for d, v in sets.items() if d in names)  # noqa: E731
+                                / max(1, sum(d in names for d in sets)))
+        ns = sorted({v.get("n") for v in sets.values()} - {None})
+        rows.append([role, mean(SAFETY_SETS), mean(BENIGN_SETS), ", ".join(map(str, ns)) or "–"])
+    acc = (m.get("judge") or {}).get("heldout_accuracy")
+    return (_table(["model", "refusal rate, safety sets (mean)", "refusal rate, benign sets (mean)",
+                    "prompts per set"], rows)
+            + ([f"\nLearned judge: held-out accuracy {_f(acc)}."] if acc is not None else []))
+
+
+def _validate(m: dict, results: dict) -> list[str]:
+    rows = [[f"{model}/{method}", d, _f(v["asr_region"]), _f(v["asr_random"]), _f(v["utility_region"]),
+             _f(v["utility_random"])]
+            for model, methods in m.items() for method, sets in methods.items() for d, v in sets.items()]
+    return _table(["model/method", "region of", "ASR, region zeroed", "ASR, random region", "utility, region",
+                   "utility, random"], rows)
+
+
+def _overlap(m: dict, results: dict) -> list[str]:
+    n_sets = {(v["role"], v["method"]): len(v["datasets"]) for v in (results.get("identify") or {}).values()}
+    iou = lambda v: f"{_f(v['mean_iou'], 3)} ({_f(v['chance_iou'], 3)})"  # noqa: E731
+    rows = [[f"{model}/{method}", n_sets.get((model, method), "–"), iou(v["raw"]), iou(v["refined"])]
+            for model, methods in m.items() for method, v in methods.items()]
+    return _table(["model/method", "datasets", "mean IoU raw (chance)", "mean IoU refined (chance)"], rows)
+
+
+def _esi(m: dict, results: dict) -> list[str]:
+    rows = []
+    for model, v in m.items():
+        share = sorted(v["component_share"].items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        rows.append([model, ", ".join(f"{c} {_f(s)}" for c, s in share), _f(v["faithful_vs_fixed_iou"], 3),
+                     " / ".join(_f(v.get(k)) for k in ("asr_none", "asr_topk", "asr_bottomk", "asr_random")),
+                     v.get("n_eval", "–")])
+    return _table(["model", "largest top-k shares", "faithful vs fixed IoU",
+                   "ASR none / top-k / bottom-k / random perturbed", "eval prompts"], rows)
+
+
+def _set(m: dict, results: dict) -> list[str]:
+    rows = [[arm, _f(100 * v["trainable_fraction"]) + "%", _arrow(v, "asr_after", "asr_before"),
+             _arrow(v, "benign_refusal_after", "benign_refusal_before"),
+             _arrow(v, "utility_after", "utility_before")]
+            for arm, v in m.items()]
+    return _table(["arm", "trainable", "ASR", "benign refusal", "utility"], rows)
+
+
+def _spa(m: dict, results: dict) -> list[str]:
+    rows = [[task, arm, _arrow(v, "asr_after", "asr_before"), _arrow(v, "task_score"),
+             _arrow(v, "task_likelihood")]
+            for task, arms in m.items() for arm, v in arms.items()]
+    return _table(["task", "arm", "ASR", "task score", "task likelihood"], rows)
+
+
+SECTIONS = [("Baseline refusal (baseline)", "baseline", _baseline),
+            ("Regions zeroed vs random regions of the same size (validate)", "validate", _validate),
+            ("Overlap across datasets (overlap; chance in brackets)", "overlap", _overlap),
+            ("ESI (esi)", "esi", _esi),
+            ("SET on the unaligned model (set), before → after", "set", _set),
+            ("SPA on the aligned model (spa), before → after", "spa", _spa)]
+
+
+def findings(root: Path) -> str:
+    """Headline numbers per stage, then the claims table of results/report/claims.json."""
+    results = load_results(root)
+    out = []
+    for title, stage, fn in SECTIONS:
+        m = results.get(stage)
+        body = fn(m, results) if m else [NOT_RUN]
+        out += [f"**{title}**", "", *body, ""]
+    claims = root / "results" / "report" / "claims.json"
+    out += ["**Each paper claim beside this run's number (report)**", ""]
+    if claims.exists():
+        rows = [[r["claim"], r.get("paper", "–"), r.get("this_run", "–"), f"**{r['verdict']}**"]
+                for r in json.loads(claims.read_text()).values()]
+        out += _table(["claim", "paper", "this run", "verdict"], rows)
+    else:
+        out.append(NOT_RUN)
+    return "\n".join(out).rstrip("\n")
+
+
+GENERATORS = {"timings": timings, "findings": findings}
+
+
+def render(text: str, root: Path) -> str:
+    """`text` with every generated block rewritten; an unknown or missing block is an error."""
+    names = [m.group(2) for m in BLOCK.finditer(text)]
+    if sorted(names) != sorted(GENERATORS):
+        raise ValueError(f"README blocks {names}, expected one each of {sorted(GENERATORS)}")
+    return BLOCK.sub(lambda m: m.group(1) + GENERATORS[m.group(2)](root) + "\n" + m.group(4), text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=".", type=Path)
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what results/ give")
+    args = ap.parse_args(argv)
+    path = args.root / "README.md"
+    old = path.read_text()
+    new = render(old, args.root)
+    if args.check:
+        if new != old:
+            print(f"{path} is stale: run `python -m saferegions.readme`", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""README.md: its tables render (issue 16: rows pasted into the wrong table broke two), and its generated blocks
+equal what `python -m saferegions.readme` makes of the committed results/, so its numbers cannot go stale."""
+import json
+import re
+
+import pytest
+
+from conftest import ROOT
+from saferegions import readme
+
+
+def _cells(row: str) -> list[str]:
+    """A table row's cells as GitHub splits them: on every pipe not escaped as \\|, inside code spans too."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row.strip().strip("|"))]
+
+
+def _tables(text: str):
+    """(line number, rows) per Markdown table outside fenced code blocks."""
+    out, rows, fenced = [], [], False
+    for i, line in enumerate(text.splitlines() + [""], 1):
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("|"):
+            rows.append((i, line))
+        elif rows:
+            out.append(rows)
+            rows = []
+    return out
+
+
+def _code_pipes(row: str) -> bool:
+    """True if an unescaped pipe sits in a code span (GitHub would split the cell there)."""
+    return any(re.search(r"(?<!\\)\|", code) for _, code in re.findall(r"(`+)(.+?)\1", row))
+
+
+def _check_tables(text: str) -> list[str]:
+    problems = []
+    for rows in _tables(text):
+        first, header = rows[0]
+        n = len(_cells(header))
+        rule = _cells(rows[1][1]) if len(rows) > 1 else []
+        if len(rule) != n or not all(re.fullmatch(r":?-+:?", c) for c in rule):
+            problems.append(f"line {first}: no delimiter row of {n} cells under the header")
+        for i, row in rows[1:]:
+            if len(_cells(row)) != n:
+                problems.append(f"line {i}: {len(_cells(row))} cells, header has {n}")
+            if _code_pipes(row):
+                problems.append(f"line {i}: unescaped | in a code span")
+    return problems
+
+
+def test_every_readme_table_has_its_headers_cell_count():
+    assert _check_tables((ROOT / "README.md").read_text()) == []
+
+
+def test_table_check_catches_the_issue_16_breakages():
+    good = "| a | b `x\\|y` | c |\n|---|---|---|\n| 1 | 2 \\| 3 | 4 |\n"
+    assert _check_tables(good) == []
+    assert _check_tables("| a | b |\n|---|---|\n| 1 | 2 | 3 |\n")                # a row from another table
+    assert _check_tables("| a | b | c | d |\n|---|---|---|\n| 1 | 2 | 3 | 4 |\n")   # header from another table
+    assert _check_tables("| a | b |\n|---|---|\n| `x|y` | 2 |\n")                 # a pipe in code splits
+    assert _check_tables("```\n| a | b |\n| 1 |\n```\n") == []                   # code blocks are not tables
+
+
+def test_readme_generated_blocks_match_the_committed_results():
+    text = (ROOT / "README.md").read_text()
+    assert readme.render(text, ROOT) == text, "README is stale: run `python -m saferegions.readme`"
+    assert readme.main(["--root", str(ROOT), "--check"]) == 0
+
+
+def _fake_results(root):
+    def put(rel, obj):
+        path = root / "results" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+    put("baseline/timing.json", {"wall_seconds": 2.5})
+    put("identify/m-snip/timing.json", {"wall_seconds": 1.25})
+    put("identify/m-wanda/timing.json", {"wall_seconds": 3.0})
+    put("identify/m-snip/metrics.json", {"method": "snip", "role": "m", "datasets": {
+        d: {"raw": {"density": 0.02}, "refined": {"density": 0.01}} for d in ("advbench", "harmbench")}})
+    put("overlap/metrics.json", {"m": {"snip": {"raw": {"mean_iou": 0.3, "chance_iou": 0.01},
+                                                "refined": {"mean_iou": None, "chance_iou": None}}}})
+    put("set/metrics.json", {"set": {"asr_before": 0.875, "asr_after": 0.375, "utility_after": 0.5,
+                                     "trainable_fraction": 0.01}})
+    put("report/claims.json", {"c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "verdict": "mixed"}})
+
+
+TEMPLATE = ("# T\n\nprose 1.5\n\n<!-- generated:timings -->\nold\n<!-- /generated:timings -->\n\n"
+            "<!-- generated:findings -->\n<!-- /generated:findings -->\nend\n")
+
+
+def test_generator_on_a_tiny_results_dir(tmp_path):
+    _fake_results(tmp_path)
+    (tmp_path / "README.md").write_text(TEMPLATE)
+    assert readme.main(["--root", str(tmp_path), "--check"]) == 1               # blocks not written yet
+    assert readme.main(["--root", str(tmp_path)]) == 0
+    out = (tmp_path / "README.md").read_text()
+    assert readme.main(["--root", str(tmp_path), "--check"]) == 0
+    assert readme.render(out, tmp_path) == out                                    # same results, same bytes
+    assert out.startswith("# T\n\nprose 1.5\n\n") and out.endswith("<!-- /generated:findings -->\nend\n")
+    assert "| identify | 4.2 | m-snip 1.2 · m-wanda 3.0 |" in out                # summed, items listed
+    assert "| data | not run |  |" in out and "| **all stages** | **6.8** |  |" in out
+    assert "| m/snip | 2 | 0.300 (0.010) | – (–) |" in out                         # undefined IoU, datasets
+    assert "| set | 1.00% | 0.875 → 0.375 |" in out
+    assert "**Regions zeroed vs random regions of the same size (validate)**\n\nnot run" in out
+    assert "| a \\| b | p | x → y | **mixed** |" in out                           # pipes escaped
+    assert _check_tables(out) == []
+    (tmp_path / "results/set/metrics.json").unlink()                              # results changed: stale
+    assert readme.main(["--root", str(tmp_path), "--check"]) == 1
+
+
+def test_a_missing_block_is_an_error(tmp_path):
+    _fake_results(tmp_path)
+    with pytest.raises(ValueError, match="findings"):
+        readme.render(TEMPLATE.replace("generated:findings", "generated:other"), tmp_path)
