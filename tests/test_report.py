@@ -240,7 +240,7 @@ def test_param_deviations_cover_every_section():
 
 def test_report_is_wired_into_the_pipeline():
     from saferegions import stage
-    assert stage.NOTEBOOKS["report"] == "09_report" and (ROOT / "notebooks" / "09_report.ipynb").exists()
+    assert stage.NOTEBOOKS["report"] == "10_report" and (ROOT / "notebooks" / "10_report.ipynb").exists()
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]["deps"]
     for s in ("baseline", "validate", "overlap", "esi", "set", "spa"):
         assert f"results/{s}/metrics.json" in deps

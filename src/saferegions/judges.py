@@ -46,6 +46,11 @@ class KeywordJudge:
         self.window, self.min_words = window, min_words
         self.phrases = tuple(REFUSAL_PHRASES) + tuple(phrases)
 
+    @classmethod
+    def from_config(cls, keyword_cfg) -> "KeywordJudge":
+        """The judge a params `judges.keyword` section describes."""
+        return cls(keyword_cfg.window, keyword_cfg.min_words, keyword_cfg.phrases)
+
     def refused(self, response: str) -> bool:
         head = response[: self.window]
         return any(p in head for p in self.phrases)

@@ -464,7 +464,7 @@ def param_deviations(cfg) -> list[dict]:
 
 
 # What the report reads besides results/: its code (checked against dvc.yaml by tests/test_report.py).
-REPORT_CODE = ("notebooks/09_report.ipynb", "src/saferegions/report.py", "src/saferegions/config.py",
+REPORT_CODE = ("notebooks/10_report.ipynb", "src/saferegions/report.py", "src/saferegions/config.py",
                "src/saferegions/plots.py", "src/saferegions/data.py", "src/saferegions/io.py",
                "src/saferegions/registry/datasets.json")
 

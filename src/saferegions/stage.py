@@ -24,8 +24,8 @@ from . import config
 from .io import atomic_path, write_json
 
 NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline", "calibrate": "03_calibrate",
-             "identify": "03_identify", "validate": "04_validate", "overlap": "05_overlap", "esi": "06_esi",
-             "set": "07_set", "spa": "08_spa", "report": "09_report"}
+             "identify": "04_identify", "validate": "05_validate", "overlap": "06_overlap", "esi": "07_esi",
+             "set": "08_set", "spa": "09_spa", "report": "10_report"}
 MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
 
 

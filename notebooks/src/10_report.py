@@ -1,5 +1,5 @@
 # %% [md]
-# # 09 · Report: the papers' claims beside this run's numbers
+# # 10 · Report: the papers' claims beside this run's numbers
 #
 # This notebook gathers what every other stage wrote and sets it against what the two papers claim:
 #

@@ -1,5 +1,5 @@
 # %% [md]
-# # 05 · Overlap: do the safety regions found on different datasets coincide?
+# # 06 · Overlap: do the safety regions found on different datasets coincide?
 #
 # Paper 1 (arXiv:2602.17696) asks two questions of the regions the `identify` stage found:
 #

@@ -1,5 +1,5 @@
 # %% [md]
-# # 06 · ESI: which weights does a judge say safety depends on, and does noise there break refusals?
+# # 07 · ESI: which weights does a judge say safety depends on, and does noise there break refusals?
 #
 # Paper 2 (arXiv:2604.08297) scores every weight by its **Expected Safety Impact**
 #

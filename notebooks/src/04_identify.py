@@ -1,5 +1,5 @@
 # %% [md]
-# # 03 · Identify: one method's safety regions of one model, from each of the ten datasets
+# # 04 · Identify: one method's safety regions of one model, from each of the ten datasets
 #
 # Paper 1 (arXiv:2602.17696) asks whether "safety regions" — parameter subsets whose modification changes safety
 # behaviour — are stable across the datasets used to find them. This notebook runs **one** identification method

@@ -1,8 +1,8 @@
 # %% [md]
-# # 08 · SPA: does freezing the top-ESI weights keep an aligned model safe through fine-tuning?
+# # 09 · SPA: does freezing the top-ESI weights keep an aligned model safe through fine-tuning?
 #
 # Fine-tuning an aligned model on ordinary task data is known to erode its refusals. Paper 2 (arXiv 2604.08297)
-# claims that **Safety Preserving Adaptation** — freezing the aligned model's highest-ESI weights (stage 06) and
+# claims that **Safety Preserving Adaptation** — freezing the aligned model's highest-ESI weights (stage 07, `esi`) and
 # training everything else — keeps the safety degradation **within 1%** after 1,000 iterations of instruction
 # tuning on different tasks. This stage tunes the aligned default model on each task of `spa.tasks` three ways,
 # on the same data and the same number of steps (GSM8K and SST-2 at paper scale; the CPU default runs GSM8K only,

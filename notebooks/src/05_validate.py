@@ -1,5 +1,5 @@
 # %% [md]
-# # 04 · Validate: does removing a region change safety more than removing a random one?
+# # 05 · Validate: does removing a region change safety more than removing a random one?
 #
 # A region earns the name "safety region" only if removing it changes safety behaviour. For every model and
 # method, the region of each validated dataset (the refined one by default, `validate.variant`) is removed at the

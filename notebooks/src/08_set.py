@@ -1,8 +1,8 @@
 # %% [md]
-# # 07 · SET: can tuning 1% of the weights make an unaligned model refuse?
+# # 08 · SET: can tuning 1% of the weights make an unaligned model refuse?
 #
 # Paper 2 (arXiv 2604.08297) claims that **Safety Enhancement Tuning** — updating only the weights with the
-# highest Expected Safety Impact (ESI, stage 06), 1% of the model, for 100 iterations on harmful → refusal
+# highest Expected Safety Impact (ESI, stage 07, `esi`), 1% of the model, for 100 iterations on harmful → refusal
 # pairs — cuts the attack success rate (ASR) of an *unaligned* model by **more than 50%** while preserving its
 # performance. This stage runs that recipe on the unaligned default model and, on the same data and the same
 # number of steps, four baselines:
@@ -45,7 +45,7 @@ display(pd.DataFrame(config.deviations(s, "set")).style.set_caption(
     "CPU reductions and project choices in this run (paper-scale / reference value beside each)"))
 # %% [md]
 # ## The masks
-# The ESI top-k and bottom-k of this model come from stage 06 (`artifacts/esi/<model>/`); the random control
+# The ESI top-k and bottom-k of this model come from stage 07, `esi` (`artifacts/esi/<model>/`); the random control
 # draws, in every matrix, as many entries as the top-k has there.
 # %%
 model, tok = models.load(cfg.models[s.model].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
