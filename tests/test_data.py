@@ -286,3 +286,24 @@ def test_verify_refuses_changed_data(mirror, tmp_path):
     f.write_text("goal\ntampered\n")
     with pytest.raises(ValueError, match="advbench/harmful_behaviors.csv"):
         data.verify(raw)
+
+
+def test_data_stage_counts_sizes_leaks_and_categories():
+    """The numbers the data stage records: prompts per set and split, eval prompts that also identify (by
+    normalized text, across sets), distinct categories per safety set ('' counts as one)."""
+    import pandas as pd
+
+    from saferegions.stages import data as stage
+
+    prompts = pd.DataFrame([
+        {"id": "a0", "dataset": "advbench", "prompt": "How to X?", "category": "", "split": "ident"},
+        {"id": "a1", "dataset": "advbench", "prompt": "How to Y?", "category": "", "split": "eval"},
+        {"id": "h0", "dataset": "harmbench", "prompt": "Do Z", "category": "chem", "split": "ident"},
+        {"id": "h1", "dataset": "harmbench", "prompt": "how to x", "category": "cyber", "split": "eval"},
+        {"id": "x0", "dataset": "alpaca", "prompt": "Name a color.", "category": "", "split": "eval"}])
+    sizes = stage.set_sizes(prompts)
+    assert list(sizes.index) == list(data.SAFETY_SETS + data.BENIGN_SETS)
+    assert sizes.loc["advbench"].to_dict() == {"eval": 1, "ident": 1} and sizes.loc["alpaca", "eval"] == 1
+    assert list(stage.leaked_eval_prompts(prompts).id) == ["h1"]
+    cats = stage.categories_per_set(prompts)
+    assert cats["advbench"] == 1 and cats["harmbench"] == 2 and pd.isna(cats["catqa"])

@@ -27,7 +27,8 @@ def _module_file(name: str) -> Path | None:
 
 
 def _imported_modules(tree: ast.AST, package: str) -> set[str]:
-    """Dotted names of package modules a parsed source imports anywhere (lazy imports in functions too)."""
+    """Dotted names of package modules a parsed source imports anywhere (lazy imports in functions too, and
+    "module:attribute" references resolved at run time)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -40,6 +41,9 @@ def _imported_modules(tree: ast.AST, package: str) -> set[str]:
                 module = node.module or ""
             names.add(module)
             names |= {f"{module}.{a.name}" for a in node.names}   # `from pkg import submodule`
+    # a "module:attribute" string names code imported when first used (the method registry's runners)
+    names |= {node.value.partition(":")[0] for node in ast.walk(tree) if isinstance(node, ast.Constant)
+              and isinstance(node.value, str) and re.fullmatch(rf"{PACKAGE}(\.\w+)+:\w+", node.value)}
     found = set()
     for name in names:
         parts = name.split(".")
@@ -105,3 +109,5 @@ def test_import_graph_follows_relative_and_lazy_imports(tmp_path):
     assert _imported_modules(tree, PACKAGE) >= {f"{PACKAGE}.io", f"{PACKAGE}.methods", f"{PACKAGE}.methods.esi"}
     files = code_files({f"{PACKAGE}.stage"})
     assert Path("src/saferegions/stage.py") in files and Path("src/saferegions/io.py") in files
+    late = ast.parse(f'RUNNER = "{PACKAGE}.methods.snip:run"')
+    assert f"{PACKAGE}.methods.snip" in _imported_modules(late, PACKAGE)

@@ -8,7 +8,11 @@ import torch
 import yaml
 
 from conftest import ROOT
-from saferegions import config, identify, judges, regions, validate
+from saferegions import config, judges, methods, regions
+from saferegions.evaluation import utility_score
+from saferegions.methods import layers as layer_method
+from saferegions.methods.context import Context, load_calibration
+from saferegions.stages import calibrate, identify, validate
 from saferegions.io import write_jsonl
 from saferegions.models import eligible_weights
 from saferegions.tiny import tiny_model
@@ -37,15 +41,15 @@ def setup(tmp_path_factory):
     raw["validate"]["datasets"] = SETS[:1]
     cfg = config.parse(raw)
     model, tok = tiny_model("llama")
-    rows = identify.calibrate(model, tok, PROMPTS, 4, 8, judge=judges.KeywordJudge())
-    identify.save_calibration(rows, {"system_prompt": None}, tmp / "calib")
-    calib, _ = identify.load_calibration(tmp / "calib")
+    rows = calibrate.calibrate(model, tok, PROMPTS, 4, 8, judge=judges.KeywordJudge())
+    calibrate.save_calibration(rows, {"system_prompt": None}, tmp / "calib")
+    calib, _ = load_calibration(tmp / "calib")
     return tmp, cfg, calib
 
 
 def _ctx(setup, model, tok):
     tmp, cfg, calib = setup
-    return identify.Context(model, tok, "aligned", "tiny/llama", calib, SETS, "alpaca", cfg.identify, 0, None,
+    return Context(model, tok, "aligned", "tiny/llama", calib, SETS, "alpaca", cfg.identify, 0, None,
                             str(tmp / "prompts.jsonl"), str(tmp / "pairs.jsonl"), judges.KeywordJudge())
 
 
@@ -68,7 +72,7 @@ def test_calibration_batches_train_eos_only_on_ended_responses(setup):
     assert ends == [False, True, False]
 
 
-@pytest.mark.parametrize("method", identify.METHODS)
+@pytest.mark.parametrize("method", list(methods.REGISTRY))
 def test_every_method_saves_raw_refined_and_utility_regions(setup, tmp_path, method):
     model, tok = tiny_model("llama")
     space = {n: tuple(p.shape) for n, p in eligible_weights(model).items()}
@@ -76,16 +80,16 @@ def test_every_method_saves_raw_refined_and_utility_regions(setup, tmp_path, met
     kinds = {(r["dataset"], r["kind"]) for r in rows}
     assert {("alpaca", "utility")} | {(d, k) for d in SETS for k in ("raw", "refined")} <= kinds
     for d in SETS:
-        raw = regions.load(identify.region_path(tmp_path, d, "raw"))
-        refined = regions.load(identify.region_path(tmp_path, d, "refined"))
+        raw = regions.load(regions.region_path(tmp_path, d, "raw"))
+        refined = regions.load(regions.region_path(tmp_path, d, "refined"))
         for r in (raw, refined):       # one parameter space for every method
             assert {n: tuple(m.shape) for n, m in r.masks.items()} == space
             assert r.meta["method"] == method and r.meta["dataset"] == d and r.meta["model"] == "tiny/llama"
             assert r.meta["n"] == {"snip": 1, "neuron": 4, "layer": 16}.get(method, 3) and r.meta["seed"] == 0
         assert refined.meta["kind"] == "refined" and refined.meta["refinement"]["utility_dataset"] == "alpaca"
         if method == "nlsr":           # refinement acts on LoRA entries; the base projection is re-ranked
-            raw_l = regions.load(identify.region_path(tmp_path, d, "raw.lora"))
-            ref_l = regions.load(identify.region_path(tmp_path, d, "refined.lora"))
+            raw_l = regions.load(regions.region_path(tmp_path, d, "raw.lora"))
+            ref_l = regions.load(regions.region_path(tmp_path, d, "refined.lora"))
             assert regions.intersection_size(ref_l, raw_l) == ref_l.size and raw_l.meta["space"] == "lora"
         else:
             assert regions.intersection_size(refined, raw) == refined.size
@@ -105,41 +109,43 @@ def test_same_seed_same_regions(setup, tmp_path):
         identify.run("wanda", _ctx(setup, model, tok), tmp_path / out)
     for d in SETS:
         for kind in ("raw", "refined"):
-            a = regions.load(identify.region_path(tmp_path / "a", d, kind))
-            b = regions.load(identify.region_path(tmp_path / "b", d, kind))
+            a = regions.load(regions.region_path(tmp_path / "a", d, kind))
+            b = regions.load(regions.region_path(tmp_path / "b", d, kind))
             assert regions.iou(a, b) == 1.0 and a.meta == b.meta
 
 
 def test_weight_region_is_top_q_per_matrix(setup, tmp_path):
     model, tok = tiny_model("llama")
     identify.run("snip", _ctx(setup, model, tok), tmp_path)
-    raw = regions.load(identify.region_path(tmp_path, "advbench", "raw"))
-    util = regions.load(identify.region_path(tmp_path, "alpaca", "utility"))
+    raw = regions.load(regions.region_path(tmp_path, "advbench", "raw"))
+    util = regions.load(regions.region_path(tmp_path, "alpaca", "utility"))
     for n, m in raw.masks.items():
         assert int(m.sum()) == int(0.02 * m.numel()) and int(util.masks[n].sum()) == int(0.04 * m.numel())
-    refined = regions.load(identify.region_path(tmp_path, "advbench", "refined"))
+    refined = regions.load(regions.region_path(tmp_path, "advbench", "refined"))
     assert refined.size == raw.size - regions.intersection_size(raw, util)
 
 
-@pytest.mark.parametrize("method", identify.METHODS)
+@pytest.mark.parametrize("method", list(methods.REGISTRY))
 def test_ablation_restores_and_random_control_matches_size(setup, tmp_path, method):
     model, tok = tiny_model("llama")
     identify.run(method, _ctx(setup, model, tok), tmp_path)
     model, tok = tiny_model("llama")                   # a fresh model (NLSR wrapped the first in a LoRA)
-    region = regions.load(identify.region_path(tmp_path, "advbench", "raw"))
+    region = regions.load(regions.region_path(tmp_path, "advbench", "raw"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = tok("hello there", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         base = model(ids).logits
-        with validate.ablation(model, method, region):
+        with regions.ablation(model, region):
             changed = model(ids).logits
         after = model(ids).logits
     assert torch.equal(base, after) and all(torch.equal(before[n], p) for n, p in model.named_parameters())
     if region.size:
         assert not torch.equal(base, changed)
-    control = validate.random_control(model, method, region, seed=3)
-    assert control.size == region.size
-    if method in validate.WEIGHT_METHODS:
+    kind = regions.granularity(region)            # read back from the saved region's meta
+    assert region.meta["granularity"] == methods.get(method).granularity == kind.name
+    control = regions.random_control(model, region, seed=3)
+    assert control.size == region.size and type(regions.granularity(control)) is type(kind)
+    if isinstance(kind, regions.Weights):
         assert all(int(control.masks[n].sum()) == int(m.sum()) for n, m in region.masks.items())
     if method == "neuron":
         for layer, per in region.units["neurons"].items():
@@ -149,7 +155,7 @@ def test_ablation_restores_and_random_control_matches_size(setup, tmp_path, meth
 def test_utility_score_is_exp_mean_loglik(setup):
     model, tok = tiny_model("llama")
     prompt, answer = "Write a poem about the sea.", "The sea is blue"
-    got = validate.utility_score(model, tok, [prompt, "Hi"], [answer, "Hello there friend"], batch_size=2)
+    got = utility_score(model, tok, [prompt, "Hi"], [answer, "Hello there friend"], batch_size=2)
     total, count = 0.0, 0
     from saferegions.chat import response_batches
     for p, a in ((prompt, answer), ("Hi", "Hello there friend")):   # unpadded, one at a time, eos excluded
@@ -185,7 +191,7 @@ def _ctx_with(setup, model, tok, **sections):
     for key, values in sections.items():
         raw[key] = {**raw[key], **values}
     ident = config.parse({"identify": raw}).identify
-    return identify.Context(model, tok, "aligned", "tiny/llama", calib, SETS, "alpaca", ident, 0, None,
+    return Context(model, tok, "aligned", "tiny/llama", calib, SETS, "alpaca", ident, 0, None,
                             str(tmp / "prompts.jsonl"), str(tmp / "pairs.jsonl"), judges.KeywordJudge())
 
 
@@ -206,7 +212,7 @@ def test_neuron_density_falls_with_n_and_calibration_n_is_recorded(setup, tmp_pa
         curve = met["neuron_density_vs_n"][d]
         assert list(curve) == ks and all(b <= a for a, b in zip(curve.values(), list(curve.values())[1:]))
         kind = "utility" if d == "alpaca" else "raw"
-        region = regions.load(identify.region_path(tmp_path, d, kind))
+        region = regions.load(regions.region_path(tmp_path, d, kind))
         assert region.meta["n"] == n and curve[n] == pytest.approx(region.density, rel=1e-12)
 
 
@@ -216,13 +222,13 @@ def test_layer_sides_hold_n_distinct_prompts(setup, tmp_path):
     rows = identify.run("layer", ctx, tmp_path)
     met = identify.metrics(rows, "layer", "aligned", "tiny/llama", ctx.details, ctx.metrics)
     assert met["prompts_per_side"] == 16
-    assert regions.load(identify.region_path(tmp_path, "advbench", "raw")).meta["n"] == 16
+    assert regions.load(regions.region_path(tmp_path, "advbench", "raw")).meta["n"] == 16
     dup = [{"dataset": d, "split": "ident", "prompt": PROMPTS[d][i % 3]} for d in PROMPTS for i in range(20)]
     write_jsonl(tmp_path / "dup.jsonl", dup)          # a side with fewer distinct prompts than the minimum fails
     ctx = _ctx_with(setup, model, tok)
     ctx.prompts_path = str(tmp_path / "dup.jsonl")
     with pytest.raises(ValueError, match="distinct prompts per side"):
-        list(identify.run_layer(ctx))
+        list(layer_method.run(ctx))
 
 
 def test_nlsr_heldout_losses_and_seed_iou_in_metrics(setup, tmp_path):
@@ -243,7 +249,7 @@ def test_nlsr_heldout_losses_and_seed_iou_in_metrics(setup, tmp_path):
     assert met["heldout_n"] == 2 and met["heldout_loss_before"] == pytest.approx(before, abs=1e-6)
     assert math.isfinite(met["heldout_loss_after"]) and 1 <= met["train_steps"] <= 6
     assert met["seed_iou_dataset"] == "advbench" and met["seed_iou_seeds"] == [0, 1]
-    raw = regions.load(identify.region_path(tmp_path, "advbench", "raw"))
+    raw = regions.load(regions.region_path(tmp_path, "advbench", "raw"))
     assert 0 <= met["seed_iou"] <= 1 and 0 < met["seed_iou_chance"] < 1
     assert met["seed_iou_chance"] == pytest.approx(regions.chance_iou(raw.density), rel=0.2)
     assert 0 <= met["seed_iou_lora"] <= 1 and met["seed_iou_lora_chance"] == pytest.approx(regions.chance_iou(0.2), rel=0.05)
@@ -300,3 +306,18 @@ def test_results_dir_per_matrix_item():
     assert str(stage.results_dir("identify", {"model": "aligned", "method": "snip"})) == \
         "results/identify/aligned-snip"
     assert str(stage.results_dir("validate")) == "results/validate"
+
+
+@pytest.mark.parametrize("method", list(methods.REGISTRY))
+def test_method_details_for_the_notebook(setup, tmp_path, method):
+    """Each method's own diagnostics (text, tables, curves) come from its registry entry; weight methods have none
+    beyond NLSR's LoRA training."""
+    model, tok = tiny_model("llama")
+    ctx = _ctx(setup, model, tok)
+    identify.run(method, ctx, tmp_path)
+    tmp, cfg, _ = setup
+    details = identify.method_details(method, ctx, cfg)
+    assert set(details) == {"text", "tables", "curves"}
+    assert bool(details["text"]) == (method in ("neuron", "layer", "nlsr"))
+    for c in details["curves"]:
+        assert {c["x"], c["y"], c["hue"]} <= set(c["frame"].columns) and c["file"].endswith(".png")

@@ -84,3 +84,27 @@ def test_learned_judge_reads_the_same_first_tokens_in_training_and_judging():
     p = j.p_refusal(same_start)
     # two rows of one batch: rows may be summed in different orders (AVX-512 vs AVX2), so not bit-equal
     assert set(seen) == {4} and p[0] == pytest.approx(p[1], rel=1e-5, abs=1e-6)
+
+
+def test_baseline_stage_agreement_and_refusal_summary():
+    """Per model: how often the two judges agree and their κ; per model: harmful / benign refusal means and ASR."""
+    import pandas as pd
+
+    from saferegions.stages import baseline
+
+    gen = pd.DataFrame({"model": ["a"] * 4 + ["b"] * 2,
+                        "complied_keyword": [True, False, True, False, True, False],
+                        "complied_learned": [True, False, False, False, False, True]})
+    agree = baseline.judge_agreement(gen)
+    assert agree.loc["a", "agreement"] == 0.75 and agree.loc["a", "n"] == 4
+    assert agree.loc["a", "kappa"] == pytest.approx(judges.cohen_kappa([1, 0, 1, 0], [1, 0, 0, 0]))
+    assert agree.loc["b", "kappa"] == -1.0
+    metrics = {"a": {"advbench": {"refusal_rate": 0.75}, "harmbench": {"refusal_rate": 0.25},
+                     "alpaca": {"refusal_rate": 0.5}},
+               "b": {"advbench": {"refusal_rate": 0.0}, "harmbench": {"refusal_rate": 0.5},
+                     "alpaca": {"refusal_rate": 0.0}}}
+    rates = baseline.refusal_rates(metrics)
+    assert list(rates.index) == ["a", "b"] and rates.loc["b", "harmbench"] == 0.5
+    summary = baseline.refusal_summary(rates, ["advbench", "harmbench", "alpaca"])
+    assert summary.loc["a"].tolist() == [0.5, 0.5, 0.5] and summary.loc["b", "ASR (harmful)"] == 0.75
+    assert baseline.refusal_summary(rates, ["advbench"])["benign refusal (mean over sets)"].isna().all()

@@ -114,3 +114,23 @@ def test_dtype_does_not_depend_on_the_cpu():
     assert pick_dtype("auto", "cuda") == torch.bfloat16
     assert pick_dtype("bfloat16", "cpu") == torch.bfloat16
     assert yaml.safe_load((ROOT / "params.yaml").read_text())["run"]["dtype"] == "float32"
+
+
+def test_models_stage_records_every_role_of_the_smoke_profile(tmp_path):
+    """The stage's rows: source and weights hash from the verified manifest, family and size as loaded (the BERT
+    encoder loads as an encoder)."""
+    import yaml
+
+    from saferegions import config
+    from saferegions.stages import models as stage
+
+    raw = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    cfg = config.parse({k: v for k, v in raw.items() if k in config.SECTIONS})
+    rows = stage.materialize(cfg, tmp_path)
+    stage.describe(cfg, rows, tmp_path)
+    by = {r["role"]: r for r in rows}
+    assert set(by) == set(cfg.models)
+    assert by["aligned"]["family"] == "llama" and by["unaligned"]["family"] == "qwen2"
+    assert by["encoder"]["family"] == "bert"
+    assert all(r["mirror"] == cfg.models[r["role"]].offline and len(r["weights_sha256"]) == 64 for r in rows)
+    assert all(r["params_millions"] >= 0 and r["source"] for r in rows)

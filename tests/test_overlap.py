@@ -239,9 +239,9 @@ def test_overlap_config():
 
 
 def test_stage_tables_on_a_shared_core(tmp_path):
-    """overlap_stage turns analyze() into the notebook's tables: a shared core gives IoU far above chance, the
+    """stages.overlap turns analyze() into the notebook's tables: a shared core gives IoU far above chance, the
     refinement identity holds, empty regions give null metrics, and the verdict states the numbers."""
-    from saferegions import overlap_stage as S
+    from saferegions.stages import overlap as S
     core = rand_region(100, 0.1)
     raw = {f"d{k}": R.union(core, rand_region(k, 0.02)) for k in range(3)}
     util = rand_region(50, 0.05)

@@ -1,6 +1,6 @@
 import pytest
 
-from saferegions import evaluate, judges, tiny
+from saferegions import evaluation, judges, tiny
 from saferegions.io import atomic_dir, atomic_path, write_json
 
 
@@ -31,12 +31,12 @@ def test_same_params_same_generations_and_metrics():
     runs = []
     for _ in range(2):
         model, tok = tiny.tiny_model("llama", seed=0)
-        runs.append(evaluate.refusal_table(model, tok, sets, {"keyword": judges.KeywordJudge()}, 6, 2))
+        runs.append(evaluation.refusal_table(model, tok, sets, {"keyword": judges.KeywordJudge()}, 6, 2))
     assert runs[0] == runs[1]
 
 
 def test_utility_scores():
-    assert evaluate.gsm8k_exact_match(["so the answer is 1,234.", "no idea"], ["1234", "7"]) == 0.5
-    assert evaluate.sst2_accuracy(["Positive.", "It is negative, not positive", "meh"],
+    assert evaluation.gsm8k_exact_match(["so the answer is 1,234.", "no idea"], ["1234", "7"]) == 0.5
+    assert evaluation.sst2_accuracy(["Positive.", "It is negative, not positive", "meh"],
                                   ["positive", "negative", "negative"]) == pytest.approx(2 / 3)
-    assert evaluate.last_number("costs $18 then 20.") == "20"
+    assert evaluation.last_number("costs $18 then 20.") == "20"

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from saferegions import config, report
-from saferegions.report import MetricsError
+from saferegions import config
+from saferegions.results import MetricsError
+from saferegions.stages import report
 
 
 def _write(root, rel, obj):
@@ -254,3 +255,26 @@ def test_deviations_name_the_esi_judge_this_run_used():
     named = [r for r in rows if r.startswith("ESI judge in this run")]
     assert len(named) == 1 and "all-MiniLM-L6-v2" in named[0] and "0.97" in named[0]
     assert not any("Qwen2.5-Coder-1.5B guard" in r for r in rows)
+
+
+def test_reading_of_the_run_and_its_output_files(tmp_path):
+    """The verdicts are put into words in the stage (not the notebook); metrics.json keeps a number and a verdict
+    per claim, the verdict counts, how many stages ran and the summed wall time."""
+    _fixture(tmp_path)
+    results = report.load_results(tmp_path)
+    rows = report.claims(results)
+    totals = report.stage_totals(report.timings(tmp_path))
+    text = report.summary(rows, totals, 3)
+    counts = report.verdict_counts(rows)
+    assert text.startswith(f"{sum(r['verdict'] != report.NOT_RUN for r in rows)} of {len(rows)} claims")
+    assert list(counts.values()) == sorted(counts.values(), reverse=True) and sum(counts.values()) == len(rows)
+    assert all(f"**{r['claim']}** ({r['paper']}): {r['verdict']}" in text for r in rows)
+    assert "took 26 s in all; the slowest was `identify` (20 s)" in text and "3 params differ" in text
+    assert "params differ" not in report.summary(rows, [], 0) and "took" not in report.summary(rows, [], 0)
+    report.write_outputs(rows, results, totals, {"p": 1}, tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["verdicts"] == counts and m["stages_run"] == len(report.STAGES) and m["wall_seconds_total"] == 26.0
+    assert m["claims"]["p2_set_halves_asr"] == {"value": pytest.approx(0.625), "verdict": "consistent"}
+    claims = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert set(claims) == {r["id"] for r in rows} and "id" not in claims["p1_low_overlap"]
+    assert json.loads((tmp_path / "out" / "provenance.json").read_text()) == {"p": 1}

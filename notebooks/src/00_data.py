@@ -23,20 +23,18 @@
 # %% [params]
 params = {}
 # %%
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
 
-from saferegions import config, data, plots
+from saferegions.stages import data
 
-cfg = config.parse(params)
-OUT, RESULTS = Path("artifacts/data"), Path("results/data")
-tables = data.build("data", OUT, seed=cfg.run.seed, **vars(cfg.data))
+cfg = data.config.parse(params)
+tables = data.build_tables(cfg)
 prompts = pd.DataFrame(tables["prompts"])
-entries = data.registry()
-print(f"data/ holds {sum((Path('data') / e['file']).is_file() for e in entries)} of {len(entries)} registry files; "
-      f"{sum(not e.get('optional') for e in entries)} are required (read here), the rest optional")
+files = data.registry_files()
+print(f"data/ holds {files['present']} of {files['total']} registry files; "
+      f"{files['required']} are required (read here), the rest optional")
 # %% [md]
 # ## Set sizes and splits
 # Each set is split by a seeded `datasets` `train_test_split` (seed derived from the run seed and the set's name):
@@ -44,28 +42,25 @@ print(f"data/ holds {sum((Path('data') / e['file']).is_file() for e in entries)}
 # whose text equals any identification prompt of *any* set is dropped, so no evaluation number is measured on a
 # prompt a region was found with.
 # %%
-sizes = prompts.pivot_table(index="dataset", columns="split", values="id", aggfunc="count", fill_value=0)
-sizes = sizes.reindex(list(data.SAFETY_SETS + data.BENIGN_SETS))
+sizes = data.set_sizes(prompts)
 display(sizes)
-ident = set(prompts[prompts.split == "ident"].prompt.map(data._norm))
-leak = prompts[(prompts.split == "eval") & prompts.prompt.map(data._norm).isin(ident)]
+leak = data.leaked_eval_prompts(prompts)
 print(f"evaluation prompts that also identify: {len(leak)}")
 assert leak.empty
 # %%
 long = sizes.reset_index().melt(id_vars="dataset", var_name="split", value_name="prompts")
-fig = plots.bars(long, x="dataset", y="prompts", hue="split", title="Prompts per set and split",
-                 xlabel="prompt set", ylabel="prompts")
-plots.save(fig, RESULTS / "figures" / "set_sizes.png")
+fig = data.plots.bars(long, x="dataset", y="prompts", hue="split", title="Prompts per set and split",
+                      xlabel="prompt set", ylabel="prompts")
+data.plots.save(fig, data.RESULTS / "figures" / "set_sizes.png")
 # %% [md]
 # ## Categories
 # How many harm categories each set spans (sets without categories show one). A region found from a set with
 # few categories may be narrower than one from a broad set — a reason regions could differ between datasets.
 # %%
-cats = (prompts[prompts.dataset.isin(data.SAFETY_SETS)].assign(category=lambda d: d.category.replace("", "(none)"))
-        .groupby("dataset").category.nunique().reindex(list(data.SAFETY_SETS)))
-fig = plots.bars(cats.rename("categories").reset_index(), x="dataset", y="categories", hue=None,
-                 title="Harm categories per safety set", xlabel="safety set", ylabel="distinct categories")
-plots.save(fig, RESULTS / "figures" / "categories.png")
+cats = data.categories_per_set(prompts)
+fig = data.plots.bars(cats.rename("categories").reset_index(), x="dataset", y="categories", hue=None,
+                      title="Harm categories per safety set", xlabel="safety set", ylabel="distinct categories")
+data.plots.save(fig, data.RESULTS / "figures" / "categories.png")
 # %% [md]
 # ## Utility, alignment pairs and judge labels
 # %%
@@ -76,9 +71,4 @@ display(judge.groupby("label").size().rename("responses").rename(index={0: "comp
 print(f"alignment pairs: {len(tables['pairs'])}")
 display(pd.DataFrame(tables["pairs"]).head(3)[["prompt", "response"]])
 # %%
-from saferegions.io import write_json
-
-write_json(RESULTS / "metrics.json", {
-    "sets": {d: {s: int(n) for s, n in row.items()} for d, row in sizes.to_dict("index").items()},
-    "utility_rows": int(len(util)), "alignment_pairs": len(tables["pairs"]), "judge_rows": int(len(judge)),
-})
+data.write_metrics(sizes, tables)

@@ -23,40 +23,28 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from saferegions import config, data, identify, judges, models, plots
-from saferegions.io import write_json
+from saferegions.stages import calibrate
 
-cfg = config.parse(params)
-c = cfg.calibrate
+cfg = calibrate.config.parse(params)
 torch.manual_seed(cfg.run.seed)
-OUT, RESULTS = Path("artifacts/calibrate") / model, Path(results_dir)
-PROMPTS = "artifacts/data/prompts.jsonl"
-display(pd.DataFrame(config.deviations(c, "calibrate")).style.set_caption(
+RESULTS = Path(results_dir)
+display(pd.DataFrame(calibrate.config.deviations(cfg.calibrate, "calibrate")).style.set_caption(
     "CPU reductions in this run (paper-scale value beside each)"))
 # %%
-sets = {d: data.prompts(PROMPTS, d, "ident", c.n) for d in [*c.datasets, c.utility_set]}
-judge = judges.KeywordJudge(cfg.judges.keyword.window, cfg.judges.keyword.min_words, cfg.judges.keyword.phrases)
-lm, tok = models.load(cfg.models[model].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-rows = identify.calibrate(lm, tok, sets, c.max_new_tokens, c.batch_size, c.system_prompt, judge)
-meta = {"role": model, "model": cfg.models[model].id, "n": c.n, "max_new_tokens": c.max_new_tokens,
-        "system_prompt": c.system_prompt, "datasets": c.datasets, "utility_set": c.utility_set,
-        "dtype": str(next(lm.parameters()).dtype)}
-identify.save_calibration(rows, meta, OUT)
-frame = pd.DataFrame(rows)
+frame = calibrate.run(cfg, model)
 # %% [md]
 # ## How often the model refuses its calibration prompts (keyword judge)
 # %%
-rates = frame.groupby("dataset", sort=False).refused.agg(["mean", "size"]).rename(
-    columns={"mean": "refusal rate", "size": "n"})
+rates = calibrate.refusal_rates(frame)
 display(rates.style.format({"refusal rate": "{:.2f}"}))
-fig = plots.bars(rates.reset_index(), "dataset", "refusal rate", None,
-                 f"Refusal rate on the calibration prompts ({model}, keyword judge)", "prompt set", "refusal rate")
-plots.save(fig, RESULTS / "figures" / "calibration_refusal.png")
+fig = calibrate.plots.bars(rates.reset_index(), "dataset", "refusal rate", None,
+                           f"Refusal rate on the calibration prompts ({model}, keyword judge)", "prompt set",
+                           "refusal rate")
+calibrate.plots.save(fig, RESULTS / "figures" / "calibration_refusal.png")
 # %% [md]
 # ## Examples
 # %%
 with pd.option_context("display.max_colwidth", 100):
-    display(frame.groupby("dataset", sort=False).head(1)[["dataset", "prompt", "response", "refused"]])
+    display(calibrate.examples(frame))
 # %%
-write_json(RESULTS / "metrics.json", {"model": cfg.models[model].id, "role": model,
-           "sets": {d: {"n": int(r["n"]), "refusal_rate": float(r["refusal rate"])} for d, r in rates.iterrows()}})
+calibrate.write_metrics(cfg, model, rates, RESULTS)

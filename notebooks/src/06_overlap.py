@@ -29,9 +29,8 @@ import pandas as pd
 import torch
 from IPython.display import Image, Markdown, display
 
-from saferegions import config, identify, models, overlap, overlap_stage, plots
-from saferegions.io import write_json
-from saferegions.overlap_stage import MAIN
+from saferegions.stages import overlap
+from saferegions.stages.overlap import MAIN, config, plots, write_json
 
 cfg = config.parse(params)
 ov = cfg.overlap
@@ -39,7 +38,7 @@ torch.manual_seed(cfg.run.seed)
 IDENT, RESULTS = Path("artifacts/identify"), Path("results/overlap")
 FIG, TAB = RESULTS / "figures", RESULTS / "tables"
 TAB.mkdir(parents=True, exist_ok=True)
-SCOPES, VARIANTS = ov.scopes(), ov.variants
+VARIANTS = ov.variants
 
 
 def show(fig, name: str) -> None:
@@ -58,10 +57,9 @@ display(pd.DataFrame(config.deviations(ov, "overlap") + config.deviations(cfg.id
 # one bool tensor per weight). A missing file stops the notebook here, before any work.
 # %%
 start = time.time()
-loaded = overlap_stage.load(IDENT, cfg.identify.models, cfg.identify.methods,
-                            lambda m: cfg.identify.datasets(m, cfg.calibrate.datasets), cfg.calibrate.utility_set)
+loaded = overlap.load(IDENT, cfg)
 print(f"loaded {sum(2 * len(r['raw']) + 1 for r in loaded.values())} packed regions in {time.time() - start:.1f} s")
-display(overlap_stage.inventory(loaded).style.format(precision=4))
+display(overlap.inventory(loaded).style.format(precision=4))
 # %% [md]
 # ## Counting
 # For each model × method, one pass over the tensors popcounts every intersection and union the analyses need
@@ -70,10 +68,9 @@ display(overlap_stage.inventory(loaded).style.format(precision=4))
 # cross-check.
 # %%
 start = time.time()
-results = {key: overlap.analyze(r["raw"], r["refined"], r["utility"], VARIANTS, SCOPES, ov.n_orders, ov.seed,
-                                ov.chance_draws) for key, r in loaded.items()}
+results = overlap.analyze(loaded, ov)
 print(f"counted {len(results)} model × method analyses in {time.time() - start:.1f} s")
-overlap_stage.cross_check(results, loaded, VARIANTS)
+overlap.cross_check(results, loaded, VARIANTS)
 print("cross-check with regions.iou: identical")
 # %% [md]
 # ## Pairwise IoU between datasets (RQ1)
@@ -82,24 +79,17 @@ print("cross-check with regions.iou: identical")
 # off-diagonal IoU beside the chance IoU of random regions with the same per-matrix counts, their ratio and the
 # chance-corrected overlap.
 # %%
-summary = overlap_stage.summary(results, TAB)
+summary = overlap.summary(results, TAB)
 summary.to_csv(TAB / "summary.csv", index=False)
 display(summary[summary.scope == MAIN].style.format(precision=4).hide(axis="index"))
 for (role, method), a in results.items():
     if len(a["datasets"]) < 2:
         print(f"{role}/{method}: one dataset, no pairs")
         continue
-    ds = a["datasets"]
-    tables = {v: pd.DataFrame(a["matrix"][v, MAIN], index=ds, columns=ds) for v in VARIANTS}
-    show(plots.heatmap_grid(tables, f"{role} · {method}: IoU between datasets' regions ({MAIN})", "dataset",
+    show(plots.heatmap_grid(overlap.dataset_matrices(a, VARIANTS), f"{role} · {method}: IoU between datasets' regions ({MAIN})", "dataset",
                             "dataset"), f"pairwise_{role}_{method}.png")
 # %%
-long = summary[summary.scope == MAIN].melt(id_vars=["model", "method", "variant"], value_vars=["mean_iou", "chance_iou"],
-                                           var_name="measure", value_name="IoU")
-long["condition"] = long.method + " · " + long.variant
-if long.model.nunique() > 1:
-    long["condition"] = long.model + " · " + long.condition
-show(plots.bars(long, "condition", "IoU", "measure", "Mean off-diagonal IoU vs random regions of the same densities",
+show(plots.bars(overlap.mean_vs_chance(summary), "condition", "IoU", "measure", "Mean off-diagonal IoU vs random regions of the same densities",
                 "method · variant", f"IoU ({MAIN})"), "mean_iou_vs_chance.png")
 # %% [md]
 # ## Convergence: does the multi-way intersection plateau at a stable region?
@@ -109,7 +99,7 @@ show(plots.bars(long, "condition", "IoU", "measure", "Mean off-diagonal IoU vs r
 # chance means each new dataset brings a different region; a line that drops off the bottom of the log axis has
 # reached an empty intersection. `survive` = |A₁ ∩ … ∩ A_k| / |A₁|.
 # %%
-conv = overlap_stage.convergence(results)
+conv = overlap.convergence(results)
 plateau = pd.DataFrame()
 if conv.empty:
     print("no method has two or more datasets: no convergence curve")
@@ -120,7 +110,7 @@ else:
     show(plots.band_lines(main, "k", "iou", "line", "variant", "Multi-way IoU of the first k datasets",
                           "k (datasets intersected)", f"IoU_k ({MAIN}, log scale)", ref="chance", logy=True),
          "convergence.png")
-    plateau = overlap_stage.plateau(main)
+    plateau = overlap.plateau(main)
     display(plateau.style.format(precision=4).hide(axis="index"))
 # %% [md]
 # ## Refinement: raw vs utility-refined IoU, and the identity behind the change (RQ2)
@@ -134,7 +124,7 @@ else:
 # projection preserves). NLSR refines in LoRA space and then projects by |ΔW|, so its weight-space refined region
 # is not raw \ U; its identity is asserted in LoRA space instead.
 # %%
-refinement = overlap_stage.refinement(results)
+refinement = overlap.refinement(results)
 if not refinement.empty:
     refinement.to_csv(TAB / "refinement.csv", index=False)
     display(refinement.groupby(["model", "method", "refined = raw \\ U"])[
@@ -142,9 +132,7 @@ if not refinement.empty:
         .style.format(precision=4).set_caption("means over dataset pairs"))
     print("refinement identity holds exactly for",
           sorted(set(refinement.method[refinement["refined = raw \\ U"]])))
-lora_checks = [row for role in cfg.identify.models if "nlsr" in cfg.identify.methods
-               for row in overlap_stage.lora_space(IDENT / role / "nlsr", list(loaded[role, "nlsr"]["raw"]),
-                                                   cfg.calibrate.utility_set, role)]
+lora_checks = overlap.lora_checks(IDENT, loaded, cfg.calibrate.utility_set)
 if lora_checks:
     display(pd.DataFrame(lora_checks).style.format(precision=4).set_caption("NLSR in its own LoRA space"))
 if not refinement.empty:
@@ -158,21 +146,16 @@ if not refinement.empty:
 # weight rows/columns/blocks they cover, NLSR by its base-weight projection), averaged over those datasets; chance
 # uses the same per-matrix counts.
 # %%
-cross_rows = []
-for role in cfg.identify.models:
-    meths = list(cfg.identify.methods)
-    common = [d for d in cfg.calibrate.datasets if all(d in loaded[role, m]["raw"] for m in meths)]
-    if len(meths) < 2 or not common:
+per_model, cross = overlap.across_methods_by_model(loaded, cfg.identify.models, cfg.identify.methods,
+                                                   cfg.calibrate.datasets, VARIANTS, TAB)
+for role, found in per_model.items():
+    if found is None:
         print(f"{role}: fewer than two methods or no common dataset; no cross-method comparison")
         continue
-    tables, rows = overlap_stage.across_methods(loaded, role, meths, common, VARIANTS)
-    cross_rows += rows
-    for v, t in tables.items():
-        t.to_csv(TAB / f"{role}-methods-{v}-{MAIN}.csv")
+    common, tables = found
     show(plots.heatmap_grid({f"{v} (mean over {len(common)} datasets)": t for v, t in tables.items()},
                             f"{role}: IoU between methods' regions (datasets: {', '.join(common)})",
                             "method", "method"), f"cross_method_{role}.png")
-cross = pd.DataFrame(cross_rows)
 if not cross.empty:
     cross.to_csv(TAB / "cross_method.csv", index=False)
     display(cross.groupby(["model", "variant", "method_a", "method_b"])[["iou", "chance"]].mean()
@@ -181,7 +164,7 @@ if not cross.empty:
 # ## Where the regions agree: per-layer and per-component overlap profiles
 # Mean pairwise IoU between datasets' regions, restricted to one decoder layer (left) or one component type (right).
 # %%
-prof, comp = overlap_stage.profiles(results, VARIANTS)
+prof, comp = overlap.profiles(results, VARIANTS)
 if prof.dropna().empty:
     print("no pairs: no profiles")
 else:
@@ -190,11 +173,7 @@ else:
     prof["line"] = prof.method if prof.model.nunique() == 1 else prof.model + " · " + prof.method
     show(plots.band_lines(prof, "layer", "iou", "line", "variant", "Mean pairwise IoU per decoder layer",
                           "layer", "mean IoU within the layer"), "layer_profile.png")
-    order = [c for c in ("q", "k", "v", "o", "gate", "up", "down", "gate_up") if c in set(comp.component)]
-    comp["row"] = comp.method if comp.model.nunique() == 1 else comp.model + " · " + comp.method
-    tables = {v: comp[comp.variant == v].pivot_table(index="row", columns="component", values="iou")[order]
-              for v in VARIANTS}
-    show(plots.heatmap_grid(tables, "Mean pairwise IoU per component", "component", "method"),
+    show(plots.heatmap_grid(overlap.component_tables(comp, VARIANTS), "Mean pairwise IoU per component", "component", "method"),
          "component_profile.png")
 # %% [md]
 # ## Across model sizes
@@ -207,7 +186,7 @@ if len(roles) < 2:
     print(f"only one model in identify.models ({roles}): the across-size comparison is skipped on this profile "
           "(the paper profile adds a second size of the family)")
 else:
-    sizes, depth = overlap_stage.across_sizes(results, loaded, roles, cfg.identify.methods, VARIANTS)
+    sizes, depth = overlap.across_sizes(results, loaded, roles, cfg.identify.methods, VARIANTS)
     sizes.to_csv(TAB / "sizes.csv", index=False)
     display(sizes.style.format(precision=4))
     depth["line"] = depth.model + " · " + depth.method
@@ -222,27 +201,13 @@ else:
 # examples a resample often repeats one example, so the resampled regions can sit systematically apart from the
 # observed one (which used every example once): read the spread, not the position.
 # %%
-bs = ov.bootstrap
-role0 = cfg.identify.models[0]
-boot_methods = [m for m in bs.methods if m in cfg.identify.methods]
-ci = pd.DataFrame()
-if bs.n_resamples and boot_methods:
-    start = time.time()
-    calib, calib_meta = identify.load_calibration(Path("artifacts/calibrate") / role0)
-    lm, tok = models.load(cfg.models[role0].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-    rows = []
-    for m in boot_methods:
-        ds = bs.datasets or cfg.identify.datasets(m, cfg.calibrate.datasets)
-        rows += overlap.bootstrap(lm, tok, calib, m, ds, cfg.identify.snip.n if m == "snip" else None,
-                                  cfg.identify.q, cfg.identify.group, loaded[role0, m]["utility"], bs.n_resamples,
-                                  bs.seed, cfg.identify.batch_size, cfg.identify.max_length,
-                                  calib_meta["system_prompt"])
-    del lm
-    boot = pd.DataFrame(rows)
+start = time.time()
+boot, ci = overlap.prompt_bootstrap(cfg, loaded, results, Path("artifacts/calibrate"))
+if not boot.empty:
     boot.to_csv(TAB / "bootstrap.csv", index=False)
-    ci = overlap_stage.bootstrap_intervals(boot, results, role0, VARIANTS)
     display(ci.style.format(precision=4).hide(axis="index"))
-    print(f"bootstrap: {bs.n_resamples} resamples × {len(boot_methods)} methods in {time.time() - start:.0f} s")
+    print(f"bootstrap: {ov.bootstrap.n_resamples} resamples × {boot.method.nunique()} methods in "
+          f"{time.time() - start:.0f} s")
 else:
     print("bootstrap off (overlap.bootstrap.n_resamples = 0 or no bootstrap method identified)")
 # %% [md]
@@ -250,13 +215,12 @@ else:
 # `results/overlap/metrics.json`: per model and method, mean off-diagonal IoU (global scope) and its chance value,
 # raw and refined. Every matrix is in `results/overlap/tables/`.
 # %%
-metrics = overlap_stage.metrics(summary)
+metrics = overlap.metrics(summary)
 write_json(RESULTS / "metrics.json", metrics)
-display(pd.DataFrame({(m, meth): {f"{v} {k}": x for v, d in per.items() for k, x in d.items()}
-                      for m, methods in metrics.items() for meth, per in methods.items()}).T.style.format(precision=4))
+display(overlap.metrics_table(metrics).style.format(precision=4))
 # %% [md]
 # ## Verdict for this run
 # Computed from the numbers above; read it with the CPU reductions at the top in mind (few calibration examples
 # per dataset, some methods on a subset of datasets, an NLSR LoRA trained for a few steps).
 # %%
-display(Markdown(overlap_stage.verdict(summary, plateau, ci, refinement, VARIANTS)))
+display(Markdown(overlap.verdict(summary, plateau, ci, refinement, VARIANTS)))

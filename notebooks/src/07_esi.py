@@ -27,17 +27,14 @@
 # %% [params]
 params = {}
 # %%
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from saferegions import config, esi_stage, judges, models, plots
-from saferegions import regions as R
-from saferegions.io import write_json, write_jsonl
-from saferegions.methods import esi
+from saferegions.stages import esi
+from saferegions.stages.esi import config, plots, write_json, write_jsonl
 
 cfg = config.parse(params)
 e = cfg.esi
@@ -47,39 +44,15 @@ FIG = RESULTS / "figures"
 PROMPTS = "artifacts/data/prompts.jsonl"
 display(pd.DataFrame(config.deviations(e, "esi")).style.set_caption(
     "CPU reductions in this run (paper-scale value beside each)"))
-kw = cfg.judges.keyword
-keyword = judges.KeywordJudge(kw.window, kw.min_words, kw.phrases)
-needed = sorted({s.judge for role in e.models for s in esi_stage.plan(e, role) if s.judge})
-soft_judges = esi_stage.load_soft_judges(cfg, needed)
-display(pd.DataFrame([{"role": role, "region": s.name, "dataset": s.dataset, "variant": s.variant,
-                       "judge": s.judge, "objective": s.objective}
-                      for role in e.models for s in esi_stage.plan(e, role)])
-        .style.set_caption("Regions computed (the first of each role is the primary)"))
+soft_judges = esi.load_soft_judges(cfg, esi.needed_judges(e))
+display(esi.plan_table(e).style.set_caption("Regions computed (the first of each role is the primary)"))
 # %% [md]
 # ## Run
 # One model at a time: a greedy generation pass shared by every judge-guided region, one gradient pass per
 # region, selection, the architecture profile, then the perturbation check. Regions are kept packed.
 # %%
-results, method_rows, dataset_tables, dataset_summaries, missing = {}, [], {}, {}, []
-for role in e.models:
-    start = time.time()
-    lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-    res = esi_stage.run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, keyword, PROMPTS)
-    esi_stage.save_role(res, OUT / role)
-    del lm
-    if len(res.dataset_regions) > 1:
-        dataset_tables[role], dataset_summaries[role] = esi_stage.pairwise_iou(res.dataset_regions)
-    ident = Path("artifacts/identify") / role
-    if ident.exists():
-        rows, miss = esi_stage.method_overlap(res.dataset_regions, ident, e.compare_methods)
-        method_rows += [{"model": role, **r} for r in rows]
-        missing += miss
-    res.timings["total"] = round(time.time() - start, 1)
-    results[role] = res
-    print(f"{role}: {res.timings}")
-metrics = {role: esi_stage.role_metrics(res, e, [r for r in method_rows if r["model"] == role],
-                                        dataset_summaries.get(role))
-           for role, res in results.items()}
+result = esi.run(cfg, soft_judges, OUT, "artifacts/identify", PROMPTS)
+metrics = result.metrics
 # %% [md]
 # ## The primary region's inputs: responses and judge scores
 # The judge's "safe" score of each greedy response (learned judge: the logistic head's refusal logit, > 0 reads
@@ -92,33 +65,25 @@ metrics = {role: esi_stage.role_metrics(res, e, [r for r in method_rows if r["mo
 # response.
 # %%
 with pd.option_context("display.max_colwidth", 90):
-    display(pd.DataFrame([{"model": role, **r} for role, res in results.items() for r in res.records]))
+    display(result.rows("records"))
 for role, m in metrics.items():
     cov = m["judge_token_coverage"]
     print(f"{role}: judge {m['judge']!r}, judge token coverage "
           + (f"{cov:.3f}" if cov is not None else "n/a (no judge objective)"))
-display(pd.DataFrame({role: {"parameters": res.n_params, "k (top_frac × all)": res.k,
-                             "density in the ESI space": res.top.density,
-                             "tensors touched": sum(res.top.count(n) > 0 for n in res.top.data)}
-                      for role, res in results.items()}).T)
+display(esi.region_table(result))
 # %% [md]
 # ## Architecture profile: where the top-k sits
 # Left: share of the top-k region's entries per layer and component; right: share of the summed ESI (Σ|g|·σ_W).
 # Both heatmaps are normalised to sum to 1 over the figure (lm_head has no layer and shows only in the share
 # bars). The paper reports value projections and mid-layer MLPs for dense models, late-layer MLP experts for MoE.
 # %%
-shares = []
-for role, res in results.items():
-    for value, label in (("region_count", "top-k entries"), ("esi_sum", "summed ESI")):
-        table = esi.layer_component_table(res.profile, value)
-        table = table / table.values.sum()
-        fig = plots.heatmap(table, f"{role}: share of {label} per layer × component", "component", "layer",
-                            vmin=0, vmax=None, annot=False, cbar_label=f"share of {label}",
-                            figsize=(6, max(3, 0.28 * len(table) + 1.5)))
-        plots.save(fig, FIG / f"heatmap_{role}_{value}.png")
-        shares += [{"model": role, "measure": label, "component": c, "share": s}
-                   for c, s in esi_stage.component_shares(res.profile, value).items()]
-shares = pd.DataFrame(shares)
+tables, shares = esi.architecture_tables(result)
+for (role, value), table in tables.items():
+    label = esi.SHARE_MEASURES[value]
+    fig = plots.heatmap(table, f"{role}: share of {label} per layer × component", "component", "layer",
+                        vmin=0, vmax=None, annot=False, cbar_label=f"share of {label}",
+                        figsize=(6, max(3, 0.28 * len(table) + 1.5)))
+    plots.save(fig, FIG / f"heatmap_{role}_{value}.png")
 display(shares.pivot_table(index=["model", "measure"], columns="component", values="share")
         .style.format("{:.3f}"))
 fig = plots.bars(shares[shares.measure == "top-k entries"], "component", "share", "model",
@@ -128,9 +93,9 @@ plots.save(fig, FIG / "component_share.png")
 # ## How stable is the region? One setting changed at a time
 # IoU with the primary region (global over all ESI-eligible weights); chance = two random regions of these sizes.
 # %%
-comp = pd.DataFrame([c for res in results.values() for c in res.comparisons])
+comp = result.rows("comparisons")
 display(comp.style.format(precision=4))
-long = pd.concat([comp.assign(kind="observed", value=comp.iou), comp.assign(kind="chance", value=comp.chance)])
+long = esi.observed_and_chance(comp)
 long["comparison"] = long.model + ": primary vs " + long.region
 fig = plots.bars(long, "comparison", "value", "kind", "IoU of the primary ESI region with one setting changed",
                  "comparison", "IoU")
@@ -141,14 +106,14 @@ plots.save(fig, FIG / "variants_iou.png")
 # random positions. Sampled responses (temperature, top-p as in the paper) to held-out harmful prompts (eval
 # split, disjoint from the ESI prompts); ASR = share judged compliant by the keyword judge. "none" = no noise.
 # %%
-pert = pd.DataFrame([r for res in results.values() for r in res.perturbation])
-display(pert.pivot_table(index="model", columns="condition", values="asr")[list(esi_stage.PERTURB_CONDITIONS)]
+pert = result.rows("perturbation")
+display(pert.pivot_table(index="model", columns="condition", values="asr")[list(esi.PERTURB_CONDITIONS)]
         .style.format("{:.2f}"))
 fig = plots.bars(pert, "condition", "asr", "model",
                  f"ASR after noise ({e.noise_ratio}·σ_W) on {e.top_frac:.0%} of the parameters",
                  "perturbed region", "ASR (held-out harmful, keyword judge)")
 plots.save(fig, FIG / "perturbation.png")
-gens = pd.DataFrame([g for res in results.values() for g in res.generations])
+gens = result.rows("generations")
 with pd.option_context("display.max_colwidth", 90):
     display(gens[(gens.prompt == gens.prompt.iloc[0]) & (gens.seed == 0)][["model", "condition", "response",
                                                                           "complied"]])
@@ -157,61 +122,32 @@ with pd.option_context("display.max_colwidth", 90):
 # One region per dataset (primary settings, same number of prompts); IoU per pair, against the chance IoU of
 # two random regions of this density, and the multi-way IoU of all of them.
 # %%
-for role, table in dataset_tables.items():
+for role, table in result.dataset_tables.items():
     fig = plots.heatmap(table, f"{role}: IoU of ESI regions from different datasets", "dataset", "dataset",
                         fmt=".3f", vmax=None, cbar_label="IoU")
     plots.save(fig, FIG / f"dataset_iou_{role}.png")
-display(pd.DataFrame({role: {k: v for k, v in s.items() if k != "pairs"} for role, s in dataset_summaries.items()})
-        .T.style.format(precision=4))
+display(esi.dataset_summary_table(result).style.format(precision=4))
 # %% [md]
 # ## Beyond the paper: ESI vs paper 1's SNIP and Wanda regions of the same model and dataset
 # Compared in paper 1's space (the q/k/v/o/gate/up/down weights of the blocks; ESI's lm_head entries drop out),
 # against paper 1's raw regions (top-q per matrix, before utility refinement).
 # %%
-if method_rows:
-    mo = pd.DataFrame(method_rows)
+if result.method_rows:
+    mo = pd.DataFrame(result.method_rows)
     display(mo.style.format(precision=4))
-    long = pd.concat([mo.assign(kind="observed", value=mo.iou), mo.assign(kind="chance", value=mo.chance)])
+    long = esi.observed_and_chance(mo)
     long["pair"] = long.model + " " + long.method + " / " + long.dataset
     fig = plots.bars(long, "pair", "value", "kind", "IoU of ESI regions with SNIP / Wanda regions",
                      "model, method / dataset", "IoU")
     plots.save(fig, FIG / "methods_iou.png")
 else:
     print("no paper-1 regions found under artifacts/identify: run the identify stage for the compared roles")
-if missing:
-    print("not found (method not run on that dataset or model):", *missing, sep="\n  ")
+if result.missing:
+    print("not found (method not run on that dataset or model):", *result.missing, sep="\n  ")
 # %% [md]
 # ## Reading this run
 # %%
-lines = []
-for role, m in metrics.items():
-    lines.append(
-        f"* **{role}** (`{m['model_id']}`): noise on the top {e.top_frac:.0%} ESI weights gave ASR "
-        f"**{m['asr_topk']:.2f}**, against {m['asr_random']:.2f} for a random region of the same per-matrix size, "
-        f"{m['asr_bottomk']:.2f} for the bottom-k and {m['asr_none']:.2f} without noise "
-        f"({m['n_eval']} held-out prompts × {m['perturb_seeds']} seed(s)). "
-        + ("The top-k is the most damaging of the three. " if m["asr_topk"] > max(m["asr_random"], m["asr_bottomk"])
-           else "The top-k is not more damaging than the controls here. ")
-        + f"Faithful vs fixed regions overlap with IoU {m['faithful_vs_fixed_iou']:.3f} "
-        f"(chance {m['iou_vs_primary'][esi_stage.other_variant(e.variant)]['chance']:.4f})"
-        + (f"; the refusal-likelihood objective's region {m['refusal_likelihood_iou']:.3f}"
-           if "refusal_likelihood_iou" in m else "")
-        + f". Largest component share of the top-k: "
-        f"{max(m['component_share'], key=m['component_share'].get)} "
-        f"({max(m['component_share'].values()):.0%}).")
-    if "dataset_iou" in m:
-        d = m["dataset_iou"]
-        lines.append(f"  Regions from {len(dataset_tables[role])} datasets: mean pairwise IoU "
-                     f"{d['mean']:.3f} vs chance {d['chance']:.4f} ({d['mean'] / d['chance']:.0f}× chance).")
-    if "method_iou" in m:
-        lines.append("  IoU with paper 1's regions: " + "; ".join(
-            f"{meth} {ds} {v['iou']:.3f} (chance {v['chance']:.4f})" for meth, per in m["method_iou"].items()
-            for ds, v in per.items()) + ".")
-lines.append(f"\nWith {e.n_prompts or 'all'} ESI prompt(s) of ≤ {e.max_new_tokens} tokens and "
-             f"{e.perturb_max_new_tokens}-token sampled answers, these are CPU-scale indications, not the paper's "
-             "numbers; ASR differences of one prompt are 1/n_eval.")
-display(Markdown("\n".join(lines)))
+display(Markdown(esi.reading(result, e)))
 # %%
-write_jsonl(OUT / "generations.jsonl", [g for res in results.values() for g in res.generations]
-            + [{"model": role, "condition": "esi_prompt", **r} for role, res in results.items() for r in res.records])
+write_jsonl(OUT / "generations.jsonl", esi.generation_rows(result))
 write_json(RESULTS / "metrics.json", metrics)

@@ -29,11 +29,10 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Image, Markdown, display
 
-from saferegions import config, plots, report
-from saferegions.io import write_json
+from saferegions.stages import report
 
-cfg = config.parse(params)
-RESULTS = Path("results/report")
+cfg = report.config.parse(params)
+RESULTS = report.RESULTS
 results = report.load_results(".")
 status = pd.DataFrame(report.stage_status(results))
 display(status.set_index("stage").style.set_caption("Stages whose results this report reads"))
@@ -112,41 +111,18 @@ with pd.option_context("display.max_rows", 200, "display.max_colwidth", 70):
 # ## Wall time per stage
 # Summed over matrix items (calibrate per model, identify per model × method), from each stage's `timing.json`.
 # %%
-times = report.timings(".")
-totals = pd.DataFrame(report.stage_totals(times))
+stage_totals = report.stage_totals(report.timings("."))
+totals = pd.DataFrame(stage_totals)
 if totals.empty:
     print("no timing.json found")
 else:
     display(totals.set_index("stage"))
-    fig = plots.bars(totals, "stage", "wall_seconds", None, "Wall time per stage (this run)", "stage",
-                     "wall time (s)", figsize=(8, 3.5))
-    plots.save(fig, RESULTS / "figures" / "wall_time.png")
+    fig = report.plots.bars(totals, "stage", "wall_seconds", None, "Wall time per stage (this run)", "stage",
+                            "wall time (s)", figsize=(8, 3.5))
+    report.plots.save(fig, RESULTS / "figures" / "wall_time.png")
 # %% [md]
 # ## Reading this run
 # %%
-counts = claims.verdict.value_counts().to_dict()
-checked = [r for r in rows if r["verdict"] != report.NOT_RUN]
-lines = [f"{len(checked)} of {len(rows)} claims could be measured in this run "
-         f"({', '.join(f'{n} {v}' for v, n in counts.items())})."]
-for r in rows:
-    lines.append(f"- **{r['claim']}** ({r['paper']}): {r['verdict']}"
-                 + (f" — {r['this_run']}." if r["verdict"] != report.NOT_RUN else "."))
-if not totals.empty:
-    slow = totals.sort_values("wall_seconds").iloc[-1]
-    lines.append(f"\nThe stages took {totals.wall_seconds.sum():.0f} s in all; the slowest was `{slow.stage}` "
-                 f"({slow.wall_seconds:.0f} s).")
-if not devs.empty:
-    lines.append(f"{len(devs)} params differ from the paper-scale defaults, so read every verdict above as "
-                 f"a statement about this scaled-down run.")
-display(Markdown("\n".join(lines)))
+display(Markdown(report.summary(rows, stage_totals, len(devs))))
 # %%
-# metrics.json keeps what `dvc metrics show` / `dvc exp show` can tabulate (a number and a verdict per claim);
-# the whole table, claim and paper value in words included, is claims.json.
-write_json(RESULTS / "claims.json", {r["id"]: {k: v for k, v in r.items() if k != "id"} for r in rows})
-write_json(RESULTS / "metrics.json", {
-    "claims": {r["id"]: {"value": r["value"], "verdict": r["verdict"]} for r in rows},
-    "verdicts": counts,
-    "stages_run": int((status.status != report.NOT_RUN).sum()),
-    "wall_seconds_total": round(float(totals.wall_seconds.sum()), 1) if not totals.empty else 0.0,
-})
-write_json(RESULTS / "provenance.json", prov)
+report.write_outputs(rows, results, stage_totals, prov, RESULTS)

@@ -14,36 +14,17 @@ from pathlib import Path
 
 import yaml
 
+from . import methods
+from .checks import ConfigError, _choice, _fraction, _positive, _subset  # noqa: F401  (re-exported)
 from .data import BENIGN_SETS, SAFETY_SETS
+from .methods import LAYER_MIN_PROMPTS, PROMPT_SETS, QK_MODES  # noqa: F401  (re-exported)
 # `.models` (torch, transformers) is imported where it is used, so validating params stays fast: the report stage
 # loads no model and spent half its wall time importing torch through this module.
 
-PROMPT_SETS = SAFETY_SETS + BENIGN_SETS
-METHODS = ("snip", "wanda", "neuron", "layer", "nlsr")   # paper 1's identification methods (docs/methods.md §2)
 GROUPS = ("matrix", "row", "global")
-QK_MODES = ("ablate", "plnd")
 VARIANTS = ("raw", "refined")
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _choice(where: str, value, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{where}: unknown value {value!r}; valid choices: {', '.join(map(str, valid))}")
-
-
-def _positive(where: str, value) -> None:
-    if value <= 0:
-        raise ConfigError(f"{where}: must be > 0, got {value!r}")
-
-
-def _fraction(where: str, value) -> None:
-    if not 0 < value <= 1:
-        raise ConfigError(f"{where}: must be in (0, 1], got {value!r}")
 
 
 def _build(cls, raw, where: str):
@@ -166,13 +147,6 @@ class BaselineCfg:
             _positive(f"baseline.{k}", getattr(self, k))
 
 
-def _subset(where: str, values, valid) -> None:
-    for v in values:
-        _choice(where, v, valid)
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{where}: duplicate entries in {values!r}")
-
-
 # Dataclass defaults are the paper-scale values of docs/methods.md; params.yaml scales them down for the CPU budget.
 
 @dataclass
@@ -194,119 +168,18 @@ class CalibrateCfg:
 
 
 @dataclass
-class WandaCfg:
-    datasets: list[str] | None = None   # identification datasets this method runs on (None = calibrate.datasets)
-
-
-@dataclass
-class SnipCfg:
-    n: int | None = None         # calibration examples per dataset used (None = all calibrate.n)
-    datasets: list[str] | None = None
-
-    def __post_init__(self):
-        if self.n is not None:
-            _positive("identify.snip.n", self.n)
-
-
-@dataclass
-class NeuronCfg:
-    attn_frac: float = 0.06      # docs/methods.md §2.2 (≈ SN-Tune's 1000 / 16,384)
-    ffn_frac: float = 0.18       # (≈ 2000 / 11,008)
-    min_prompt_frac: float = 1.0  # 1.0 = SN-Tune's intersection over prompts
-    qk_mode: str = "ablate"
-    chunk: int = 16
-    attn_rank: str = "joint"
-    n: int | None = None         # calibration prompts per set (None = calibrate.n); examples beyond calibrate.n
-                                 # are answered by the identify stage itself, so only this method pays for them
-    datasets: list[str] | None = None
-
-    def __post_init__(self):
-        if self.n is not None:
-            _positive("identify.neuron.n", self.n)
-        for k in ("attn_frac", "ffn_frac", "min_prompt_frac"):
-            _fraction(f"identify.neuron.{k}", getattr(self, k))
-        _choice("identify.neuron.qk_mode", self.qk_mode, QK_MODES)
-        _choice("identify.neuron.attn_rank", self.attn_rank, ("joint", "per_unit"))
-        _positive("identify.neuron.chunk", self.chunk)
-
-
-LAYER_MIN_PROMPTS = 16   # SafeLayer's random pairs need distinct prompts: 16 per side = 120 distinct same-type pairs
-
-
-@dataclass
-class LayerCfg:
-    normal_set: str = "alpaca"     # the "N" side of the cosine analysis; each dataset is the "M" side
-    n: int = 100                   # prompts per side (reference: 100 normal, 100 malicious); >= LAYER_MIN_PROMPTS
-    overrej_set: str = "xstest_safe"
-    n_overrej: int = 128           # over-rejection prompts (reference: 721 / 731)
-    pairs: int = 500
-    jump: float = 0.001
-    grow: float = 1e-4
-    alpha: float = 1.1
-    sweep_radius: int = 3          # 0 = step 1 only (no over-rejection generations)
-    max_new_tokens: int = 16
-    scale_o_proj: bool = True
-    datasets: list[str] | None = None
-
-    def __post_init__(self):
-        _choice("identify.layer.normal_set", self.normal_set, PROMPT_SETS)
-        _choice("identify.layer.overrej_set", self.overrej_set, PROMPT_SETS)
-        for k in ("n_overrej", "pairs", "max_new_tokens", "alpha"):
-            _positive(f"identify.layer.{k}", getattr(self, k))
-        if self.n < LAYER_MIN_PROMPTS:
-            raise ConfigError(f"identify.layer.n: {self.n} prompts per side give only {self.n * (self.n - 1) // 2} "
-                              f"distinct same-type pairs for the {self.pairs} random pairs; use at least "
-                              f"{LAYER_MIN_PROMPTS} ({LAYER_MIN_PROMPTS * (LAYER_MIN_PROMPTS - 1) // 2} pairs)")
-        if self.sweep_radius < 0:
-            raise ConfigError(f"identify.layer.sweep_radius: must be >= 0, got {self.sweep_radius}")
-
-
-@dataclass
-class NlsrCfg:
-    lora_r: int = 8
-    lora_alpha: float = 32
-    dropout: float = 0.05
-    steps: int = 200             # the most steps (docs/methods.md §2.4: 200); fewer if early stopping ends first
-    lr: float = 1e-4
-    batch_size: int = 4
-    max_length: int = 512
-    heldout: int = 8             # alignment pairs held out as ONE fixed batch: held-out loss before/after training
-    eval_every: int = 10         # steps between held-out evaluations
-    patience: int = 0            # stop after this many evaluations without a fall > min_delta (0 = run all steps)
-    min_delta: float = 0.0
-    seed_check: bool = True      # train a second LoRA (init seed + 1) and report the two regions' IoU vs chance
-    expo_alpha: float = 0.9
-    rank_ratio: float = 0.8
-    keep_frac: float = 0.2
-    datasets: list[str] | None = None
-
-    def __post_init__(self):
-        for k in ("lora_r", "steps", "lr", "batch_size", "max_length", "expo_alpha", "heldout", "eval_every"):
-            _positive(f"identify.nlsr.{k}", getattr(self, k))
-        for k in ("patience", "min_delta"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"identify.nlsr.{k}: must be >= 0, got {getattr(self, k)!r}")
-        _fraction("identify.nlsr.rank_ratio", self.rank_ratio)
-        _fraction("identify.nlsr.keep_frac", self.keep_frac)
-
-
-@dataclass
-class IdentifyCfg:
+class _IdentifyCommon:
+    """The `identify` keys every method shares; `IdentifyCfg` adds one sub-section per registered method."""
     models: list[str] = field(default_factory=lambda: ["aligned"])   # roles; the size axis adds more
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(methods.REGISTRY))
     q: float = 0.02              # top-q of the safety scores (docs/methods.md §2.1)
     p: float = 0.04              # top-p of the utility scores, subtracted (Wei et al.'s p = 0.04, q = 0.02)
     group: str = "matrix"
     batch_size: int = 8
     max_length: int = 512
-    wanda: WandaCfg = field(default_factory=WandaCfg)
-    snip: SnipCfg = field(default_factory=SnipCfg)
-    neuron: NeuronCfg = field(default_factory=NeuronCfg)
-    layer: LayerCfg = field(default_factory=LayerCfg)
-    nlsr: NlsrCfg = field(default_factory=NlsrCfg)
 
     def __post_init__(self):
-        _subset("identify.methods", self.methods, METHODS)
+        _subset("identify.methods", self.methods, tuple(methods.REGISTRY))
         _fraction("identify.q", self.q)
         _fraction("identify.p", self.p)
         _choice("identify.group", self.group, GROUPS)
@@ -317,6 +190,29 @@ class IdentifyCfg:
         """The identification datasets `method` runs on: its own `datasets` key, else every calibrated one."""
         own = getattr(self, method).datasets
         return list(all_datasets) if own is None else list(own)
+
+
+_IDENTIFY_CLASSES: dict[tuple, type] = {}
+
+
+def _identify_cls() -> type:
+    """The `identify` section's dataclass for the methods registered now: the shared keys plus
+    `identify.<name>` (the method's own config class) per method. Rebuilt when a method is registered."""
+    key = tuple((m.name, m.config) for m in methods.REGISTRY.values())
+    if key not in _IDENTIFY_CLASSES:
+        own = [(name, cls, field(default_factory=cls)) for name, cls in key]
+        _IDENTIFY_CLASSES[key] = dataclasses.make_dataclass("IdentifyCfg", own, bases=(_IdentifyCommon,),
+                                                            namespace={"__module__": __name__})
+    return _IDENTIFY_CLASSES[key]
+
+
+def __getattr__(name: str):
+    """`config.IdentifyCfg` and `config.METHODS` (the valid method names) follow the method registry."""
+    if name == "IdentifyCfg":
+        return _identify_cls()
+    if name == "METHODS":
+        return tuple(methods.REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -548,7 +444,7 @@ class SpaCfg(TuneCfg):
 
 
 SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judges": JudgesCfg,
-            "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": IdentifyCfg,
+            "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": _identify_cls(),
             "validate": ValidateCfg, "overlap": OverlapCfg, "esi": EsiCfg, "set": SetCfg, "spa": SpaCfg}
 # A "section.key" entry passes one sub-section only (dvc.yaml lists the same key), so e.g. retraining the
 # learned judge does not invalidate the identification stages.
@@ -583,7 +479,8 @@ def parse(raw: dict) -> types.SimpleNamespace:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown params section(s) {sorted(unknown)}; valid: {sorted(SECTIONS)}")
-    out = {name: _coerce(tp, raw[name], name) for name, tp in SECTIONS.items() if name in raw}
+    sections = {**SECTIONS, "identify": _identify_cls()}    # with every method registered by now
+    out = {name: _coerce(tp, raw[name], name) for name, tp in sections.items() if name in raw}
     cfg = types.SimpleNamespace(**out)
     models = out.get("models")
     if models is not None:
@@ -600,7 +497,7 @@ def parse(raw: dict) -> types.SimpleNamespace:
             if stage in out:
                 _choice(f"{stage}.model", getattr(cfg, stage).model, roles)
     if "identify" in out and "calibrate" in out:
-        for m in METHODS:
+        for m in methods.REGISTRY:
             own = getattr(cfg.identify, m).datasets
             if own is not None:
                 _subset(f"identify.{m}.datasets", own, cfg.calibrate.datasets)

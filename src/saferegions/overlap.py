@@ -356,12 +356,13 @@ def refinement_terms(m: Counts, a, b, u) -> dict:
 
 
 def _scorer(method: str):
+    """The score function of a weight-level method (model, batches -> scores): SNIP and Wanda, the methods
+    `overlap.bootstrap.methods` accepts. Imported statically so that the overlap stage's DVC deps list them."""
     from .methods import snip, wanda
-    if method == "snip":
-        return lambda model, batches: snip.snip_scores(model, batches, progress=False)
-    if method == "wanda":
-        return lambda model, batches: wanda.wanda_scores(model, batches, progress=False)
-    raise ValueError(f"bootstrap supports the weight-level methods snip and wanda, got {method!r}")
+    scores = {"snip": snip.snip_scores, "wanda": wanda.wanda_scores}
+    if method not in scores:
+        raise ValueError(f"bootstrap supports the weight-level methods snip and wanda, got {method!r}")
+    return lambda model, batches: scores[method](model, batches, progress=False)
 
 
 def bootstrap(model, tok, calib: dict, method: str, datasets: Sequence[str], n: int | None, q: float,
@@ -374,7 +375,7 @@ def bootstrap(model, tok, calib: dict, method: str, datasets: Sequence[str], n: 
     from tqdm.auto import tqdm
 
     from . import chat
-    from .identify import examples
+    from .methods.context import examples
     datasets = list(datasets)
     if len(datasets) < 2:
         raise ValueError("bootstrap needs at least two datasets to form a pair")

@@ -23,34 +23,37 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
+def _axes(figsize):
+    style()
+    return plt.subplots(figsize=figsize)
+
+
+def _labelled(fig, ax, title: str, xlabel: str, ylabel: str, rotate: bool = True):
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if rotate:
+        plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
+    return fig
+
+
 def heatmap(table, title: str, xlabel: str, ylabel: str, fmt: str = ".2f", vmin=0.0, vmax=1.0,
             cmap: str = "rocket_r", cbar_label: str = "", figsize=None, annot: bool = True):
-    style()
     width = 0.7 if annot else 0.35
-    figsize = figsize or (max(6, width * table.shape[1] + 2), max(2.5, 0.5 * table.shape[0] + 1.5))
-    fig, ax = plt.subplots(figsize=figsize)
+    fig, ax = _axes(figsize or (max(6, width * table.shape[1] + 2), max(2.5, 0.5 * table.shape[0] + 1.5)))
     sns.heatmap(table, annot=annot, fmt=fmt, vmin=vmin, vmax=vmax, cmap=cmap, ax=ax,
                 cbar_kws={"label": cbar_label})
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
-    return fig
+    return _labelled(fig, ax, title, xlabel, ylabel)
 
 
 def bars(frame, x: str, y: str, hue: str | None, title: str, xlabel: str, ylabel: str, figsize=(9, 4)):
-    style()
-    fig, ax = plt.subplots(figsize=figsize)
+    fig, ax = _axes(figsize)
     sns.barplot(data=frame, x=x, y=y, hue=hue, ax=ax)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
-    return fig
+    return _labelled(fig, ax, title, xlabel, ylabel)
 
 
 def lines(frame, x: str, y: str, hue: str | None, title: str, xlabel: str, ylabel: str, figsize=(9, 4)):
-    style()
-    fig, ax = plt.subplots(figsize=figsize)
+    fig, ax = _axes(figsize)
     sns.lineplot(data=frame, x=x, y=y, hue=hue, marker="o", ax=ax)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    return fig
+    return _labelled(fig, ax, title, xlabel, ylabel, rotate=False)
 
 
 def bar_panels(frame, x: str, hue: str, panels: dict[str, str], title: str, refs: dict | None = None,

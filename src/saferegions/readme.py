@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from .report import MATRIX_STAGES, NOT_RUN, STAGES, load_results
+from .results import MATRIX_STAGES, NOT_RUN, STAGES, load_results
 
 ALL_STAGES = STAGES + ("report",)
 BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)

@@ -18,14 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .hooks import one_thread
+from .hooks import one_thread, zeroed_weights
 from .io import atomic_path, canonical_metadata, read_canonical_metadata
 
 __all__ = [
     "Region", "PackedRegion", "top_fraction", "top_k_global", "random_like", "refine",
     "difference", "intersection", "union", "intersect_all", "union_all", "pack", "unpack",
     "iou", "intersection_size", "union_size", "multiway_iou", "refined_iou",
-    "chance_iou", "chance_multiway", "save", "load", "load_packed",
+    "chance_iou", "chance_multiway", "save", "load", "load_packed", "region_path",
+    "Granularity", "Weights", "granularity", "ablation", "random_control",
 ]
 
 IDX_MAX_DENSITY = 0.03  # at or below this density, sorted int32 indices are smaller than bits (§3.1)
@@ -584,3 +585,67 @@ def load_packed(path: str | Path) -> PackedRegion:
 
 def load(path: str | Path) -> Region:
     return unpack(load_packed(path))
+
+
+def region_path(folder: str | Path, dataset: str, kind: str) -> Path:
+    """Where the identify stage keeps one region: `<folder>/<dataset>.<kind>.safetensors`."""
+    return Path(folder) / f"{dataset}.{kind}.safetensors"
+
+
+# ---------------------------------------------------------------- granularity: how a region is removed
+
+
+class Granularity:
+    """The unit a region was selected in, which decides how it is removed from a model and what a fair random
+    control is (docs/methods.md §3.4). A region names its granularity in `meta["granularity"]` (the keys of
+    `methods.GRANULARITIES`); `Weights` here, `Neurons` and `Layers` in methods/neurons.py and methods/layers.py."""
+
+    name = ""
+
+    def ablate(self, model, region: Region, layer_alpha: float = 0.0):
+        """Context manager: the model without `region` inside, restored bit-exactly on exit."""
+        raise NotImplementedError
+
+    def random_control(self, model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
+        """A random region of the same size at this granularity."""
+        raise NotImplementedError
+
+    def units_summary(self, region: Region) -> dict:
+        """Counts of the region's native units for summary tables ({} when the unit is the weight)."""
+        return {}
+
+
+class Weights(Granularity):
+    """Individual weight entries (SNIP, Wanda, NLSR's base projection, ESI): zeroed; control = the same count per
+    matrix (`random_like`)."""
+
+    name = "weights"
+
+    def ablate(self, model, region: Region, layer_alpha: float = 0.0):
+        return zeroed_weights(model, region.masks)
+
+    def random_control(self, model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
+        return random_like(region, seed, mode)
+
+
+def granularity(region: Region | PackedRegion) -> Granularity:
+    """The region's granularity from its meta. A region without one is a plain weight region (ESI, random masks),
+    unless it holds native units: then it was saved before regions carried their granularity."""
+    name = region.meta.get("granularity")
+    if name is None:
+        if region.units:
+            raise ValueError("region has native units but no meta['granularity']; re-run the identify stage")
+        return Weights()
+    from .methods import granularity as registered   # lazy: methods' granularities import this module
+    return registered(name)
+
+
+def ablation(model, region: Region, layer_alpha: float = 0.0):
+    """Context manager that removes `region` from `model` at the region's own granularity (`layer_alpha` scales
+    layer regions; 0 = the blocks' projections are off)."""
+    return granularity(region).ablate(model, region, layer_alpha)
+
+
+def random_control(model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
+    """A random region of the same size and granularity as `region` (docs/methods.md §3.4)."""
+    return granularity(region).random_control(model, region, seed, mode)

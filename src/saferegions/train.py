@@ -12,6 +12,10 @@ Data: each example is (prompt, response). The reference trains on plain "Instruc
 the loss on the whole sequence (`chat_template=False, loss_on_prompt=True`); the embedded default renders the
 model's chat template and puts the loss on response tokens only (the format evaluation uses), because a
 handful of CPU steps cannot also teach a format shift.
+
+The stages `set` and `spa` (stages/set.py, stages/spa.py) run the arms and score them; the last section here
+holds what both stages share: loading the model with its ESI regions, the held-out harmful prompts, judged
+generation, and writing generations, metrics and loss curves.
 """
 from __future__ import annotations
 
@@ -20,13 +24,15 @@ import gc
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import chat, optim
+from . import chat, config, data, models, optim
 from . import regions as R
-from .evaluate import gsm8k_exact_match, sst2_accuracy
+from .evaluation import gsm8k_exact_match, sst2_accuracy
+from .io import atomic_path, write_json, write_jsonl
 from .models import param_count
 
 MASKED_ARMS = ("set", "spa", "random", "bottom")
@@ -322,7 +328,47 @@ def run_arm(model, name: str, cfg, examples: list[Example], pad_id: int, evaluat
     return curve, result
 
 
-# ---------------------------------------------------------------- SET and SPA
+# ---------------------------------------------------------------- shared by the set and spa stages
+
+
+def load_tuning(cfg, s, esi_dir: Path, top_arm: str, bottom: bool = False):
+    """(model, tokenizer, {arm: region}) of a tuning stage: the `s.model` model and its ESI regions (stage `esi`).
+
+    Arms: `top_arm` = the ESI top-k (its size checked against `s.top_frac`: a file from another top_frac would
+    silently change the arm), "random" = a random region matched to it (`s.random_mode`), "bottom" = the ESI
+    bottom-k where `bottom`. Seeds torch with `cfg.run.seed` first and prints the top-k's provenance."""
+    torch.manual_seed(cfg.run.seed)
+    model, tok = models.load(cfg.models[s.model].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
+    top = R.load(esi_dir / "topk.safetensors")
+    check_fraction(top, model, s.top_frac, str(esi_dir / "topk.safetensors"))
+    print("top-k provenance (esi stage):", provenance(top))
+    arms = {top_arm: top, "random": R.random_control(model, top, cfg.run.seed, s.random_mode)}
+    if bottom:
+        arms["bottom"] = R.load(esi_dir / "bottomk.safetensors")
+    return model, tok, arms
+
+
+def deviations(s, name: str):
+    """The params section `name`'s values that differ from paper scale, as a captioned table to show."""
+    import pandas as pd   # imported here: the training loop does not need pandas
+    return pd.DataFrame(config.deviations(s, name)).style.set_caption(
+        "CPU reductions and project choices in this run (paper-scale / reference value beside each)")
+
+
+def provenance(region: R.Region) -> dict:
+    """What the ESI stage recorded about a region, without the long reference text."""
+    return {k: v for k, v in region.meta.items() if k != "reference"}
+
+
+def region_table(arms: dict[str, R.Region], model) -> dict[str, dict]:
+    """{arm: entries, fraction of all parameters, tensors touched}: what each mask covers."""
+    return {arm: {"entries": r.size, "fraction of all parameters": region_fraction(r, model),
+                  "tensors touched": sum(bool(m.any()) for m in r.masks.values())} for arm, r in arms.items()}
+
+
+def harmful_sets(prompts_path, s) -> dict[str, list[str]]:
+    """{set: its first `s.n_eval` eval-split prompts}: the held-out harmful prompts ASR is measured on."""
+    return {d: data.prompts(prompts_path, d, "eval", s.n_eval) for d in s.eval_sets}
 
 
 def _norm(text: str) -> str:
@@ -348,118 +394,29 @@ def generate_sets(model, tok, sets: dict[str, list[str]], judge, max_new_tokens:
             for n, p, r, c, f in zip(names, prompts, responses, complied, finished)]
 
 
-def _rate(rows: list[dict], sets) -> float:
+def compliance_rate(rows: list[dict], sets) -> float:
+    """Share of complied rows among those of `sets` (NaN if none): ASR on harmful sets, 1 − refusal on benign."""
     picked = [r["complied"] for r in rows if r["dataset"] in sets]
     return sum(picked) / len(picked) if picked else float("nan")
 
 
-UTILITY = "_utility"   # set name of the utility prompts inside one generation batch
+def save_outputs(out: Path, results: Path, metrics: dict, curves: list[dict], gens: list[dict], keys: list[str],
+                 title: str, loss_on_prompt: bool) -> None:
+    """Write a tuning stage's files: generations, metrics.json, one loss-curve CSV per run (DVC plots, named by
+    the run's `keys` values joined by "-") and the loss-curve figure (one line per run)."""
+    import pandas as pd   # imported here: the training loop needs neither pandas nor matplotlib (plots)
 
-
-def set_measure(model, tok, harmful: dict[str, list[str]], benign: dict[str, list[str]], utility_prompts,
-                utility_answers, judge, cfg, desc: str, rows: list[dict] | None = None) -> tuple[dict, list[dict]]:
-    """SET evaluation: ASR (pooled over the harmful sets), benign refusal rate, utility, per-set rates.
-    `rows` = generations already made for these sets (the untuned model's), else generated here."""
-    from .validate import utility_score
-    if rows is None:
-        rows = generate_sets(model, tok, {**harmful, **benign}, judge, cfg.max_new_tokens, cfg.eval_batch_size,
-                             cfg.system_prompt, desc)
-    out = {"asr": _rate(rows, harmful), "benign_refusal": 1 - _rate(rows, benign),
-           "utility": utility_score(model, tok, utility_prompts, utility_answers, cfg.eval_batch_size,
-                                    cfg.system_prompt),
-           "per_set_refusal": {s: 1 - _rate(rows, [s]) for s in {**harmful, **benign}}}
-    return out, rows
-
-
-def run_set(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: list[dict],
-            harmful: dict[str, list[str]], benign: dict[str, list[str]], utility_prompts: list[str], judge,
-            seed: int = 0):
-    """Every SET arm on the same data and steps. `masks` = {arm: region masks} for the masked arms.
-
-    The utility score is exp(mean log-likelihood) of the untuned model's greedy answers to `utility_prompts`
-    (validate.utility_score): 1/perplexity of what the model said before, so it falls when tuning breaks it.
-    Returns (metrics {arm: {...}}, curves [{arm, step, loss, lr}], generations)."""
-    examples = encode(tok, [r["prompt"] for r in pairs], [r["response"] for r in pairs], cfg.max_length,
-                      cfg.chat_template, cfg.loss_on_prompt, cfg.system_prompt)
-    rows = generate_sets(model, tok, {**harmful, **benign, UTILITY: utility_prompts}, judge, cfg.max_new_tokens,
-                         cfg.eval_batch_size, cfg.system_prompt, "before")
-    answers = [r["response"] for r in rows if r["dataset"] == UTILITY]
-    rows = [r for r in rows if r["dataset"] != UTILITY]
-    before, _ = set_measure(model, tok, harmful, benign, utility_prompts, answers, judge, cfg, "before", rows)
-    gens = [{"arm": "before", **r} for r in rows]
-    metrics, curves, snapshot = {}, [], Snapshot(model)
-    first = first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed) \
-        if any(a != "lora" for a in cfg.arms) else None
-    for name in cfg.arms:
-        def evaluate(m, name=name):
-            after, rows = set_measure(m, tok, harmful, benign, utility_prompts, answers, judge, cfg, name)
-            gens.extend({"arm": name, **r} for r in rows)
-            return after
-        curve, res = run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                             invert=False, seed=seed, snapshot=snapshot, first=first)
-        curves += [{"arm": name, **c} for c in curve]
-        metrics[name] = {"asr_before": before["asr"], "asr_after": res["asr"],
-                         "benign_refusal_before": before["benign_refusal"],
-                         "benign_refusal_after": res["benign_refusal"],
-                         "utility_before": before["utility"], "utility_after": res["utility"],
-                         "trainable_fraction": res["trainable_fraction"], "trainable": res["trainable"],
-                         "final_loss": curve[-1]["loss"], "per_set_refusal_after": res["per_set_refusal"]}
-    return metrics, curves, gens
-
-
-def spa_measure(model, tok, harmful: dict[str, list[str]], task: str, prompts, answers, targets, judge, cfg,
-                desc: str) -> tuple[dict, list[dict]]:
-    """SPA evaluation: ASR on the harmful sets, task score on held-out rows, and the task likelihood
-    (exp mean log-likelihood of the reference targets: smooth where a few CPU steps leave the score flat)."""
-    from .validate import utility_score
-    rows = generate_sets(model, tok, harmful, judge, cfg.max_new_tokens, cfg.eval_batch_size, cfg.system_prompt,
-                         f"{desc} safety")
-    responses = chat.generate(model, tok, prompts, cfg.task_max_new_tokens[task], cfg.eval_batch_size,
-                              cfg.system_prompt, desc=f"{desc} {task}")
-    rows += [{"dataset": task, "prompt": p, "response": r, "answer": a}
-             for p, r, a in zip(prompts, responses, answers)]
-    out = {"asr": _rate(rows, harmful), "task_score": task_score(task, responses, answers),
-           "task_likelihood": utility_score(model, tok, prompts, targets, cfg.eval_batch_size, cfg.system_prompt)}
-    return out, rows
-
-
-def run_spa(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility: list[dict],
-            harmful: dict[str, list[str]], judge, seed: int = 0):
-    """Every SPA (task, arm): tune on the task's train rows, score its eval rows and the harmful sets.
-
-    `masks` = {arm: region masks to FREEZE} for the masked arms (inverted here: train the rest).
-    Returns (metrics {task: {arm: {...}}}, curves [{task, arm, step, loss, lr}], generations)."""
-    metrics, curves, gens = {}, [], []
-    asr_before, snapshot = None, Snapshot(model)
-    for task in cfg.tasks:
-        train_rows = [r for r in utility if r["dataset"] == task and r["split"] == "train"]
-        eval_rows = [r for r in utility if r["dataset"] == task and r["split"] == "eval"][:cfg.n_task]
-        if not train_rows or not eval_rows:
-            raise ValueError(f"no {task} train/eval rows in the utility table")
-        p_train, t_train, _ = task_pairs(train_rows, task, cfg.answer_only)
-        prompts, targets, answers = task_pairs(eval_rows, task, cfg.answer_only)
-        examples = encode(tok, p_train, t_train, cfg.max_length, cfg.chat_template, cfg.loss_on_prompt,
-                          cfg.system_prompt)
-        before, rows = spa_measure(model, tok, harmful if asr_before is None else {}, task, prompts, answers,
-                                   targets, judge, cfg, "before")
-        if asr_before is None:
-            asr_before = before["asr"]
-        gens += [{"task": task, "arm": "before", **r} for r in rows]
-        metrics[task] = {}
-        first = first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed)
-        for name in cfg.arms:
-            def evaluate(m, name=name, task=task):
-                after, rows = spa_measure(m, tok, harmful, task, prompts, answers, targets, judge, cfg,
-                                          f"{task} {name}")
-                gens.extend({"task": task, "arm": name, **r} for r in rows)
-                return after
-            curve, res = run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                                 invert=True, seed=seed, snapshot=snapshot, first=first)
-            curves += [{"task": task, "arm": name, **c} for c in curve]
-            metrics[task][name] = {"task_score": res["task_score"], "task_score_before": before["task_score"],
-                                   "task_likelihood": res["task_likelihood"],
-                                   "task_likelihood_before": before["task_likelihood"],
-                                   "asr_before": asr_before, "asr_after": res["asr"],
-                                   "trainable_fraction": res["trainable_fraction"], "trainable": res["trainable"],
-                                   "final_loss": curve[-1]["loss"]}
-    return metrics, curves, gens
+    from . import plots
+    write_jsonl(out / "generations.jsonl", gens)
+    write_json(results / "metrics.json", metrics)
+    curve = pd.DataFrame(curves)
+    for values, c in curve.groupby(keys if len(keys) > 1 else keys[0]):
+        name = "-".join(values) if len(keys) > 1 else values
+        with atomic_path(results / "curves" / f"{name}.csv") as tmp:
+            c[["step", "loss", "lr"]].to_csv(tmp, index=False)
+    hue = keys[0]
+    if len(keys) > 1:
+        hue, curve["run"] = "run", curve[keys].agg(" / ".join, axis=1)
+    fig = plots.lines(curve, "step", "loss", hue, title, "optimizer step",
+                      "loss (" + ("response tokens" if not loss_on_prompt else "whole sequence") + ")")
+    plots.save(fig, results / "figures" / "loss_curves.png")

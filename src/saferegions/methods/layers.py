@@ -8,11 +8,18 @@ decoder block ℓ (0-based). The region's native units are layer ids.
 """
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+
 import torch
 
+from .. import data
 from ..chat import _prefilled_batch, generate, render
-from ..hooks import scaled_weights
+from ..hooks import one_thread, scaled_weights
 from ..models import block_modules, component, eligible_weights, layer_index
+from ..regions import Granularity, Region
+from . import LAYER_MIN_PROMPTS
+from .context import Context, refined_meta
 
 PAIR_TYPES = ("nn", "mm", "nm")
 
@@ -138,3 +145,122 @@ def to_weight_masks(model, layers) -> dict[str, torch.Tensor]:
     layers = {int(l) for l in layers}
     return {n: torch.full(p.shape, layer_index(n) in layers, dtype=torch.bool)
             for n, p in eligible_weights(model).items()}
+
+
+# ---------------------------------------------------------------- granularity
+
+
+class Layers(Granularity):
+    """Layer regions (`units["layers"]`): their blocks' projection weights scaled by `layer_alpha`; control = as
+    many random layers."""
+
+    name = "layers"
+
+    def ablate(self, model, region: Region, layer_alpha: float = 0.0):
+        return scaled_weights(model, layer_weight_names(model, region.units["layers"]), layer_alpha)
+
+    def random_control(self, model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
+        n = len(block_modules(model))
+        ids = sorted(random.Random(seed).sample(range(n), len(region.units["layers"])))
+        meta = {"method": "random", "seed": seed, "reference": region.meta, "granularity": self.name}
+        return Region(to_weight_masks(model, ids), meta, {"layers": ids})
+
+    def units_summary(self, region: Region) -> dict:
+        return {"layers": region.units["layers"], "n_units": len(region.units["layers"])}
+
+
+# ---------------------------------------------------------------- runner (identify stage, docs/methods.md §2.3)
+
+
+@one_thread
+def _layer_region(ctx: Context, ids, meta: dict) -> Region:
+    ids = sorted(int(i) for i in ids)
+    return Region(to_weight_masks(ctx.model, ids), meta, {"layers": ids})
+
+
+def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
+    """Step 1 per dataset against one fixed set of normal prompts; step 2 sweeps are memoised across datasets
+    (a candidate range's refusal count does not depend on the dataset). Each side holds `identify.layer.n`
+    distinct prompts (no responses needed, so they come from the ident split, not the calibration examples): 2 per
+    side would make the 500 "random pairs" one same-type pair repeated. The "M" side is a set's first n prompts,
+    the normal side the *last* n of `normal_set`, disjoint from the utility side (its first n) when the two sets
+    coincide and hold >= 2n prompts, so the utility run compares two samples of the same distribution."""
+    c = ctx.cfg.layer
+    sizes: list[int] = []
+
+    def side(name: str, last: bool = False) -> list[str]:
+        ps = data.prompts(ctx.prompts_path, name, "ident")
+        ps = list(dict.fromkeys(ps[-c.n:] if last else ps[:c.n]))       # pairs only from distinct prompts
+        if len(ps) < LAYER_MIN_PROMPTS:
+            raise ValueError(f"SafeLayer needs >= {LAYER_MIN_PROMPTS} distinct prompts per side; {name!r} has "
+                             f"{len(ps)} ident prompts")
+        sizes.append(len(ps))
+        return ps
+
+    normal = side(c.normal_set, last=True)
+    overrej = data.prompts(ctx.prompts_path, c.overrej_set, "ident", c.n_overrej)
+    states = lambda ps: last_token_states(ctx.model, ctx.tok, ps, ctx.cfg.batch_size)  # noqa: E731
+    xn = states(normal)
+    cache: dict = {}
+    sel = {"normal_set": c.normal_set, "overrej_set": c.overrej_set, "n_overrej": len(overrej),
+           "alpha": c.alpha, "jump": c.jump, "grow": c.grow, "sweep_radius": c.sweep_radius, "pairs": c.pairs}
+
+    def find(name: str) -> list[int]:
+        stats = cosine_stats(xn, states(side(name)), c.pairs, ctx.seed)
+        ctx.metrics["prompts_per_side"] = min(sizes)
+        info = {"gap": [(a + b) / 2 - m for a, b, m in zip(stats["nn_mean"], stats["mm_mean"], stats["nm_mean"])]}
+        try:
+            s, e = gap_range(stats, c.jump, c.grow)
+        except ValueError as err:           # the rule found no range: an empty region, reported as such
+            ctx.details[name] = {**info, "step1": None, "best": None, "note": str(err)}
+            return []
+        if c.sweep_radius == 0:             # step 1 only: the single candidate needs no generations
+            ctx.details[name] = {**info, "step1": [s, e], "best": [s, e], "note": "step 1 only (sweep_radius 0)"}
+            return list(range(s, e))
+        sweep = overrejection_sweep(ctx.model, ctx.tok, overrej, s, e, judge=_refusals(ctx.judge),
+                                           alpha=c.alpha, radius=c.sweep_radius, max_new_tokens=c.max_new_tokens,
+                                           scale_o_proj=c.scale_o_proj, batch_size=ctx.cfg.batch_size,
+                                           cache=cache)
+        ctx.details[name] = {**info, "step1": [s, e], "best": list(sweep["best"]), "table": sweep["table"],
+                             "baseline_refusals": sweep["baseline"]}
+        return list(range(*sweep["best"]))
+
+    u_ids = find(ctx.utility_set)
+    util = _layer_region(ctx, u_ids, {**ctx.meta("layer", ctx.utility_set, "utility", **sel), "n": sizes[-1]})
+    yield ctx.utility_set, "utility", util
+    for d in ctx.datasets:
+        ids = find(d)
+        raw = _layer_region(ctx, ids, {**ctx.meta("layer", d, "raw", **sel), "n": sizes[-1]})
+        refined = _layer_region(ctx, set(ids) - set(u_ids), refined_meta(raw, util, rule="layers \\ utility layers"))
+        yield d, "raw", raw
+        yield d, "refined", refined
+
+
+def _refusals(judge):
+    from ..judges import KeywordJudge
+    judge = judge or KeywordJudge()
+    return lambda responses: [judge.refused(r) for r in responses]
+
+
+def diagnostics(ctx: Context, cfg) -> dict:
+    """Identify-notebook items: prompts per side, whether step 2 ran, the step-1 range and the sweep's pick per
+    dataset, and the gap curves."""
+    import pandas as pd
+    c, m = cfg.identify.layer, ctx.metrics
+    n = m["prompts_per_side"]
+    text = [f"prompts per side: {n} ({n * (n - 1) // 2} distinct same-type pairs behind the {c.pairs} random pairs)"]
+    if c.sweep_radius == 0:
+        text.append("step 2 (over-rejection sweep) is off (identify.layer.sweep_radius 0; paper scale 3), so the "
+                    "regions are the step-1 ranges. Why: its generations do not fit the CPU budget. Radius 1 means up "
+                    f"to 3 candidate ranges per set, each {c.n_overrej} prompts x {c.max_new_tokens} greedy tokens: "
+                    f"up to {3 * (len(ctx.datasets) + 1) + 1} generations here (13 for the default five sets, where "
+                    "ranges repeat), an estimated 60-90 s more on the 2-core machine")
+    ranges = pd.DataFrame([{"dataset": d, "step-1 range": v["step1"], "sweep best": v["best"],
+                            "baseline refusals": v.get("baseline_refusals"), "note": v.get("note", "")}
+                           for d, v in ctx.details.items()])
+    gaps = pd.DataFrame([{"dataset": d, "layer": i, "gap": g} for d, v in ctx.details.items()
+                         for i, g in enumerate(v["gap"])])
+    return {"text": text, "tables": [ranges],
+            "curves": [{"file": "layer_gap.png", "frame": gaps, "x": "layer", "y": "gap", "hue": "dataset",
+                        "title": "SafeLayer step 1: same-type minus cross-type cosine", "xlabel": "layer",
+                        "ylabel": "gap"}]}

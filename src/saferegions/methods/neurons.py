@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 
 from ..hooks import (capture_calls, capture_inputs, capture_outputs, edit_output, scale_output_dims,
                      zero_input_dims)
+from ..hooks import one_thread
 from ..models import block_modules, component, eligible_weights, is_expert, layer_index
+from ..regions import Granularity, Region
+from .context import Context, refined_meta
 
 UNITS = ("ffn", "q", "k", "v", "o")
 ATTN_UNITS = ("q", "k", "v", "o")
@@ -339,3 +343,89 @@ def deactivate(model, units: dict):
                     raise NotImplementedError(f"layer {l} has routed experts only; no FFN neurons there")
                 stack.enter_context(zero_input_dims(ffn.down_proj, u["ffn"]))
         yield
+
+
+# ---------------------------------------------------------------- granularity
+
+
+class Neurons(Granularity):
+    """Neuron regions (`units["neurons"]`): deactivated with hooks; control = as many random neurons per layer
+    and unit type."""
+
+    name = "neurons"
+
+    def ablate(self, model, region: Region, layer_alpha: float = 0.0):
+        return deactivate(model, region.units["neurons"])
+
+    def random_control(self, model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
+        units = random_units(model, region.units["neurons"], seed)
+        meta = {"method": "random", "seed": seed, "reference": region.meta, "granularity": self.name}
+        return Region(to_weight_masks(model, units), meta, {"neurons": units})
+
+    def units_summary(self, region: Region) -> dict:
+        per: dict[str, int] = {}
+        for layer in region.units["neurons"].values():
+            for unit, idx in layer.items():
+                per[unit] = per.get(unit, 0) + len(idx)
+        return {"n_units": sum(per.values()), **{f"n_{k}": v for k, v in per.items()}}
+
+
+# ---------------------------------------------------------------- runner (identify stage, docs/methods.md §2.2)
+
+
+@one_thread
+def _neuron_region(ctx: Context, units: dict, meta: dict) -> Region:
+    units = {str(l): u for l, u in units.items()}
+    return Region(to_weight_masks(ctx.model, units), meta, {"neurons": units})
+
+
+def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
+    """`identify.neuron.n` prompts per set (beyond calibrate.n they are answered here, `Context.top_up`): the
+    strict intersection shrinks with every prompt, so 2 prompts leave a region far denser than SN-Tune's < 1%.
+    Metrics get the weight-space density of the intersection over the first k prompts, k = 1, 2, 4, …, n, so
+    the notebook shows whether it has stabilised at n."""
+    c = ctx.cfg.neuron
+    names = [ctx.utility_set, *ctx.datasets]
+    if c.n:
+        ctx.top_up(names, c.n)
+    sel = {"attn_frac": c.attn_frac, "ffn_frac": c.ffn_frac, "min_prompt_frac": c.min_prompt_frac,
+           "qk_mode": c.qk_mode, "attn_rank": c.attn_rank}
+    curves = ctx.metrics.setdefault("neuron_density_vs_n", {})
+
+    def units(name):
+        scores = neuron_scores(ctx.model, ctx.batches(name, c.n), c.qk_mode, c.chunk)
+        n = next(iter(scores.values()))["q"].shape[0]
+        ks = sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+        curves[name] = {k: density_after(ctx.model, scores, k, c.attn_frac, c.ffn_frac, c.min_prompt_frac,
+                                                 c.attn_rank) for k in ks}
+        ctx.metrics["calibration_n"] = min(n, ctx.metrics.get("calibration_n", n))
+        return select_neurons(scores, c.attn_frac, c.ffn_frac, c.min_prompt_frac, c.attn_rank)
+
+    u_units = units(ctx.utility_set)
+    util = _neuron_region(ctx, u_units, ctx.meta("neuron", ctx.utility_set, "utility", c.n, **sel))
+    yield ctx.utility_set, "utility", util
+    for d in ctx.datasets:
+        s_units = units(d)
+        raw = _neuron_region(ctx, s_units, ctx.meta("neuron", d, "raw", c.n, **sel))
+        refined = _neuron_region(ctx, refine(s_units, u_units),
+                                 refined_meta(raw, util, rule="safety neurons \\ utility neurons"))
+        yield d, "raw", raw
+        yield d, "refined", refined
+
+
+def diagnostics(ctx: Context, cfg) -> dict:
+    """Identify-notebook items: how the density of the intersection falls with the number of prompts, beside
+    SN-Tune's published figure."""
+    import pandas as pd
+    m = ctx.metrics
+    curve = pd.DataFrame([{"set": s, "prompts n": n, "density": v} for s, per in m["neuron_density_vs_n"].items()
+                          for n, v in per.items()])
+    text = (f"calibration prompts per set: {m['calibration_n']}. Region density (intersection over all of them, "
+            "fraction of eligible weights): " + ", ".join(f"{s} {list(per.values())[-1]:.2%}" for s, per in
+                                                          m["neuron_density_vs_n"].items())
+            + "; SN-Tune reports safety neurons at < 1% of parameters")
+    table = curve.pivot(index="prompts n", columns="set", values="density").style.format("{:.3%}")
+    return {"text": [text], "tables": [table],
+            "curves": [{"file": "neuron_density_vs_n.png", "frame": curve, "x": "prompts n", "y": "density",
+                        "hue": "set", "title": "Safety neurons: density of the intersection over the first n prompts "
+                        "(SN-Tune: < 1%)", "xlabel": "prompts n", "ylabel": "density (fraction of eligible weights)"}]}

@@ -23,6 +23,7 @@ weight it updates (`model.layers.0.self_attn.q_proj.weight`, as `models.eligible
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 import re
 import types
 
@@ -32,7 +33,10 @@ from tqdm.auto import tqdm
 from .. import regions
 from .. import chat
 from ..hooks import capture_inputs, single_thread
+from ..io import read_jsonl
 from ..models import eligible_weights
+from ..regions import Region
+from .context import Context, refined_meta
 
 # The seven projections of every decoder block (shared experts included); fused MoE experts are not Linear
 # modules and get no LoRA (their base masks stay empty). The `.layers.N.` anchor keeps lm_head etc. out.
@@ -314,3 +318,90 @@ def to_base_masks(model_or_peft, lora_region, projected: dict[str, torch.Tensor]
         return regions.top_fraction({name: delta}, f, group="matrix").masks[name] & (delta > 0)
     with single_thread():
         return dict(zip(eligible, regions.per_matrix(mask, eligible.items())))
+
+
+# ---------------------------------------------------------------- runner (identify stage, docs/methods.md §2.4)
+
+
+def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
+    """One safety LoRA per model (fixed across datasets), trained on alignment pairs until the loss on one fixed
+    held-out batch (the first `heldout` pairs, never trained on) stops falling, or for `steps` steps. Then, if
+    `seed_check`, a second LoRA from init seed + 1 (same pairs, same order) gives `seed_iou`: the IoU of the two
+    LoRAs' raw regions on the first dataset beside its chance level. Near chance, the region is set by the random
+    init, not by the data. The base-weight projection is the Region, the LoRA-space region is `<kind>.lora`."""
+    c = ctx.cfg.nlsr
+    pairs = read_jsonl(ctx.pairs_path)
+    held, pool = pairs[:c.heldout], pairs[c.heldout:c.heldout + c.steps * c.batch_size]
+    if not pool:
+        raise ValueError(f"{ctx.pairs_path} has {len(pairs)} pairs: none left to train on after {c.heldout} held out")
+
+    def train(init_seed: int):
+        return train_safety_lora(
+            ctx.model, ctx.tok, [r["prompt"] for r in pool], [r["response"] for r in pool], c.lora_r, c.lora_alpha,
+            c.dropout, c.steps, c.lr, c.batch_size, ctx.seed, c.max_length, progress=False,
+            heldout=([r["prompt"] for r in held], [r["response"] for r in held]), eval_every=c.eval_every,
+            patience=c.patience, min_delta=c.min_delta, init_seed=init_seed)
+
+    peft_model, hist = train(ctx.seed)
+    expo_rescale(peft_model, c.expo_alpha)
+    ctx.details["lora_loss"], ctx.details["lora_heldout"] = hist["train_loss"], hist["heldout"]
+    ctx.metrics.update({"train_steps": hist["steps"], "best_step": hist["best_step"], "heldout_n": len(held),
+                        "heldout_loss_before": hist["heldout_loss_before"],
+                        "heldout_loss_after": hist["heldout_loss_after"]})
+    sel = {"lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "steps": hist["steps"], "lr": c.lr, "n_pairs": len(pool),
+           "expo_alpha": c.expo_alpha, "rank_ratio": c.rank_ratio, "keep_frac": c.keep_frac}
+
+    def base(lora: Region, projected, meta) -> Region:
+        return Region(to_base_masks(peft_model, lora, projected), {**meta, "space": "eligible"})
+
+    def find(name: str, kind: str):
+        lora, projected = identify(peft_model, ctx.batches(name), c.rank_ratio, c.keep_frac, progress=False)
+        lora.meta = {**ctx.meta("nlsr", name, kind, **sel), "space": "lora", "selection": lora.meta["selection"]}
+        return lora, projected
+
+    u_lora, u_proj = find(ctx.utility_set, "utility")
+    yield ctx.utility_set, "utility", base(u_lora, u_proj, u_lora.meta)
+    yield ctx.utility_set, "utility.lora", u_lora
+    first = None
+    for d in ctx.datasets:
+        lora, projected = find(d, "raw")
+        r_lora = refine(lora, u_lora)
+        r_lora.meta = {**refined_meta(lora, u_lora, rule="LoRA safety \\ LoRA utility"), "space": "lora"}
+        raw = base(lora, projected, lora.meta)
+        first = first or (d, raw, lora)
+        yield d, "raw", raw
+        yield d, "raw.lora", lora
+        yield d, "refined", base(r_lora, projected, r_lora.meta)
+        yield d, "refined.lora", r_lora
+    peft_model.unload()                                  # the base model back, for the second LoRA
+    if c.seed_check and first:
+        d, raw, lora = first
+        other, hist2 = train(ctx.seed + 1)
+        expo_rescale(other, c.expo_alpha)
+        lora2, proj2 = identify(other, ctx.batches(d), c.rank_ratio, c.keep_frac, progress=False)
+        raw2 = Region(to_base_masks(other, lora2, proj2), {})
+        other.unload()
+        ctx.metrics.update({"seed_iou_dataset": d, "seed_iou_seeds": [ctx.seed, ctx.seed + 1],
+                            "seed_iou": regions.iou(raw, raw2),
+                            "seed_iou_chance": regions.chance_iou(raw.density, raw2.density),
+                            "seed_iou_lora": regions.iou(lora, lora2),
+                            "seed_iou_lora_chance": regions.chance_iou(lora.density, lora2.density),
+                            "seed2_train_steps": hist2["steps"],
+                            "seed2_heldout_loss_after": hist2["heldout_loss_after"]})
+
+
+def diagnostics(ctx: Context, cfg) -> dict:
+    """Identify-notebook items: the safety LoRA's training (held-out loss on one fixed batch) and whether its
+    region is a property of the data (IoU of two LoRA init seeds vs chance)."""
+    import pandas as pd
+    m, losses = ctx.metrics, ctx.details["lora_loss"]
+    text = [f"safety LoRA: {m['train_steps']} steps (best held-out at step {m['best_step']}); train loss first "
+            f"{losses[0]:.3f}, last {losses[-1]:.3f}; held-out loss on the same {m['heldout_n']} pairs "
+            f"{m['heldout_loss_before']:.3f} -> {m['heldout_loss_after']:.3f}"]
+    if "seed_iou" in m:
+        text.append(f"two LoRA init seeds {m['seed_iou_seeds']} on {m['seed_iou_dataset']}: IoU {m['seed_iou']:.3f} "
+                    f"(chance {m['seed_iou_chance']:.3f}, {m['seed_iou'] / m['seed_iou_chance']:.2f}x) over base "
+                    f"weights, {m['seed_iou_lora']:.3f} (chance {m['seed_iou_lora_chance']:.3f}) over LoRA entries. "
+                    "At 1x the region is set by the LoRA's random init, not by the data")
+    return {"text": text, "tables": [pd.DataFrame(ctx.details["lora_heldout"], columns=["step", "held-out loss"])],
+            "curves": []}

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from .. import chat
 from ..models import eligible_weights
+from ..regions import Region
+from .context import Context, weight_method
 
 
 def iter_samples(batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,3 +99,9 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
     for name, p in weights.items():
         scores[name] = acc.pop(name).mul_(p.detach().abs()).cpu()
     return scores
+
+
+def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
+    """Identify-stage runner: top-q per matrix of SNIP scores on `identify.snip.n` examples per set."""
+    n = ctx.cfg.snip.n
+    yield from weight_method(ctx, "snip", lambda b: snip_scores(ctx.model, b, progress=False), n)

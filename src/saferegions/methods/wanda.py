@@ -24,13 +24,15 @@ fp32 and on CPU.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models import eligible_weights
+from ..regions import Region
+from .context import Context, weight_method
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
@@ -144,3 +146,8 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
         norm = norm[None, :] if norm.dim() == 1 else norm[:, None, :]   # broadcast over output rows
         scores[name] = (p.detach().abs().float() * norm).cpu()
     return scores
+
+
+def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
+    """Identify-stage runner: top-q per matrix of Wanda scores."""
+    yield from weight_method(ctx, "wanda", lambda b: wanda_scores(ctx.model, b, progress=False))

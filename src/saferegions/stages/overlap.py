@@ -1,6 +1,7 @@
-"""The overlap stage's tables (notebook 05): loads the identified regions, runs `overlap.analyze` on each
+"""Stage `overlap` (notebook 06_overlap): loads the identified regions, runs `overlap.analyze` on each
 model × method, and turns the counts into the summary, convergence, refinement, cross-method, per-layer,
-across-size and bootstrap tables, the metrics and the plain-language verdict. `overlap.py` does the counting."""
+across-size and bootstrap tables, the metrics and the plain-language verdict. The library module `overlap`
+does the counting; the notebook only calls these functions, shows their tables and plots them."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import identify, models, overlap, regions
+from .. import config, models, overlap, plots, regions   # noqa: F401 (config, plots: for the notebook)
+from ..io import write_json   # noqa: F401 (for the notebook)
+from ..methods.context import load_calibration
 
 MAIN = "global"   # scope of the summary numbers and metrics.json
 
@@ -19,16 +22,16 @@ def nan_none(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def load(ident: Path, roles, methods, datasets_of, utility_set: str) -> dict:
-    """{(role, method): {"raw": {d: PackedRegion}, "refined": {...}, "utility": PackedRegion}}; one error
-    listing the missing files before anything is read."""
-    paths = {}
-    for role in roles:
-        for method in methods:
+def load(ident: Path, cfg) -> dict:
+    """{(role, method): {"raw": {d: PackedRegion}, "refined": {...}, "utility": PackedRegion}} for the roles,
+    methods and datasets the params name; one error listing the missing files before anything is read."""
+    paths, utility_set = {}, cfg.calibrate.utility_set
+    for role in cfg.identify.models:
+        for method in cfg.identify.methods:
             folder = ident / role / method
-            ds = datasets_of(method)
-            paths[role, method] = {v: {d: identify.region_path(folder, d, v) for d in ds} for v in ("raw", "refined")}
-            paths[role, method]["utility"] = identify.region_path(folder, utility_set, "utility")
+            ds = cfg.identify.datasets(method, cfg.calibrate.datasets)
+            paths[role, method] = {v: {d: regions.region_path(folder, d, v) for d in ds} for v in ("raw", "refined")}
+            paths[role, method]["utility"] = regions.region_path(folder, utility_set, "utility")
     absent = [str(p) for v in paths.values() for p in [*v["raw"].values(), *v["refined"].values(), v["utility"]]
               if not p.exists()]
     if absent:
@@ -46,6 +49,12 @@ def inventory(loaded: dict) -> pd.DataFrame:
                           "MB packed": sum(a.nbytes for x in [*r["raw"].values(), *r["refined"].values(), r["utility"]]
                                            for a in x.data.values()) / 2**20}
                          for (role, method), r in loaded.items()])
+
+
+def analyze(loaded: dict, ov) -> dict:
+    """`overlap.analyze` of every model × method (`ov`: OverlapCfg), one pass over its tensors each."""
+    return {key: overlap.analyze(r["raw"], r["refined"], r["utility"], ov.variants, ov.scopes(), ov.n_orders,
+                                 ov.seed, ov.chance_draws) for key, r in loaded.items()}
 
 
 def cross_check(results: dict, loaded: dict, variants) -> None:
@@ -87,6 +96,23 @@ def summary(results: dict, tab: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def dataset_matrices(analysis: dict, variants) -> dict[str, pd.DataFrame]:
+    """{variant: dataset × dataset IoU table} of one model × method, main scope (the heatmaps)."""
+    ds = analysis["datasets"]
+    return {v: pd.DataFrame(analysis["matrix"][v, MAIN], index=ds, columns=ds) for v in variants}
+
+
+def mean_vs_chance(summary_table: pd.DataFrame) -> pd.DataFrame:
+    """Mean IoU and chance IoU as rows, one `condition` per model × method × variant (the bar chart)."""
+    long = summary_table[summary_table.scope == MAIN].melt(
+        id_vars=["model", "method", "variant"], value_vars=["mean_iou", "chance_iou"], var_name="measure",
+        value_name="IoU")
+    long["condition"] = long.method + " · " + long.variant
+    if long.model.nunique() > 1:
+        long["condition"] = long.model + " · " + long.condition
+    return long
+
+
 def convergence(results: dict) -> pd.DataFrame:
     return pd.DataFrame([{"model": role, "method": method, **r} for (role, method), a in results.items()
                          for r in a["convergence"]])
@@ -121,9 +147,9 @@ def refinement(results: dict) -> pd.DataFrame:
 
 def lora_space(folder: Path, datasets, utility_set: str, role: str) -> list[dict]:
     """NLSR's regions in its own LoRA space: raw and refined IoU per pair, refinement identity asserted."""
-    lora = {f"{d}.{v}": regions.load_packed(identify.region_path(folder, d, f"{v}.lora")) for d in datasets
+    lora = {f"{d}.{v}": regions.load_packed(regions.region_path(folder, d, f"{v}.lora")) for d in datasets
             for v in ("raw", "refined")}
-    lora["utility"] = regions.load_packed(identify.region_path(folder, utility_set, "utility.lora"))
+    lora["utility"] = regions.load_packed(regions.region_path(folder, utility_set, "utility.lora"))
     qs = overlap.plan([f"{d}.raw" for d in datasets], minus="utility") + overlap.plan([f"{d}.refined" for d in datasets])
     c = overlap.count(list(lora.values()), list(lora), qs)
     rows = []
@@ -133,6 +159,14 @@ def lora_space(folder: Path, datasets, utility_set: str, role: str) -> list[dict
         rows.append({"model": role, "pair": f"{x}–{y}", "raw IoU (LoRA)": c.multiway([f"{x}.raw", f"{y}.raw"]),
                      "refined IoU (LoRA)": got, "identity (LoRA)": want})
     return rows
+
+
+def lora_checks(ident: Path, loaded: dict, utility_set: str) -> list[dict]:
+    """`lora_space` of every model × method whose identify folder holds regions in its own LoRA space
+    (`*.lora` files: NLSR writes them); other methods' refined regions are raw \\ U in weight space already."""
+    return [row for (role, method), r in loaded.items()
+            if regions.region_path(ident / role / method, utility_set, "utility.lora").exists()
+            for row in lora_space(ident / role / method, list(r["raw"]), utility_set, role)]
 
 
 def across_methods(loaded: dict, role: str, methods, datasets, variants) -> tuple[dict, list[dict]]:
@@ -151,6 +185,23 @@ def across_methods(loaded: dict, role: str, methods, datasets, variants) -> tupl
     return tables, rows
 
 
+def across_methods_by_model(loaded: dict, roles, methods, datasets, variants, tab: Path) -> tuple[dict, pd.DataFrame]:
+    """`across_methods` for each model on the datasets every method identified on: ({role: (those datasets,
+    {variant: table}) or None when fewer than two methods or no common dataset}, all rows). Tables go to tab/."""
+    methods, found, rows = list(methods), {}, []
+    for role in roles:
+        common = [d for d in datasets if all(d in loaded[role, m]["raw"] for m in methods)]
+        if len(methods) < 2 or not common:
+            found[role] = None
+            continue
+        tables, role_rows = across_methods(loaded, role, methods, common, variants)
+        rows += role_rows
+        for v, t in tables.items():
+            t.to_csv(tab / f"{role}-methods-{v}-{MAIN}.csv")
+        found[role] = common, tables
+    return found, pd.DataFrame(rows)
+
+
 def profiles(results: dict, variants) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Mean pairwise IoU per decoder layer and per component."""
     layer = pd.DataFrame([{"model": role, "method": method, "variant": v, "layer": k, "iou": x}
@@ -160,6 +211,17 @@ def profiles(results: dict, variants) -> tuple[pd.DataFrame, pd.DataFrame]:
                          for (role, method), a in results.items() for v in variants
                          for k, x in a["by_component"][v].items()])
     return layer, comp
+
+
+COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down", "gate_up")   # heatmap column order
+
+
+def component_tables(comp: pd.DataFrame, variants) -> dict[str, pd.DataFrame]:
+    """{variant: (model ·) method × component table of mean pairwise IoU}, components in `COMPONENTS` order."""
+    comp = comp.assign(row=comp.method if comp.model.nunique() == 1 else comp.model + " · " + comp.method)
+    order = [c for c in COMPONENTS if c in set(comp.component)]
+    return {v: comp[comp.variant == v].pivot_table(index="row", columns="component", values="iou")[order]
+            for v in variants}
 
 
 def across_sizes(results: dict, loaded: dict, roles, methods, variants) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -188,6 +250,26 @@ def across_sizes(results: dict, loaded: dict, roles, methods, variants) -> tuple
     return pd.DataFrame(rows), pd.DataFrame(depth)
 
 
+def prompt_bootstrap(cfg, loaded: dict, results: dict, calibrate: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Resampled pairwise IoUs of the bootstrap methods on the first model (`overlap.bootstrap`, each method
+    with its own calibration-example count where its params have one) and their intervals:
+    (one row per resample × method × pair, `bootstrap_intervals`); both empty when the bootstrap is off."""
+    bs, ic = cfg.overlap.bootstrap, cfg.identify
+    role = ic.models[0]
+    methods = [m for m in bs.methods if m in ic.methods]
+    if not (bs.n_resamples and methods):
+        return pd.DataFrame(), pd.DataFrame()
+    calib, calib_meta = load_calibration(calibrate / role)
+    lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
+    rows = []
+    for m in methods:
+        rows += overlap.bootstrap(lm, tok, calib, m, bs.datasets or ic.datasets(m, cfg.calibrate.datasets),
+                                  getattr(getattr(ic, m), "n", None), ic.q, ic.group, loaded[role, m]["utility"],
+                                  bs.n_resamples, bs.seed, ic.batch_size, ic.max_length, calib_meta["system_prompt"])
+    boot = pd.DataFrame(rows)
+    return boot, bootstrap_intervals(boot, results, role, cfg.overlap.variants)
+
+
 def bootstrap_intervals(boot: pd.DataFrame, results: dict, role: str, variants) -> pd.DataFrame:
     """Observed IoU of each bootstrapped pair beside the resampled mean and interval and chance."""
     rows = []
@@ -210,6 +292,12 @@ def metrics(summary_table: pd.DataFrame) -> dict:
         out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = {
             "mean_iou": nan_none(r.mean_iou), "chance_iou": nan_none(r.chance_iou)}
     return out
+
+
+def metrics_table(metrics_: dict) -> pd.DataFrame:
+    """metrics.json as one row per model × method, one column per variant × number."""
+    return pd.DataFrame({(m, meth): {f"{v} {k}": x for v, d in per.items() for k, x in d.items()}
+                         for m, methods in metrics_.items() for meth, per in methods.items()}).T
 
 
 def _convergence_verdict(r) -> str:

@@ -1,10 +1,9 @@
 """The report stage: every paper claim beside this run's number, every figure, every deviation, provenance.
 
 It only reads files other stages wrote (results/<stage>/metrics.json, figures, timing.json; models/*
-manifests; data.dvc, the dataset registry), so it loads no model and runs in seconds. A stage that did
-not run (switched off by the profile, or not built yet) is reported as "not run"; a metrics file that exists
-but does not have the shape its stage promises is an error naming the file and the key, because a report
-that silently skipped a broken number would misstate what the run found.
+manifests; data.dvc, the dataset registry), so it loads no model and runs in seconds. Reading and checking
+the metrics is `saferegions.results` (the README generator reads them too); a stage that did not run is
+reported as "not run". The verdict of every claim, and the words that sum them up, are made here only.
 """
 from __future__ import annotations
 
@@ -12,144 +11,21 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
-import math
 import platform
+from collections import Counter
 from pathlib import Path
 
 import yaml
 
-from .io import sha256_file
+from .. import config, plots  # noqa: F401  (re-exported: the notebook parses params and draws with them)
+from ..io import sha256_file, write_json
+from ..results import MATRIX_STAGES, NOT_RUN, STAGES, MetricsError, load_results, read_json  # noqa: F401
 
-# Pipeline order of the stages whose outputs the report reads (the report itself excluded).
-STAGES = ("data", "models", "baseline", "calibrate", "identify", "validate", "overlap", "esi", "set", "spa")
-MATRIX_STAGES = ("calibrate", "identify")   # results/<stage>/<item>/...
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "datasets", "gguf",
             "numpy", "pandas", "matplotlib", "seaborn", "papermill", "nbconvert", "dvc")
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 LOW_TO_MODERATE = 0.5   # [inference] "low to moderate" IoU read as a mean pairwise IoU below 0.5
-NOT_RUN = "not run"
-
-
-class MetricsError(ValueError):
-    """A metrics file exists but does not have the shape its stage writes."""
-
-
-# ---------------------------------------------------------------- reading and checking metrics
-
-
-def _fail(path, where: str, msg: str):
-    raise MetricsError(f"{path}: {where}: {msg}")
-
-
-def _mapping(path, where: str, value, required=()) -> dict:
-    if not isinstance(value, dict) or not value:
-        _fail(path, where, f"expected a non-empty mapping, got {value!r:.80}")
-    missing = [k for k in required if k not in value]
-    if missing:
-        _fail(path, where, f"missing key(s) {missing}; has {sorted(value)}")
-    return value
-
-
-def _number(path, where: str, value, lo: float | None = 0.0, hi: float | None = 1.0, none_ok: bool = False):
-    if value is None and none_ok:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(path, where, f"expected a finite number, got {value!r:.80}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        _fail(path, where, f"{value} outside [{lo}, {hi}]")
-    return float(value)
-
-
-def _leaves(path, where: str, entry, keys, **bounds) -> None:
-    _mapping(path, where, entry, keys)
-    for k in keys:
-        _number(path, f"{where}.{k}", entry[k], **bounds)
-
-
-def check_baseline(m: dict, path="baseline") -> None:
-    for role, sets in _mapping(path, "", m, ["models"])["models"].items():
-        for d, v in _mapping(path, f"models.{role}", sets).items():
-            _leaves(path, f"models.{role}.{d}", v, ["refusal_rate"])
-
-
-def check_identify(m: dict, path="identify") -> None:
-    _mapping(path, "", m, ["method", "role", "datasets"])
-    for d, v in _mapping(path, "datasets", m["datasets"]).items():
-        for kind in ("raw", "refined"):
-            _leaves(path, f"datasets.{d}.{kind}", _mapping(path, f"datasets.{d}", v, [kind])[kind], ["density"])
-
-
-def check_validate(m: dict, path="validate") -> None:
-    for model, methods in _mapping(path, "", m).items():
-        for method, sets in _mapping(path, model, methods).items():
-            for d, v in _mapping(path, f"{model}.{method}", sets).items():
-                _leaves(path, f"{model}.{method}.{d}", v,
-                        ["asr_region", "asr_random", "utility_region", "utility_random"])
-
-
-def check_overlap(m: dict, path="overlap") -> None:
-    for model, methods in _mapping(path, "", m).items():
-        for method, v in _mapping(path, model, methods).items():
-            _mapping(path, f"{model}.{method}", v, ["raw", "refined"])
-            for kind in ("raw", "refined"):  # null when every region of the method is empty
-                _leaves(path, f"{model}.{method}.{kind}", v[kind], ["mean_iou", "chance_iou"], none_ok=True)
-
-
-def check_esi(m: dict, path="esi") -> None:
-    for model, v in _mapping(path, "", m).items():
-        _leaves(path, model, v, ["asr_topk", "asr_random", "asr_bottomk"])
-        for comp, s in _mapping(path, f"{model}.component_share", v.get("component_share")).items():
-            _number(path, f"{model}.component_share.{comp}", s)
-        if "faithful_vs_fixed_iou" not in v:
-            _fail(path, model, "missing key 'faithful_vs_fixed_iou'")
-        _number(path, f"{model}.faithful_vs_fixed_iou", v["faithful_vs_fixed_iou"], none_ok=True)
-
-
-def check_set(m: dict, path="set") -> None:
-    _mapping(path, "", m, ["set"])
-    for arm, v in m.items():
-        _leaves(path, arm, v, ["asr_before", "asr_after", "utility_after", "trainable_fraction"], hi=None)
-        for k in ("asr_before", "asr_after", "trainable_fraction"):
-            _number(path, f"{arm}.{k}", v[k])
-
-
-def check_spa(m: dict, path="spa") -> None:
-    for task, arms in _mapping(path, "", m).items():
-        _mapping(path, task, arms, ["spa"])
-        for arm, v in arms.items():
-            _leaves(path, f"{task}.{arm}", v, ["asr_before", "asr_after"])
-            _leaves(path, f"{task}.{arm}", v, ["task_score"], hi=None)
-
-
-CHECKS = {"baseline": check_baseline, "identify": check_identify, "validate": check_validate,
-          "overlap": check_overlap, "esi": check_esi, "set": check_set, "spa": check_spa}
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MetricsError(f"{path}: not valid JSON ({e})") from None
-
-
-def load_results(root: str | Path = ".") -> dict:
-    """{stage: metrics} for every stage in STAGES; None where the stage wrote no metrics (not run). Matrix
-    stages give {item folder: metrics}. Every file present is checked against its stage's shape."""
-    res = Path(root) / "results"
-    out: dict = {}
-    for stage in STAGES:
-        if stage in MATRIX_STAGES:
-            files = [f for f in sorted((res / stage).glob("*/metrics.json")) if not f.parent.name.startswith(".")]
-            out[stage] = {f.parent.name: _read(f) for f in files} or None
-            for f in files:
-                if stage in CHECKS:
-                    CHECKS[stage](out[stage][f.parent.name], f)
-            continue
-        f = res / stage / "metrics.json"
-        out[stage] = _read(f) if f.exists() else None
-        if out[stage] is not None and stage in CHECKS:
-            CHECKS[stage](out[stage], f)
-    return out
+RESULTS = Path("results/report")
 
 
 def stage_status(results: dict) -> list[dict]:
@@ -205,7 +81,7 @@ def claims(results: dict, cfg=None) -> list[dict]:
              "(premise of SET and SPA)", "aligned refusal rate > unaligned", "baseline")
     base = results.get("baseline")
     if base:
-        from .data import SAFETY_SETS
+        from ..data import SAFETY_SETS
         rates = {role: _mean(v["refusal_rate"] for d, v in sets.items() if d in SAFETY_SETS)
                  for role, sets in base["models"].items() if any(d in SAFETY_SETS for d in sets)}
         text = "mean refusal rate on the safety sets: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(rates.items()))
@@ -217,10 +93,10 @@ def claims(results: dict, cfg=None) -> list[dict]:
     rows.append(r)
 
     # Paper 1's scale: four methods, four families with varying sizes, ten datasets.
+    ident = results.get("identify")
     r = _row("setup_paper1_scale", P1, "Four identification methods (weights to layers), four LLM families with "
              "varying sizes, ten safety identification datasets", "4 methods, 4 families × sizes, 10 datasets",
              "identify")
-    ident = results.get("identify")
     if ident:
         fam = _families(results)
         methods = sorted({m["method"] for m in ident.values()})
@@ -370,7 +246,7 @@ def timings(root: str | Path = ".") -> list[dict]:
     """One row per timing.json under results/ (matrix items separately), report excluded."""
     rows = []
     for f in sorted((Path(root) / "results").glob("**/timing.json")):
-        t = _read(f)
+        t = read_json(f)
         stage = f.relative_to(Path(root) / "results").parts[0]
         if stage == "report":
             continue
@@ -452,7 +328,6 @@ def esi_judge_name(judge: str, cfg) -> str:
 def param_deviations(cfg) -> list[dict]:
     """Every params key of every parsed section that differs from its dataclass default (the paper-scale
     value), via `config.deviations`."""
-    from . import config
     rows = []
     for name, section in vars(cfg).items():
         if dataclasses.is_dataclass(section):
@@ -464,9 +339,9 @@ def param_deviations(cfg) -> list[dict]:
 
 
 # What the report reads besides results/: its code (checked against dvc.yaml by tests/test_report.py).
-REPORT_CODE = ("notebooks/10_report.ipynb", "src/saferegions/report.py", "src/saferegions/config.py",
-               "src/saferegions/plots.py", "src/saferegions/data.py", "src/saferegions/io.py",
-               "src/saferegions/registry/datasets.json")
+REPORT_CODE = ("notebooks/10_report.ipynb", "src/saferegions/stages/report.py", "src/saferegions/results.py",
+               "src/saferegions/config.py", "src/saferegions/plots.py", "src/saferegions/data.py",
+               "src/saferegions/io.py", "src/saferegions/registry/datasets.json")
 
 
 def input_files(root: str | Path = ".") -> list[str]:
@@ -492,8 +367,7 @@ def input_digests(root: str | Path = ".") -> dict:
     files = input_files(root) + [c for c in REPORT_CODE if (root / c).exists()]
     params = None
     if (root / "params.yaml").exists():
-        from .config import stage_params
-        canon = json.dumps(stage_params("report", root / "params.yaml"), sort_keys=True, default=str)
+        canon = json.dumps(config.stage_params("report", root / "params.yaml"), sort_keys=True, default=str)
         params = hashlib.sha256(canon.encode()).hexdigest()
     return {"files": {f: sha256_file(root / f) for f in files}, "params_sha256": params}
 
@@ -523,7 +397,7 @@ def provenance(root: str | Path = ".", cfg=None) -> dict:
     dvc_file = root / "data.dvc"
     data_out = ((yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}])[0] if dvc_file.exists() else {}
     out["data"] = {"data.dvc": {k: data_out.get(k) for k in ("md5", "nfiles", "size")}, "files": []}
-    from .data import registry
+    from ..data import registry
     out["data"]["files"] = [{"file": e["file"], "sha256": e["sha256"], "license": e.get("license")}
                             for e in registry()]
     models = {}
@@ -544,3 +418,44 @@ def provenance(root: str | Path = ".", cfg=None) -> dict:
                                         "revision": _hub_revision(judge.id)}
     out["models"] = models
     return out
+
+
+# ---------------------------------------------------------------- reading of the run, outputs
+
+
+def verdict_counts(rows: list[dict]) -> dict[str, int]:
+    """How many claims got each verdict, the most frequent first."""
+    return dict(Counter(r["verdict"] for r in rows).most_common())
+
+
+def summary(rows: list[dict], totals: list[dict], n_deviations: int) -> str:
+    """'Reading this run' in Markdown: how many claims were measured, each claim's verdict, the wall time and
+    what the params deviations mean for the verdicts. The one place verdicts are put into words."""
+    counts = verdict_counts(rows)
+    checked = [r for r in rows if r["verdict"] != NOT_RUN]
+    lines = [f"{len(checked)} of {len(rows)} claims could be measured in this run "
+             f"({', '.join(f'{n} {v}' for v, n in counts.items())})."]
+    for r in rows:
+        lines.append(f"- **{r['claim']}** ({r['paper']}): {r['verdict']}"
+                     + (f" — {r['this_run']}." if r["verdict"] != NOT_RUN else "."))
+    if totals:
+        slow = max(totals, key=lambda t: t["wall_seconds"])
+        lines.append(f"\nThe stages took {sum(t['wall_seconds'] for t in totals):.0f} s in all; the slowest was "
+                     f"`{slow['stage']}` ({slow['wall_seconds']:.0f} s).")
+    if n_deviations:
+        lines.append(f"{n_deviations} params differ from the paper-scale defaults, so read every verdict above as "
+                     f"a statement about this scaled-down run.")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], results: dict, totals: list[dict], prov: dict, out: Path = RESULTS) -> None:
+    """claims.json (the whole table, claim and paper value in words), metrics.json (what `dvc metrics show` /
+    `dvc exp show` can tabulate: a number and a verdict per claim) and provenance.json."""
+    write_json(out / "claims.json", {r["id"]: {k: v for k, v in r.items() if k != "id"} for r in rows})
+    write_json(out / "metrics.json", {
+        "claims": {r["id"]: {"value": r["value"], "verdict": r["verdict"]} for r in rows},
+        "verdicts": verdict_counts(rows),
+        "stages_run": sum(s["status"] != NOT_RUN for s in stage_status(results)),
+        "wall_seconds_total": round(float(sum(t["wall_seconds"] for t in totals)), 1),
+    })
+    write_json(out / "provenance.json", prov)

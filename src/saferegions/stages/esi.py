@@ -1,4 +1,4 @@
-"""Stage `esi` orchestration (paper 2, docs/methods.md §4): ESI regions of each model role, what they overlap with,
+"""Stage `esi` (notebook 07_esi; paper 2, docs/methods.md §4): ESI regions of each model role, what they overlap with,
 where they sit, and whether perturbing them changes safety more than perturbing other weights.
 
 Per role (`run_role`):
@@ -31,9 +31,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import chat, data, judges, models
-from . import regions as R
-from .methods import esi
+from .. import chat, config, data, judges, models, plots   # noqa: F401 (config, plots: for the notebook)
+from .. import regions as R
+from ..io import atomic_path, write_json, write_jsonl
+from ..methods import esi
 
 PERTURB_CONDITIONS = ("none", "topk", "bottomk", "random")
 
@@ -67,7 +68,19 @@ def plan(e, role: str) -> list[Spec]:
     return specs
 
 
+def plan_table(e) -> pd.DataFrame:
+    """Every region each role computes, in order (the first of each role is the primary)."""
+    return pd.DataFrame([{"role": role, "region": s.name, "dataset": s.dataset, "variant": s.variant,
+                          "judge": s.judge, "objective": s.objective} for role in e.models for s in plan(e, role)])
+
+
 # ---------------------------------------------------------------- judges
+
+
+def needed_judges(e) -> list[str]:
+    """The soft judges some role's plan uses: each is loaded once for all roles."""
+    return sorted({s.judge for role in e.models for s in plan(e, role) if s.judge})
+
 
 
 def load_soft_judges(cfg, names, learned_path: str | Path = "artifacts/baseline/learned_judge.safetensors",
@@ -138,7 +151,7 @@ def method_overlap(dataset_regions: dict[str, R.PackedRegion], identify_dir: str
     rows, missing = [], []
     for method in methods:
         for d, region in dataset_regions.items():
-            path = Path(identify_dir) / method / f"{d}.{kind}.safetensors"
+            path = R.region_path(Path(identify_dir) / method, d, kind)
             if not path.exists():
                 missing.append(str(path))
                 continue
@@ -284,7 +297,6 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keywo
 def save_role(result: RoleResult, out: str | Path) -> None:
     """artifacts/esi/<role>/{topk,bottomk}.safetensors (the SET/SPA contract), datasets/<set>.safetensors,
     profile.csv."""
-    from .io import atomic_path
     out = Path(out)
     R.save(result.top, out / "topk.safetensors")
     R.save(result.bottom, out / "bottomk.safetensors")
@@ -333,3 +345,126 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
         for r in method_rows:
             out["method_iou"].setdefault(r["method"], {})[r["dataset"]] = {"iou": r["iou"], "chance": r["chance"]}
     return out
+
+
+# ---------------------------------------------------------------- the whole stage
+
+
+@dataclass
+class StageResult:
+    """What the stage computed for every role, and the tables the notebook shows."""
+    roles: dict[str, RoleResult]
+    method_rows: list[dict]                   # ESI vs paper 1's regions, one row per model × method × dataset
+    dataset_tables: dict[str, pd.DataFrame]   # role → dataset × dataset IoU (roles with several datasets)
+    dataset_summaries: dict[str, dict]
+    missing: list[str]                        # paper-1 region files not found
+    metrics: dict                             # results/esi/metrics.json
+
+    def rows(self, kind: str) -> pd.DataFrame:
+        """All roles' rows of one RoleResult list (records, comparisons, perturbation or generations), each
+        with its role under `model` first."""
+        return pd.DataFrame([{"model": role, **r} for role, res in self.roles.items() for r in getattr(res, kind)])
+
+
+def run(cfg, soft_judges: dict, out: str | Path = "artifacts/esi", identify_root: str | Path = "artifacts/identify",
+        prompts_path: str | Path = "artifacts/data/prompts.jsonl") -> StageResult:
+    """`run_role` for each role of `esi.models`, one model in memory at a time; its regions are saved under
+    out/<role>/ at once, then compared across datasets and with paper 1's regions where identify ran."""
+    e = cfg.esi
+    keyword = judges.KeywordJudge.from_config(cfg.judges.keyword)
+    results, method_rows, dataset_tables, dataset_summaries, missing = {}, [], {}, {}, []
+    for role in e.models:
+        start = time.time()
+        lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
+        res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, keyword, prompts_path)
+        save_role(res, Path(out) / role)
+        del lm
+        if len(res.dataset_regions) > 1:
+            dataset_tables[role], dataset_summaries[role] = pairwise_iou(res.dataset_regions)
+        ident = Path(identify_root) / role
+        if ident.exists():
+            rows, miss = method_overlap(res.dataset_regions, ident, e.compare_methods)
+            method_rows += [{"model": role, **r} for r in rows]
+            missing += miss
+        res.timings["total"] = round(time.time() - start, 1)
+        results[role] = res
+        print(f"{role}: {res.timings}")
+    metrics = {role: role_metrics(res, e, [r for r in method_rows if r["model"] == role],
+                                  dataset_summaries.get(role))
+               for role, res in results.items()}
+    return StageResult(results, method_rows, dataset_tables, dataset_summaries, missing, metrics)
+
+
+def region_table(result: StageResult) -> pd.DataFrame:
+    """Size of each role's primary region: parameters, k, density in the ESI space, tensors it touches."""
+    return pd.DataFrame({role: {"parameters": res.n_params, "k (top_frac × all)": res.k,
+                                "density in the ESI space": res.top.density,
+                                "tensors touched": sum(res.top.count(n) > 0 for n in res.top.data)}
+                         for role, res in result.roles.items()}).T
+
+
+def dataset_summary_table(result: StageResult) -> pd.DataFrame:
+    """Per role: mean, sd, chance, multi-way IoU and density of its regions from several datasets."""
+    return pd.DataFrame({role: {k: v for k, v in s.items() if k != "pairs"}
+                         for role, s in result.dataset_summaries.items()}).T
+
+
+SHARE_MEASURES = {"region_count": "top-k entries", "esi_sum": "summed ESI"}   # profile column → label
+
+
+def architecture_tables(result: StageResult) -> tuple[dict, pd.DataFrame]:
+    """({(role, profile column): layer × component table normalised to sum 1}, component shares per role and
+    measure): where the top-k sits by entries and by summed ESI."""
+    tables, shares = {}, []
+    for role, res in result.roles.items():
+        for value, label in SHARE_MEASURES.items():
+            table = esi.layer_component_table(res.profile, value)
+            tables[role, value] = table / table.values.sum()
+            shares += [{"model": role, "measure": label, "component": c, "share": x}
+                       for c, x in component_shares(res.profile, value).items()]
+    return tables, pd.DataFrame(shares)
+
+
+def observed_and_chance(rows: pd.DataFrame) -> pd.DataFrame:
+    """IoU rows twice, `kind` observed (value = iou) and chance (value = chance), for one bar chart."""
+    return pd.concat([rows.assign(kind="observed", value=rows.iou), rows.assign(kind="chance", value=rows.chance)])
+
+
+def generation_rows(result: StageResult) -> list[dict]:
+    """artifacts/esi/generations.jsonl: the perturbed samples, then the primary's greedy ESI responses."""
+    return ([g for res in result.roles.values() for g in res.generations]
+            + [{"model": role, "condition": "esi_prompt", **r} for role, res in result.roles.items()
+               for r in res.records])
+
+
+def reading(result: StageResult, e) -> str:
+    """The plain-language summary of the run per role, with its numbers (markdown)."""
+    lines = []
+    for role, m in result.metrics.items():
+        lines.append(
+            f"* **{role}** (`{m['model_id']}`): noise on the top {e.top_frac:.0%} ESI weights gave ASR "
+            f"**{m['asr_topk']:.2f}**, against {m['asr_random']:.2f} for a random region of the same per-matrix "
+            f"size, {m['asr_bottomk']:.2f} for the bottom-k and {m['asr_none']:.2f} without noise "
+            f"({m['n_eval']} held-out prompts × {m['perturb_seeds']} seed(s)). "
+            + ("The top-k is the most damaging of the three. "
+               if m["asr_topk"] > max(m["asr_random"], m["asr_bottomk"])
+               else "The top-k is not more damaging than the controls here. ")
+            + f"Faithful vs fixed regions overlap with IoU {m['faithful_vs_fixed_iou']:.3f} "
+            f"(chance {m['iou_vs_primary'][other_variant(e.variant)]['chance']:.4f})"
+            + (f"; the refusal-likelihood objective's region {m['refusal_likelihood_iou']:.3f}"
+               if "refusal_likelihood_iou" in m else "")
+            + f". Largest component share of the top-k: "
+            f"{max(m['component_share'], key=m['component_share'].get)} "
+            f"({max(m['component_share'].values()):.0%}).")
+        if "dataset_iou" in m:
+            d = m["dataset_iou"]
+            lines.append(f"  Regions from {len(result.dataset_tables[role])} datasets: mean pairwise IoU "
+                         f"{d['mean']:.3f} vs chance {d['chance']:.4f} ({d['mean'] / d['chance']:.0f}× chance).")
+        if "method_iou" in m:
+            lines.append("  IoU with paper 1's regions: " + "; ".join(
+                f"{meth} {ds} {v['iou']:.3f} (chance {v['chance']:.4f})" for meth, per in m["method_iou"].items()
+                for ds, v in per.items()) + ".")
+    lines.append(f"\nWith {e.n_prompts or 'all'} ESI prompt(s) of ≤ {e.max_new_tokens} tokens and "
+                 f"{e.perturb_max_new_tokens}-token sampled answers, these are CPU-scale indications, not the "
+                 "paper's numbers; ASR differences of one prompt are 1/n_eval.")
+    return "\n".join(lines)

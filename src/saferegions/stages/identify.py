@@ -1,0 +1,130 @@
+"""The identify stage: one registered method (`methods.REGISTRY`) on one model, a region per dataset.
+
+Per prompt set the method's runner yields the utility region, and per identification dataset a raw and a refined
+region (`methods/context.py`). This module builds the runner's Context from params and the calibrate stage's
+examples, saves every region with its granularity in its meta (so `regions.ablation` knows how to remove it),
+and turns the regions into the summary rows, tables and metrics.json the notebook shows.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from .. import config, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
+from ..hooks import single_thread
+from ..io import write_json
+from ..methods.context import Context, load_calibration
+from ..models import component, layer_index
+from ..regions import Region
+
+
+def out_dir(role: str, method: str) -> Path:
+    return Path("artifacts/identify") / role / method
+
+
+def description(method: str) -> str:
+    return methods.get(method).description
+
+
+def datasets(cfg, method: str) -> tuple[list[str], list[str]]:
+    """(datasets the method runs on, calibrated datasets it skips: `identify.<method>.datasets`)."""
+    ds = cfg.identify.datasets(method, cfg.calibrate.datasets)
+    return ds, [d for d in cfg.calibrate.datasets if d not in ds]
+
+
+def context(cfg, role: str, method: str) -> Context:
+    """Model `role` loaded, its calibration examples (stage calibrate) and the method's params, as the runner reads
+    them."""
+    calib, calib_meta = load_calibration(Path("artifacts/calibrate") / role)
+    lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
+    return Context(lm, tok, role, cfg.models[role].id, calib, datasets(cfg, method)[0],
+                   cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
+                   judge=judges.KeywordJudge.from_config(cfg.judges.keyword),
+                   max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size)
+
+
+def profile(region: Region) -> tuple[dict[int, float], dict[str, float]]:
+    """Density per decoder layer and per component (q/k/v/o/gate/up/down...) of a base-space region."""
+    counts: dict = defaultdict(lambda: [0, 0])
+    comps: dict = defaultdict(lambda: [0, 0])
+    for name, m in region.masks.items():
+        k, n = int(m.count_nonzero()), m.numel()
+        for table, key in ((counts, layer_index(name)), (comps, component(name))):
+            table[key][0] += k
+            table[key][1] += n
+    return ({l: a / b for l, (a, b) in sorted(counts.items()) if l is not None},
+            {c: a / b for c, (a, b) in comps.items() if c is not None})
+
+
+def run(method: str, ctx: Context, out: str | Path) -> list[dict]:
+    """Run one method, save every region as it is produced (bool masks are dropped right after packing), each
+    carrying the method's granularity in its meta, and return one summary row per region: size, density,
+    per-layer and per-component density, native units."""
+    entry = methods.get(method)
+    rows = []
+    for dataset, kind, region in entry.run(ctx):
+        region.meta = {**region.meta, "granularity": entry.granularity}
+        with single_thread():
+            regions.save(region, regions.region_path(out, dataset, kind))
+            size, numel = region.size, region.numel
+            row = {"dataset": dataset, "kind": kind, "size": size, "numel": numel, "density": size / numel,
+                   **regions.granularity(region).units_summary(region)}
+            if not kind.endswith(".lora"):
+                row["by_layer"], row["by_component"] = profile(region)
+        rows.append(row)
+    return rows
+
+
+def metrics(rows: list[dict], method: str, role: str, model_id: str, details: dict,
+            extra: dict | None = None) -> dict:
+    """results/identify/<model>-<method>/metrics.json: sizes and densities per dataset, raw and refined, plus the
+    method's own numbers (`Context.metrics`: NLSR training and seed IoU, neuron density vs n, SafeLayer prompts
+    per side)."""
+    out = {"method": method, "model": model_id, "role": role, "datasets": {}, **(extra or {})}
+    for r in rows:
+        entry = {"size": r["size"], "density": r["density"], **{k: r[k] for k in ("n_units",) if k in r}}
+        if r["kind"] == "utility":
+            out["utility"] = {"dataset": r["dataset"], **entry}
+        elif r["kind"] in ("raw", "refined"):
+            out["datasets"].setdefault(r["dataset"], {})[r["kind"]] = entry
+        elif r["kind"].endswith(".lora") and r["kind"] != "utility.lora":
+            out["datasets"].setdefault(r["dataset"], {})[r["kind"].replace(".", "_")] = entry
+    if "lora_loss" in details:
+        out["lora_loss_first"], out["lora_loss_last"] = details["lora_loss"][0], details["lora_loss"][-1]
+    return out
+
+
+def write_metrics(rows: list[dict], method: str, role: str, ctx: Context, results: str | Path) -> None:
+    write_json(Path(results) / "metrics.json", metrics(rows, method, role, ctx.model_id, ctx.details, ctx.metrics))
+
+
+# ---------------------------------------------------------------- tables for the notebook
+
+
+def summary_frame(rows: list[dict]) -> pd.DataFrame:
+    """One row per saved region: dataset, kind, size, density and native-unit counts."""
+    cols = [c for c in ("dataset", "kind", "size", "numel", "density", "n_units", "n_ffn", "n_q", "n_k", "n_v",
+                        "n_o", "layers") if any(c in r for r in rows)]
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+
+
+def density_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """The utility, raw and refined rows of the summary (the density bar chart)."""
+    return summary[summary.kind.isin(["raw", "refined", "utility"])]
+
+
+def profile_frame(rows: list[dict], kind: str, axis: str) -> pd.DataFrame:
+    """dataset × layer (axis="by_layer") or dataset × component ("by_component") densities of one kind."""
+    table = pd.DataFrame({r["dataset"]: r[axis] for r in rows if r["kind"] == kind}).T
+    if axis == "by_component":
+        order = [c for c in ("q", "k", "v", "o", "gate", "up", "down", "gate_up") if c in table.columns]
+        table = table[order]
+    return table
+
+
+def method_details(method: str, ctx: Context, cfg) -> dict:
+    """The method's own diagnostics ({"text": [...], "tables": [...], "curves": [...]}, see `methods.Method`);
+    empty lists for a method that has none."""
+    return methods.get(method).report(ctx, cfg)

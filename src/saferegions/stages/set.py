@@ -1,0 +1,170 @@
+"""Stage `set` (paper 2, docs/methods.md §4.6): Safety Enhancement Tuning of the unaligned model.
+
+SET trains only the ESI top-k on harmful → refusal pairs; on the same data and steps the baselines train
+every weight (`full`), a LoRA adapter (`lora`), a random mask of the same size (`random`) and the ESI
+bottom-k (`bottom`). The arms and the loop are in `train`; this module picks the data, scores each arm
+(ASR, benign refusal, utility), writes the stage's files and states the paper's claim beside the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import config, data, judges, plots, train
+from ..io import read_jsonl
+from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
+from ..evaluation import utility_score
+
+OUT, RESULTS = Path("artifacts/set"), Path("results/set")
+PROMPTS, PAIRS = "artifacts/data/prompts.jsonl", "artifacts/data/pairs.jsonl"
+ESI = Path("artifacts/esi")
+UTILITY = "_utility"   # set name of the utility prompts inside one generation batch
+
+
+def deviations(cfg):
+    """The `set` params that differ from paper scale (CPU reductions, project choices), as a table to show."""
+    return train.deviations(cfg.set, "set")
+
+
+def load(cfg):
+    """(model, tokenizer, {arm: region}) with the ESI top-k as arm `set`, its random control and the bottom-k."""
+    return train.load_tuning(cfg, cfg.set, ESI / cfg.set.model, "set", bottom=True)
+
+
+@dataclass
+class Data:
+    harmful: dict[str, list[str]]   # held-out harmful prompts per set (ASR)
+    benign: dict[str, list[str]]    # held-out benign prompts per set (over-refusal)
+    utility_prompts: list[str]      # held-out Alpaca prompts (utility)
+    pairs: list[dict]               # training pairs, none sharing a prompt with the evaluation
+
+
+def select_data(s: config.SetCfg) -> Data:
+    """Evaluation: the first `n_eval` eval-split prompts of each harmful set, `n_benign` of each benign set and of
+    Alpaca; training: harmful → refusal pairs minus any whose prompt is an evaluation prompt."""
+    harmful = train.harmful_sets(PROMPTS, s)
+    benign = {d: data.prompts(PROMPTS, d, "eval", s.n_benign) for d in s.benign_sets}
+    utility_prompts = data.prompts(PROMPTS, "alpaca", "eval", s.n_benign)
+    held_out = [p for ps in (*harmful.values(), *benign.values()) for p in ps]
+    return Data(harmful, benign, utility_prompts, train.disjoint(read_jsonl(PAIRS), held_out))
+
+
+def measure(model, tok, harmful: dict[str, list[str]], benign: dict[str, list[str]], utility_prompts,
+            utility_answers, judge, cfg, desc: str, rows: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """SET evaluation: ASR (pooled over the harmful sets), benign refusal rate, utility, per-set rates.
+    `rows` = generations already made for these sets (the untuned model's), else generated here."""
+    if rows is None:
+        rows = train.generate_sets(model, tok, {**harmful, **benign}, judge, cfg.max_new_tokens,
+                                   cfg.eval_batch_size, cfg.system_prompt, desc)
+    rate = train.compliance_rate
+    out = {"asr": rate(rows, harmful), "benign_refusal": 1 - rate(rows, benign),
+           "utility": utility_score(model, tok, utility_prompts, utility_answers, cfg.eval_batch_size,
+                                    cfg.system_prompt),
+           "per_set_refusal": {s: 1 - rate(rows, [s]) for s in {**harmful, **benign}}}
+    return out, rows
+
+
+def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: list[dict],
+             harmful: dict[str, list[str]], benign: dict[str, list[str]], utility_prompts: list[str], judge,
+             seed: int = 0):
+    """Every SET arm on the same data and steps. `masks` = {arm: region masks} for the masked arms.
+
+    The utility score is exp(mean log-likelihood) of the untuned model's greedy answers to `utility_prompts`
+    (`utility_score`): 1/perplexity of what the model said before, so it falls when tuning breaks it.
+    Returns (metrics {arm: {...}}, curves [{arm, step, loss, lr}], generations)."""
+    examples = train.encode(tok, [r["prompt"] for r in pairs], [r["response"] for r in pairs], cfg.max_length,
+                            cfg.chat_template, cfg.loss_on_prompt, cfg.system_prompt)
+    rows = train.generate_sets(model, tok, {**harmful, **benign, UTILITY: utility_prompts}, judge,
+                               cfg.max_new_tokens, cfg.eval_batch_size, cfg.system_prompt, "before")
+    answers = [r["response"] for r in rows if r["dataset"] == UTILITY]
+    rows = [r for r in rows if r["dataset"] != UTILITY]
+    before, _ = measure(model, tok, harmful, benign, utility_prompts, answers, judge, cfg, "before", rows)
+    gens = [{"arm": "before", **r} for r in rows]
+    metrics, curves, snapshot = {}, [], train.Snapshot(model)
+    first = train.first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed) \
+        if any(a != "lora" for a in cfg.arms) else None
+    for name in cfg.arms:
+        def evaluate(m, name=name):
+            after, rows = measure(m, tok, harmful, benign, utility_prompts, answers, judge, cfg, name)
+            gens.extend({"arm": name, **r} for r in rows)
+            return after
+        curve, res = train.run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
+                                   invert=False, seed=seed, snapshot=snapshot, first=first)
+        curves += [{"arm": name, **c} for c in curve]
+        metrics[name] = {"asr_before": before["asr"], "asr_after": res["asr"],
+                         "benign_refusal_before": before["benign_refusal"],
+                         "benign_refusal_after": res["benign_refusal"],
+                         "utility_before": before["utility"], "utility_after": res["utility"],
+                         "trainable_fraction": res["trainable_fraction"], "trainable": res["trainable"],
+                         "final_loss": curve[-1]["loss"], "per_set_refusal_after": res["per_set_refusal"]}
+    return metrics, curves, gens
+
+
+def run(cfg, model, tok, arms: dict, d: Data):
+    """Train and score every arm with the keyword judge, then write generations, metrics.json and the loss
+    curves (CSV per arm + figure). Returns (metrics, curves, generations)."""
+    s = cfg.set
+    judge = judges.KeywordJudge.from_config(cfg.judges.keyword)
+    metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.pairs, d.harmful,
+                                     d.benign, d.utility_prompts, judge, cfg.run.seed)
+    train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["arm"], f"SET training loss ({s.model} model)",
+                       s.loss_on_prompt)
+    return metrics, curves, gens
+
+
+def before_after_figure(metrics: dict, s: config.SetCfg):
+    """ASR, benign refusal and utility of every arm before and after training, saved as before_after.png."""
+    import pandas as pd
+    long = pd.concat([pd.DataFrame({"arm": list(metrics), "when": when,
+                                    "ASR": [m[f"asr_{when}"] for m in metrics.values()],
+                                    "benign refusal": [m[f"benign_refusal_{when}"] for m in metrics.values()],
+                                    "utility": [m[f"utility_{when}"] for m in metrics.values()]})
+                      for when in ("before", "after")])
+    fig = plots.bar_panels(long, "arm", "when", {"ASR": "ASR (held-out harmful)", "benign refusal":
+                                                 "refusal rate (benign)", "utility": "utility (1/perplexity)"},
+                           f"SET and baselines, {s.max_steps} steps: before vs after")
+    plots.save(fig, RESULTS / "figures" / "before_after.png")
+    return fig
+
+
+def relative_drop(m: dict) -> float:
+    """(ASR before − after) / ASR before: the paper's claim is ≥ 0.5 (NaN where ASR before is 0)."""
+    return (m["asr_before"] - m["asr_after"]) / m["asr_before"] if m["asr_before"] > 0 else float("nan")
+
+
+def claims(metrics: dict) -> dict[str, dict]:
+    """{arm: the paper's claim beside this run}; "preserving performance" read as utility kept."""
+    return {arm: {"paper claim": "ASR −50% or more (SET, 1% weights, 100 iterations)" if arm == "set"
+                  else "(baseline)",
+                  "ASR before": m["asr_before"], "ASR after": m["asr_after"],
+                  "relative ASR drop": relative_drop(m),
+                  "utility kept": m["utility_after"] / m["utility_before"],
+                  "trainable fraction": m["trainable_fraction"],
+                  "meets −50%": relative_drop(m) >= 0.5} for arm, m in metrics.items()}
+
+
+def reading(metrics: dict, s: config.SetCfg, harmful: dict[str, list[str]]) -> str:
+    """Markdown bullets that read this run: SET against the claim, each baseline, ESI vs random mask."""
+    m = metrics.get("set")
+    n_h = sum(map(len, harmful.values()))
+    lines = [f"* {s.max_steps} steps (paper: 100) at lr {s.lr:g}, {s.batch_size * s.grad_accum} examples per step, "
+             f"on {len(harmful)} harmful sets × {s.n_eval} prompts (keyword judge)."]
+    if m:
+        lines.append(f"* **SET** (ESI top-k, {m['trainable_fraction']:.2%} of all parameters incl. biases and "
+                     f"norms): ASR {m['asr_before']:.2f} → {m['asr_after']:.2f} "
+                     f"({relative_drop(m):+.0%} relative drop; the paper claims ≥ 50%), "
+                     f"benign refusal {m['benign_refusal_before']:.2f} → {m['benign_refusal_after']:.2f}, "
+                     f"utility ×{m['utility_after'] / m['utility_before']:.2f}.")
+    for arm in [a for a in metrics if a != "set"]:
+        b = metrics[arm]
+        lines.append(f"* `{arm}`: ASR {b['asr_before']:.2f} → {b['asr_after']:.2f}, benign refusal "
+                     f"{b['benign_refusal_after']:.2f}, utility ×{b['utility_after'] / b['utility_before']:.2f}.")
+    if m and "random" in metrics:
+        gap = metrics["random"]["asr_after"] - m["asr_after"]
+        verdict = ("the ESI mask does better" if gap > 0 else "no advantage for the ESI mask" if gap == 0
+                   else "the random mask does better")
+        lines.append(f"* ESI top-k vs a random mask of the same size: ASR after differs by {gap:+.2f} "
+                     f"({verdict}; with {n_h} prompts one prompt is {1 / n_h:.2f}).")
+    return "\n".join(lines)
