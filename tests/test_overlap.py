@@ -263,3 +263,18 @@ def test_stage_tables_on_a_shared_core(tmp_path):
     text = S.verdict(summary, plateau, pd.DataFrame(), ref, ["raw", "refined"])
     assert "For 1 of 1 model × method combinations" in text and f"{snip.mean_iou:.3f}" in text
     assert "undefined: the regions are empty" in text and "RQ2" in text
+
+
+def test_stage_aggregates_average_over_dataset_pairs():
+    from saferegions.stages import overlap as stage
+
+    rows = pd.DataFrame({"model": "m", "method": "snip", "refined = raw \\ U": True, "raw_iou": [0.2, 0.4],
+                         "refined_iou": [0.1, 0.0], "identity_iou": [0.1, 0.0], "u_frac_of_inter": [0.5, 1.0],
+                         "u_frac_of_union": [0.3, 0.2]})
+    means = stage.refinement_means(rows)
+    assert means.loc[("m", "snip", True), "raw_iou"] == pytest.approx(0.3)
+    drop = stage.refinement_drop(rows).set_index("variant")["IoU"]
+    assert drop["raw_iou"] == pytest.approx(0.3) and drop["refined_iou"] == pytest.approx(0.05)
+    cross = pd.DataFrame({"model": "m", "variant": "raw", "method_a": "a", "method_b": "b", "iou": [0.1, 0.3],
+                          "chance": [0.01, 0.03]})
+    assert stage.cross_method_means(cross).loc[("m", "a", "b"), ("iou", "raw")] == pytest.approx(0.2)

@@ -127,18 +127,14 @@ else:
 refinement = overlap.refinement(results)
 if not refinement.empty:
     refinement.to_csv(TAB / "refinement.csv", index=False)
-    display(refinement.groupby(["model", "method", "refined = raw \\ U"])[
-        ["raw_iou", "refined_iou", "identity_iou", "u_frac_of_inter", "u_frac_of_union"]].mean()
-        .style.format(precision=4).set_caption("means over dataset pairs"))
+    display(overlap.refinement_means(refinement).style.format(precision=4).set_caption("means over dataset pairs"))
     print("refinement identity holds exactly for",
           sorted(set(refinement.method[refinement["refined = raw \\ U"]])))
 lora_checks = overlap.lora_checks(IDENT, loaded, cfg.calibrate.utility_set)
 if lora_checks:
     display(pd.DataFrame(lora_checks).style.format(precision=4).set_caption("NLSR in its own LoRA space"))
 if not refinement.empty:
-    drop = refinement.groupby(["model", "method"])[["raw_iou", "refined_iou"]].mean().reset_index()
-    drop = drop.melt(id_vars=["model", "method"], var_name="variant", value_name="IoU")
-    show(plots.bars(drop, "method", "IoU", "variant", "Mean pairwise IoU before and after utility refinement",
+    show(plots.bars(overlap.refinement_drop(refinement), "method", "IoU", "variant", "Mean pairwise IoU before and after utility refinement",
                     "method", f"mean IoU ({MAIN})"), "refinement.png")
 # %% [md]
 # ## Across methods, in one parameter space
@@ -158,8 +154,7 @@ for role, found in per_model.items():
                             "method", "method"), f"cross_method_{role}.png")
 if not cross.empty:
     cross.to_csv(TAB / "cross_method.csv", index=False)
-    display(cross.groupby(["model", "variant", "method_a", "method_b"])[["iou", "chance"]].mean()
-            .unstack("variant").style.format(precision=4))
+    display(overlap.cross_method_means(cross).style.format(precision=4))
 # %% [md]
 # ## Where the regions agree: per-layer and per-component overlap profiles
 # Mean pairwise IoU between datasets' regions, restricted to one decoder layer (left) or one component type (right).

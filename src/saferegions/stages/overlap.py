@@ -145,6 +145,25 @@ def refinement(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+REFINEMENT_COLUMNS = ["raw_iou", "refined_iou", "identity_iou", "u_frac_of_inter", "u_frac_of_union"]
+
+
+def refinement_means(refinement_rows: pd.DataFrame) -> pd.DataFrame:
+    """`refinement` averaged over dataset pairs, per model and method."""
+    return refinement_rows.groupby(["model", "method", "refined = raw \\ U"])[REFINEMENT_COLUMNS].mean()
+
+
+def refinement_drop(refinement_rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean raw and refined IoU per model and method, long (one row per variant) for a bar plot."""
+    drop = refinement_rows.groupby(["model", "method"])[["raw_iou", "refined_iou"]].mean().reset_index()
+    return drop.melt(id_vars=["model", "method"], var_name="variant", value_name="IoU")
+
+
+def cross_method_means(cross: pd.DataFrame) -> pd.DataFrame:
+    """Cross-method IoU and its chance averaged over datasets, one column pair per variant."""
+    return cross.groupby(["model", "variant", "method_a", "method_b"])[["iou", "chance"]].mean().unstack("variant")
+
+
 def lora_space(folder: Path, datasets, utility_set: str, role: str) -> list[dict]:
     """NLSR's regions in its own LoRA space: raw and refined IoU per pair, refinement identity asserted."""
     lora = {f"{d}.{v}": regions.load_packed(regions.region_path(folder, d, f"{v}.lora")) for d in datasets
