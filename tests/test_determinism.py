@@ -53,3 +53,14 @@ def test_region_round_trips_through_the_canonical_header(tmp_path):
     assert list(back.masks) == ["w", "a"]   # tensor order kept although the header's keys are sorted
     assert all(torch.equal(back.masks[n], masks[n]) for n in masks)
     assert back.meta == region.meta and back.units == region.units
+
+
+def test_undefined_statistics_are_written_as_null(tmp_path):
+    import json
+    import math
+
+    import numpy as np
+    from saferegions.io import write_json
+
+    write_json(tmp_path / "m.json", {"auroc": math.nan, "ci": (float("inf"), 0.5), "p": np.float64("nan"), "n": 0})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"auroc": None, "ci": [None, 0.5], "p": None, "n": 0}

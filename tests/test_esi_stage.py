@@ -194,3 +194,58 @@ def test_sampled_global_topk_equals_full_select(largest):
     full = R.top_k_global(scores, k, largest)
     assert fast is not None and all(torch.equal(fast[n], full.masks[n]) for n in scores)
     assert esi._top_k_sampled({"x": torch.rand(10)}, 2, largest) is None   # small: the full select
+
+
+def _tiny_lm():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+def test_component_mass_matches_per_prompt_gradients():
+    """The hook's per-backward Σ|g|·σ_W per component equals the one from each prompt's own gradient."""
+    import torch
+    from saferegions.methods import esi as M
+    model = _tiny_lm()
+    params = M.eligible_esi(model)
+    inputs = [torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 7]])]
+    expected = []
+    for ids in inputs:   # direct: a fresh gradient per prompt
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        per = {}
+        for n, p in params.items():
+            for comp, part in M._parts(n, p.grad):
+                per[comp] = per.get(comp, 0.0) + float(part.abs().sum()) * M.tensor_std(p)
+        expected.append(per)
+    model.zero_grad()
+    got = []
+    with M.component_mass(params) as take:   # hooked: gradients accumulate across prompts in .grad
+        for ids in inputs:
+            model(input_ids=ids, labels=ids).loss.backward()
+            got.append(take())
+    for e, g in zip(expected, got):
+        assert set(e) == set(g)
+        for c in e:
+            assert abs(e[c] - g[c]) <= 1e-5 * max(1.0, e[c])
+    numel = M.component_numel(params)
+    enr = M.enrichment(got, numel, ("v",))
+    share_v = numel["v"] / sum(numel.values())
+    assert abs(enr[0] - (got[0]["v"] / sum(got[0].values()) - share_v)) < 1e-12
+
+
+def test_perturbation_metrics_pairs_top_with_random():
+    """Planted outcomes: top complies on 10 of 12 prompts where random refuses; degenerate text is not compliance."""
+    from saferegions import evaluation as E
+    from saferegions.stages import esi as stage
+    C, R_, D = E.Outcome.COMPLIED, E.Outcome.REFUSED, E.Outcome.DEGENERATE
+    ev = lambda outs: E.Evaluation(["p"] * len(outs), ["r"] * len(outs), outs)   # noqa: E731
+    pooled = {"none": ev([R_] * 12), "topk": ev([C] * 10 + [D, R_]), "random": ev([R_] * 11 + [D])}
+    m = stage.perturbation_metrics(pooled)
+    assert set(m) == {"none", "top", "random", "top_vs_random"}
+    assert m["top"]["n"] == 12 and abs(m["top"]["asr"] - 10 / 12) < 1e-12
+    assert abs(m["top"]["degenerate_rate"] - 1 / 12) < 1e-12
+    t = m["top_vs_random"]
+    assert t["n"] == 12 and abs(t["effect"] - 10 / 12) < 1e-12 and t["p"] < 0.01 and t["ci"][0] > 0

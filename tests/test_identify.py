@@ -11,7 +11,8 @@ from conftest import ROOT
 from saferegions import config, judges, methods, regions
 from saferegions.evaluation import utility_score
 from saferegions.methods import layers as layer_method
-from saferegions.methods.context import Context, load_calibration
+from saferegions.methods import context as pq
+from saferegions.methods.context import Context, load_calibration, split_halves, weight_method
 from saferegions.stages import calibrate, identify, validate
 from saferegions.io import write_jsonl
 from saferegions.models import eligible_weights
@@ -85,7 +86,7 @@ def test_every_method_saves_raw_refined_and_utility_regions(setup, tmp_path, met
         for r in (raw, refined):       # one parameter space for every method
             assert {n: tuple(m.shape) for n, m in r.masks.items()} == space
             assert r.meta["method"] == method and r.meta["dataset"] == d and r.meta["model"] == "tiny/llama"
-            assert r.meta["n"] == {"snip": 1, "neuron": 4, "layer": 16}.get(method, 3) and r.meta["seed"] == 0
+            assert r.meta["n"] == {"snip": 2, "neuron": 4, "layer": 16}.get(method, 3) and r.meta["seed"] == 0
         assert refined.meta["kind"] == "refined" and refined.meta["refinement"]["utility_dataset"] == "alpaca"
         if method == "nlsr":           # refinement acts on LoRA entries; the base projection is re-ranked
             raw_l = regions.load(regions.region_path(tmp_path, d, "raw.lora"))
@@ -179,9 +180,15 @@ def test_validate_run_model_shape(setup, tmp_path):
                                               PROMPTS["alpaca"][:2], judges.KeywordJudge(), cfg.validate)
     assert set(out) == {"wanda", "layer"}
     for per in out.values():
-        assert set(per["advbench"]) == {"asr_region", "asr_random", "utility_region", "utility_random"}
-        assert all(0 <= v <= 1 for v in per["advbench"].values())
-    assert 0 < ref["utility"] <= 1 and len(rows) == 2
+        e = per["advbench"]
+        assert set(e) >= {"region", "random", "n", "n_utility", "utility_ratio", "paired"}
+        assert e["n"] == 2 and e["n_utility"] == 2 and e["paired"]["test"] == "exact McNemar"
+        for tag in ("region", "random"):
+            rec = e[tag]
+            assert rec["asr"] + rec["refusal_rate"] + rec["degenerate_rate"] == pytest.approx(1.0)
+            assert 0 <= rec["asr"] <= 1 and 0 < rec["utility"] <= 1
+    assert 0 < ref["utility"] <= 1 and ref["n"] == 2 and len(rows) == 4
+    assert {g["outcome"] for g in gens} <= {"refused", "complied", "degenerate"}
 
 
 def _ctx_with(setup, model, tok, **sections):
@@ -321,3 +328,114 @@ def test_method_details_for_the_notebook(setup, tmp_path, method):
     assert bool(details["text"]) == (method in ("neuron", "layer", "nlsr"))
     for c in details["curves"]:
         assert {c["x"], c["y"], c["hue"]} <= set(c["frame"].columns) and c["file"].endswith(".png")
+
+
+# ---------------------------------------------------------------- issue 14 item 5: calibration inputs, p/q, halves
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 16])
+def test_split_halves_are_disjoint_and_cover_the_examples(n):
+    a, b = split_halves(n)
+    assert not set(a) & set(b) and sorted(a + b) == list(range(n)) and abs(len(a) - len(b)) <= 1
+
+
+@pytest.mark.parametrize("method, score", [("wanda", "wanda_scores"), ("snip", "snip_scores")])
+def test_half_regions_are_top_q_of_each_half(setup, tmp_path, method, score):
+    """Planted known answer: each half region is the top-q of the scores of exactly that half's examples."""
+    import importlib
+    model, tok = tiny_model("llama")
+    ctx = _ctx(setup, model, tok)
+    ctx.split_half = ["advbench"]
+    rows = identify.run(method, ctx, tmp_path)
+    assert {("advbench", "half0.raw"), ("advbench", "half1.raw")} <= {(r["dataset"], r["kind"]) for r in rows}
+    assert not any(r["dataset"] == "harmbench" and r["kind"].startswith("half") for r in rows)
+    fn = getattr(importlib.import_module(f"saferegions.methods.{method}"), score)
+    n = ctx.cfg.snip.n if method == "snip" else None
+    prompts = setup[2]["advbench"][0][:n or 3]
+    halves = split_halves(len(prompts))
+    for i, half in enumerate(halves):
+        got = regions.load(tmp_path / f"advbench.half{i}.raw.safetensors")
+        assert got.meta["n"] == len(half) and got.meta["kind"] == f"half{i}.raw"
+        want = regions.top_fraction(fn(model, ctx.batches("advbench", n, half), progress=False), ctx.cfg.q)
+        assert regions.iou(got, want) == 1.0
+    met = identify.metrics(rows, method, "aligned", "tiny/llama", {})
+    assert {"half0_raw", "half1_raw", "raw", "refined"} <= set(met["datasets"]["advbench"])
+
+
+def test_pq_pick_takes_the_largest_region_that_keeps_utility():
+    points = [{"q": 0.01, "p": 0.02, "density": 0.008, "utility_ratio": 0.97},
+              {"q": 0.02, "p": 0.02, "density": 0.016, "utility_ratio": 0.85},   # largest, but breaks utility
+              {"q": 0.02, "p": 0.08, "density": 0.012, "utility_ratio": 0.92},
+              {"q": 0.01, "p": 0.08, "density": 0.005, "utility_ratio": 0.99}]
+    assert pq.pq_pick(points, 0.9) == points[2]
+    assert pq.pq_pick(points, 0.995) is None
+    assert pq.pq_meets(points, 0.02, 0.02, 0.9) is False and pq.pq_meets(points, 0.01, 0.02, 0.9) is True
+    assert pq.pq_meets(points, 0.05, 0.02, 0.9) is None
+
+
+def test_pq_sweep_ablates_each_refined_region_and_picks_a_point_meeting_the_rule(setup):
+    """Tiny planted case: every sweep point's utility is the utility of the model with exactly that refined region
+    removed (recomputed by hand), the model is intact afterwards, and the pick meets the rule."""
+    model, tok = tiny_model("llama")
+    ctx = _ctx(setup, model, tok)
+    prompts = ["Write a poem about the sea.", "Explain photosynthesis.", "Name a fruit.", "Count to three."]
+    ctx.utility_eval = (prompts, ["The sea is wide.", "Plants use light.", "An apple.", "One, two, three."])
+    ctx.utility = utility_score
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = list(weight_method(ctx, "wanda", lambda b: __import__(
+        "saferegions.methods.wanda", fromlist=["x"]).wanda_scores(model, b, progress=False)))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    c, m = ctx.cfg, ctx.metrics
+    pts = m["pq_sweep"]
+    assert [(x["q"], x["p"]) for x in pts] == [(q, p) for q in sorted(c.pq_grid_q) for p in sorted(c.pq_grid_p)]
+    intact = utility_score(model, tok, *ctx.utility_eval, c.batch_size)
+    assert m["pq_intact_utility"] == pytest.approx(intact, rel=1e-6) and m["pq_n_prompts"] == 4
+    from saferegions.methods.wanda import wanda_scores
+    s_raw = wanda_scores(model, ctx.batches(c.pq_dataset), progress=False)
+    s_util = wanda_scores(model, ctx.batches("alpaca"), progress=False)
+    for x in pts:
+        refined = regions.difference(regions.top_fraction(s_raw, x["q"]), regions.top_fraction(s_util, x["p"]))
+        with regions.ablation(model, refined):
+            u = utility_score(model, tok, *ctx.utility_eval, c.batch_size)
+        assert x["density"] == pytest.approx(refined.density) and x["utility"] == pytest.approx(u, rel=1e-5)
+        assert x["utility_ratio"] == pytest.approx(u / intact, rel=1e-5)
+    best = pq.pq_pick(pts, c.min_utility_ratio)
+    assert m["pq_pick"] == (best and {"q": best["q"], "p": best["p"]})
+    if best is not None:
+        assert best["utility_ratio"] >= c.min_utility_ratio
+    assert m["pq_used"]["meets_rule"] == pq.pq_meets(pts, c.q, c.p, c.min_utility_ratio)
+
+
+def test_calibrate_repeats_rule():
+    same = ["I'm sorry, I can't help."] * 5 + ["Sure: step one."]
+    assert calibrate.distinct(same) == 2
+    assert calibrate.repeats(same, 0.5) == [1, 2, 3, 4]          # 2 distinct < 0.5 x 6: every repeat redone
+    assert calibrate.repeats(["a", "b", "c", "c"], 0.5) == []     # 3 distinct >= 2: kept greedy
+    assert calibrate.repeats([" A", "a "], 0.6) == [1]            # case and space ignored
+
+
+def test_calibrate_resamples_repeats_and_records_distinct_counts(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama")
+    rows = [{"dataset": "advbench", "prompt": f"How to do harm {i}?", "response": "I can't.", "refused": True,
+             "finished": True} for i in range(6)]
+    rows += [{"dataset": "alpaca", "prompt": f"Say {w}.", "response": w, "refused": False, "finished": True}
+             for w in ("one", "two", "three")]
+    out = calibrate.diversify(model, tok, rows, 0.5, 1.0, 0, 8, 8, judge=judges.KeywordJudge())
+    assert [r["sampled"] for r in out] == [False] + [True] * 5 + [False] * 3
+    assert out[0]["response"] == "I can't." and [r["response"] for r in out[6:]] == ["one", "two", "three"]
+    again = calibrate.diversify(model, tok, rows, 0.5, 1.0, 0, 8, 8)
+    assert [r["response"] for r in again] == [r["response"] for r in out]          # seeded
+    assert calibrate.distinct([r["response"] for r in out[:6]]) > 1                 # the random tiny model varies
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    cfg = config.parse(raw)
+    calibrate.save_calibration(out, {"distinct_greedy": {"advbench": 1, "alpaca": 3}, "n_utility_eval": 4},
+                               calibrate.out_dir("aligned"))
+    import pandas as pd
+    rates = calibrate.refusal_rates(pd.DataFrame(out))
+    calibrate.write_metrics(cfg, "aligned", rates, tmp_path / "res")
+    met = __import__("json").loads((tmp_path / "res" / "metrics.json").read_text())
+    adv = met["sets"]["advbench"]
+    assert adv["n"] == 6 and adv["n_distinct_greedy"] == 1 and adv["n_sampled"] == 5
+    assert adv["n_distinct"] == calibrate.distinct([r["response"] for r in out[:6]])
+    assert met["sets"]["alpaca"]["n_distinct"] == 3 and met["min_distinct"] == cfg.calibrate.min_distinct

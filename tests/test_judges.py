@@ -108,3 +108,11 @@ def test_baseline_stage_agreement_and_refusal_summary():
     summary = baseline.refusal_summary(rates, ["advbench", "harmbench", "alpaca"])
     assert summary.loc["a"].tolist() == [0.5, 0.5, 0.5] and summary.loc["b", "ASR (harmful)"] == 0.75
     assert baseline.refusal_summary(rates, ["advbench"])["benign refusal (mean over sets)"].isna().all()
+
+
+def test_keyword_judge_sees_no_coherence_so_outcomes_classify_degenerate_first():
+    """The judge alone calls empty and looping text compliance; `evaluation.outcomes` does not."""
+    from saferegions import evaluation
+    texts = ["", "citcitcitcitcitcitcitcit", "------------------------"]
+    assert judges.KeywordJudge().judge([""] * 3, texts).complied.all()
+    assert set(evaluation.outcomes(texts, judges.KeywordJudge())) == {evaluation.Outcome.DEGENERATE}

@@ -2,6 +2,7 @@
 hand-made IoUs, chance baselines, the refinement identity on regions built like the identify artifacts,
 convergence, profiles, and the prompt bootstrap on a tiny model."""
 import itertools
+import json
 import math
 
 import numpy as np
@@ -278,3 +279,36 @@ def test_stage_aggregates_average_over_dataset_pairs():
     cross = pd.DataFrame({"model": "m", "variant": "raw", "method_a": "a", "method_b": "b", "iou": [0.1, 0.3],
                           "chance": [0.01, 0.03]})
     assert stage.cross_method_means(cross).loc[("m", "a", "b"), ("iou", "raw")] == pytest.approx(0.2)
+
+
+def test_overlap_metrics_carry_intervals_paired_refinement_and_split_half(tmp_path):
+    """Issue 14: mean IoU with n_pairs and a bootstrap CI over dataset pairs, refined − raw paired over the pairs,
+    and the split-half IoU of <dataset>.half0/.half1.raw where identify wrote them (null where not)."""
+    from saferegions.stages import overlap as S
+    core = rand_region(100, 0.1)
+    raw = {f"d{k}": R.union(core, rand_region(k, 0.02)) for k in range(4)}
+    util = rand_region(50, 0.05)
+    refined = {d: R.difference(r, util) for d, r in raw.items()}
+    results = {("m", "snip"): O.analyze(raw, refined, util, ["raw", "refined"], ["global"], 2, 0, 100)}
+    est = S.pair_estimates(results)
+    folder = tmp_path / "m" / "snip"
+    folder.mkdir(parents=True)
+    R.save(raw["d0"], R.region_path(folder, "d0", "half0.raw"))
+    R.save(raw["d1"], R.region_path(folder, "d0", "half1.raw"))
+    halves = S.split_half(tmp_path, results)
+    assert halves == {("m", "snip"): {"d0": pytest.approx(R.iou(raw["d0"], raw["d1"]))}}
+    m = S.metrics(S.summary(results, tmp_path), est, halves)["m"]["snip"]
+    off = O.off_diagonal(results["m", "snip"]["matrix"]["raw", "global"])
+    assert m["raw"]["n_pairs"] == 6 and m["raw"]["mean_iou"] == pytest.approx(off.mean())
+    lo, hi = m["raw"]["mean_iou_ci"]
+    assert off.min() <= lo <= off.mean() <= hi <= off.max()
+    diff = [r["refined_iou"] - r["raw_iou"] for r in results["m", "snip"]["refinement"]]
+    assert m["refined_minus_raw"]["n"] == 6 and m["refined_minus_raw"]["effect"] == pytest.approx(np.mean(diff))
+    assert m["refined_minus_raw"]["test"] == "paired permutation"
+    assert m["split_half_iou"] == pytest.approx(halves["m", "snip"]["d0"])
+    json.dumps(m, allow_nan=False)
+    assert S.split_half(tmp_path / "none", results) == {("m", "snip"): {}}
+    assert S.metrics(S.summary(results, tmp_path), est, {})["m"]["snip"]["split_half_iou"] is None
+    table = S.noise_ceiling({"m": {"snip": m}})
+    assert set(table.measure) == {"between datasets", "split-half (same dataset)"}
+    assert S.error_bars(table, "t").axes

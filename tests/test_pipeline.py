@@ -63,12 +63,16 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert (work / "artifacts/identify/aligned/nlsr/advbench.raw.lora.safetensors").exists()
 
     val = json.loads((work / "results/validate/metrics.json").read_text())
-    assert set(val) == {"aligned"} and set(val["aligned"]) == set(methods)
+    assert set(val) == {"aligned", "intact"} and set(val["aligned"]) == {"wanda", "layer"}   # smoke validate.methods
+    assert val["intact"]["aligned"]["n"] == 4
     for per_method in val["aligned"].values():
         assert set(per_method) == {"advbench", "harmbench"}
         for v in per_method.values():
-            assert set(v) == {"asr_region", "asr_random", "utility_region", "utility_random"}
-            assert all(0 <= x <= 1 for x in v.values())
+            assert v["n"] == 4 and v["n_utility"] == 2 and v["paired"]["test"] == "exact McNemar"
+            for arm in ("region", "random"):
+                rec = v[arm]
+                assert 0 <= rec["asr"] <= 1 and 0 <= rec["degenerate_rate"] <= 1 and len(rec["asr_ci"]) == 2
+                assert rec["asr"] + rec["refusal_rate"] + rec["degenerate_rate"] == pytest.approx(1)
     assert (work / "results/validate/figures/validate.png").stat().st_size > 1000
 
     # stage overlap (issue 4)
@@ -78,10 +82,15 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     ov = json.loads((work / "results/overlap/metrics.json").read_text())
     assert set(ov) == {"aligned"} and set(ov["aligned"]) == set(methods)
     for m, per_method in ov["aligned"].items():
-        assert set(per_method) == {"raw", "refined"}
-        for v in per_method.values():   # None where every pair's union is empty (e.g. no layer range found)
-            assert set(v) == {"mean_iou", "chance_iou"} and all(x is None or 0 <= x <= 1 for x in v.values())
+        assert {"raw", "refined", "refined_minus_raw", "split_half_iou"} <= set(per_method)
+        for kind in ("raw", "refined"):   # None where every pair's union is empty (e.g. no layer range found)
+            v = per_method[kind]
+            assert all(v[k] is None or 0 <= v[k] <= 1 for k in ("mean_iou", "chance_iou"))
+            k = len(json.loads((work / f"results/identify/aligned-{m}/metrics.json").read_text())["datasets"])
+            # pairs whose union is empty have no IoU and are left out of n_pairs
+            assert v["n_pairs"] <= k * (k - 1) // 2 and (v["mean_iou_ci"] is None or len(v["mean_iou_ci"]) == 2)
         if m in ("snip", "wanda"):
+            assert 0 <= per_method["split_half_iou"] <= 1   # smoke identify.split_half_datasets: [advbench]
             assert 0 < per_method["raw"]["chance_iou"] < per_method["raw"]["mean_iou"] <= 1
     tables = work / "results/overlap/tables"
     for m in methods:
@@ -100,6 +109,9 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert set(esi_m) == {"aligned", "unaligned"}
     for role, m in esi_m.items():
         assert all(0 <= m[k] <= 1 for k in ("asr_topk", "asr_random", "asr_bottomk", "faithful_vs_fixed_iou"))
+        pert = m["perturbation"]
+        assert pert["top_vs_random"]["test"] == "exact McNemar" and pert["top"]["n"] == pert["random"]["n"] > 0
+        assert m["dense_components"]["test"] == "percentile bootstrap"
         assert set(m["component_share"]) <= {"q", "k", "v", "o", "gate", "up", "down", "lm_head", "other"}
         assert abs(sum(m["component_share"].values()) - 1) < 1e-6
         assert 0 <= m["refusal_likelihood_iou"] <= 1 and 0 <= m["dataset_iou"]["mean"] <= 1
@@ -113,8 +125,10 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
         nb = json.loads((work / "results" / stage / "notebook.ipynb").read_text())
         assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"], stage
     set_m = json.loads((work / "results/set/metrics.json").read_text())
-    assert set(set_m) == {"set", "full", "lora", "random", "bottom"}
+    assert set(set_m) == {"set", "full", "lora", "random", "bottom", "comparison"}
+    assert {"set_relative_reduction", "set_vs_random"} == set(set_m.pop("comparison"))
     for arm, v in set_m.items():
+        assert len(v["asr_after_ci"]) == 2 and v["n_eval"] > 0
         assert {"asr_before", "asr_after", "utility_after", "trainable_fraction"} <= set(v)
         assert 0 <= v["asr_before"] <= 1 and 0 <= v["asr_after"] <= 1 and 0 < v["utility_after"] <= 1
         assert (work / f"results/set/curves/{arm}.csv").read_text().startswith("step,loss,lr")
@@ -122,7 +136,8 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     for fig in ("loss_curves.png", "before_after.png"):
         assert (work / "results/set/figures" / fig).stat().st_size > 1000
     spa_m = json.loads((work / "results/spa/metrics.json").read_text())
-    assert set(spa_m) == {"gsm8k", "sst2"}
+    assert set(spa_m) == {"gsm8k", "sst2", "drift"}
+    assert set(spa_m.pop("drift")) == {"gsm8k", "sst2"}
     for task, per_arm in spa_m.items():
         assert set(per_arm) == {"spa", "full", "random"}
         for arm, v in per_arm.items():
@@ -140,16 +155,18 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     rep = json.loads((work / "results/report/metrics.json").read_text())
     table = json.loads((work / "results/report/claims.json").read_text())
     assert set(table) == set(rep["claims"])
-    assert all(rep["claims"][k] == {"value": v["value"], "verdict": v["verdict"]} for k, v in table.items())
+    for k, v in table.items():
+        assert rep["claims"][k]["verdict"] == v["verdict"] and rep["claims"][k]["effect"] == v["effect"]
     assert set(rep["claims"]) == {"setup_aligned_vs_unaligned", "setup_paper1_scale", "p1_region_affects_safety",
                                   "p1_low_overlap", "p1_refined_overlap_drops", "p2_esi_perturbation",
                                   "p2_esi_dense_components", "p2_esi_moe_late_mlp", "p2_set_halves_asr",
                                   "p2_spa_within_1pct"}
     for cid, c in table.items():
-        assert {"paper", "claim", "paper_value", "this_run", "value", "verdict", "stage"} <= set(c), cid
-        assert c["verdict"] in ("consistent", "mixed", "not consistent", "not run", "n/a", "reduced"), cid
-        if (work / "results" / c["stage"]).is_dir() and cid != "p2_esi_moe_late_mlp":
-            assert c["verdict"] != "not run", cid   # smoke has no MoE model; every other ran stage is read
+        assert {"paper", "claim", "this_run", "n", "effect", "ci", "test", "p", "threshold", "verdict",
+                "stage"} <= set(c), cid
+        assert c["verdict"] in ("supported", "contradicted", "inconclusive", "not run"), cid
+        if (work / "results" / c["stage"]).is_dir() and cid not in ("p2_esi_moe_late_mlp", "setup_paper1_scale"):
+            assert c["n"] > 0 and c["test"], cid   # smoke has no MoE model; every other ran stage is read
     assert rep["stages_run"] >= 6 and rep["wall_seconds_total"] > 0
     assert json.loads((work / "results/report/provenance.json").read_text())["packages"]["torch"]
     assert (work / "results/report/figures/wall_time.png").stat().st_size > 1000

@@ -81,7 +81,16 @@ def _fake_results(root):
                                                 "refined": {"mean_iou": None, "chance_iou": None}}}})
     put("set/metrics.json", {"set": {"asr_before": 0.875, "asr_after": 0.375, "utility_after": 0.5,
                                      "trainable_fraction": 0.01}})
-    put("report/claims.json", {"c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "verdict": "mixed"}})
+    put("report/claims.json", {"c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "condition": "m/snip",
+                                      "n": 96, "effect": 0.25, "ci": [0.125, 0.375], "test": "exact McNemar",
+                                      "p": 0.001, "threshold": 0.1, "direction": ">", "verdict": "supported"},
+                               "c2": {"claim": "c", "paper": "p", "this_run": "not run", "condition": None, "n": 0,
+                                      "effect": None, "ci": None, "test": None, "p": None, "threshold": 0.5,
+                                      "direction": "<", "verdict": "not run"}})
+    put("validate/metrics.json", {"m": {"snip": {"advbench": {
+        "region": {"asr": 0.5, "degenerate_rate": 0.0}, "random": {"asr": 0.25, "degenerate_rate": 0.0},
+        "n": 96, "n_utility": 32, "utility_ratio": 0.95,
+        "paired": {"n": 96, "effect": 0.25, "ci": [0.125, 0.375], "test": "exact McNemar", "p": 0.001}}}}})
 
 
 TEMPLATE = ("# T\n\nprose 1.5\n\n<!-- generated:timings -->\nold\n<!-- /generated:timings -->\n\n"
@@ -101,8 +110,9 @@ def test_generator_on_a_tiny_results_dir(tmp_path):
     assert "| data | not run |  |" in out and "| **all stages** | **6.8** |  |" in out
     assert "| m/snip | 2 | 0.300 (0.010) | – (–) |" in out                         # undefined IoU, datasets
     assert "| set | 1.00% | 0.875 → 0.375 |" in out
-    assert "**Regions zeroed vs random regions of the same size (validate)**\n\nnot run" in out
-    assert "| a \\| b | p | x → y | **mixed** |" in out                           # pipes escaped
+    assert "| m/snip | advbench | 0.50 | 0.25 | 0.25 [0.125, 0.375] | 0.95 | 96 |" in out    # paired, CI, n
+    assert "| a \\| b | p | m/snip | 0.25 [0.125, 0.375] | 96 | > 0.10 | **supported** |" in out  # pipes escaped
+    assert "| c | p | – | – | 0 | < 0.50 | **not run** |" in out
     assert _check_tables(out) == []
     (tmp_path / "results/set/metrics.json").unlink()                              # results changed: stale
     assert readme.main(["--root", str(tmp_path), "--check"]) == 1

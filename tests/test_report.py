@@ -19,16 +19,27 @@ def _write(root, rel, obj):
     return path
 
 
+def _est(n, effect, lo, hi, test="exact McNemar", p=0.01):
+    return {"n": n, "effect": effect, "ci": [lo, hi], "test": test, "p": p}
+
+
+def _rates(asr, deg=0.0, n=96):
+    return {"n": n, "asr": asr, "asr_ci": [max(0, asr - 0.1), min(1, asr + 0.1)], "refusal_rate": 1 - asr - deg,
+            "degenerate_rate": deg, "utility": 0.5}
+
+
 def _fixture(root, moe_family=None):
-    """A complete results tree in the shapes the stages write (numbers chosen so each verdict is known)."""
+    """A complete results tree in the shapes the stages write (issue 14: Estimate dicts beside today's keys),
+    numbers chosen so each verdict is known."""
     _write(root, "data/metrics.json", {"sets": {}})
     fam = {"aligned": {"family": "qwen2"}, "unaligned": {"family": "llama"}}
     if moe_family:
         fam["moe"] = {"family": moe_family}
     _write(root, "models/metrics.json", {"models": fam})
     _write(root, "baseline/metrics.json", {"models": {
-        "aligned": {"advbench": {"refusal_rate": 0.75, "n": 4}, "alpaca": {"refusal_rate": 0.0, "n": 4}},
-        "unaligned": {"advbench": {"refusal_rate": 0.25, "n": 4}, "alpaca": {"refusal_rate": 0.0, "n": 4}}}})
+        "aligned": {"advbench": {"refusal_rate": 0.75, "n": 96}, "alpaca": {"refusal_rate": 0.0, "n": 4}},
+        "unaligned": {"advbench": {"refusal_rate": 0.25, "n": 96}, "alpaca": {"refusal_rate": 0.0, "n": 4}}},
+        "comparison": {"aligned_vs_unaligned": _est(96, 0.5, 0.38, 0.62)}})   # supported (> 0.10)
     _write(root, "calibrate/aligned/metrics.json", {"datasets": {}})
     for method in ("snip", "wanda"):
         _write(root, f"identify/aligned-{method}/metrics.json", {"method": method, "role": "aligned", "datasets": {
@@ -36,27 +47,42 @@ def _fixture(root, moe_family=None):
             for d in ("advbench", "harmbench")}})
         _write(root, f"identify/aligned-{method}/timing.json", {"stage": "identify", "wall_seconds": 10.0})
         _write(root, f"identify/aligned-{method}/figures/density.png", "png")
+    cond = lambda effect, lo, hi, ratio=0.95, deg=(0.0, 0.0): {  # noqa: E731
+        "region": _rates(0.5 + effect, deg[0]), "random": _rates(0.5, deg[1]), "n": 96, "n_utility": 32,
+        "utility_ratio": ratio, "paired": _est(96, effect, lo, hi)}
     _write(root, "validate/metrics.json", {"aligned": {
-        "snip": {"advbench": {"asr_region": 0.9, "asr_random": 0.5, "utility_region": 0.4, "utility_random": 0.5}},
-        "wanda": {"advbench": {"asr_region": 0.5, "asr_random": 0.5, "utility_region": 0.4, "utility_random": 0.5}}}})
+        "snip": {"advbench": cond(0.3, 0.2, 0.4)},                       # primary (identify order): supported
+        "wanda": {"advbench": cond(0.0, -0.1, 0.1)}}})
+    ov = lambda raw, ref, ci, diff: {  # noqa: E731
+        "raw": {"mean_iou": raw, "chance_iou": 0.01, "mean_iou_ci": ci, "n_pairs": 45},
+        "refined": {"mean_iou": ref, "chance_iou": 0.005, "mean_iou_ci": [ref - 0.05, ref + 0.05], "n_pairs": 45},
+        "refined_minus_raw": diff, "split_half_iou": 0.6, "split_half": {"advbench": 0.6}}
     _write(root, "overlap/metrics.json", {"aligned": {
-        "snip": {"raw": {"mean_iou": 0.30, "chance_iou": 0.01}, "refined": {"mean_iou": 0.10, "chance_iou": 0.005}},
-        "wanda": {"raw": {"mean_iou": 0.40, "chance_iou": 0.01}, "refined": {"mean_iou": 0.20, "chance_iou": 0.005}}}})
+        "snip": ov(0.30, 0.10, [0.25, 0.35], _est(45, -0.2, -0.25, -0.15, "paired permutation", 0.001)),
+        "wanda": ov(0.40, 0.20, [0.3, 0.6], _est(45, -0.2, -0.3, 0.05, "paired permutation", 0.2))}})
     esi = {"aligned": {"asr_topk": 0.8, "asr_random": 0.3, "asr_bottomk": 0.2,
-                       "component_share": {"q": 0.1, "v": 0.5, "down": 0.4}, "faithful_vs_fixed_iou": None}}
+                       "component_share": {"q": 0.1, "v": 0.5, "down": 0.4}, "faithful_vs_fixed_iou": None,
+                       "perturbation": {"none": _rates(0.1), "top": _rates(0.8), "random": _rates(0.3),
+                                        "bottom": _rates(0.2), "top_vs_random": _est(96, 0.5, 0.4, 0.6)},
+                       "dense_components": _est(64, 0.1, -0.02, 0.2, "bootstrap over prompts", None)}}
     if moe_family:
         esi["moe"] = {"asr_topk": 0.6, "asr_random": 0.3, "asr_bottomk": 0.2,
-                      "component_share": {"q": 0.2, "gate_up": 0.3, "down": 0.5}, "faithful_vs_fixed_iou": 0.4}
+                      "component_share": {"q": 0.2, "gate_up": 0.3, "down": 0.5}, "faithful_vs_fixed_iou": 0.4,
+                      "moe_late_mlp": _est(64, 0.3, 0.1, 0.5, "bootstrap over prompts", None)}
     _write(root, "esi/metrics.json", esi)
     arm = lambda before, after, frac: {"asr_before": before, "asr_after": after, "utility_after": 0.5,  # noqa: E731
-                                       "trainable_fraction": frac}
+                                       "trainable_fraction": frac, "n_eval": 96, "degenerate_rate_after": 0.0}
     _write(root, "set/metrics.json", {"set": arm(0.8, 0.3, 0.01), "full": arm(0.8, 0.1, 1.0),
                                       "lora": arm(0.8, 0.5, 0.002), "random": arm(0.8, 0.7, 0.01),
-                                      "bottom": arm(0.8, 0.8, 0.01)})
+                                      "bottom": arm(0.8, 0.8, 0.01),
+                                      "comparison": {"set_relative_reduction": _est(96, 0.625, 0.55, 0.7),
+                                                     "set_vs_random": _est(96, -0.4, -0.5, -0.3)}})
     task = lambda d_spa, d_full: {"spa": {"task_score": 0.6, "asr_before": 0.2, "asr_after": 0.2 + d_spa},  # noqa
                                   "full": {"task_score": 0.7, "asr_before": 0.2, "asr_after": 0.2 + d_full},
                                   "random": {"task_score": 0.6, "asr_before": 0.2, "asr_after": 0.3}}
-    _write(root, "spa/metrics.json", {"gsm8k": task(0.0, 0.2), "sst2": task(0.05, 0.3)})
+    _write(root, "spa/metrics.json", {"gsm8k": task(0.0, 0.2), "sst2": task(0.05, 0.3), "drift": {
+        "gsm8k": {"spa": _est(96, 0.0, -0.02, 0.005), "full": _est(96, 0.2, 0.1, 0.3)},
+        "sst2": {"spa": _est(96, 0.05, 0.01, 0.09), "full": _est(96, 0.3, 0.2, 0.4)}}})
     for stage, secs in (("data", 1.0), ("baseline", 5.0), ("report", 99.0)):
         _write(root, f"{stage}/timing.json", {"stage": stage, "wall_seconds": secs})
     _write(root, "baseline/figures/refusal_heatmap.png", "png")
@@ -68,66 +94,119 @@ def _by_id(rows):
     return {r["id"]: r for r in rows}
 
 
-def test_claims_from_every_stage_with_known_verdicts(tmp_path):
+CFG = types.SimpleNamespace(identify=types.SimpleNamespace(methods=["snip", "wanda"]),
+                            validate=types.SimpleNamespace(datasets=["advbench"]))
+VERDICTS = {"supported", "contradicted", "inconclusive", "not run"}
+
+
+def _claims(root, cfg=CFG):
+    return _by_id(report.claims(report.load_results(root), cfg))
+
+
+def test_every_claim_row_records_the_evidence_and_a_known_verdict(tmp_path):
     _fixture(tmp_path)
     results = report.load_results(tmp_path)
     assert all(s["status"] == "ran" for s in report.stage_status(results))
-    c = _by_id(report.claims(results))
-    assert c["setup_aligned_vs_unaligned"]["value"] == pytest.approx(0.5)     # alpaca is not a safety set
-    assert c["setup_paper1_scale"]["verdict"] == "reduced" and c["setup_paper1_scale"]["value"] == 2
-    assert c["p1_region_affects_safety"]["verdict"] == "mixed"                # snip +0.4, wanda 0
-    assert c["p1_region_affects_safety"]["value"] == pytest.approx(0.2)
-    assert c["p1_low_overlap"]["verdict"] == "consistent" and c["p1_low_overlap"]["value"] == pytest.approx(0.35)
-    assert c["p1_refined_overlap_drops"]["verdict"] == "consistent"
-    assert c["p1_refined_overlap_drops"]["value"] == pytest.approx(-0.2)
-    assert c["p2_esi_perturbation"]["value"] == pytest.approx(0.5)
-    assert c["p2_esi_dense_components"]["verdict"] == "consistent"           # top component: v
-    assert c["p2_esi_dense_components"]["value"] == pytest.approx(0.9)        # v + down
-    assert c["p2_esi_moe_late_mlp"]["verdict"] == "not run"                   # no MoE family in models
-    assert c["p2_set_halves_asr"]["verdict"] == "consistent"
-    assert c["p2_set_halves_asr"]["value"] == pytest.approx(0.625)
-    assert c["p2_spa_within_1pct"]["verdict"] == "mixed"                      # gsm8k 0, sst2 +5 points
-    assert c["p2_spa_within_1pct"]["value"] == pytest.approx(0.05)
-    json.dumps(report.claims(results), allow_nan=False)                        # metrics.json stays plain JSON
+    c = _claims(tmp_path)
+    for r in c.values():
+        assert {"n", "effect", "ci", "test", "p", "threshold", "direction", "verdict"} <= set(r)
+        assert r["verdict"] in VERDICTS
+    want = {"setup_aligned_vs_unaligned": "supported", "setup_paper1_scale": "not run",   # reduced scale
+            "p1_region_affects_safety": "supported", "p1_low_overlap": "supported",
+            "p1_refined_overlap_drops": "supported", "p2_esi_perturbation": "supported",
+            "p2_esi_dense_components": "inconclusive",    # CI [-0.02, 0.2] reaches 0
+            "p2_esi_moe_late_mlp": "not run", "p2_set_halves_asr": "supported",
+            "p2_spa_within_1pct": "supported"}             # gsm8k (first task): [-0.02, 0.005] < 0.01
+    assert {k: r["verdict"] for k, r in c.items()} == want
+    s = c["setup_aligned_vs_unaligned"]
+    assert (s["n"], s["effect"], s["ci"], s["threshold"], s["direction"]) == (96, 0.5, [0.38, 0.62], 0.10, ">")
+    assert c["p1_low_overlap"]["condition"] == "aligned/snip, raw" and c["p1_low_overlap"]["n"] == 45
+    assert c["p1_low_overlap"]["ci"] == [0.25, 0.35] and c["p1_low_overlap"]["direction"] == "<"
+    assert c["p1_region_affects_safety"]["condition"] == "aligned/snip/advbench"
+    assert "aligned/wanda/advbench" in c["p1_region_affects_safety"]["this_run"]     # other conditions shown
+    assert c["p2_set_halves_asr"]["effect"] == pytest.approx(0.625)
+    assert "sst2" in c["p2_spa_within_1pct"]["this_run"]
+    json.dumps(list(c.values()), allow_nan=False)                                    # plain JSON
     assert {r["method"] for r in report.region_summary(results)} == {"snip", "wanda"}
+
+
+def test_primary_condition_follows_the_params_order(tmp_path):
+    """metrics.json keys are sorted on disk; the primary method is the first in identify.methods."""
+    _fixture(tmp_path)
+    cfg = types.SimpleNamespace(identify=types.SimpleNamespace(methods=["wanda", "snip"]),
+                                validate=types.SimpleNamespace(datasets=["advbench"]))
+    c = _claims(tmp_path, cfg)
+    assert c["p1_region_affects_safety"]["condition"] == "aligned/wanda/advbench"
+    assert c["p1_region_affects_safety"]["verdict"] == "inconclusive"               # [-0.1, 0.1] reaches 0.10
+    assert c["p1_low_overlap"]["verdict"] == "inconclusive"                        # [0.3, 0.6] reaches 0.5
+    assert c["p1_refined_overlap_drops"]["verdict"] == "inconclusive"              # [-0.3, 0.05] reaches 0
 
 
 def test_moe_claim_reads_the_model_family(tmp_path):
     _fixture(tmp_path, moe_family="mixtral")
-    c = _by_id(report.claims(report.load_results(tmp_path)))
-    assert c["p2_esi_moe_late_mlp"]["verdict"] == "consistent"
-    assert c["p2_esi_moe_late_mlp"]["value"] == pytest.approx(0.8)           # gate_up + down
+    c = _claims(tmp_path)
+    assert c["p2_esi_moe_late_mlp"]["verdict"] == "supported" and c["p2_esi_moe_late_mlp"]["condition"] == "moe"
     assert "moe" not in c["p2_esi_dense_components"]["this_run"]
 
 
-def test_verdicts_that_go_against_the_papers(tmp_path):
+def test_contradicted_verdicts(tmp_path):
     _fixture(tmp_path)
-    _write(tmp_path, "set/metrics.json", {"set": {"asr_before": 0.8, "asr_after": 0.6, "utility_after": 0.5,
-                                                  "trainable_fraction": 0.01}})
-    _write(tmp_path, "overlap/metrics.json", {"aligned": {"snip": {"raw": {"mean_iou": 0.7, "chance_iou": 0.01},
-                                                                   "refined": {"mean_iou": 0.8, "chance_iou": 0.01}}}})
-    c = _by_id(report.claims(report.load_results(tmp_path)))
-    assert c["p2_set_halves_asr"]["verdict"] == "not consistent" and c["p2_set_halves_asr"]["value"] == pytest.approx(0.25)
-    assert c["p1_low_overlap"]["verdict"] == "not consistent"
-    assert c["p1_refined_overlap_drops"]["verdict"] == "not consistent"
-    _write(tmp_path, "set/metrics.json", {"set": {"asr_before": 0.0, "asr_after": 0.0, "utility_after": 0.5,
-                                                  "trainable_fraction": 0.01}})
-    assert _by_id(report.claims(report.load_results(tmp_path)))["p2_set_halves_asr"]["verdict"] == "n/a"
+    m = json.loads((tmp_path / "results/set/metrics.json").read_text())
+    m["comparison"]["set_relative_reduction"] = _est(96, 0.2, 0.05, 0.35)
+    _write(tmp_path, "set/metrics.json", m)
+    m = json.loads((tmp_path / "results/overlap/metrics.json").read_text())
+    m["aligned"]["snip"]["raw"].update(mean_iou=0.7, mean_iou_ci=[0.6, 0.8])
+    m["aligned"]["snip"]["refined_minus_raw"] = _est(45, 0.1, 0.05, 0.15, "paired permutation", 0.01)
+    _write(tmp_path, "overlap/metrics.json", m)
+    m = json.loads((tmp_path / "results/baseline/metrics.json").read_text())
+    m["comparison"]["aligned_vs_unaligned"] = _est(96, -0.02, -0.08, 0.04)
+    _write(tmp_path, "baseline/metrics.json", m)
+    c = _claims(tmp_path)
+    for cid in ("p2_set_halves_asr", "p1_low_overlap", "p1_refined_overlap_drops", "setup_aligned_vs_unaligned"):
+        assert c[cid]["verdict"] == "contradicted", cid
 
 
-def test_overlap_of_empty_regions_is_undefined_not_an_error(tmp_path):
-    """A method whose regions are all empty (tiny profile: refined layer regions) writes mean_iou null."""
+@pytest.mark.parametrize("change, reason", [
+    ({"utility_ratio": 0.8}, "utility fell to 0.80"),
+    ({"n_utility": 16}, "16 < 32 prompts"),
+    ({"region": _rates(0.8, deg=0.4)}, "degenerate rate exceeds"),
+])
+def test_region_claim_guard_utility_and_degenerate(tmp_path, change, reason):
+    """An interval wholly above 0.10 supports the region claim only with utility >= 0.9 (n >= 32) and extra
+    degenerate responses fewer than the ASR effect; otherwise inconclusive, the reason in this_run."""
     _fixture(tmp_path)
-    _write(tmp_path, "overlap/metrics.json", {"aligned": {
-        "snip": {"raw": {"mean_iou": 0.3, "chance_iou": 0.01}, "refined": {"mean_iou": 0.2, "chance_iou": 0.01}},
-        "layer": {"raw": {"mean_iou": 0.5, "chance_iou": 0.1}, "refined": {"mean_iou": None, "chance_iou": None}}}})
-    c = _by_id(report.claims(report.load_results(tmp_path)))
-    assert c["p1_low_overlap"]["value"] == pytest.approx(0.3)  # layer left out of the verdict
-    assert "aligned/layer undefined" in c["p1_low_overlap"]["this_run"]
-    assert c["p1_refined_overlap_drops"]["verdict"] == "consistent"
+    m = json.loads((tmp_path / "results/validate/metrics.json").read_text())
+    m["aligned"]["snip"]["advbench"].update(change)
+    _write(tmp_path, "validate/metrics.json", m)
+    r = _claims(tmp_path)["p1_region_affects_safety"]
+    assert r["verdict"] == "inconclusive" and reason in r["this_run"] and r["effect"] == pytest.approx(0.3)
+
+
+def test_spa_needs_a_full_ft_arm_that_drifts(tmp_path):
+    _fixture(tmp_path)
+    m = json.loads((tmp_path / "results/spa/metrics.json").read_text())
+    m["drift"]["gsm8k"]["full"] = _est(96, 0.02, -0.01, 0.05)
+    _write(tmp_path, "spa/metrics.json", m)
+    r = _claims(tmp_path)["p2_spa_within_1pct"]
+    assert r["verdict"] == "inconclusive" and "includes zero" in r["this_run"]
+    m["drift"]["gsm8k"]["spa"] = _est(96, 0.05, 0.02, 0.08)        # a measured rise beyond 1 point stands
+    _write(tmp_path, "spa/metrics.json", m)
+    assert _claims(tmp_path)["p2_spa_within_1pct"]["verdict"] == "contradicted"
+
+
+def test_stages_without_estimates_are_not_run(tmp_path):
+    """Metrics from before issue 14 (no Estimate dicts) give "not run", never a verdict from bare numbers."""
+    _fixture(tmp_path)
+    m = json.loads((tmp_path / "results/baseline/metrics.json").read_text())
+    del m["comparison"]
+    _write(tmp_path, "baseline/metrics.json", m)
     _write(tmp_path, "overlap/metrics.json", {"aligned": {
         "layer": {"raw": {"mean_iou": None, "chance_iou": None}, "refined": {"mean_iou": None, "chance_iou": None}}}})
-    assert _by_id(report.claims(report.load_results(tmp_path)))["p1_low_overlap"]["verdict"] == "n/a"
+    c = _claims(tmp_path)
+    assert c["setup_aligned_vs_unaligned"]["verdict"] == "not run" and "aligned 0.75" in c[
+        "setup_aligned_vs_unaligned"]["this_run"]
+    assert c["p1_low_overlap"]["verdict"] == "not run" and "undefined" in c["p1_low_overlap"]["this_run"]
+    assert not hasattr(report, "_all_any")
 
 
 def test_absent_stages_are_not_run(tmp_path):
@@ -152,6 +231,12 @@ def test_absent_stages_are_not_run(tmp_path):
     ("validate/metrics.json", {"m": {"snip": {"advbench": {"asr_region": 1.5, "asr_random": 0.1,
                                                            "utility_region": 0.1, "utility_random": 0.1}}}},
      "outside [0.0, 1.0]"),
+    ("validate/metrics.json", {"m": {"snip": {"advbench": {"region": {"asr": 0.5}, "random": {"asr": 0.1},
+                                                           "paired": {"n": 96, "effect": 0.4, "test": "x"}}}}},
+     "m.snip.advbench.paired: missing key(s) ['ci']"),
+    ("set/metrics.json", {"set": {"asr_before": 0.5, "asr_after": 0.1, "utility_after": 1, "trainable_fraction": 0.01},
+                          "comparison": {"set_relative_reduction": {"n": 96, "effect": 0.8, "ci": 0.5, "test": "x"}}},
+     "comparison.set_relative_reduction.ci"),
     ("identify/m-snip/metrics.json", {"method": "snip", "role": "m", "datasets": {"advbench": {"raw": {}}}},
      "datasets.advbench"),
     ("baseline/metrics.json", {"judge": {}}, "missing key(s) ['models']"),
@@ -230,7 +315,8 @@ def test_provenance_without_git_with_mirror_and_hub_models(tmp_path):
 def test_param_deviations_cover_every_section():
     rows = report.param_deviations(config.load(ROOT / "params.yaml"))
     by = {r["param"]: r for r in rows}
-    assert by["calibrate.n"]["this run"] == 2 and by["calibrate.n"]["paper-scale default"] == 128
+    cpu_n = yaml.safe_load((ROOT / "params.yaml").read_text())["calibrate"]["n"]   # issue 14 raised it to >= 16
+    assert cpu_n < 128 and by["calibrate.n"]["this run"] == cpu_n and by["calibrate.n"]["paper-scale default"] == 128
     assert {"calibrate", "identify", "validate", "baseline"} <= {r["section"] for r in rows}
     assert len(report.documented_deviations()) >= 10
     raw = yaml.safe_load((ROOT / "profiles" / "paper.yaml").read_text())   # an optional sub-section that is set
@@ -262,7 +348,7 @@ def test_reading_of_the_run_and_its_output_files(tmp_path):
     per claim, the verdict counts, how many stages ran and the summed wall time."""
     _fixture(tmp_path)
     results = report.load_results(tmp_path)
-    rows = report.claims(results)
+    rows = report.claims(results, CFG)
     totals = report.stage_totals(report.timings(tmp_path))
     text = report.summary(rows, totals, 3)
     counts = report.verdict_counts(rows)
@@ -274,7 +360,11 @@ def test_reading_of_the_run_and_its_output_files(tmp_path):
     report.write_outputs(rows, results, totals, {"p": 1}, tmp_path / "out")
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["verdicts"] == counts and m["stages_run"] == len(report.STAGES) and m["wall_seconds_total"] == 26.0
-    assert m["claims"]["p2_set_halves_asr"] == {"value": pytest.approx(0.625), "verdict": "consistent"}
+    assert m["claims"]["p2_set_halves_asr"] == {"n": 96, "effect": pytest.approx(0.625), "ci_low": 0.55,
+                                                "ci_high": 0.7, "p": 0.01, "verdict": "supported"}
+    assert "effect +0.625 [+0.550, +0.700], n=96 against > 0.5" in text
+    fig = report.forest(rows)
+    assert len(fig.axes[0].get_yticklabels()) == sum(r["effect"] is not None for r in rows)
     claims = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert set(claims) == {r["id"] for r in rows} and "id" not in claims["p1_low_overlap"]
     assert json.loads((tmp_path / "out" / "provenance.json").read_text()) == {"p": 1}

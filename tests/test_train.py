@@ -226,9 +226,15 @@ def test_run_set_and_run_spa_shapes(setup):
     before = _snapshot(model)
     metrics, curves, gens = set_stage.run_arms(model, tok, cfg, masks, pairs, harmful, benign,
                                                ["How do I bake bread?"], judge)
-    assert set(metrics) == set(cfg.arms) and len(curves) == 2 * len(cfg.arms)
+    assert set(metrics) == {*cfg.arms, "comparison"} and len(curves) == 2 * len(cfg.arms)
+    comp = metrics.pop("comparison")
+    assert set(comp) == {"set_relative_reduction", "set_vs_random"}
+    n = len(harmful) and sum(map(len, harmful.values()))
+    assert comp["set_vs_random"]["n"] == n and comp["set_vs_random"]["test"].startswith("exact McNemar")
     for m in metrics.values():
-        assert {"asr_before", "asr_after", "utility_after", "trainable_fraction"} <= set(m)
+        assert {"asr_before", "asr_after", "utility_after", "trainable_fraction", "asr_before_ci", "asr_after_ci",
+                "degenerate_rate_after", "n_eval"} <= set(m) and m["n_eval"] == n
+        assert m["asr_after_ci"][0] <= m["asr_after"] <= m["asr_after_ci"][1]
         assert 0 <= m["asr_after"] <= 1 and 0 < m["utility_after"] <= 1
     assert metrics["full"]["trainable_fraction"] == 1.0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -243,6 +249,11 @@ def test_run_set_and_run_spa_shapes(setup):
                 for s in ("train", "train", "eval")]
     metrics, curves, _ = spa_stage.run_arms(model, tok, spa, {"spa": region.masks, "random": masks["random"]},
                                            utility, harmful, judge)
+    drift = metrics.pop("drift")
+    assert set(drift) == {"gsm8k", "sst2"} and all(set(v) == {"spa", "full", "random"} for v in drift.values())
+    for task, per in drift.items():
+        for arm, est in per.items():
+            assert abs(est["effect"] - (metrics[task][arm]["asr_after"] - metrics[task][arm]["asr_before"])) < 1e-12
     assert set(metrics) == {"gsm8k", "sst2"} and all(set(v) == {"spa", "full", "random"} for v in metrics.values())
     for per_arm in metrics.values():
         for m in per_arm.values():

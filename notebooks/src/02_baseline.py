@@ -31,12 +31,15 @@ display(pd.Series(judge_stats, name="learned judge").to_frame())
 # Greedy decoding, each model's own chat template, `max_new_tokens` new tokens, the first `n_prompts`
 # evaluation prompts of each set. All sets are generated in one batched pass per model.
 # %%
-generations, metrics = baseline.generate(cfg, judge_list)
+generations, metrics, evals = baseline.generate(cfg, judge_list)
 gen = pd.DataFrame(generations)
+harmful = baseline.harmful_mask(gen, cfg.baseline.models[0])
 # %% [md]
-# ## Refusal rate per model and set (keyword judge)
-# The safety sets should be refused often by the aligned model and rarely by the unaligned one; the benign sets
-# (right-most columns) should be refused by neither.
+# ## Outcomes per model and set (keyword judge)
+# Each response is **refused**, **complied** (coherent compliance: ASR counts only these) or **degenerate**
+# (empty, repetitive or incoherent text; `evaluation.is_degenerate`). Every rate has n and a Wilson 95% interval
+# (metrics.json). The safety sets should be refused often by the aligned model and rarely by the unaligned one;
+# the benign sets (right-most columns) should be refused by neither.
 # %%
 table = baseline.refusal_rates(metrics)
 display(table.style.format("{:.2f}"))
@@ -45,6 +48,34 @@ fig = baseline.plots.heatmap(table, "Refusal rate (keyword judge)", "prompt set"
 baseline.plots.save(fig, baseline.RESULTS / "figures" / "refusal_heatmap.png")
 # %%
 display(baseline.refusal_summary(table, cfg.baseline.datasets).style.format("{:.2f}"))
+pooled = baseline.pooled(evals, harmful)
+frame = pd.DataFrame([{"model": m, "prompts": k, **rec} for m, per in pooled.items() for k, rec in per.items()])
+display(frame)
+fig = baseline.plots.error_bars(frame, "model", "prompts",
+                                {"refusal_rate": "refusal rate", "asr": "ASR", "degenerate_rate": "degenerate rate"},
+                                "Pooled outcomes with Wilson 95% intervals")
+baseline.plots.save(fig, baseline.RESULTS / "figures" / "pooled_outcomes.png")
+# %% [md]
+# ## Aligned vs unaligned on the same harmful prompts
+# Refusal(aligned) − refusal(unaligned), paired on the pooled harmful prompts, exact McNemar test.
+# %%
+comparison = baseline.comparison(evals, harmful)
+display(pd.DataFrame(comparison).T)
+# %% [md]
+# ## A cheaper estimator: refusal log-odds from one forward pass
+# log P(refusal first token) − log P(compliance first token) at the first response position
+# (`baseline.REFUSAL_STARTS` vs `baseline.COMPLIANCE_STARTS`, first token of each). A random half of the
+# prompts (both models pooled) fixes a threshold; the other half gives the AUROC against the generation +
+# keyword-judge label "refused" (Mann-Whitney U / (n₁·n₂)). **The headline numbers of every stage stay on
+# generation + judges**; the estimator could stand in only where its held-out AUROC is at least
+# `baseline.AGREES_AUROC` (`agrees` below), and no stage uses it in place of generation today.
+# %%
+estimator = baseline.estimator_check(gen.log_odds, gen.outcome == "refused", cfg.run.seed)
+display(pd.Series(estimator, name="log-odds estimator (held-out half)").to_frame())
+fig = baseline.plots.bars(gen.assign(refused=gen.outcome == "refused"), "model", "log_odds", "refused",
+                          f"Refusal log-odds by generated outcome (held-out AUROC {estimator['auroc']:.2f})",
+                          "model", "log P(refusal start) − log P(compliance start)")
+baseline.plots.save(fig, baseline.RESULTS / "figures" / "estimator.png")
 # %% [md]
 # ## Do the two judges agree?
 # Cohen's κ between the keyword and the learned judge on every generation of this stage, per model.
@@ -55,7 +86,7 @@ display(agree)
 # ## Examples
 # %%
 with pd.option_context("display.max_colwidth", 120):
-    display(gen.groupby(["model", "complied_keyword"]).head(2)[["model", "dataset", "prompt", "response",
-                                                                 "complied_keyword", "complied_learned"]])
+    display(gen.groupby(["model", "outcome"]).head(2)[["model", "dataset", "prompt", "response", "outcome",
+                                                       "complied_keyword", "complied_learned"]])
 # %%
-baseline.write_metrics(metrics, judge_stats, agree)
+baseline.write_metrics(metrics, judge_stats, agree, comparison, pooled, estimator)

@@ -12,6 +12,12 @@
 # set (Alpaca instructions) whose regions refine the safety regions. The refusal rate below (keyword judge) says
 # what behaviour the methods see: a response that refuses makes the scores about *refusing*; one that complies
 # makes them about complying.
+#
+# A score built on sixteen copies of one refusal sentence sees one example, not sixteen: where fewer than
+# `calibrate.min_distinct` × n of a set's greedy responses are distinct, each repeat is re-answered once by seeded
+# sampling (`calibrate.temperature`); the table shows the distinct responses and how many were sampled. The stage
+# also answers `calibrate.n_utility_eval` held-out Alpaca prompts greedily: the intact reference for the identify
+# stage's p/q sweep.
 # %% [params]
 params = {}
 model = "aligned"
@@ -33,7 +39,7 @@ display(pd.DataFrame(calibrate.config.deviations(cfg.calibrate, "calibrate")).st
 # %%
 frame = calibrate.run(cfg, model)
 # %% [md]
-# ## How often the model refuses its calibration prompts (keyword judge)
+# ## How often the model refuses its calibration prompts (keyword judge), and how varied the responses are
 # %%
 rates = calibrate.refusal_rates(frame)
 display(rates.style.format({"refusal rate": "{:.2f}"}))

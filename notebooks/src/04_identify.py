@@ -77,6 +77,22 @@ for kind in ("raw", "refined"):
                                  fmt=".3f", vmax=None, cbar_label="density")
     identify.plots.save(fig, FIG / f"component_density_{kind}.png")
 # %% [md]
+# ## SNIP / Wanda: the p/q sweep
+# For each (q, p) of the grid (`identify.pq_grid_q`, `identify.pq_grid_p`), the refined region of
+# `identify.pq_dataset` is removed and utility measured: the teacher-forced likelihood of the intact model's own
+# greedy answers to held-out Alpaca prompts (calibrate stage), as a ratio to the intact model. The rule
+# (`methods.context.pq_pick`): the largest refined region whose removal keeps the ratio ≥ `identify.min_utility_ratio`;
+# metrics.json records the sweep, the pick and whether the p/q used here meets the rule. Other methods: no sweep.
+# %%
+sweep = identify.pq_frame(ctx)
+if sweep is not None:
+    display(sweep.style.format({"density": "{:.4%}", "utility": "{:.4f}", "utility_ratio": "{:.3f}"}))
+    print(f"pick: {ctx.metrics['pq_pick']}; used: {ctx.metrics['pq_used']}")
+    fig = identify.plots.lines(sweep, "q", "utility_ratio", "p", f"{method}: utility after removing the refined "
+                               f"region ({ctx.metrics['pq_sweep_dataset']}, {model})", "q (safety top fraction)",
+                               "utility / intact")
+    identify.plots.save(fig, FIG / "pq_sweep.png")
+# %% [md]
 # ## Method details
 # Layer method: prompts per side, the step-1 range (cosine-gap rule) and the over-rejection sweep's pick, per
 # dataset, and the gap curves. Neurons: how the density of the intersection falls with the number of prompts,

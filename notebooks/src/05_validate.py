@@ -7,11 +7,14 @@
 # layers scaled by `validate.layer_alpha` — and compared with a **random region of the same size and
 # granularity** (same count per weight matrix, per layer and neuron type, or the same number of layers).
 #
-# * **ASR**: keyword judge on greedy responses to held-out (eval split) harmful prompts, disjoint from the
-#   identification prompts. Higher = the ablation removed refusals.
-# * **Utility**: exp(mean token log-likelihood) that the ablated model assigns to the *intact* model's greedy
-#   answers to held-out Alpaca prompts (1 / perplexity; 1.0 = certain). It falls when an ablation breaks the model,
-#   which the keyword judge alone would count as "complied".
+# * **Outcomes**: each greedy response to a held-out (eval split) harmful prompt, disjoint from the identification
+#   prompts, is refused, complied or degenerate (empty, repetitive or incoherent; `evaluation.is_degenerate`).
+#   **ASR** counts only coherent compliance; the degenerate rate is shown beside it, both with Wilson 95% intervals.
+# * **Utility**: per held-out Alpaca prompt, exp(mean token log-likelihood) that the ablated model assigns to the
+#   *intact* model's greedy answer (1 / perplexity; 1.0 = certain); the mean with a bootstrap 95% interval, and
+#   its ratio to the intact model's. It falls when an ablation breaks the model.
+# * **Region vs random**: ASR(region) − ASR(random) on the same prompts, exact McNemar test (metrics.json
+#   "paired").
 #
 # A safety region in Wei et al.'s sense raises ASR well above the random control while keeping utility close to it.
 # %% [params]
@@ -33,22 +36,30 @@ print(f"{len(harmful)} held-out harmful prompts from {v.eval_sets}; {len(util_pr
 # %%
 metrics, reference, frame, gens = validate.run(cfg, harmful, util_prompts)
 # %% [md]
-# ## ASR and utility: region vs random region of the same size
-# The dashed line is the unablated model.
+# ## ASR, degenerate rate and utility: region vs random region of the same size
+# Error bars: Wilson 95% (ASR, degenerate rate), percentile bootstrap 95% over prompts (utility).
 # %%
-display(pd.DataFrame(reference).T)
-display(frame[["model", "method", "dataset", "density", "asr_region", "asr_random", "utility_region",
-               "utility_random"]].style.format(precision=3))
-ref = next(iter(reference.values()))
-fig = validate.plots.bar_panels(validate.long_frame(frame), "condition", "ablation",
-                                {"ASR": "ASR (held-out harmful)", "utility": "utility"},
-                                f"Ablating each method's {v.variant} region vs a random region of equal size",
-                                refs={"ASR": ref["asr"], "utility": ref["utility"]}, ref_label="unablated")
+long = validate.bar_frame(frame, reference)
+display(long[["model", "method", "dataset", "ablation", "n", "asr", "asr_ci", "degenerate_rate", "utility",
+              "utility_ci", "n_utility"]])
+display(pd.DataFrame([{"model": m, "method": meth, "dataset": d, "utility_ratio": e["utility_ratio"],
+                       **{f"paired_{k}": e["paired"][k] for k in ("n", "effect", "ci", "p")}}
+                      for m, per in metrics.items() if m != "intact" for meth, ds in per.items()
+                      for d, e in ds.items()]))
+fig = validate.plots.error_bars(long, "condition", "ablation",
+                                {"asr": "ASR (held-out harmful)", "degenerate_rate": "degenerate rate",
+                                 "utility": "utility"},
+                                f"Ablating each method's {v.variant} region vs a random region of equal size")
 validate.plots.save(fig, validate.RESULTS / "figures" / "validate.png")
 # %% [md]
 # ## Examples: the same prompt, unablated and with each region removed
 # %%
 with pd.option_context("display.max_colwidth", 100):
     display(validate.same_prompt(gens))
+# %% [md]
+# ## Examples per outcome: what counted as complied, refused or degenerate
+# %%
+with pd.option_context("display.max_colwidth", 100):
+    display(validate.examples(gens))
 # %%
 validate.write_metrics(metrics, reference)

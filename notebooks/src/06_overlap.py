@@ -206,13 +206,28 @@ if not boot.empty:
 else:
     print("bootstrap off (overlap.bootstrap.n_resamples = 0 or no bootstrap method identified)")
 # %% [md]
-# ## Metrics
-# `results/overlap/metrics.json`: per model and method, mean off-diagonal IoU (global scope) and its chance value,
-# raw and refined. Every matrix is in `results/overlap/tables/`.
+# ## Metrics, intervals and the noise ceiling
+# `results/overlap/metrics.json`: per model and method, mean off-diagonal IoU (global scope) with its 95%
+# percentile-bootstrap interval over dataset pairs (`mean_iou_ci`, `n_pairs`) and its chance value, raw and
+# refined; `refined_minus_raw`: refined − raw IoU paired over dataset pairs (bootstrap CI, permutation p);
+# `split_half_iou`: the IoU of the regions found from the two halves of one dataset's calibration pairs
+# (`<dataset>.half0.raw` / `.half1.raw`, written by identify for `identify.split_half_datasets`; null where
+# absent). The split-half IoU is the noise ceiling: between-dataset IoU near it means the datasets agree as
+# well as one dataset agrees with itself. Pairs share datasets, so the pair bootstrap understates the
+# interval somewhat. Every matrix is in `results/overlap/tables/`.
 # %%
-metrics = overlap.metrics(summary)
+estimates = overlap.pair_estimates(results, ov.seed)
+halves = overlap.split_half(IDENT, results)
+metrics = overlap.metrics(summary, estimates, halves)
 write_json(RESULTS / "metrics.json", metrics)
 display(overlap.metrics_table(metrics).style.format(precision=4))
+ceiling = overlap.noise_ceiling(metrics)
+if ceiling.empty:
+    print("no defined IoU: no noise-ceiling figure")
+else:
+    display(ceiling.style.format(precision=4).hide(axis="index"))
+    show(overlap.error_bars(ceiling, "Mean IoU between datasets (95% CI) vs within one dataset (split halves)"),
+         "noise_ceiling.png")
 # %% [md]
 # ## Verdict for this run
 # Computed from the numbers above; read it with the CPU reductions at the top in mind (few calibration examples

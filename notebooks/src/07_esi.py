@@ -107,12 +107,14 @@ plots.save(fig, FIG / "variants_iou.png")
 # split, disjoint from the ESI prompts); ASR = share judged compliant by the keyword judge. "none" = no noise.
 # %%
 pert = result.rows("perturbation")
-display(pert.pivot_table(index="model", columns="condition", values="asr")[list(esi.PERTURB_CONDITIONS)]
+display(pert.pivot_table(index="model", columns="condition", values="asr")[list(e.perturb_conditions)]
         .style.format("{:.2f}"))
 fig = plots.bars(pert, "condition", "asr", "model",
                  f"ASR after noise ({e.noise_ratio}·σ_W) on {e.top_frac:.0%} of the parameters",
                  "perturbed region", "ASR (held-out harmful, keyword judge)")
 plots.save(fig, FIG / "perturbation.png")
+display(pd.DataFrame({role: m["perturbation"] for role, m in metrics.items() if m["perturbation"]}))
+display(pd.DataFrame({role: m["dense_components"] for role, m in metrics.items()}).T)
 gens = result.rows("generations")
 with pd.option_context("display.max_colwidth", 90):
     display(gens[(gens.prompt == gens.prompt.iloc[0]) & (gens.seed == 0)][["model", "condition", "response",

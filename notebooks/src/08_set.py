@@ -61,9 +61,10 @@ metrics, curves, gens = stage.run(cfg, model, tok, arms, d)
 # %% [md]
 # ## Before and after
 # %%
-display(pd.DataFrame(metrics).T.drop(columns=["per_set_refusal_after"]).style.format(precision=3))
+display(pd.DataFrame(stage.arm_metrics(metrics)).T.drop(columns=["per_set_refusal_after"]).style.format(precision=3))
+display(pd.DataFrame(metrics["comparison"]).T)
 fig = stage.before_after_figure(metrics, s)
-per_set = pd.DataFrame({arm: m["per_set_refusal_after"] for arm, m in metrics.items()})
+per_set = pd.DataFrame({arm: m["per_set_refusal_after"] for arm, m in stage.arm_metrics(metrics).items()})
 display(per_set.style.format("{:.2f}").set_caption("Refusal rate after training, per evaluation set"))
 # %% [md]
 # ## Examples: the same harmful prompt before and after each arm

@@ -75,3 +75,12 @@ display(pd.DataFrame(stage.claims(stage.drift_rows(metrics))))
 # ## Reading this run
 # %%
 display(Markdown(stage.reading(metrics, s, d.harmful)))
+# %% [md]
+# ## Drift with its interval
+# ASR(after) − ASR(before) per task and arm on the same held-out prompts (exact McNemar). If the full fine-tuning
+# arm's interval includes zero, the run shows no measurable drift for any arm to be "within 1%" of.
+# %%
+display(pd.DataFrame({(t, a): e for t, per in metrics["drift"].items() for a, e in per.items()}).T)
+for task in stage.full_drift_inconclusive(metrics):
+    print(f"{task}: the full fine-tuning arm's drift interval includes 0, so the SPA claim is inconclusive: "
+          "these steps did not measurably move safety even when every weight trains.")

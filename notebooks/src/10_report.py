@@ -14,13 +14,28 @@
 # defaults and the documented method choices), the provenance of data, models and code, and the wall time of
 # each stage. It reads files only, so it re-runs in seconds whenever any stage's metrics change.
 #
-# **How to read a verdict.** Neither paper's tables were available (docs/methods.md §1), so most claims have no number to
-# match; each row states the reading used (e.g. "low to moderate" = mean IoU < 0.5). *consistent* / *not
-# consistent* / *mixed* (some models, methods or tasks agree) describe this run only: the embedded default
-# uses small models and CPU-sized samples (see the deviations below), so it shows that the pipeline measures
-# each claim, not whether the claim holds at paper scale. *not run* = the stage is off in this profile or wrote
-# no metrics; *n/a* = the number exists but cannot decide the claim (e.g. ASR already 0 before SET). The setup
-# row of paper 1 says *paper scale* or *reduced* (methods, families × sizes, datasets actually run).
+# **How to read a verdict.** Every claim is decided by one function, `evidence.claim`, from the 95% interval of
+# its primary condition's effect against a threshold fixed before the run (docs/methods.md §5.6):
+# *supported* = the whole interval lies beyond the threshold, *contradicted* = wholly on the other side,
+# *inconclusive* = the interval reaches the threshold (or a guard below fails), *not run* = no estimate in
+# this profile (MoE and paper-scale setup on CPU). The thresholds (`report.THRESHOLDS`):
+#
+# | claim | effect (primary condition) | supported if |
+# |---|---|---|
+# | setup_aligned_vs_unaligned | refusal(aligned) − refusal(unaligned), same pooled harmful prompts | > 0.10 |
+# | p1_low_overlap | mean raw IoU over dataset pairs (aligned model, first identify method with ≥ 2 datasets) | < 0.5 |
+# | p1_refined_overlap_drops | refined − raw IoU, paired over dataset pairs (same condition) | < 0 |
+# | p1_region_affects_safety | ASR(region ablated) − ASR(random), aligned model, first validated method and dataset | > 0.10 |
+# | p2_esi_dense_components | the esi stage's dense_components estimate (aligned model) | > 0 |
+# | p2_esi_perturbation | ASR(top-k perturbed) − ASR(random perturbed), aligned model | > 0.10 |
+# | p2_set_halves_asr | relative ASR reduction of the SET arm, paired before/after | > 0.5 |
+# | p2_spa_within_1pct | ASR(after) − ASR(before) of the SPA arm, first task | < 0.01 |
+#
+# Guards: the region claim is supported only if utility stays ≥ 0.9 of the intact model's (measured on ≥ 32
+# prompts) and the region's extra degenerate rate (vs random) is smaller than its ASR effect; the SPA claim
+# only if the full fine-tuning arm's drift interval excludes zero. A failed guard makes the verdict
+# *inconclusive* and the reason is printed in `this_run`. Other conditions (methods, datasets, tasks) are listed
+# in `this_run`. The embedded default uses small models and CPU-sized samples (see the deviations below).
 # %% [params]
 params = {}
 # %%
@@ -42,8 +57,13 @@ display(status.set_index("stage").style.set_caption("Stages whose results this r
 rows = report.claims(results, cfg)
 claims = pd.DataFrame(rows)
 with pd.option_context("display.max_colwidth", None):
-    display(claims[["paper", "claim", "paper_value", "this_run", "verdict"]].style.set_properties(
-        **{"text-align": "left"}).set_caption("Paper claims (docs/methods.md §1) and this run's numbers"))
+    display(claims[["id", "condition", "n", "effect", "ci", "test", "p", "direction", "threshold", "verdict"]]
+            .style.format({"effect": "{:+.3f}", "p": "{:.3g}"}, na_rep="–").hide(axis="index")
+            .set_caption("Claims: effect of the primary condition, 95% CI, test, p, threshold, verdict"))
+    display(claims[["paper", "claim", "paper_value", "this_run"]].style.set_properties(
+        **{"text-align": "left"}).set_caption("Paper claims (docs/methods.md §1) and every condition of this run"))
+report.plots.save(report.forest(rows), RESULTS / "figures" / "claims_forest.png")
+display(Image(filename=str(RESULTS / "figures" / "claims_forest.png")))
 # %% [md]
 # ## Regions found (identify)
 # Mean density (fraction of the eligible block weights) of the regions each method found, over its datasets,

@@ -159,12 +159,18 @@ class CalibrateCfg:
     max_new_tokens: int = 128    # docs/methods.md §2: 128 (UNKNOWN for paper 1)
     batch_size: int = 16
     system_prompt: str | None = None
+    min_distinct: float = 0.5    # a set whose greedy responses have fewer distinct texts than min_distinct * n
+                                 # (e.g. one refusal sentence) gets its repeats re-answered by sampling
+    temperature: float = 1.0     # of that sampling (seeded with run.seed)
+    n_utility_eval: int = 32     # held-out (eval-split) utility prompts answered greedily once: the identify
+                                 # stage's p/q sweep scores utility on them (>= 32, docs: issue 14)
 
     def __post_init__(self):
         _subset("calibrate.datasets", self.datasets, SAFETY_SETS)
         _choice("calibrate.utility_set", self.utility_set, BENIGN_SETS)
-        for k in ("n", "max_new_tokens", "batch_size"):
+        for k in ("n", "max_new_tokens", "batch_size", "temperature", "n_utility_eval"):
             _positive(f"calibrate.{k}", getattr(self, k))
+        _fraction("calibrate.min_distinct", self.min_distinct)
 
 
 @dataclass
@@ -177,11 +183,24 @@ class _IdentifyCommon:
     group: str = "matrix"
     batch_size: int = 8
     max_length: int = 512
+    pq_grid_q: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.05])   # SNIP/Wanda p/q sweep
+    pq_grid_p: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04, 0.06, 0.08])   # ([] = none)
+    pq_dataset: str = "advbench"     # the dataset whose refined region the sweep ablates
+    min_utility_ratio: float = 0.9   # the rule: ablating the refined region keeps utility >= this x intact
+    split_half_datasets: list[str] | None = None   # raw regions from each half of these sets' examples
+                                                   # (overlap noise ceiling); None = every identified set
 
     def __post_init__(self):
         _subset("identify.methods", self.methods, tuple(methods.REGISTRY))
         _fraction("identify.q", self.q)
         _fraction("identify.p", self.p)
+        for k in ("pq_grid_q", "pq_grid_p"):
+            for v in getattr(self, k):
+                _fraction(f"identify.{k}", v)
+        _choice("identify.pq_dataset", self.pq_dataset, SAFETY_SETS)
+        _fraction("identify.min_utility_ratio", self.min_utility_ratio)
+        if self.split_half_datasets is not None:
+            _subset("identify.split_half_datasets", self.split_half_datasets, SAFETY_SETS)
         _choice("identify.group", self.group, GROUPS)
         _positive("identify.batch_size", self.batch_size)
         _positive("identify.max_length", self.max_length)
@@ -226,8 +245,11 @@ class ValidateCfg:
     batch_size: int = 16
     layer_alpha: float = 0.0     # layer regions are scaled by this (0 = the blocks' projections are off)
     random_mode: str = "per_matrix_matched"
+    methods: list[str] | None = None   # methods whose regions are validated (None = every identify method)
 
     def __post_init__(self):
+        if self.methods is not None:
+            _subset("validate.methods", self.methods, tuple(methods.REGISTRY))
         _subset("validate.datasets", self.datasets, SAFETY_SETS)
         _subset("validate.eval_sets", self.eval_sets, SAFETY_SETS)
         _choice("validate.variant", self.variant, VARIANTS)
@@ -310,6 +332,9 @@ class EsiCfg:
     temperature: float = 0.9
     top_p: float = 0.95
     perturb_batch_size: int = 16
+    perturb_conditions: list[str] = field(default_factory=lambda: ["none", "topk", "bottomk", "random"])
+    perturb_models: list[str] | None = None   # roles whose regions are perturbed (None = all of `models`)
+    n_mass_prompts: int | None = None   # ident prompts of the per-prompt ESI mass (None = the primary's n_prompts)
     datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))   # beyond the paper: one region each
     dataset_models: list[str] | None = None   # roles that get the per-dataset regions (None = all of `models`)
     compare_methods: list[str] = field(default_factory=lambda: ["snip", "wanda"])   # paper-1 regions compared
@@ -333,10 +358,13 @@ class EsiCfg:
         if self.dataset_models is not None:
             _subset("esi.dataset_models", self.dataset_models, self.models)
         _subset("esi.compare_methods", self.compare_methods, ("snip", "wanda"))
+        _subset("esi.perturb_conditions", self.perturb_conditions, ("none", "topk", "bottomk", "random"))
+        if self.perturb_models is not None:
+            _subset("esi.perturb_models", self.perturb_models, self.models)
         for k in ("max_new_tokens", "gen_batch_size", "perturb_seeds", "perturb_max_new_tokens", "temperature",
                   "perturb_batch_size"):
             _positive(f"esi.{k}", getattr(self, k))
-        for k in ("n_prompts", "n_eval"):
+        for k in ("n_prompts", "n_eval", "n_mass_prompts"):
             if getattr(self, k) is not None:
                 _positive(f"esi.{k}", getattr(self, k))
         if self.noise_ratio < 0:
@@ -503,8 +531,10 @@ def parse(raw: dict) -> types.SimpleNamespace:
                 _subset(f"identify.{m}.datasets", own, cfg.calibrate.datasets)
     if "validate" in out and "calibrate" in out:
         _subset("validate.datasets", cfg.validate.datasets, cfg.calibrate.datasets)
-        if "identify" in out:    # every validated region must have been identified by every method
-            for m in cfg.identify.methods:
+        if "identify" in out:    # every validated region must have been identified by every validated method
+            if cfg.validate.methods is not None:
+                _subset("validate.methods", cfg.validate.methods, cfg.identify.methods)
+            for m in (cfg.identify.methods if cfg.validate.methods is None else cfg.validate.methods):
                 _subset(f"validate.datasets (identified by {m})", cfg.validate.datasets,
                         cfg.identify.datasets(m, cfg.calibrate.datasets))
     if "overlap" in out and "identify" in out:   # bootstrapped methods must have been identified

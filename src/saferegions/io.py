@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -80,10 +81,23 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def undefined_as_none(obj):
+    """`obj` with every NaN / infinite float replaced by None: an undefined statistic (an interval over no
+    prompts, an AUROC with one class) is null in JSON, which other tools read, where NaN is not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: undefined_as_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [undefined_as_none(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
-    """Strict JSON (NaN/inf refused: other tools cannot read them; write None for an undefined value)."""
+    """Strict JSON: undefined values (NaN, inf) are written as null, and anything else JSON cannot hold is
+    refused."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(undefined_as_none(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | Path, rows) -> None:

@@ -75,6 +75,29 @@ def bar_panels(frame, x: str, hue: str, panels: dict[str, str], title: str, refs
     return fig
 
 
+def error_bars(frame, x: str, hue: str, panels: dict[str, str], title: str, ylim=(0, 1), figsize=None):
+    """One panel per column in `panels` ({column: y label}): grouped bars of `column` with its 95% interval
+    `column_ci` ([low, high] per row) as error bars; x and hue as in `bar_panels`."""
+    import numpy as np
+    style()
+    xs, hues = list(dict.fromkeys(frame[x])), list(dict.fromkeys(frame[hue]))
+    width = 0.8 / len(hues)
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize or (5 * len(panels), 4), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels.items()):
+        for j, h in enumerate(hues):
+            sub = frame[frame[hue] == h]
+            pos = np.array([xs.index(v) for v in sub[x]]) + (j - (len(hues) - 1) / 2) * width
+            y = sub[col].to_numpy(float)
+            lo, hi = (np.array([c[k] for c in sub[f"{col}_ci"]], float) for k in (0, 1))
+            ax.bar(pos, y, width, label=str(h), yerr=[y - lo, hi - y], capsize=3)
+        ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right")
+        ax.set(xlabel=x, ylabel=label, ylim=ylim)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- stage `overlap` (issue 4)
 
 

@@ -86,11 +86,27 @@ def _baseline(m: dict, results: dict) -> list[str]:
 
 
 def _validate(m: dict, results: dict) -> list[str]:
-    rows = [[f"{model}/{method}", d, _f(v["asr_region"]), _f(v["asr_random"]), _f(v["utility_region"]),
-             _f(v["utility_random"])]
-            for model, methods in m.items() for method, sets in methods.items() for d, v in sets.items()]
-    return _table(["model/method", "region of", "ASR, region zeroed", "ASR, random region", "utility, region",
-                   "utility, random"], rows)
+    rows = []
+    for model, methods in m.items():
+        if model == "intact":
+            continue
+        for method, sets in methods.items():
+            for d, v in sets.items():
+                if "region" in v:   # rate records + the paired test (issue 14)
+                    rows.append([f"{model}/{method}", d, _f(v["region"]["asr"]), _f(v["random"]["asr"]),
+                                 _estimate(v.get("paired")), _f(v.get("utility_ratio")), v.get("n", "–")])
+                else:
+                    rows.append([f"{model}/{method}", d, _f(v["asr_region"]), _f(v["asr_random"]), "–", "–", "–"])
+    return _table(["model/method", "region of", "ASR, region zeroed", "ASR, random region",
+                   "region − random [95% CI]", "utility ratio", "n"], rows)
+
+
+def _estimate(e) -> str:
+    """'effect [low, high]' of an Estimate dict; '–' where absent or undefined."""
+    if not e or e.get("effect") is None:
+        return "–"
+    lo, hi = e.get("ci") or [None, None]
+    return f"{_f(e['effect'])} [{_f(lo)}, {_f(hi)}]"
 
 
 def _overlap(m: dict, results: dict) -> list[str]:
@@ -116,14 +132,14 @@ def _set(m: dict, results: dict) -> list[str]:
     rows = [[arm, _f(100 * v["trainable_fraction"]) + "%", _arrow(v, "asr_after", "asr_before"),
              _arrow(v, "benign_refusal_after", "benign_refusal_before"),
              _arrow(v, "utility_after", "utility_before")]
-            for arm, v in m.items()]
+            for arm, v in m.items() if arm != "comparison"]
     return _table(["arm", "trainable", "ASR", "benign refusal", "utility"], rows)
 
 
 def _spa(m: dict, results: dict) -> list[str]:
     rows = [[task, arm, _arrow(v, "asr_after", "asr_before"), _arrow(v, "task_score"),
              _arrow(v, "task_likelihood")]
-            for task, arms in m.items() for arm, v in arms.items()]
+            for task, arms in m.items() if task != "drift" for arm, v in arms.items()]
     return _table(["task", "arm", "ASR", "task score", "task likelihood"], rows)
 
 
@@ -146,9 +162,11 @@ def findings(root: Path) -> str:
     claims = root / "results" / "report" / "claims.json"
     out += ["**Each paper claim beside this run's number (report)**", ""]
     if claims.exists():
-        rows = [[r["claim"], r.get("paper", "–"), r.get("this_run", "–"), f"**{r['verdict']}**"]
+        rows = [[r["claim"], r.get("paper", "–"), r.get("condition") or "–", _estimate(r), r.get("n", "–"),
+                 f"{r['direction']} {_f(r['threshold'])}" if r.get("threshold") is not None else "–",
+                 f"**{r['verdict']}**"]
                 for r in json.loads(claims.read_text()).values()]
-        out += _table(["claim", "paper", "this run", "verdict"], rows)
+        out += _table(["claim", "paper", "condition", "effect [95% CI]", "n", "threshold", "verdict"], rows)
     else:
         out.append(NOT_RUN)
     return "\n".join(out).rstrip("\n")

@@ -67,11 +67,30 @@ def check_identify(m: dict, path="identify") -> None:
 
 
 def check_validate(m: dict, path="validate") -> None:
+    """{MODEL: {METHOD: {DATASET: {"region": rate record, "random": rate record, "paired": Estimate, ...}}}} (the
+    older flat asr_region / asr_random shape is still read); a top-level "intact" record is the reference."""
     for model, methods in _mapping(path, "", m).items():
+        if model == "intact":
+            continue
         for method, sets in _mapping(path, model, methods).items():
             for d, v in _mapping(path, f"{model}.{method}", sets).items():
-                _leaves(path, f"{model}.{method}.{d}", v,
-                        ["asr_region", "asr_random", "utility_region", "utility_random"])
+                where = f"{model}.{method}.{d}"
+                if "region" not in v:
+                    _leaves(path, where, v, ["asr_region", "asr_random", "utility_region", "utility_random"])
+                    continue
+                _mapping(path, where, v, ["region", "random", "paired"])
+                for arm in ("region", "random"):
+                    _leaves(path, f"{where}.{arm}", v[arm], ["asr"])
+                _estimate(path, f"{where}.paired", v["paired"])
+
+
+def _estimate(path, where: str, e) -> None:
+    """An `evidence.Estimate.as_dict()`: n, effect, ci [low, high] (null where undefined), test, p."""
+    _mapping(path, where, e, ["n", "effect", "ci", "test"])
+    _number(path, f"{where}.n", e["n"], hi=None)
+    _number(path, f"{where}.effect", e["effect"], lo=None, hi=None, none_ok=True)
+    if not isinstance(e["ci"], (list, tuple)) or len(e["ci"]) != 2:
+        _fail(path, f"{where}.ci", f"expected [low, high], got {e['ci']!r:.80}")
 
 
 def check_overlap(m: dict, path="overlap") -> None:
@@ -94,7 +113,11 @@ def check_esi(m: dict, path="esi") -> None:
 
 def check_set(m: dict, path="set") -> None:
     _mapping(path, "", m, ["set"])
+    for k, e in (m.get("comparison") or {}).items():
+        _estimate(path, f"comparison.{k}", e)
     for arm, v in m.items():
+        if arm == "comparison":
+            continue
         _leaves(path, arm, v, ["asr_before", "asr_after", "utility_after", "trainable_fraction"], hi=None)
         for k in ("asr_before", "asr_after", "trainable_fraction"):
             _number(path, f"{arm}.{k}", v[k])
@@ -102,6 +125,11 @@ def check_set(m: dict, path="set") -> None:
 
 def check_spa(m: dict, path="spa") -> None:
     for task, arms in _mapping(path, "", m).items():
+        if task == "drift":   # {TASK: {ARM: Estimate}}
+            for t, per in _mapping(path, task, arms).items():
+                for arm, e in _mapping(path, f"drift.{t}", per).items():
+                    _estimate(path, f"drift.{t}.{arm}", e)
+            continue
         _mapping(path, task, arms, ["spa"])
         for arm, v in arms.items():
             _leaves(path, f"{task}.{arm}", v, ["asr_before", "asr_after"])

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import chat, config, data, models, optim
+from . import chat, config, data, evaluation, evidence, models, optim
 from . import regions as R
 from .evaluation import gsm8k_exact_match, sst2_accuracy
 from .io import atomic_path, write_json, write_jsonl
@@ -389,9 +389,23 @@ def generate_sets(model, tok, sets: dict[str, list[str]], judge, max_new_tokens:
     names = [n for n, ps in sets.items() for _ in ps]
     responses, finished = chat.generate(model, tok, prompts, max_new_tokens, batch_size, system, desc=desc,
                                         with_finished=True)
-    complied = judge.judge(prompts, responses).complied
-    return [{"dataset": n, "prompt": p, "response": r, "complied": bool(c), "finished": f}
-            for n, p, r, c, f in zip(names, prompts, responses, complied, finished)]
+    found = evaluation.outcomes(responses, judge, prompts)   # degenerate text never counts as compliance
+    return [{"dataset": n, "prompt": p, "response": r, "outcome": o.value,
+             "complied": o == evaluation.Outcome.COMPLIED, "finished": f}
+            for n, p, r, o, f in zip(names, prompts, responses, found, finished)]
+
+
+def outcome_array(rows: list[dict], sets, outcome: str = "complied") -> list[bool]:
+    """Per row of `sets`, in row order (the same prompts in every arm: paired), whether its outcome is `outcome`."""
+    return [r["outcome"] == outcome for r in rows if r["dataset"] in sets]
+
+
+def rate_fields(rows: list[dict], sets, suffix: str) -> dict:
+    """asr_<suffix>, asr_<suffix>_ci (Wilson), degenerate_rate_<suffix> and its CI on the rows of `sets`."""
+    asr, deg = evidence.proportion(outcome_array(rows, sets)), evidence.proportion(outcome_array(rows, sets,
+                                                                                                 "degenerate"))
+    return {f"asr_{suffix}": asr.effect, f"asr_{suffix}_ci": list(asr.ci),
+            f"degenerate_rate_{suffix}": deg.effect, f"degenerate_rate_{suffix}_ci": list(deg.ci)}
 
 
 def compliance_rate(rows: list[dict], sets) -> float:

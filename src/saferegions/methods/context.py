@@ -6,7 +6,9 @@ Wanda (docs/methods.md §2, shared conventions). A runner (`methods.Method.runne
 - ``<utility_set>.utility``: the region found on the utility set (the set that refinement subtracts);
 - ``<dataset>.raw``: the region found on one identification dataset;
 - ``<dataset>.refined``: raw minus utility (docs/methods.md §3.5), at the method's own granularity;
-- NLSR only: the same three with a ``.lora`` suffix, over LoRA entries.
+- NLSR only: the same three with a ``.lora`` suffix, over LoRA entries;
+- weight-level methods, for `identify.split_half_datasets`: ``<dataset>.half0.raw`` / ``<dataset>.half1.raw``,
+  the raw region from each half of that dataset's examples (the overlap stage's within-dataset noise ceiling).
 
 Every region lives in one parameter space, `models.eligible_weights` (docs/methods.md §3.1), so later stages
 compare all methods with the same IoU code.
@@ -38,6 +40,20 @@ def load_calibration(folder: str | Path) -> tuple[dict[str, tuple[list[str], lis
     return sets, json.loads((folder / "meta.json").read_text())
 
 
+def load_utility_eval(folder: str | Path) -> tuple[list[str], list[str]] | None:
+    """(held-out utility prompts, the model's greedy answers) that the calibrate stage stored, or None."""
+    path = Path(folder) / "utility_eval.jsonl"
+    if not path.exists():
+        return None
+    rows = read_jsonl(path)
+    return [r["prompt"] for r in rows], [r["response"] for r in rows]
+
+
+def split_halves(n: int) -> tuple[list[int], list[int]]:
+    """Disjoint halves covering range(n): even and odd positions (both halves see early and late prompts)."""
+    return list(range(0, n, 2)), list(range(1, n, 2))
+
+
 def examples(entry: tuple) -> tuple[list[str], list[str], list[bool] | None]:
     """(prompts, responses, finished) of a calibration entry; finished None (all ended) for a 2-tuple."""
     prompts, responses, *rest = entry
@@ -64,6 +80,9 @@ class Context:
     metrics: dict = field(default_factory=dict)   # method-level numbers for metrics.json
     max_new_tokens: int = 16    # calibrate settings, for the examples `top_up` adds
     gen_batch_size: int = 32
+    utility_eval: tuple | None = None   # (prompts, intact greedy answers): `load_utility_eval`, for the p/q sweep
+    utility: object = None      # evaluation.utility_score (set by the identify stage; the library keeps out of it)
+    split_half: list[str] = field(default_factory=list)   # datasets that also get half0/half1 raw regions
 
     def __post_init__(self):
         missing = [d for d in [*self.datasets, self.utility_set] if d not in self.calib]
@@ -98,11 +117,18 @@ class Context:
             self.calib[name] = (prompts + ps, responses + [r for r, _ in new],
                                 (finished or [True] * len(prompts)) + [f for _, f in new])
 
-    def batches(self, name: str, n: int | None = None) -> list[dict]:
+    def batches(self, name: str, n: int | None = None, subset: list[int] | None = None) -> list[dict]:
+        """Response batches of the first n examples of `name` (only positions `subset` of those, if given)."""
         prompts, responses, finished = examples(self.calib[name])
-        n = n or len(prompts)
-        return list(chat.response_batches(self.tok, prompts[:n], responses[:n], self.cfg.batch_size,
-                                          self.cfg.max_length, self.system, finished and finished[:n]))
+        idx = list(range(min(n or len(prompts), len(prompts))))
+        idx = [idx[i] for i in subset] if subset is not None else idx
+        pick = lambda xs: [xs[i] for i in idx]   # noqa: E731
+        return list(chat.response_batches(self.tok, pick(prompts), pick(responses), self.cfg.batch_size,
+                                          self.cfg.max_length, self.system, finished and pick(finished)))
+
+    def halves(self, name: str, n: int | None = None) -> tuple[list[int], list[int]]:
+        """`split_halves` of the examples `batches(name, n)` uses."""
+        return split_halves(min(n or len(self.calib[name][0]), len(self.calib[name][0])))
 
     def meta(self, method: str, dataset: str, kind: str, n: int | None = None, **extra) -> dict:
         available = len(self.calib[dataset][0])
@@ -120,16 +146,78 @@ def refined_meta(raw: Region, utility: Region, **refinement) -> dict:
 
 def weight_method(ctx: Context, method: str, score, n: int | None = None) -> Iterator[tuple[str, str, Region]]:
     """Top-q per matrix of each dataset's scores; refined = raw \\ top-p of the utility scores (Wei et al.'s
-    S(p, q)). Scores are computed one set at a time and dropped, so memory holds one score tensor set."""
+    S(p, q)). Scores are computed one set at a time and dropped, so memory holds one score tensor set (two for
+    the sweep dataset). Also: half0/half1 raw regions for `ctx.split_half` datasets, and the p/q sweep
+    (`pq_sweep`) on `identify.pq_dataset` when the grid is set and utility answers exist; its points go to
+    `ctx.metrics`."""
     c = ctx.cfg
     sel = {"q": c.q, "p": c.p, "group": c.group}
-    util = regions.top_fraction(score(ctx.batches(ctx.utility_set, n)), c.p, c.group,
-                                meta=ctx.meta(method, ctx.utility_set, "utility", n, **sel))
+    do_sweep = bool(c.pq_grid_q and c.pq_grid_p and ctx.utility_eval and ctx.utility and c.pq_dataset in ctx.datasets)
+    scores = score(ctx.batches(ctx.utility_set, n))
+    util = regions.top_fraction(scores, c.p, c.group, meta=ctx.meta(method, ctx.utility_set, "utility", n, **sel))
+    utils = {p: regions.top_fraction(scores, p, c.group) for p in c.pq_grid_p} if do_sweep else {}
+    del scores
     yield ctx.utility_set, "utility", util
     for d in ctx.datasets:
-        raw = regions.top_fraction(score(ctx.batches(d, n)), c.q, c.group,
-                                   meta=ctx.meta(method, d, "raw", n, **sel))
+        if d in ctx.split_half:
+            for i, half in enumerate(ctx.halves(d, n)):
+                r = regions.top_fraction(score(ctx.batches(d, n, half)), c.q, c.group,
+                                         meta=ctx.meta(method, d, f"half{i}.raw", len(half), half=i, **sel))
+                yield d, f"half{i}.raw", r
+        scores = score(ctx.batches(d, n))
+        raw = regions.top_fraction(scores, c.q, c.group, meta=ctx.meta(method, d, "raw", n, **sel))
+        raws = {q: regions.top_fraction(scores, q, c.group) for q in c.pq_grid_q} if do_sweep and d == c.pq_dataset \
+            else {}
+        del scores
         refined = regions.difference(raw, util)
         refined.meta = refined_meta(raw, util, p=c.p, q=c.q, rule="top_q(safety) \\ top_p(utility)")
         yield d, "raw", raw
         yield d, "refined", refined
+        if raws:
+            prompts, answers = ctx.utility_eval
+            intact, points = pq_sweep(ctx.model, ctx.tok, ctx.utility, raws, utils, prompts, answers, c.batch_size, ctx.system)
+            best = pq_pick(points, c.min_utility_ratio)
+            ctx.metrics.update({"pq_sweep": points, "pq_sweep_dataset": d, "pq_intact_utility": intact,
+                                "pq_n_prompts": len(prompts), "pq_min_utility_ratio": c.min_utility_ratio,
+                                "pq_pick": best and {"q": best["q"], "p": best["p"]},
+                                "pq_used": {"q": c.q, "p": c.p,
+                                            "meets_rule": pq_meets(points, c.q, c.p, c.min_utility_ratio)}})
+            del raws, utils
+
+
+# ---------------------------------------------------------------- the SNIP/Wanda p/q sweep
+# How large a refined region is and how much utility survives its removal at each point of a small (q, p) grid,
+# so the default p/q can be one whose refined region leaves the model usable (issue 14: ablating the refined region
+# keeps utility >= 90% of the intact model's, on held-out utility prompts answered by the intact model).
+
+
+def pq_sweep(model, tok, utility, raws: dict, utils: dict, prompts: list[str], answers: list[str], batch_size: int,
+             system: str | None = None) -> tuple[float, list[dict]]:
+    """(intact utility, [{q, p, density, utility, utility_ratio}]) for every q of `raws` ({q: raw Region}) and
+    p of `utils` ({p: utility Region}); the refined region raw \\ utility is removed for one pass of `utility`
+    (`evaluation.utility_score`: teacher-forced likelihood of the intact model's greedy answers)."""
+    intact = utility(model, tok, prompts, answers, batch_size, system)
+    points = []
+    for q, raw in sorted(raws.items()):
+        for p, util in sorted(utils.items()):
+            refined = regions.difference(raw, util)
+            with regions.ablation(model, refined):
+                u = utility(model, tok, prompts, answers, batch_size, system)
+            points.append({"q": q, "p": p, "density": refined.density, "utility": u,
+                           "utility_ratio": u / intact if intact else float("nan")})
+    return intact, points
+
+
+def pq_pick(points: list[dict], min_ratio: float) -> dict | None:
+    """The rule: the point with the largest refined region among those whose removal keeps utility_ratio >=
+    min_ratio (ties: smaller p, then smaller q); None when no point meets it."""
+    ok = [pt for pt in points if pt["utility_ratio"] >= min_ratio]
+    return max(ok, key=lambda pt: (pt["density"], -pt["p"], -pt["q"])) if ok else None
+
+
+def pq_meets(points: list[dict], q: float, p: float, min_ratio: float) -> bool | None:
+    """Whether the grid point (q, p) meets the rule (None: not on the grid)."""
+    for pt in points:
+        if abs(pt["q"] - q) < 1e-12 and abs(pt["p"] - p) < 1e-12:
+            return pt["utility_ratio"] >= min_ratio
+    return None

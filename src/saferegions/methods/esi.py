@@ -418,7 +418,8 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
                   judge_sees_prompt: bool | None = None, exclude_router: bool = True,
                   transfer_M: torch.Tensor | None = None, gen_batch_size: int = 1,
                   records: list | None = None,
-                  generated: list[tuple[torch.Tensor, int]] | None = None) -> dict[str, torch.Tensor]:
+                  generated: list[tuple[torch.Tensor, int]] | None = None,
+                  masses: list | None = None) -> dict[str, torch.Tensor]:
     """g = Σ_prompts ∂S/∂θ for every `eligible_esi` weight, {name: fp32 CPU tensor} (signed; |·| is taken by
     `esi_scores`). S = the judge's safe score (objective 'judge', §4.2) or log p(refusal)
     ('refusal_likelihood', an ablation without judge or generation).
@@ -428,7 +429,8 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
     list, receives {prompt, response, safe, judge_tokens_reached, response_tokens} per prompt (safe = the
     judge's score of the hard response; the counts are `coverage_counts`).
     `generated` (the output of `respond` for these prompts) skips generation: greedy responses do not depend
-    on the variant or the judge, so one generation pass serves every region computed on the same prompts."""
+    on the variant or the judge, so one generation pass serves every region computed on the same prompts.
+    `masses`, if a list, receives each prompt's {component: Σ|∂S_x/∂W|·σ_W} (`component_mass`)."""
     if objective not in ("judge", "refusal_likelihood"):
         raise ValueError(f"objective must be 'judge' or 'refusal_likelihood', got {objective!r}")
     cfg = resolve_switches(variant, bos_align=bos_align, guard_grad_wrt=guard_grad_wrt, gumbel=gumbel,
@@ -445,10 +447,14 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
             generated = respond(model, tokenizer, prompts, max_new_tokens, system, gen_batch_size, progress)
         elif len(generated) != len(prompts):
             raise ValueError(f"generated has {len(generated)} responses for {len(prompts)} prompts")
-    with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as result:
+    mass = component_mass(params) if masses is not None else contextlib.nullcontext(None)
+    with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as result, \
+            mass as take:
         for i, prompt in enumerate(tqdm(prompts, desc="esi", disable=not progress, leave=False)):
             if objective == "refusal_likelihood":
                 refusal_loglik(model, tokenizer, prompt, system).backward()
+                if masses is not None:
+                    masses.append(take())
                 continue
             ids, prompt_len = generated[i]
             response = tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
@@ -461,7 +467,56 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
             loss = target_loss(model, ids, prompt_len, G_L, cfg["gumbel"], generator)
             if loss is not None:
                 loss.backward()
+            if masses is not None:
+                masses.append(take())
         return result()
+
+
+@contextlib.contextmanager
+def component_mass(params: dict[str, torch.nn.Parameter]):
+    """Yield `take()`: the {component: Σ|g|·σ_W} of the gradients backpropagated since the last call. A tensor
+    hook sees each backward's own gradient before it is added to .grad, so one backward per prompt gives that
+    prompt's ESI mass per component for the cost of an abs-sum: the per-prompt unit a bootstrap over prompts
+    needs (the region itself comes from |Σ_x g_x|, which has no per-prompt split)."""
+    sigma = {n: tensor_std(p) for n, p in params.items()}
+    current: dict[str, float] = {}
+
+    def hook_for(name):
+        def hook(g):
+            for comp, part in _parts(name, g.detach()):
+                current[comp] = current.get(comp, 0.0) + float(part.float().abs().sum()) * sigma[name]
+        return hook
+    handles = [p.register_hook(hook_for(n)) for n, p in params.items()]
+
+    def take() -> dict[str, float]:
+        out = dict(current)
+        current.clear()
+        return out
+    try:
+        yield take
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def component_numel(params: dict[str, torch.nn.Parameter]) -> dict[str, int]:
+    """{component: entries} of the ESI-eligible weights: the share a component would get by size alone."""
+    out: dict[str, int] = {}
+    for name, p in params.items():
+        for comp, part in _parts(name, p.detach()):
+            out[comp] = out.get(comp, 0) + part.numel()
+    return out
+
+
+def enrichment(masses: list[dict[str, float]], numel: dict[str, int], components) -> list[float]:
+    """Per prompt: share of its ESI mass in `components` minus their share of the eligible entries (> 0: the
+    gradient concentrates there beyond their size; the dense-model claim for V + MLP, docs/methods.md §4.4)."""
+    size = sum(numel.get(c, 0) for c in components) / sum(numel.values())
+    out = []
+    for m in masses:
+        total = sum(m.values())
+        out.append(sum(m.get(c, 0.0) for c in components) / total - size if total else float("nan"))
+    return out
 
 
 # ---------------------------------------------------------------- scores and regions

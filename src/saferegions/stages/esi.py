@@ -31,12 +31,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .. import chat, config, data, judges, models, plots   # noqa: F401 (config, plots: for the notebook)
+from .. import chat, config, data, evaluation, evidence, judges, models, plots   # noqa: F401 (config, plots: notebook)
 from .. import regions as R
 from ..io import atomic_path, write_json, write_jsonl
 from ..methods import esi
 
 PERTURB_CONDITIONS = ("none", "topk", "bottomk", "random")
+CONDITION_KEYS = {"none": "none", "topk": "top", "bottomk": "bottom", "random": "random"}   # metrics.json names
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,9 @@ class RoleResult:
     records: list[dict] = field(default_factory=list)         # primary: prompt, response, safe score
     perturbation: list[dict] = field(default_factory=list)    # one row per (seed, condition)
     generations: list[dict] = field(default_factory=list)
+    perturbation_summary: dict = field(default_factory=dict)   # `perturbation_metrics` ({} where not run)
+    masses: list[dict] = field(default_factory=list)          # primary objective: per ident prompt, per component
+    numel: dict[str, int] = field(default_factory=dict)       # eligible entries per component
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -218,41 +222,69 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
             with _timed(timings, "transfer matrix"):
                 transfers[spec.judge] = esi.transfer_matrix(judge.vocab_tokenizer, tok,
                                                             (judge.embedding_matrix.shape[0], V_t))
-        records = []
+        records, masses = [], [] if spec.name == "primary" else None
         with _timed(timings, "gradients"):
             grads = esi.esi_gradients(model, tok, judge, prompt_sets[spec.dataset], e.max_new_tokens,
                                       spec.variant, system=e.system_prompt, objective=spec.objective,
                                       progress=False, exclude_router=e.exclude_router,
                                       transfer_M=transfers.get(spec.judge), gen_batch_size=e.gen_batch_size,
-                                      records=records, generated=generated.get(spec.dataset))
+                                      records=records, generated=generated.get(spec.dataset), masses=masses)
         with _timed(timings, "select"):
             scores = esi.esi_scores(grads, model, e.score)
             top = esi.esi_region(scores, model, e.top_frac)
         top.meta.update({"spec": spec.name, "dataset": spec.dataset, "variant": spec.variant, "judge": spec.judge,
                          "objective": spec.objective, "score": e.score, "n_prompts": len(prompt_sets[spec.dataset])})
-        yield spec, top, grads, scores, records
+        yield spec, top, grads, scores, (records, masses)
 
 
 def perturbation(model, tok, top: R.Region, bottom: R.Region, prompts: list[str], judge, e, role: str = "",
-                 progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """ASR of sampled responses with noise on no weights, the top-k, the bottom-k and a random region of the
-    top-k's per-matrix counts, for each seed (noise, random region and sampling share the seed)."""
-    rows, gens = [], []
+                 progress: bool = True) -> tuple[list[dict], list[dict], dict]:
+    """Outcomes of sampled responses to the same `prompts` with noise on no weights, the top-k, the bottom-k and a
+    random region of the top-k's per-matrix counts (`e.perturb_conditions`), for each seed (noise, random region
+    and sampling share the seed). Returns (rows per seed × condition, generations, {condition: Evaluation pooled
+    over seeds, in the same (seed, prompt) order for every condition: paired})."""
+    rows, gens, pooled = [], [], {}
     for seed in range(e.perturb_seeds):
-        conditions = {"none": None, "topk": top, "bottomk": bottom,
-                      "random": esi.random_region(top, seed, e.random_mode)}
-        for cond, region in conditions.items():
+        regions = {"none": None, "topk": top, "bottomk": bottom, "random": esi.random_region(top, seed, e.random_mode)}
+        for cond in e.perturb_conditions:
+            region = regions[cond]
             ctx = esi.perturb(model, region, e.noise_ratio, seed) if region is not None else contextlib.nullcontext()
             with ctx:
                 responses = chat.generate(model, tok, prompts, e.perturb_max_new_tokens, e.perturb_batch_size,
                                           e.system_prompt, do_sample=True, seed=seed, desc=f"{role} {cond}",
                                           temperature=e.temperature, top_p=e.top_p)
-            complied = [not judge.refused(r) for r in responses]
-            rows.append({"model": role, "seed": seed, "condition": cond, "asr": float(np.mean(complied)),
+            ev = evaluation.Evaluation(list(prompts), responses, evaluation.outcomes(responses, judge, prompts))
+            rows.append({"model": role, "seed": seed, "condition": cond, "asr": float(ev.complied.mean()),
+                         "degenerate_rate": float(ev.degenerate.mean()),
                          "size": region.size if region is not None else 0, "n": len(prompts)})
-            gens += [{"model": role, "seed": seed, "condition": cond, "prompt": p, "response": r, "complied": c}
-                     for p, r, c in zip(prompts, responses, complied)]
-    return rows, gens
+            gens += [{"model": role, "seed": seed, "condition": cond, "prompt": p, "response": r,
+                      "outcome": o.value, "complied": o == evaluation.Outcome.COMPLIED}
+                     for p, r, o in zip(prompts, responses, ev.outcomes)]
+            prev = pooled.get(cond)
+            pooled[cond] = ev if prev is None else evaluation.Evaluation(
+                prev.prompts + ev.prompts, prev.responses + ev.responses, prev.outcomes + ev.outcomes)
+    return rows, gens, pooled
+
+
+def perturbation_metrics(pooled: dict) -> dict:
+    """{condition: rate_record} and "top_vs_random": ASR(top) − ASR(random), paired on (seed, prompt), McNemar."""
+    out = {CONDITION_KEYS[c]: evaluation.rate_record(ev) for c, ev in pooled.items()}
+    if "topk" in pooled and "random" in pooled:
+        out["top_vs_random"] = evidence.paired_proportions(pooled["topk"].complied,
+                                                           pooled["random"].complied).as_dict()
+    return out
+
+
+DENSE_COMPONENTS = ("v", "gate", "up", "down")   # the paper's dense-model finding: value projections and MLPs
+
+
+def dense_components(masses: list[dict], numel: dict[str, int], seed: int = 0) -> dict | None:
+    """Per-prompt share of the ESI mass in V + MLP matrices minus their share of the eligible entries, its mean
+    over the primary's prompts with a bootstrap 95% interval (> 0: ESI concentrates there beyond their size).
+    None without per-prompt masses."""
+    if not masses:
+        return None
+    return evidence.mean(esi.enrichment(masses, numel, DENSE_COMPONENTS), seed).as_dict()
 
 
 def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keyword_judge,
@@ -263,7 +295,7 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keywo
     specs = plan(e, role)
     prompt_sets = {d: data.prompts(prompts_path, d, "ident", e.n_prompts) for d in {s.dataset for s in specs}}
     result = None
-    for spec, top, grads, scores, records in compute_regions(model, tok, specs, prompt_sets, soft_judges, e,
+    for spec, top, grads, scores, (records, masses) in compute_regions(model, tok, specs, prompt_sets, soft_judges, e,
                                                              timings, progress):
         if spec.name == "primary":
             with _timed(timings, "select"):
@@ -272,7 +304,8 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keywo
             with _timed(timings, "profile"):
                 profile = esi.architecture_profile(grads, model, top)
             result = RoleResult(role, model_id, models.param_count(model), top.meta["k"], R.pack(top),
-                                R.pack(bottom), profile, records=records)
+                                R.pack(bottom), profile, records=records, masses=masses,
+                                numel=esi.component_numel(esi.eligible_esi(model, e.exclude_router)))
             result.dataset_regions[spec.dataset] = result.top
             del bottom
         else:
@@ -286,12 +319,28 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keywo
                     "iou_per_matrix": R.iou(result.top, packed, "per_matrix"),
                     "chance": R.chance_iou(result.top.density, packed.density), "size": packed.size})
         del top, grads, scores
-    harmful = [p for s in e.eval_sets for p in data.prompts(prompts_path, s, "eval", e.n_eval)]
-    with _timed(timings, "perturbation"):
-        result.perturbation, result.generations = perturbation(
-            model, tok, R.unpack(result.top), R.unpack(result.bottom), harmful, keyword_judge, e, role, progress)
+    extra = n_mass - len(prompt_sets[e.dataset]) if (n_mass := e.n_mass_prompts) is not None else 0
+    if extra > 0:   # more prompts for the per-prompt mass only (the primary's gradient is not changed)
+        more = data.prompts(prompts_path, e.dataset, "ident", n_mass)[len(prompt_sets[e.dataset]):]
+        with _timed(timings, "mass"):
+            esi_mass_pass(model, tok, more, soft_judges, e, result.masses)
+    if role in (e.models if e.perturb_models is None else e.perturb_models):
+        harmful = [p for s in e.eval_sets for p in data.prompts(prompts_path, s, "eval", e.n_eval)]
+        with _timed(timings, "perturbation"):
+            result.perturbation, result.generations, pooled = perturbation(
+                model, tok, R.unpack(result.top), R.unpack(result.bottom), harmful, keyword_judge, e, role,
+                progress)
+        result.perturbation_summary = perturbation_metrics(pooled)
     result.timings = timings
     return result
+
+
+def esi_mass_pass(model, tok, prompts: list[str], soft_judges: dict, e, masses: list[dict]) -> None:
+    """Append the per-prompt component masses of `prompts` under the primary settings; the gradient is dropped."""
+    judge = soft_judges.get(e.judge) if e.objective == "judge" else None
+    esi.esi_gradients(model, tok, judge, prompts, e.max_new_tokens, e.variant, system=e.system_prompt,
+                      objective=e.objective, progress=False, exclude_router=e.exclude_router,
+                      gen_batch_size=e.gen_batch_size, masses=masses)
 
 
 def save_role(result: RoleResult, out: str | Path) -> None:
@@ -317,13 +366,17 @@ def judge_token_coverage(records: list[dict]) -> float | None:
 def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
                  dataset_summary: dict | None = None) -> dict:
     """The role's entry of results/esi/metrics.json (issue contract keys first, then the details)."""
-    pert = pd.DataFrame(result.perturbation)
+    pert = pd.DataFrame(result.perturbation, columns=["condition", "asr", "seed", "n"])
     asr = pert.groupby("condition").asr.mean()
     comps = {c["region"]: c for c in result.comparisons}
     other = other_variant(e.variant)
     out = {
-        "asr_topk": float(asr["topk"]), "asr_random": float(asr["random"]), "asr_bottomk": float(asr["bottomk"]),
-        "asr_none": float(asr["none"]),
+        # per condition: pooled over seeds (None where the condition or the role's perturbation did not run)
+        **{f"asr_{c}": float(asr[c]) if c in asr else None for c in PERTURB_CONDITIONS},
+        "perturbation": result.perturbation_summary or None,
+        "dense_components": dense_components(result.masses, result.numel),
+        "dense_components_def": "per ident prompt: share of Σ|g|·σ_W in " + "+".join(DENSE_COMPONENTS)
+                                + " minus their share of eligible entries; mean, bootstrap 95% CI",
         "component_share": component_shares(result.profile, "region_count"),
         "faithful_vs_fixed_iou": comps[other]["iou"],
         "component_esi_share": component_shares(result.profile, "esi_sum"),
@@ -333,7 +386,8 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
         "mean_safe_score": float(np.mean([r["safe"] for r in result.records])) if result.records else None,
         "judge_token_coverage": judge_token_coverage(result.records),
         "iou_vs_primary": {name: {"iou": c["iou"], "chance": c["chance"]} for name, c in comps.items()},
-        "n_eval": int(pert.n.iloc[0]), "perturb_seeds": int(pert.seed.nunique()),
+        "n_eval": int(pert.n.iloc[0]) if len(pert) else 0, "perturb_seeds": int(pert.seed.nunique()),
+        "n_mass_prompts": len(result.masses),
         "wall_seconds": result.timings,
     }
     if "refusal_likelihood" in comps:
@@ -441,14 +495,20 @@ def reading(result: StageResult, e) -> str:
     """The plain-language summary of the run per role, with its numbers (markdown)."""
     lines = []
     for role, m in result.metrics.items():
+        p = m.get("perturbation") or {}
+        rates = ", ".join(f"{c} {p[c]['asr']:.2f} [{p[c]['asr_ci'][0]:.2f}, {p[c]['asr_ci'][1]:.2f}] "
+                          f"(degenerate {p[c]['degenerate_rate']:.2f})" for c in ("none", "top", "random", "bottom")
+                          if c in p)
+        tvr = p.get("top_vs_random")
+        d = m.get("dense_components")
         lines.append(
-            f"* **{role}** (`{m['model_id']}`): noise on the top {e.top_frac:.0%} ESI weights gave ASR "
-            f"**{m['asr_topk']:.2f}**, against {m['asr_random']:.2f} for a random region of the same per-matrix "
-            f"size, {m['asr_bottomk']:.2f} for the bottom-k and {m['asr_none']:.2f} without noise "
-            f"({m['n_eval']} held-out prompts × {m['perturb_seeds']} seed(s)). "
-            + ("The top-k is the most damaging of the three. "
-               if m["asr_topk"] > max(m["asr_random"], m["asr_bottomk"])
-               else "The top-k is not more damaging than the controls here. ")
+            f"* **{role}** (`{m['model_id']}`): "
+            + (f"ASR with noise on the region: {rates}, n = {m['n_eval']} held-out prompts × "
+               f"{m['perturb_seeds']} seed(s). Top − random: {tvr['effect']:+.2f} "
+               f"[{tvr['ci'][0]:+.2f}, {tvr['ci'][1]:+.2f}], McNemar p = {tvr['p']:.3g}. " if tvr else
+               "perturbation not run for this role. ")
+            + (f"Dense components (V + MLP share of ESI mass minus share of entries, per prompt): "
+               f"{d['effect']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], n = {d['n']} prompts. " if d else "")
             + f"Faithful vs fixed regions overlap with IoU {m['faithful_vs_fixed_iou']:.3f} "
             f"(chance {m['iou_vs_primary'][other_variant(e.variant)]['chance']:.4f})"
             + (f"; the refusal-likelihood objective's region {m['refusal_likelihood_iou']:.3f}"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import config, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
+from .. import config, evaluation, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
 from ..hooks import single_thread
 from ..io import write_json
-from ..methods.context import Context, load_calibration
+from ..methods.context import Context, load_calibration, load_utility_eval
 from ..models import component, layer_index
 from ..regions import Region
 
@@ -37,12 +37,17 @@ def datasets(cfg, method: str) -> tuple[list[str], list[str]]:
 def context(cfg, role: str, method: str) -> Context:
     """Model `role` loaded, its calibration examples (stage calibrate) and the method's params, as the runner reads
     them."""
-    calib, calib_meta = load_calibration(Path("artifacts/calibrate") / role)
+    folder = Path("artifacts/calibrate") / role
+    calib, calib_meta = load_calibration(folder)
     lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-    return Context(lm, tok, role, cfg.models[role].id, calib, datasets(cfg, method)[0],
+    ds = datasets(cfg, method)[0]
+    halves = cfg.identify.split_half_datasets
+    return Context(lm, tok, role, cfg.models[role].id, calib, ds,
                    cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
                    judge=judges.KeywordJudge.from_config(cfg.judges.keyword),
-                   max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size)
+                   max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size,
+                   utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
+                   split_half=[d for d in ds if halves is None or d in halves])
 
 
 def profile(region: Region) -> tuple[dict[int, float], dict[str, float]]:
@@ -89,6 +94,8 @@ def metrics(rows: list[dict], method: str, role: str, model_id: str, details: di
             out["utility"] = {"dataset": r["dataset"], **entry}
         elif r["kind"] in ("raw", "refined"):
             out["datasets"].setdefault(r["dataset"], {})[r["kind"]] = entry
+        elif r["kind"] in ("half0.raw", "half1.raw"):
+            out["datasets"].setdefault(r["dataset"], {})[r["kind"].replace(".", "_")] = entry
         elif r["kind"].endswith(".lora") and r["kind"] != "utility.lora":
             out["datasets"].setdefault(r["dataset"], {})[r["kind"].replace(".", "_")] = entry
     if "lora_loss" in details:
@@ -122,6 +129,12 @@ def profile_frame(rows: list[dict], kind: str, axis: str) -> pd.DataFrame:
         order = [c for c in ("q", "k", "v", "o", "gate", "up", "down", "gate_up") if c in table.columns]
         table = table[order]
     return table
+
+
+def pq_frame(ctx: Context) -> pd.DataFrame | None:
+    """The p/q sweep (`methods.context.pq_sweep`) as a frame for the figure, or None where the method ran none."""
+    points = ctx.metrics.get("pq_sweep")
+    return pd.DataFrame(points) if points else None
 
 
 def method_details(method: str, ctx: Context, cfg) -> dict:

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import config, models, overlap, plots, regions   # noqa: F401 (config, plots: for the notebook)
+from .. import config, evidence, models, overlap, plots, regions   # noqa: F401 (config: for the notebook)
 from ..io import write_json   # noqa: F401 (for the notebook)
 from ..methods.context import load_calibration
 
 MAIN = "global"   # scope of the summary numbers and metrics.json
+VARIANT_KEYS = ("raw", "refined")
 
 
 def nan_none(x):
@@ -304,18 +305,103 @@ def bootstrap_intervals(boot: pd.DataFrame, results: dict, role: str, variants) 
     return pd.DataFrame(rows)
 
 
-def metrics(summary_table: pd.DataFrame) -> dict:
-    """results/overlap/metrics.json: {MODEL: {METHOD: {variant: {mean_iou, chance_iou}}}}, null = undefined."""
+def pair_estimates(results: dict, seed: int = 0) -> dict:
+    """{(role, method): {variant: Estimate of the mean IoU over dataset pairs (global scope)}, "refined_minus_raw":
+    refined − raw IoU paired over dataset pairs}, from `evidence` (bootstrap CI; permutation p)."""
+    out = {}
+    for key, a in results.items():
+        out[key] = {v: evidence.mean(overlap.off_diagonal(m), seed) for (v, scope), m in a["matrix"].items()
+                    if scope == MAIN}
+        rows = a["refinement"]
+        out[key]["refined_minus_raw"] = evidence.paired_mean_difference(
+            [r["refined_iou"] for r in rows], [r["raw_iou"] for r in rows], seed) if rows else None
+    return out
+
+
+def split_half(ident: Path, keys) -> dict:
+    """{(role, method): {dataset: IoU of the regions from the two halves of its calibration pairs}} where the
+    identify stage wrote `<dataset>.half0.raw` / `.half1.raw` (the within-dataset noise ceiling of the IoU)."""
+    out = {}
+    for role, method in keys:
+        folder = Path(ident) / role / method
+        found = {}
+        for f in sorted(folder.glob("*.half0.raw.safetensors")):
+            d = f.name[: -len(".half0.raw.safetensors")]
+            other = regions.region_path(folder, d, "half1.raw")
+            if other.exists():
+                found[d] = nan_none(regions.iou(regions.load_packed(f), regions.load_packed(other)))
+        out[role, method] = found
+    return out
+
+
+def metrics(summary_table: pd.DataFrame, estimates: dict | None = None, halves: dict | None = None) -> dict:
+    """results/overlap/metrics.json: {MODEL: {METHOD: {variant: {mean_iou, chance_iou, mean_iou_ci, n_pairs},
+    refined_minus_raw: Estimate dict, split_half_iou: mean over datasets, split_half: {dataset: IoU}}}};
+    null = undefined or not measured."""
     out = {}
     for r in summary_table[summary_table.scope == MAIN].itertuples():
-        out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = {
-            "mean_iou": nan_none(r.mean_iou), "chance_iou": nan_none(r.chance_iou)}
+        entry = {"mean_iou": nan_none(r.mean_iou), "chance_iou": nan_none(r.chance_iou)}
+        est = (estimates or {}).get((r.model, r.method), {}).get(r.variant)
+        if est is not None:
+            entry.update(mean_iou_ci=[nan_none(c) for c in est.ci], n_pairs=est.n)
+        out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = entry
+    for (role, method), per in [((m, k), v) for m, ms in out.items() for k, v in ms.items()]:
+        diff = (estimates or {}).get((role, method), {}).get("refined_minus_raw")
+        per["refined_minus_raw"] = _plain(diff.as_dict()) if diff is not None else None
+        found = (halves or {}).get((role, method)) or {}
+        vals = [x for x in found.values() if x is not None]
+        per["split_half_iou"] = float(np.mean(vals)) if vals else None
+        per["split_half"] = found
     return out
+
+
+def _plain(d: dict) -> dict:
+    """An Estimate dict with NaN as null (metrics.json is strict JSON)."""
+    return {k: (nan_none(v) if isinstance(v, float) else [nan_none(c) for c in v] if k == "ci" else v)
+            for k, v in d.items()}
+
+
+def noise_ceiling(metrics_: dict) -> pd.DataFrame:
+    """Between-dataset mean IoU with its 95% CI beside the within-dataset split-half IoU, one row per
+    model × method × variant (the error-bar figure)."""
+    rows = []
+    for model, methods in metrics_.items():
+        for method, per in methods.items():
+            for v in VARIANT_KEYS:
+                if v in per and per[v].get("mean_iou") is not None:
+                    lo, hi = per[v].get("mean_iou_ci") or [None, None]
+                    rows.append({"condition": f"{model} · {method} · {v}", "measure": "between datasets",
+                                 "IoU": per[v]["mean_iou"], "low": lo, "high": hi, "n": per[v].get("n_pairs")})
+            if per.get("split_half_iou") is not None:
+                rows.append({"condition": f"{model} · {method} · raw", "measure": "split-half (same dataset)",
+                             "IoU": per["split_half_iou"], "low": None, "high": None, "n": len(per["split_half"])})
+    return pd.DataFrame(rows)
+
+
+def error_bars(table: pd.DataFrame, title: str):
+    """Points with 95% CI error bars (no bar where the CI is undefined), one colour per `measure`."""
+    import matplotlib.pyplot as plt
+    plots.style()
+    conds = list(dict.fromkeys(table.condition))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(conds) + 1.5))
+    for c, (measure, g) in enumerate(table.groupby("measure", sort=False)):
+        y = np.array([conds.index(x) for x in g.condition]) + 0.15 * c
+        lo = (g.IoU - g.low.astype(float)).fillna(0).clip(lower=0)
+        hi = (g.high.astype(float) - g.IoU).fillna(0).clip(lower=0)
+        ax.errorbar(g.IoU, y, xerr=[lo, hi], fmt="o", capsize=4, color=f"C{c}", label=measure)
+    ax.set_yticks(range(len(conds)), conds)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel="IoU (global)")
+    ax.legend()
+    return fig
 
 
 def metrics_table(metrics_: dict) -> pd.DataFrame:
     """metrics.json as one row per model × method, one column per variant × number."""
-    return pd.DataFrame({(m, meth): {f"{v} {k}": x for v, d in per.items() for k, x in d.items()}
+    return pd.DataFrame({(m, meth): {f"{v} {k}": x for v, d in per.items() if v in VARIANT_KEYS
+                                      for k, x in d.items()}
+                          | {"refined − raw": (per.get("refined_minus_raw") or {}).get("effect"),
+                             "split-half IoU": per.get("split_half_iou")}
                          for m, methods in metrics_.items() for meth, per in methods.items()}).T
 
 

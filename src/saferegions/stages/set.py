@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config, data, judges, plots, train
+from .. import config, data, evidence, judges, plots, train
 from ..io import read_jsonl
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
 from ..evaluation import utility_score
@@ -62,7 +62,8 @@ def measure(model, tok, harmful: dict[str, list[str]], benign: dict[str, list[st
     out = {"asr": rate(rows, harmful), "benign_refusal": 1 - rate(rows, benign),
            "utility": utility_score(model, tok, utility_prompts, utility_answers, cfg.eval_batch_size,
                                     cfg.system_prompt),
-           "per_set_refusal": {s: 1 - rate(rows, [s]) for s in {**harmful, **benign}}}
+           "per_set_refusal": {s: 1 - rate(rows, [s]) for s in {**harmful, **benign}},
+           "complied": train.outcome_array(rows, harmful)}
     return out, rows
 
 
@@ -93,13 +94,39 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: 
         curve, res = train.run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
                                    invert=False, seed=seed, snapshot=snapshot, first=first)
         curves += [{"arm": name, **c} for c in curve]
+        after_rows = [r for r in gens if r["arm"] == name]
         metrics[name] = {"asr_before": before["asr"], "asr_after": res["asr"],
+                         **train.rate_fields(rows, harmful, "before"), **train.rate_fields(after_rows, harmful, "after"),
+                         "n_eval": len(before["complied"]), "loss_first5": _mean([c["loss"] for c in curve[:5]]),
+                         "loss_last5": _mean([c["loss"] for c in curve[-5:]]),
                          "benign_refusal_before": before["benign_refusal"],
                          "benign_refusal_after": res["benign_refusal"],
                          "utility_before": before["utility"], "utility_after": res["utility"],
                          "trainable_fraction": res["trainable_fraction"], "trainable": res["trainable"],
                          "final_loss": curve[-1]["loss"], "per_set_refusal_after": res["per_set_refusal"]}
+    metrics["comparison"] = comparison(before["complied"], {a: train.outcome_array([r for r in gens if r["arm"] == a],
+                                                                                harmful) for a in cfg.arms}, seed)
     return metrics, curves, gens
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def comparison(before: list[bool], after: dict[str, list[bool]], seed: int = 0) -> dict:
+    """The SET claims on the same prompts: the SET arm's relative ASR reduction (paired before/after, bootstrap)
+    and ASR(set after) − ASR(random after) (exact McNemar)."""
+    out = {}
+    if "set" in after:
+        out["set_relative_reduction"] = evidence.relative_reduction(before, after["set"], seed).as_dict()
+        if "random" in after:
+            out["set_vs_random"] = evidence.paired_proportions(after["set"], after["random"]).as_dict()
+    return out
+
+
+def arm_metrics(metrics: dict) -> dict:
+    """The per-arm entries of metrics.json (without "comparison")."""
+    return {a: m for a, m in metrics.items() if a != "comparison"}
 
 
 def run(cfg, model, tok, arms: dict, d: Data):
@@ -116,6 +143,7 @@ def run(cfg, model, tok, arms: dict, d: Data):
 
 def before_after_figure(metrics: dict, s: config.SetCfg):
     """ASR, benign refusal and utility of every arm before and after training, saved as before_after.png."""
+    metrics = arm_metrics(metrics)
     import pandas as pd
     long = pd.concat([pd.DataFrame({"arm": list(metrics), "when": when,
                                     "ASR": [m[f"asr_{when}"] for m in metrics.values()],
@@ -136,6 +164,7 @@ def relative_drop(m: dict) -> float:
 
 def claims(metrics: dict) -> dict[str, dict]:
     """{arm: the paper's claim beside this run}; "preserving performance" read as utility kept."""
+    metrics = arm_metrics(metrics)
     return {arm: {"paper claim": "ASR −50% or more (SET, 1% weights, 100 iterations)" if arm == "set"
                   else "(baseline)",
                   "ASR before": m["asr_before"], "ASR after": m["asr_after"],
@@ -147,6 +176,7 @@ def claims(metrics: dict) -> dict[str, dict]:
 
 def reading(metrics: dict, s: config.SetCfg, harmful: dict[str, list[str]]) -> str:
     """Markdown bullets that read this run: SET against the claim, each baseline, ESI vs random mask."""
+    metrics = arm_metrics(metrics)
     m = metrics.get("set")
     n_h = sum(map(len, harmful.values()))
     lines = [f"* {s.max_steps} steps (paper: 100) at lr {s.lr:g}, {s.batch_size * s.grad_accum} examples per step, "

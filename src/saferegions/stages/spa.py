@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import chat, config, judges, plots, train
+from .. import chat, config, evidence, judges, plots, train
 from ..io import read_jsonl
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
 from ..evaluation import utility_score
@@ -62,7 +62,8 @@ def measure(model, tok, harmful: dict[str, list[str]], task: str, prompts, answe
                               cfg.system_prompt, desc=f"{desc} {task}")
     rows += [{"dataset": task, "prompt": p, "response": r, "answer": a}
              for p, r, a in zip(prompts, responses, answers)]
-    out = {"asr": train.compliance_rate(rows, harmful), "task_score": train.task_score(task, responses, answers),
+    out = {"asr": train.compliance_rate(rows, harmful), "complied": train.outcome_array(rows, harmful),
+           **train.rate_fields(rows, harmful, "now"), "task_score": train.task_score(task, responses, answers),
            "task_likelihood": utility_score(model, tok, prompts, targets, cfg.eval_batch_size, cfg.system_prompt)}
     return out, rows
 
@@ -74,7 +75,7 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility
     `masks` = {arm: region masks to FREEZE} for the masked arms (inverted here: train the rest).
     Returns (metrics {task: {arm: {...}}}, curves [{task, arm, step, loss, lr}], generations)."""
     metrics, curves, gens = {}, [], []
-    asr_before, snapshot = None, train.Snapshot(model)
+    asr_before, snapshot, drift = None, train.Snapshot(model), {}
     for task in cfg.tasks:
         train_rows = [r for r in utility if r["dataset"] == task and r["split"] == "train"]
         eval_rows = [r for r in utility if r["dataset"] == task and r["split"] == "eval"][:cfg.n_task]
@@ -87,7 +88,8 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility
         before, rows = measure(model, tok, harmful if asr_before is None else {}, task, prompts, answers,
                                targets, judge, cfg, "before")
         if asr_before is None:
-            asr_before = before["asr"]
+            asr_before, complied_before, fields_before = before["asr"], before["complied"], \
+                train.rate_fields(rows, harmful, "before")
         gens += [{"task": task, "arm": "before", **r} for r in rows]
         metrics[task] = {}
         first = train.first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed)
@@ -105,7 +107,12 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility
                                    "task_likelihood_before": before["task_likelihood"],
                                    "asr_before": asr_before, "asr_after": res["asr"],
                                    "trainable_fraction": res["trainable_fraction"], "trainable": res["trainable"],
-                                   "final_loss": curve[-1]["loss"]}
+                                   "final_loss": curve[-1]["loss"], **fields_before,
+                                   **{k.replace("_now", "_after"): v for k, v in res.items() if "_now" in k},
+                                   "n_eval": len(complied_before)}
+            drift.setdefault(task, {})[name] = evidence.paired_proportions(res["complied"],
+                                                                           complied_before).as_dict()
+    metrics["drift"] = drift
     return metrics, curves, gens
 
 
@@ -121,8 +128,21 @@ def run(cfg, model, tok, arms: dict, d: Data):
     return metrics, curves, gens
 
 
+def task_metrics(metrics: dict) -> dict:
+    """{task: {arm: metrics}} without the "drift" estimates."""
+    return {t: per for t, per in metrics.items() if t != "drift"}
+
+
+def full_drift_inconclusive(metrics: dict) -> list[str]:
+    """Tasks whose full fine-tuning drift interval includes 0: there the run cannot tell SPA's small drift from
+    fine-tuning that moved nothing, so the SPA claim is inconclusive on them."""
+    return [t for t, per in metrics.get("drift", {}).items()
+            if "full" in per and per["full"]["ci"][0] <= 0 <= per["full"]["ci"][1]]
+
+
 def drift_rows(metrics: dict) -> list[dict]:
     """One row per (task, arm): its metrics and the safety drift, ASR after − ASR before."""
+    metrics = task_metrics(metrics)
     return [{"task": task, "arm": arm, **m, "ASR drift": m["asr_after"] - m["asr_before"]}
             for task, per in metrics.items() for arm, m in per.items()]
 
@@ -140,6 +160,7 @@ def task_and_drift_figure(frame, s: config.SpaCfg):
 
 def untuned(metrics: dict) -> dict[str, dict]:
     """{task: the untuned model's task score and likelihood} (the same in every arm's metrics)."""
+    metrics = task_metrics(metrics)
     return {task: {"task score": next(iter(per.values()))["task_score_before"],
                    "task likelihood": next(iter(per.values()))["task_likelihood_before"]}
             for task, per in metrics.items()}
@@ -156,6 +177,7 @@ def claims(rows: list[dict]) -> list[dict]:
 
 def reading(metrics: dict, s: config.SpaCfg, harmful: dict[str, list[str]]) -> str:
     """Markdown bullets that read this run: the recipe, each task's arms, SPA against the 1-point bound."""
+    metrics = task_metrics(metrics)
     n_h = sum(map(len, harmful.values()))
     lines = [f"* {s.max_steps} optimizer steps per run (paper: 1,000) at lr {s.lr:g}, "
              f"{s.batch_size * s.grad_accum} examples per step; ASR on {n_h} held-out harmful prompts, so one "
