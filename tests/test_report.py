@@ -60,7 +60,7 @@ def _fixture(root, moe_family=None):
     _write(root, "overlap/metrics.json", {"aligned": {
         "snip": ov(0.30, 0.10, [0.25, 0.35], _est(45, -0.2, -0.25, -0.15, "paired permutation", 0.001)),
         "wanda": ov(0.40, 0.20, [0.3, 0.6], _est(45, -0.2, -0.3, 0.05, "paired permutation", 0.2))}})
-    esi = {"aligned": {"asr_topk": 0.8, "asr_random": 0.3, "asr_bottomk": 0.2,
+    esi = {"aligned": {"asr_topk": 0.8, "asr_random": 0.3, "asr_bottomk": None,   # bottom-k not run (CPU default)
                        "component_share": {"q": 0.1, "v": 0.5, "down": 0.4}, "faithful_vs_fixed_iou": None,
                        "perturbation": {"none": _rates(0.1), "top": _rates(0.8), "random": _rates(0.3),
                                         "bottom": _rates(0.2), "top_vs_random": _est(96, 0.5, 0.4, 0.6)},

@@ -103,7 +103,10 @@ def check_overlap(m: dict, path="overlap") -> None:
 
 def check_esi(m: dict, path="esi") -> None:
     for model, v in _mapping(path, "", m).items():
-        _leaves(path, model, v, ["asr_topk", "asr_random", "asr_bottomk"])
+        keys = ["asr_topk", "asr_random", "asr_bottomk"]
+        _mapping(path, model, v, keys)
+        for k in keys:   # None: that perturbation condition or role did not run (esi.perturb_conditions / _models)
+            _number(path, f"{model}.{k}", v[k], none_ok=True)
         for comp, s in _mapping(path, f"{model}.component_share", v.get("component_share")).items():
             _number(path, f"{model}.component_share.{comp}", s)
         if "faithful_vs_fixed_iou" not in v:
