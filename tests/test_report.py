@@ -368,3 +368,15 @@ def test_reading_of_the_run_and_its_output_files(tmp_path):
     claims = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert set(claims) == {r["id"] for r in rows} and "id" not in claims["p1_low_overlap"]
     assert json.loads((tmp_path / "out" / "provenance.json").read_text()) == {"p": 1}
+
+
+def test_overlap_primary_is_the_method_with_the_most_dataset_pairs(tmp_path):
+    """A method identified on two datasets has one pair and no interval; the one run on all ten decides."""
+    _fixture(tmp_path)
+    path = tmp_path / "overlap/metrics.json"
+    ov = json.loads(path.read_text())
+    for variant in ("raw", "refined"):
+        ov["aligned"]["snip"][variant].update(n_pairs=1, mean_iou_ci=None)
+    path.write_text(json.dumps(ov))
+    c = _claims(tmp_path)
+    assert c["p1_low_overlap"]["condition"] == "aligned/wanda, raw" and c["p1_low_overlap"]["n"] == 45

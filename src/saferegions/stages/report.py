@@ -198,14 +198,13 @@ def _validate(results: dict, cfg, P1: str) -> dict:
 
 
 def _overlap_conditions(ov: dict, cfg) -> list[tuple[str, str]]:
-    """(model, method) in identify.methods order (the metrics order without cfg), those whose raw regions have
-    at least one dataset pair first."""
+    """(model, method), the primary condition first: the first model's method with the most dataset pairs of
+    defined raw IoU (one pair has no interval), ties in identify.methods order (the metrics order without cfg)."""
     order = _cfg_list(cfg, "identify", "methods")
+    pairs = lambda x: (ov[x[0]][x[1]]["raw"].get("n_pairs") or 0  # noqa: E731
+                       if ov[x[0]][x[1]]["raw"].get("mean_iou") is not None else 0)
     keys = [(m, k) for m, methods in ov.items() for k in methods]
-    keys.sort(key=lambda x: (x[0] != _first(ov), _rank(order, x[1])))
-    usable = lambda x: ov[x[0]][x[1]]["raw"].get("mean_iou") is not None and (  # noqa: E731
-        ov[x[0]][x[1]]["raw"].get("n_pairs") or 0) >= 1
-    return sorted(keys, key=lambda x: not usable(x))
+    return sorted(keys, key=lambda x: (x[0] != _first(ov), -pairs(x), _rank(order, x[1])))
 
 
 def _iou_estimate(v: dict) -> evidence.Estimate | None:
