@@ -373,7 +373,7 @@ def test_reading_of_the_run_and_its_output_files(tmp_path):
 def test_overlap_primary_is_the_method_with_the_most_dataset_pairs(tmp_path):
     """A method identified on two datasets has one pair and no interval; the one run on all ten decides."""
     _fixture(tmp_path)
-    path = tmp_path / "overlap/metrics.json"
+    path = tmp_path / "results/overlap/metrics.json"
     ov = json.loads(path.read_text())
     for variant in ("raw", "refined"):
         ov["aligned"]["snip"][variant].update(n_pairs=1, mean_iou_ci=None)
