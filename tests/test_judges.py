@@ -99,15 +99,17 @@ def test_baseline_stage_agreement_and_refusal_summary():
     assert agree.loc["a", "agreement"] == 0.75 and agree.loc["a", "n"] == 4
     assert agree.loc["a", "kappa"] == pytest.approx(judges.cohen_kappa([1, 0, 1, 0], [1, 0, 0, 0]))
     assert agree.loc["b", "kappa"] == -1.0
-    metrics = {"a": {"advbench": {"refusal_rate": 0.75}, "harmbench": {"refusal_rate": 0.25},
-                     "alpaca": {"refusal_rate": 0.5}},
-               "b": {"advbench": {"refusal_rate": 0.0}, "harmbench": {"refusal_rate": 0.5},
-                     "alpaca": {"refusal_rate": 0.0}}}
+    metrics = {"a": {"advbench": {"refusal_rate": 0.75, "asr": 0.25}, "harmbench": {"refusal_rate": 0.25,
+                                                                                  "asr": 0.75},
+                     "alpaca": {"refusal_rate": 0.5, "asr": 0.5}},
+               "b": {"advbench": {"refusal_rate": 0.0, "asr": 0.5},   # half degenerate: ASR is not 1 - refusal
+                     "harmbench": {"refusal_rate": 0.5, "asr": 0.5}, "alpaca": {"refusal_rate": 0.0, "asr": 1.0}}}
     rates = baseline.refusal_rates(metrics)
     assert list(rates.index) == ["a", "b"] and rates.loc["b", "harmbench"] == 0.5
-    summary = baseline.refusal_summary(rates, ["advbench", "harmbench", "alpaca"])
-    assert summary.loc["a"].tolist() == [0.5, 0.5, 0.5] and summary.loc["b", "ASR (harmful)"] == 0.75
-    assert baseline.refusal_summary(rates, ["advbench"])["benign refusal (mean over sets)"].isna().all()
+    summary = baseline.refusal_summary(metrics, ["advbench", "harmbench", "alpaca"])
+    assert summary.loc["a"].tolist() == [0.5, 0.5, 0.5] and summary.loc["b", "ASR (harmful)"] == 0.5
+    assert summary.loc["b", "harmful refusal (mean over sets)"] == 0.25
+    assert baseline.refusal_summary(metrics, ["advbench"])["benign refusal (mean over sets)"].isna().all()
 
 
 def test_keyword_judge_sees_no_coherence_so_outcomes_classify_degenerate_first():

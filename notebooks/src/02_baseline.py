@@ -47,7 +47,7 @@ fig = baseline.plots.heatmap(table, "Refusal rate (keyword judge)", "prompt set"
                              cbar_label="refusal rate")
 baseline.plots.save(fig, baseline.RESULTS / "figures" / "refusal_heatmap.png")
 # %%
-display(baseline.refusal_summary(table, cfg.baseline.datasets).style.format("{:.2f}"))
+display(baseline.refusal_summary(metrics, cfg.baseline.datasets).style.format("{:.2f}"))
 pooled = baseline.pooled(evals, harmful)
 frame = pd.DataFrame([{"model": m, "prompts": k, **rec} for m, per in pooled.items() for k, rec in per.items()])
 display(frame)

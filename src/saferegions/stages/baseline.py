@@ -150,19 +150,24 @@ def estimator_check(scores, refused, seed: int = 0) -> dict:
             "refusal_starts": list(REFUSAL_STARTS), "compliance_starts": list(COMPLIANCE_STARTS)}
 
 
+def rate_table(metrics: dict, key: str = "refusal_rate") -> pd.DataFrame:
+    """One rate of the primary (keyword) judge's outcomes: one row per model, one column per set."""
+    return pd.DataFrame({m: {d: v[key] for d, v in per.items()} for m, per in metrics.items()}).T
+
+
 def refusal_rates(metrics: dict) -> pd.DataFrame:
-    """Refusal rate of the primary (keyword) judge: one row per model, one column per set."""
-    return pd.DataFrame({m: {d: v["refusal_rate"] for d, v in per.items()} for m, per in metrics.items()}).T
+    return rate_table(metrics, "refusal_rate")
 
 
-def refusal_summary(rates: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
-    """Per model: mean refusal over the harmful sets and over the benign sets (an over-refusal), and the ASR."""
+def refusal_summary(metrics: dict, datasets: list[str]) -> pd.DataFrame:
+    """Per model: mean refusal over the harmful sets and over the benign sets (an over-refusal), and the mean ASR
+    over the harmful sets (refused + complied + degenerate = 1, so ASR is not 1 − refusal)."""
     harmful = [d for d in datasets if d in SAFETY_SETS]
     benign = [d for d in datasets if d in BENIGN_SETS]
-    summary = pd.DataFrame({"harmful refusal (mean over sets)": rates[harmful].mean(axis=1),
-                            "benign refusal (mean over sets)": rates[benign].mean(axis=1) if benign else np.nan})
-    summary["ASR (harmful)"] = 1 - summary["harmful refusal (mean over sets)"]
-    return summary
+    rates = refusal_rates(metrics)
+    return pd.DataFrame({"harmful refusal (mean over sets)": rates[harmful].mean(axis=1),
+                         "benign refusal (mean over sets)": rates[benign].mean(axis=1) if benign else np.nan,
+                         "ASR (harmful)": rate_table(metrics, "asr")[harmful].mean(axis=1)})
 
 
 def judge_agreement(generations: pd.DataFrame) -> pd.DataFrame:
