@@ -27,7 +27,7 @@ def test_exact_mcnemar_p_value_is_the_binomial_tail_of_the_discordant_pairs():
     assert est.n == 96 and est.effect == pytest.approx(8 / 96)
     assert est.p == pytest.approx(22 / 1024)
     assert est.ci[0] < est.effect < est.ci[1]
-    assert est.test == "exact McNemar"
+    assert est.test.startswith("exact McNemar")
 
 
 def test_four_pairs_can_never_reach_significance():
@@ -36,9 +36,95 @@ def test_four_pairs_can_never_reach_significance():
     assert E.verdict(est, 0.0) == E.Verdict.INCONCLUSIVE or est.ci[0] > 0
 
 
-def test_no_discordant_pairs_give_a_zero_width_interval_at_zero():
-    est = E.paired_proportions([True, False, True], [True, False, True])
-    assert est.effect == 0 and est.ci == (0.0, 0.0) and est.p == 1.0
+def _wilson_closed_form(k, n, z=1.959963984540054):
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def _newcombe_reference(both, only_a, only_b, neither):
+    """Newcombe (1998) method 10 written out from the paper's formulas, with the closed-form Wilson limits."""
+    n = both + only_a + only_b + neither
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    (l1, u1), (l2, u2) = _wilson_closed_form(both + only_a, n), _wilson_closed_form(both + only_b, n)
+    denom = math.sqrt((both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither))
+    num = both * neither - only_a * only_b
+    num = num - n / 2 if num > n / 2 else min(num, 0)
+    phi = num / denom if denom else 0.0
+    d = p1 - p2
+    return (d - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2),
+            d + math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+
+
+def _pairs(both, only_a, only_b, neither):
+    a = [True] * (both + only_a) + [False] * (only_b + neither)
+    b = [True] * both + [False] * only_a + [True] * only_b + [False] * neither
+    return a, b
+
+
+@pytest.mark.parametrize("table", [(1, 1, 7, 12), (14, 5, 0, 22), (46, 18, 0, 32), (30, 9, 1, 56), (0, 3, 0, 0)])
+def test_paired_interval_is_newcombes_hybrid_score_interval(table):
+    est = E.paired_proportions(*_pairs(*table))
+    assert est.ci == pytest.approx(_newcombe_reference(*table), abs=1e-9)
+
+
+def test_paired_interval_without_correlation_is_the_square_and_add_of_two_wilson_intervals():
+    # both * neither == only_a * only_b: phi = 0, so each limit is the root of the two marginal half-widths squared
+    a, b = _pairs(10, 10, 10, 10)
+    est = E.paired_proportions(a, b)
+    (l1, u1), (l2, u2) = _wilson_closed_form(20, 40), _wilson_closed_form(20, 40)
+    assert est.ci == pytest.approx((-math.hypot(0.5 - l1, u2 - 0.5), math.hypot(u1 - 0.5, 0.5 - l2)), abs=1e-9)
+
+
+def test_paired_interval_covers_the_true_difference_95_percent_of_the_time():
+    # P(both, a only, b only, neither) = .4, .15, .05, .4 at n = 96: true difference .10. The interval
+    # conditional on the discordant count (this module's earlier one) covered it 90% of the time
+    rng = np.random.default_rng(0)
+    cats = rng.choice(4, size=(1500, 96), p=[0.4, 0.15, 0.05, 0.4])
+    hits = [E._paired((c == 0) | (c == 1), (c == 0) | (c == 2)).ci for c in cats]
+    coverage = np.mean([lo <= 0.10 <= hi for lo, hi in hits])
+    assert 0.93 <= coverage <= 0.975
+
+
+def test_no_discordant_pairs_give_an_interval_around_zero_and_p_one():
+    est = E.paired_proportions([True, False] * 20, [True, False] * 20)
+    assert est.effect == 0 and est.p == 1.0
+    assert est.ci[0] < 0 < est.ci[1]
+
+
+def _flip_hull_by_brute_force(estimator, *arms):
+    """Every prompt of every arm flipped in turn (no shortcut over outcome patterns)."""
+    arms = [np.asarray(x, dtype=bool) for x in arms]
+    cis = [estimator(*arms).ci]
+    for j, arm in enumerate(arms):
+        for i in range(len(arm)):
+            moved = [x.copy() for x in arms]
+            moved[j][i] = not moved[j][i]
+            cis.append(estimator(*moved).ci)
+    return min(c[0] for c in cis), max(c[1] for c in cis)
+
+
+def test_one_flip_interval_is_the_union_over_every_single_prompt_flip():
+    a, b = _pairs(30, 9, 1, 56)
+    est = E.paired_proportions(a, b)
+    assert est.ci_one_flip == pytest.approx(_flip_hull_by_brute_force(E.paired_proportions, a, b), abs=1e-12)
+    assert est.ci_one_flip[0] < est.ci[0] and est.ci_one_flip[1] > est.ci[1]
+    rate = E.proportion(a)
+    assert rate.ci_one_flip == pytest.approx(_flip_hull_by_brute_force(E.proportion, a), abs=1e-12)
+
+
+def test_a_verdict_one_flipped_prompt_would_change_is_inconclusive():
+    # 18 of 96 prompts complied only after ablating the region: the 95% interval alone clears 0.10, but with one
+    # of those 18 flipped back it does not
+    a, b = _pairs(46, 18, 0, 32)
+    est = E.paired_proportions(a, b)
+    assert est.ci[0] > 0.10 and est.ci_one_flip[0] <= 0.10
+    assert E.verdict(est, 0.10) == E.Verdict.INCONCLUSIVE
+    assert E.verdict(E.Estimate(est.n, est.effect, est.ci, est.test, est.p), 0.10) == E.Verdict.SUPPORTED
+    # twice the prompts at the same rates: decided, one flip or not
+    a2, b2 = _pairs(92, 36, 0, 64)
+    assert E.verdict(E.paired_proportions(a2, b2), 0.10) == E.Verdict.SUPPORTED
 
 
 def test_bootstrap_mean_interval_covers_the_mean_and_shrinks_with_n():
@@ -65,6 +151,7 @@ def test_relative_reduction_of_a_halved_rate():
     est = E.relative_reduction(before, after)
     assert est.effect == pytest.approx(0.5)
     assert est.ci[0] < 0.5 < est.ci[1] and est.p < 1e-6
+    assert est.ci_one_flip[0] < est.ci[0] and est.ci_one_flip[1] > est.ci[1]
 
 
 @pytest.mark.parametrize("ci,direction,expected", [
@@ -83,6 +170,6 @@ def test_verdict_is_decided_by_the_interval_against_the_threshold(ci, direction,
 def test_no_estimate_is_not_run_and_a_claim_records_everything():
     assert E.verdict(None, 0.1) == E.Verdict.NOT_RUN
     record = E.claim(E.proportion([True] * 90 + [False] * 6), 0.5)
-    assert set(record) == {"n", "effect", "ci", "test", "p", "threshold", "direction", "verdict"}
+    assert set(record) == {"n", "effect", "ci", "ci_one_flip", "test", "p", "threshold", "direction", "verdict"}
     assert record["verdict"] == "supported" and record["n"] == 96 and len(record["ci"]) == 2
     assert E.claim(None, 0.5)["verdict"] == "not run"

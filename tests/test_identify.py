@@ -182,7 +182,7 @@ def test_validate_run_model_shape(setup, tmp_path):
     for per in out.values():
         e = per["advbench"]
         assert set(e) >= {"region", "random", "n", "n_utility", "utility_ratio", "paired"}
-        assert e["n"] == 2 and e["n_utility"] == 2 and e["paired"]["test"] == "exact McNemar"
+        assert e["n"] == 2 and e["n_utility"] == 2 and e["paired"]["test"].startswith("exact McNemar")
         for tag in ("region", "random"):
             rec = e[tag]
             assert rec["asr"] + rec["refusal_rate"] + rec["degenerate_rate"] == pytest.approx(1.0)
@@ -404,6 +404,24 @@ def test_pq_sweep_ablates_each_refined_region_and_picks_a_point_meeting_the_rule
     if best is not None:
         assert best["utility_ratio"] >= c.min_utility_ratio
     assert m["pq_used"]["meets_rule"] == pq.pq_meets(pts, c.q, c.p, c.min_utility_ratio)
+
+
+def test_a_methods_own_p_refines_its_regions_instead_of_identify_p(setup):
+    """The refined region is raw minus the top-p utility scores at the method's p (identify.snip.p / wanda.p),
+    recomputed here from the scores; identify.p is left for the other methods."""
+    from saferegions.methods.wanda import wanda_scores
+    model, tok = tiny_model("llama")
+    ctx = _ctx(setup, model, tok)
+    assert ctx.cfg.p != 0.3
+    score = lambda b: wanda_scores(model, b, progress=False)  # noqa: E731
+    rows = {(d, kind): r for d, kind, r in weight_method(ctx, "wanda", score, p=0.3)}
+    d = next(d for d, kind in rows if kind == "refined")
+    util = regions.top_fraction(score(ctx.batches("alpaca")), 0.3)
+    expected = regions.difference(regions.top_fraction(score(ctx.batches(d)), ctx.cfg.q), util)
+    assert rows[d, "refined"].meta["refinement"]["p"] == 0.3
+    assert rows[d, "refined"].density == pytest.approx(expected.density)
+    assert rows[d, "refined"].density < rows[d, "raw"].density
+    assert rows["alpaca", "utility"].density == pytest.approx(util.density)
 
 
 def test_calibrate_repeats_rule():

@@ -295,8 +295,14 @@ def test_overlap_metrics_carry_intervals_paired_refinement_and_split_half(tmp_pa
     folder.mkdir(parents=True)
     R.save(raw["d0"], R.region_path(folder, "d0", "half0.raw"))
     R.save(raw["d1"], R.region_path(folder, "d0", "half1.raw"))
+    R.save(raw["d2"], R.region_path(folder, "d3", "half0.raw"))
+    R.save(raw["d3"], R.region_path(folder, "d3", "half1.raw"))
+    R.save(raw["d2"], R.region_path(folder, "d5", "half0.raw"))   # no half1: not a split half
     halves = S.split_half(tmp_path, results)
-    assert halves == {("m", "snip"): {"d0": pytest.approx(R.iou(raw["d0"], raw["d1"]))}}
+    between = np.mean([R.iou(raw[x], raw[y]) for x in ("d0", "d1") for y in ("d2", "d3")])
+    assert halves == {("m", "snip"): {"within": {"d0": pytest.approx(R.iou(raw["d0"], raw["d1"])),
+                                                 "d3": pytest.approx(R.iou(raw["d2"], raw["d3"]))},
+                                      "between": {"d0|d3": pytest.approx(between)}}}
     m = S.metrics(S.summary(results, tmp_path), est, halves)["m"]["snip"]
     off = O.off_diagonal(results["m", "snip"]["matrix"]["raw", "global"])
     assert m["raw"]["n_pairs"] == 6 and m["raw"]["mean_iou"] == pytest.approx(off.mean())
@@ -305,10 +311,13 @@ def test_overlap_metrics_carry_intervals_paired_refinement_and_split_half(tmp_pa
     diff = [r["refined_iou"] - r["raw_iou"] for r in results["m", "snip"]["refinement"]]
     assert m["refined_minus_raw"]["n"] == 6 and m["refined_minus_raw"]["effect"] == pytest.approx(np.mean(diff))
     assert m["refined_minus_raw"]["test"] == "paired permutation"
-    assert m["split_half_iou"] == pytest.approx(halves["m", "snip"]["d0"])
+    assert m["split_half_iou"] == pytest.approx(np.mean(list(halves["m", "snip"]["within"].values())))
+    assert m["between_half_iou"] == pytest.approx(between) and m["between_half"] == {"d0|d3": pytest.approx(between)}
     json.dumps(m, allow_nan=False)
-    assert S.split_half(tmp_path / "none", results) == {("m", "snip"): {}}
-    assert S.metrics(S.summary(results, tmp_path), est, {})["m"]["snip"]["split_half_iou"] is None
+    assert S.split_half(tmp_path / "none", results) == {("m", "snip"): {"within": {}, "between": {}}}
+    empty = S.metrics(S.summary(results, tmp_path), est, {})["m"]["snip"]
+    assert empty["split_half_iou"] is None and empty["between_half_iou"] is None
     table = S.noise_ceiling({"m": {"snip": m}})
-    assert set(table.measure) == {"between datasets", "split-half (same dataset)"}
+    assert set(table.measure) == {"between datasets", "split-half (same dataset)",
+                                  "between datasets, half-size regions"}
     assert S.error_bars(table, "t").axes

@@ -82,7 +82,9 @@ for kind in ("raw", "refined"):
 # `identify.pq_dataset` is removed and utility measured: the teacher-forced likelihood of the intact model's own
 # greedy answers to held-out Alpaca prompts (calibrate stage), as a ratio to the intact model. The rule
 # (`methods.context.pq_pick`): the largest refined region whose removal keeps the ratio ≥ `identify.min_utility_ratio`;
-# metrics.json records the sweep, the pick and whether the p/q used here meets the rule. Other methods: no sweep.
+# metrics.json records the sweep, the pick and whether the p/q used here meets the rule. The p used is the method's
+# own (`identify.snip.p`, `identify.wanda.p`) where params set one, else `identify.p`; the embedded default sets
+# SNIP's to its pick, 0.08, since 0.04 misses the rule. Other methods: no sweep.
 # %%
 sweep = identify.pq_frame(ctx)
 if sweep is not None:

@@ -13,8 +13,9 @@
 # * **Utility**: per held-out Alpaca prompt, exp(mean token log-likelihood) that the ablated model assigns to the
 #   *intact* model's greedy answer (1 / perplexity; 1.0 = certain); the mean with a bootstrap 95% interval, and
 #   its ratio to the intact model's. It falls when an ablation breaks the model.
-# * **Region vs random**: ASR(region) − ASR(random) on the same prompts, exact McNemar test (metrics.json
-#   "paired").
+# * **Region vs random**: ASR(region) − ASR(random) on the same prompts, exact McNemar test with Newcombe's
+#   paired 95% interval, and the interval with any one prompt flipped that the report's verdict reads
+#   (metrics.json "paired").
 #
 # A safety region in Wei et al.'s sense raises ASR well above the random control while keeping utility close to it.
 # %% [params]
@@ -43,7 +44,7 @@ long = validate.bar_frame(frame, reference)
 display(long[["model", "method", "dataset", "ablation", "n", "asr", "asr_ci", "degenerate_rate", "utility",
               "utility_ci", "n_utility"]])
 display(pd.DataFrame([{"model": m, "method": meth, "dataset": d, "utility_ratio": e["utility_ratio"],
-                       **{f"paired_{k}": e["paired"][k] for k in ("n", "effect", "ci", "p")}}
+                       **{f"paired_{k}": e["paired"][k] for k in ("n", "effect", "ci", "ci_one_flip", "p")}}
                       for m, per in metrics.items() if m != "intact" for meth, ds in per.items()
                       for d, e in ds.items()]))
 fig = validate.plots.error_bars(long, "condition", "ablation",

@@ -213,7 +213,9 @@ else:
 # `split_half_iou`: the IoU of the regions found from the two halves of one dataset's calibration pairs
 # (`<dataset>.half0.raw` / `.half1.raw`, written by identify for `identify.split_half_datasets`; null where
 # absent). The split-half IoU is the noise ceiling: between-dataset IoU near it means the datasets agree as
-# well as one dataset agrees with itself. Pairs share datasets, so the pair bootstrap understates the
+# well as one dataset agrees with itself. Regions from half the examples overlap less than full-size ones, so
+# the ceiling is compared with `between_half_iou`, the IoU between the half-size regions of two different
+# datasets: far below the split-half IoU means the datasets' regions differ beyond sampling noise. Pairs share datasets, so the pair bootstrap understates the
 # interval somewhat. Every matrix is in `results/overlap/tables/`.
 # %%
 estimates = overlap.pair_estimates(results, ov.seed)

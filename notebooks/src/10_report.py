@@ -18,7 +18,9 @@
 # its primary condition's effect against a threshold fixed before the run (docs/methods.md §5.6):
 # *supported* = the whole interval lies beyond the threshold, *contradicted* = wholly on the other side,
 # *inconclusive* = the interval reaches the threshold (or a guard below fails), *not run* = no estimate in
-# this profile (MoE and paper-scale setup on CPU). The thresholds (`report.THRESHOLDS`):
+# this profile (MoE and paper-scale setup on CPU). For claims on prompt-level outcomes the interval that decides
+# is `ci_one_flip`, the union of the 95% intervals with any one prompt's outcome flipped: a verdict that one
+# prompt moved by last-bit float differences could change is inconclusive. The thresholds (`report.THRESHOLDS`):
 #
 # | claim | effect (primary condition) | supported if |
 # |---|---|---|
@@ -57,7 +59,8 @@ display(status.set_index("stage").style.set_caption("Stages whose results this r
 rows = report.claims(results, cfg)
 claims = pd.DataFrame(rows)
 with pd.option_context("display.max_colwidth", None):
-    display(claims[["id", "condition", "n", "effect", "ci", "test", "p", "direction", "threshold", "verdict"]]
+    display(claims[["id", "condition", "n", "effect", "ci", "ci_one_flip", "test", "p", "direction", "threshold",
+                    "verdict"]]
             .style.format({"effect": "{:+.3f}", "p": "{:.3g}"}, na_rep="–").hide(axis="index")
             .set_caption("Claims: effect of the primary condition, 95% CI, test, p, threshold, verdict"))
     display(claims[["paper", "claim", "paper_value", "this_run"]].style.set_properties(

@@ -105,8 +105,12 @@ def _estimate(e) -> str:
     """'effect [low, high]' of an Estimate dict; '–' where absent or undefined."""
     if not e or e.get("effect") is None:
         return "–"
-    lo, hi = e.get("ci") or [None, None]
-    return f"{_f(e['effect'])} [{_f(lo)}, {_f(hi)}]"
+    return f"{_f(e['effect'])} {_interval(e.get('ci') or [None, None])}"
+
+
+def _interval(ci) -> str:
+    """'[low, high]'; '–' where there is none."""
+    return "–" if not ci else f"[{_f(ci[0])}, {_f(ci[1])}]"
 
 
 def _overlap(m: dict, results: dict) -> list[str]:
@@ -162,11 +166,13 @@ def findings(root: Path) -> str:
     claims = root / "results" / "report" / "claims.json"
     out += ["**Each paper claim beside this run's number (report)**", ""]
     if claims.exists():
-        rows = [[r["claim"], r.get("paper", "–"), r.get("condition") or "–", _estimate(r), r.get("n", "–"),
+        rows = [[r["claim"], r.get("paper", "–"), r.get("condition") or "–", _estimate(r),
+                 _interval(r.get("ci_one_flip")), r.get("n", "–"),
                  f"{r['direction']} {_f(r['threshold'])}" if r.get("threshold") is not None else "–",
                  f"**{r['verdict']}**"]
                 for r in json.loads(claims.read_text()).values()]
-        out += _table(["claim", "paper", "condition", "effect [95% CI]", "n", "threshold", "verdict"], rows)
+        out += _table(["claim", "paper", "condition", "effect [95% CI]", "one-prompt-flip interval", "n", "threshold",
+                       "verdict"], rows)
     else:
         out.append(NOT_RUN)
     return "\n".join(out).rstrip("\n")

@@ -91,16 +91,25 @@ def get(name: str) -> Method:
 @dataclass
 class WandaCfg:
     datasets: list[str] | None = None   # identification datasets this method runs on (None = calibrate.datasets)
+    p: float | None = None       # this method's top-p of the utility scores (None = identify.p): the p/q sweep's
+                                 # pick where identify.p leaves < identify.min_utility_ratio of utility
+
+    def __post_init__(self):
+        if self.p is not None:
+            _fraction("identify.wanda.p", self.p)
 
 
 @dataclass
 class SnipCfg:
     n: int | None = None         # calibration examples per dataset used (None = all calibrate.n)
     datasets: list[str] | None = None
+    p: float | None = None       # as WandaCfg.p
 
     def __post_init__(self):
         if self.n is not None:
             _positive("identify.snip.n", self.n)
+        if self.p is not None:
+            _fraction("identify.snip.p", self.p)
 
 
 @dataclass

@@ -144,18 +144,20 @@ def refined_meta(raw: Region, utility: Region, **refinement) -> dict:
 # ---------------------------------------------------------------- weight-level methods (§2.1)
 
 
-def weight_method(ctx: Context, method: str, score, n: int | None = None) -> Iterator[tuple[str, str, Region]]:
+def weight_method(ctx: Context, method: str, score, n: int | None = None,
+                  p: float | None = None) -> Iterator[tuple[str, str, Region]]:
     """Top-q per matrix of each dataset's scores; refined = raw \\ top-p of the utility scores (Wei et al.'s
     S(p, q)). Scores are computed one set at a time and dropped, so memory holds one score tensor set (two for
     the sweep dataset). Also: half0/half1 raw regions for `ctx.split_half` datasets, and the p/q sweep
     (`pq_sweep`) on `identify.pq_dataset` when the grid is set and utility answers exist; its points go to
-    `ctx.metrics`."""
+    `ctx.metrics`. `p`: the method's own top-p (None = identify.p)."""
     c = ctx.cfg
-    sel = {"q": c.q, "p": c.p, "group": c.group}
+    p = c.p if p is None else p
+    sel = {"q": c.q, "p": p, "group": c.group}
     do_sweep = bool(c.pq_grid_q and c.pq_grid_p and ctx.utility_eval and ctx.utility and c.pq_dataset in ctx.datasets)
     scores = score(ctx.batches(ctx.utility_set, n))
-    util = regions.top_fraction(scores, c.p, c.group, meta=ctx.meta(method, ctx.utility_set, "utility", n, **sel))
-    utils = {p: regions.top_fraction(scores, p, c.group) for p in c.pq_grid_p} if do_sweep else {}
+    util = regions.top_fraction(scores, p, c.group, meta=ctx.meta(method, ctx.utility_set, "utility", n, **sel))
+    utils = {pp: regions.top_fraction(scores, pp, c.group) for pp in c.pq_grid_p} if do_sweep else {}
     del scores
     yield ctx.utility_set, "utility", util
     for d in ctx.datasets:
@@ -170,7 +172,7 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None) -> Ite
             else {}
         del scores
         refined = regions.difference(raw, util)
-        refined.meta = refined_meta(raw, util, p=c.p, q=c.q, rule="top_q(safety) \\ top_p(utility)")
+        refined.meta = refined_meta(raw, util, p=p, q=c.q, rule="top_q(safety) \\ top_p(utility)")
         yield d, "raw", raw
         yield d, "refined", refined
         if raws:
@@ -180,8 +182,8 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None) -> Ite
             ctx.metrics.update({"pq_sweep": points, "pq_sweep_dataset": d, "pq_intact_utility": intact,
                                 "pq_n_prompts": len(prompts), "pq_min_utility_ratio": c.min_utility_ratio,
                                 "pq_pick": best and {"q": best["q"], "p": best["p"]},
-                                "pq_used": {"q": c.q, "p": c.p,
-                                            "meets_rule": pq_meets(points, c.q, c.p, c.min_utility_ratio)}})
+                                "pq_used": {"q": c.q, "p": p,
+                                            "meets_rule": pq_meets(points, c.q, p, c.min_utility_ratio)}})
             del raws, utils
 
 

@@ -102,6 +102,7 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
 
 
 def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
-    """Identify-stage runner: top-q per matrix of SNIP scores on `identify.snip.n` examples per set."""
-    n = ctx.cfg.snip.n
-    yield from weight_method(ctx, "snip", lambda b: snip_scores(ctx.model, b, progress=False), n)
+    """Identify-stage runner: top-q per matrix of SNIP scores on `identify.snip.n` examples per set, refined with
+    `identify.snip.p`."""
+    c = ctx.cfg.snip
+    yield from weight_method(ctx, "snip", lambda b: snip_scores(ctx.model, b, progress=False), c.n, c.p)

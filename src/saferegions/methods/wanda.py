@@ -149,5 +149,5 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
 
 
 def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
-    """Identify-stage runner: top-q per matrix of Wanda scores."""
-    yield from weight_method(ctx, "wanda", lambda b: wanda_scores(ctx.model, b, progress=False))
+    """Identify-stage runner: top-q per matrix of Wanda scores, refined with `identify.wanda.p`."""
+    yield from weight_method(ctx, "wanda", lambda b: wanda_scores(ctx.model, b, progress=False), p=ctx.cfg.wanda.p)

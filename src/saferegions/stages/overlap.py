@@ -319,25 +319,31 @@ def pair_estimates(results: dict, seed: int = 0) -> dict:
 
 
 def split_half(ident: Path, keys) -> dict:
-    """{(role, method): {dataset: IoU of the regions from the two halves of its calibration pairs}} where the
-    identify stage wrote `<dataset>.half0.raw` / `.half1.raw` (the within-dataset noise ceiling of the IoU)."""
+    """{(role, method): {"within": {dataset: IoU of the regions from the two halves of its calibration pairs},
+    "between": {"d1|d2": mean IoU of d1's halves against d2's}}} where the identify stage wrote
+    `<dataset>.half0.raw` / `.half1.raw`. Within is the noise ceiling of the IoU; between, at the same half size,
+    is what it is compared with (regions from fewer examples overlap less, so full-size IoU is not comparable)."""
     out = {}
     for role, method in keys:
         folder = Path(ident) / role / method
-        found = {}
+        halves = {}
         for f in sorted(folder.glob("*.half0.raw.safetensors")):
             d = f.name[: -len(".half0.raw.safetensors")]
             other = regions.region_path(folder, d, "half1.raw")
             if other.exists():
-                found[d] = nan_none(regions.iou(regions.load_packed(f), regions.load_packed(other)))
-        out[role, method] = found
+                halves[d] = (regions.load_packed(f), regions.load_packed(other))
+        within = {d: nan_none(regions.iou(*h)) for d, h in halves.items()}
+        between = {f"{d1}|{d2}": nan_none(float(np.mean([regions.iou(x, y) for x in halves[d1] for y in halves[d2]])))
+                   for i, d1 in enumerate(halves) for d2 in list(halves)[i + 1:]}
+        out[role, method] = {"within": within, "between": between}
     return out
 
 
 def metrics(summary_table: pd.DataFrame, estimates: dict | None = None, halves: dict | None = None) -> dict:
     """results/overlap/metrics.json: {MODEL: {METHOD: {variant: {mean_iou, chance_iou, mean_iou_ci, n_pairs},
-    refined_minus_raw: Estimate dict, split_half_iou: mean over datasets, split_half: {dataset: IoU}}}};
-    null = undefined or not measured."""
+    refined_minus_raw: Estimate dict, split_half_iou: mean over datasets, split_half: {dataset: IoU},
+    between_half_iou: mean over dataset pairs, between_half: {"d1|d2": IoU}}}} (the last four from
+    `split_half`); null = undefined or not measured."""
     out = {}
     for r in summary_table[summary_table.scope == MAIN].itertuples():
         entry = {"mean_iou": nan_none(r.mean_iou), "chance_iou": nan_none(r.chance_iou)}
@@ -345,13 +351,13 @@ def metrics(summary_table: pd.DataFrame, estimates: dict | None = None, halves: 
         if est is not None:
             entry.update(mean_iou_ci=[nan_none(c) for c in est.ci], n_pairs=est.n)
         out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = entry
+    mean = lambda d: float(np.mean(vals)) if (vals := [x for x in d.values() if x is not None]) else None  # noqa: E731
     for (role, method), per in [((m, k), v) for m, ms in out.items() for k, v in ms.items()]:
         diff = (estimates or {}).get((role, method), {}).get("refined_minus_raw")
         per["refined_minus_raw"] = _plain(diff.as_dict()) if diff is not None else None
-        found = (halves or {}).get((role, method)) or {}
-        vals = [x for x in found.values() if x is not None]
-        per["split_half_iou"] = float(np.mean(vals)) if vals else None
-        per["split_half"] = found
+        found = (halves or {}).get((role, method)) or {"within": {}, "between": {}}
+        per.update(split_half_iou=mean(found["within"]), split_half=found["within"],
+                   between_half_iou=mean(found["between"]), between_half=found["between"])
     return out
 
 
@@ -362,8 +368,8 @@ def _plain(d: dict) -> dict:
 
 
 def noise_ceiling(metrics_: dict) -> pd.DataFrame:
-    """Between-dataset mean IoU with its 95% CI beside the within-dataset split-half IoU, one row per
-    model × method × variant (the error-bar figure)."""
+    """Between-dataset mean IoU with its 95% CI beside the within-dataset split-half IoU and the between-dataset
+    IoU of the same half-size regions, one row per model × method × variant and measure (the error-bar figure)."""
     rows = []
     for model, methods in metrics_.items():
         for method, per in methods.items():
@@ -372,9 +378,11 @@ def noise_ceiling(metrics_: dict) -> pd.DataFrame:
                     lo, hi = per[v].get("mean_iou_ci") or [None, None]
                     rows.append({"condition": f"{model} · {method} · {v}", "measure": "between datasets",
                                  "IoU": per[v]["mean_iou"], "low": lo, "high": hi, "n": per[v].get("n_pairs")})
-            if per.get("split_half_iou") is not None:
-                rows.append({"condition": f"{model} · {method} · raw", "measure": "split-half (same dataset)",
-                             "IoU": per["split_half_iou"], "low": None, "high": None, "n": len(per["split_half"])})
+            for key, measure, n in (("between_half_iou", "between datasets, half-size regions", "between_half"),
+                                    ("split_half_iou", "split-half (same dataset)", "split_half")):
+                if per.get(key) is not None:
+                    rows.append({"condition": f"{model} · {method} · raw", "measure": measure, "IoU": per[key],
+                                 "low": None, "high": None, "n": len(per[n])})
     return pd.DataFrame(rows)
 
 
@@ -401,7 +409,8 @@ def metrics_table(metrics_: dict) -> pd.DataFrame:
     return pd.DataFrame({(m, meth): {f"{v} {k}": x for v, d in per.items() if v in VARIANT_KEYS
                                       for k, x in d.items()}
                           | {"refined − raw": (per.get("refined_minus_raw") or {}).get("effect"),
-                             "split-half IoU": per.get("split_half_iou")}
+                             "split-half IoU": per.get("split_half_iou"),
+                             "between, half size": per.get("between_half_iou")}
                          for m, methods in metrics_.items() for meth, per in methods.items()}).T
 
 

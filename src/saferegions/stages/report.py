@@ -57,7 +57,8 @@ def _row(cid, paper, claim, paper_value, stage, this_run=NOT_RUN):
     """A claim row with no estimate yet (verdict "not run") and its fixed threshold."""
     threshold, direction = THRESHOLDS.get(cid, (None, None))
     return {"id": cid, "paper": paper, "claim": claim, "paper_value": paper_value, "stage": stage,
-            "condition": None, "this_run": this_run, "n": 0, "effect": None, "ci": None, "test": None, "p": None,
+            "condition": None, "this_run": this_run, "n": 0, "effect": None, "ci": None, "ci_one_flip": None,
+            "test": None, "p": None,
             "threshold": threshold, "direction": direction, "verdict": NOT_RUN}
 
 
@@ -65,9 +66,10 @@ def estimate(d) -> evidence.Estimate | None:
     """An `Estimate.as_dict()` read back; None where a stage did not write it (or wrote no interval)."""
     if not isinstance(d, dict) or not isinstance(d.get("n"), int) or d.get("effect") is None:
         return None
-    ci = d.get("ci") or (None, None)
-    ci = tuple(math.nan if c is None else float(c) for c in ci)
-    return evidence.Estimate(d["n"], float(d["effect"]), ci, str(d.get("test")), d.get("p"))
+    floats = lambda pair: tuple(math.nan if c is None else float(c) for c in pair)  # noqa: E731
+    flip = d.get("ci_one_flip")
+    return evidence.Estimate(d["n"], float(d["effect"]), floats(d.get("ci") or (None, None)), str(d.get("test")),
+                             d.get("p"), floats(flip) if flip else None)
 
 
 def _decide(row: dict, est: evidence.Estimate | None, condition: str, guard: str | None = None) -> None:
@@ -75,7 +77,8 @@ def _decide(row: dict, est: evidence.Estimate | None, condition: str, guard: str
     stand (utility, degenerate outputs, no positive control); it is then inconclusive with the reason shown."""
     row.update(evidence.claim(est, row["threshold"], row["direction"]), condition=condition)
     nan = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731  (plain JSON)
-    row.update(effect=nan(row["effect"]), p=nan(row["p"]), ci=[nan(c) for c in row["ci"]] if row["ci"] else None)
+    row.update({k: [nan(c) for c in row[k]] if row[k] else None for k in ("ci", "ci_one_flip")},
+               effect=nan(row["effect"]), p=nan(row["p"]))
     if guard and row["verdict"] == evidence.Verdict.SUPPORTED.value:
         row["verdict"] = evidence.Verdict.INCONCLUSIVE.value
         row["this_run"] = f"{row['this_run']}; inconclusive because {guard}"
@@ -230,10 +233,11 @@ def _overlap(results: dict, cfg, P1: str) -> list[dict]:
     iou = lambda x: "undefined (empty regions)" if x.get("mean_iou") is None else (  # noqa: E731
         f"{x['mean_iou']:.3f}" + (f" [{x['mean_iou_ci'][0]:.3f}, {x['mean_iou_ci'][1]:.3f}]"
                                   if None not in (x.get("mean_iou_ci") or [None]) else ""))
-    r1["this_run"] = "mean raw IoU [95% CI] (chance; split-half): " + "; ".join(
-        f"{m}/{k} {iou(ov[m][k]['raw'])} ({ov[m][k]['raw'].get('chance_iou') or 0:.3f}; "
-        f"{'–' if ov[m][k].get('split_half_iou') is None else format(ov[m][k]['split_half_iou'], '.3f')})"
-        for m, k in keys)
+    f3 = lambda x: "–" if x is None else format(x, ".3f")  # noqa: E731
+    r1["this_run"] = ("mean raw IoU [95% CI] (chance; half-size regions: within one dataset, between datasets): "
+                      + "; ".join(f"{m}/{k} {iou(ov[m][k]['raw'])} ({f3(ov[m][k]['raw'].get('chance_iou'))}; "
+                                  f"{f3(ov[m][k].get('split_half_iou'))}, {f3(ov[m][k].get('between_half_iou'))})"
+                                  for m, k in keys))
     r2["this_run"] = "refined − raw IoU: " + "; ".join(
         f"{m}/{k} {_fmt(ov[m][k].get('refined_minus_raw'))}" for m, k in keys)
     _decide(r1, _iou_estimate(v["raw"]), f"{model}/{method}, raw")
@@ -340,12 +344,15 @@ def claims(results: dict, cfg=None) -> list[dict]:
 
 
 def forest(rows: list[dict]):
-    """One figure: each decided claim's effect with its 95% CI as an error bar and its threshold as a red tick."""
+    """One figure: each decided claim's effect with its 95% CI as an error bar, the one-prompt-flip interval that
+    decides binary claims as a grey band behind it, and its threshold as a red tick."""
     import matplotlib.pyplot as plt
     plots.style()
     shown = [r for r in rows if r["effect"] is not None and r["threshold"] is not None]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(shown) + 1.5))
     for i, r in enumerate(shown):
+        if r.get("ci_one_flip"):
+            ax.plot(r["ci_one_flip"], [i, i], color="0.8", lw=8, solid_capstyle="butt")
         lo, hi = (r["ci"] or [None, None])
         if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):
             ax.errorbar(r["effect"], i, xerr=[[r["effect"] - lo], [hi - r["effect"]]], fmt="o", color="C0",
@@ -355,7 +362,7 @@ def forest(rows: list[dict]):
         ax.plot([r["threshold"]] * 2, [i - 0.35, i + 0.35], color="C3", lw=2)
     ax.set_yticks(range(len(shown)), [f"{r['id']} ({r['verdict']})" for r in shown])
     ax.invert_yaxis()
-    ax.set(title="Claims: effect with 95% CI (red: threshold)", xlabel="effect")
+    ax.set(title="Claims: effect with 95% CI (grey: with one prompt flipped; red: threshold)", xlabel="effect")
     return fig
 
 
