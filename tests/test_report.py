@@ -182,6 +182,20 @@ def test_region_claim_guard_utility_and_degenerate(tmp_path, change, reason):
     assert r["verdict"] == "inconclusive" and reason in r["this_run"] and r["effect"] == pytest.approx(0.3)
 
 
+def test_the_one_prompt_flip_interval_written_by_a_stage_decides_the_verdict(tmp_path):
+    """A region effect whose 95% CI clears 0.10 but whose one-prompt-flip interval reaches it is inconclusive,
+    and claims.json carries both intervals."""
+    _fixture(tmp_path)
+    m = json.loads((tmp_path / "results/validate/metrics.json").read_text())
+    m["aligned"]["snip"]["advbench"]["paired"] = {**_est(96, 0.19, 0.11, 0.27), "ci_one_flip": [0.095, 0.28]}
+    _write(tmp_path, "validate/metrics.json", m)
+    r = _claims(tmp_path)["p1_region_affects_safety"]
+    assert r["verdict"] == "inconclusive" and r["ci"] == [0.11, 0.27] and r["ci_one_flip"] == [0.095, 0.28]
+    m["aligned"]["snip"]["advbench"]["paired"]["ci_one_flip"] = [0.105, 0.28]
+    _write(tmp_path, "validate/metrics.json", m)
+    assert _claims(tmp_path)["p1_region_affects_safety"]["verdict"] == "supported"
+
+
 def test_spa_needs_a_full_ft_arm_that_drifts(tmp_path):
     _fixture(tmp_path)
     m = json.loads((tmp_path / "results/spa/metrics.json").read_text())

@@ -304,12 +304,11 @@ def _set(results: dict, cfg, P2: str) -> dict:
 
 def spa_guard(drift: dict, task: str) -> str | None:
     """Why a flat SPA arm cannot support the claim: the full-FT arm (the positive control) must drift
-    measurably, i.e. its interval must exclude zero."""
+    measurably, i.e. `evidence.verdict` must decide its drift against zero either way."""
     full = estimate((drift.get(task) or {}).get("full"))
     if full is None:
         return f"no full fine-tuning arm on {task} shows that this fine-tuning moves ASR at all"
-    lo, hi = full.ci
-    if math.isnan(lo) or lo <= 0 <= hi:
+    if evidence.verdict(full, 0.0) == evidence.Verdict.INCONCLUSIVE:
         return f"the full fine-tuning arm's drift on {task} ({_fmt(drift[task]['full'])}) includes zero"
     return None
 
