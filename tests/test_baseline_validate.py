@@ -78,3 +78,20 @@ def test_validate_condition_record_on_planted_outcomes():
     assert e["paired"] == evidence.paired_proportions(region.complied, random.complied).as_dict()
     assert e["paired"]["effect"] == pytest.approx(36 / 96) and e["paired"]["p"] < 1e-6
     assert e["paired"]["test"].startswith("exact McNemar")
+
+
+def test_validate_refuses_an_eval_pool_smaller_than_asked(tmp_path, monkeypatch):
+    """One clear error before any model loads, instead of silently fewer paired prompts."""
+    import json
+    import types
+    rows = [{"dataset": d, "split": "eval", "prompt": f"{d} {i}"} for d, k in (("advbench", 5), ("alpaca", 4))
+            for i in range(k)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(validate, "PROMPTS", path)
+    cfg = lambda n_eval: types.SimpleNamespace(validate=types.SimpleNamespace(  # noqa: E731
+        eval_sets=["advbench"], n_eval=n_eval, n_utility=4))
+    harmful, util = validate.prompts(cfg(5))
+    assert harmful == [f"advbench {i}" for i in range(5)] and len(util) == 4
+    with pytest.raises(ValueError, match="advbench"):
+        validate.prompts(cfg(6))

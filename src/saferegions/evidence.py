@@ -17,6 +17,7 @@ from scipy import stats
 
 LEVEL = 0.95
 RESAMPLES = 2000   # bootstrap resamples (docs/methods.md §5.6: >= 1,000)
+PAIRED_TEST = "exact McNemar; Newcombe hybrid score 95%"
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _paired(a: np.ndarray, b: np.ndarray) -> Estimate:
     Newcombe does). Unconditional: it does not treat the number of discordant pairs as fixed."""
     n = len(a)
     if not n:
-        return Estimate(0, math.nan, (math.nan, math.nan), "exact McNemar")
+        return Estimate(0, math.nan, (math.nan, math.nan), PAIRED_TEST)
     both, only_a, only_b = int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum())
     neither = n - both - only_a - only_b
     ka, kb = both + only_a, both + only_b
@@ -108,7 +109,7 @@ def _paired(a: np.ndarray, b: np.ndarray) -> Estimate:
     high = pa - pb + math.sqrt(max((ua - pa) ** 2 - 2 * phi * (ua - pa) * (pb - lb) + (pb - lb) ** 2, 0.0))
     m = only_a + only_b
     p = float(stats.binomtest(only_a, m, 0.5).pvalue) if m else 1.0
-    return Estimate(n, (only_a - only_b) / n, (low, high), "exact McNemar; Newcombe hybrid score 95%", p)
+    return Estimate(n, (only_a - only_b) / n, (low, high), PAIRED_TEST, p)
 
 
 def paired_proportions(a: Sequence[bool], b: Sequence[bool]) -> Estimate:
