@@ -82,8 +82,9 @@ def _fake_results(root):
     put("set/metrics.json", {"set": {"asr_before": 0.875, "asr_after": 0.375, "utility_after": 0.5,
                                      "trainable_fraction": 0.01}})
     put("report/claims.json", {"c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "condition": "m/snip",
-                                      "n": 96, "effect": 0.25, "ci": [0.125, 0.375], "test": "exact McNemar",
-                                      "p": 0.001, "threshold": 0.1, "direction": ">", "verdict": "supported"},
+                                      "n": 96, "effect": 0.25, "ci": [0.125, 0.375], "ci_one_flip": [0.11, 0.39],
+                                      "test": "exact McNemar", "p": 0.001, "threshold": 0.1, "direction": ">",
+                                      "verdict": "supported"},
                                "c2": {"claim": "c", "paper": "p", "this_run": "not run", "condition": None, "n": 0,
                                       "effect": None, "ci": None, "test": None, "p": None, "threshold": 0.5,
                                       "direction": "<", "verdict": "not run"}})
@@ -111,8 +112,8 @@ def test_generator_on_a_tiny_results_dir(tmp_path):
     assert "| m/snip | 2 | 0.300 (0.010) | – (–) |" in out                         # undefined IoU, datasets
     assert "| set | 1.00% | 0.875 → 0.375 |" in out
     assert "| m/snip | advbench | 0.50 | 0.25 | 0.25 [0.125, 0.375] | 0.95 | 96 |" in out    # paired, CI, n
-    assert "| a \\| b | p | m/snip | 0.25 [0.125, 0.375] | 96 | > 0.10 | **supported** |" in out  # pipes escaped
-    assert "| c | p | – | – | 0 | < 0.50 | **not run** |" in out
+    assert "| a \\| b | p | m/snip | 0.25 [0.125, 0.375] | [0.11, 0.39] | 96 | > 0.10 | **supported** |" in out  # pipes
+    assert "| c | p | – | – | – | 0 | < 0.50 | **not run** |" in out
     assert _check_tables(out) == []
     (tmp_path / "results/set/metrics.json").unlink()                              # results changed: stale
     assert readme.main(["--root", str(tmp_path), "--check"]) == 1
