@@ -334,7 +334,7 @@ def split_half(ident: Path, keys) -> dict:
                 halves[d] = (regions.load_packed(f), regions.load_packed(other))
         within = {d: nan_none(regions.iou(*h)) for d, h in halves.items()}
         between = {f"{d1}|{d2}": nan_none(float(np.mean([regions.iou(x, y) for x in halves[d1] for y in halves[d2]])))
-                   for i, d1 in enumerate(halves) for d2 in list(halves)[i + 1:]}
+                   for d1, d2 in itertools.combinations(halves, 2)}
         out[role, method] = {"within": within, "between": between}
     return out
 
@@ -351,14 +351,19 @@ def metrics(summary_table: pd.DataFrame, estimates: dict | None = None, halves: 
         if est is not None:
             entry.update(mean_iou_ci=[nan_none(c) for c in est.ci], n_pairs=est.n)
         out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = entry
-    mean = lambda d: float(np.mean(vals)) if (vals := [x for x in d.values() if x is not None]) else None  # noqa: E731
     for (role, method), per in [((m, k), v) for m, ms in out.items() for k, v in ms.items()]:
         diff = (estimates or {}).get((role, method), {}).get("refined_minus_raw")
         per["refined_minus_raw"] = _plain(diff.as_dict()) if diff is not None else None
         found = (halves or {}).get((role, method)) or {"within": {}, "between": {}}
-        per.update(split_half_iou=mean(found["within"]), split_half=found["within"],
-                   between_half_iou=mean(found["between"]), between_half=found["between"])
+        per.update(split_half_iou=_mean_defined(found["within"]), split_half=found["within"],
+                   between_half_iou=_mean_defined(found["between"]), between_half=found["between"])
     return out
+
+
+def _mean_defined(ious: dict) -> float | None:
+    """Mean of the defined values; None where there is none."""
+    vals = [x for x in ious.values() if x is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def _plain(d: dict) -> dict:
