@@ -328,12 +328,16 @@ def build(raw: str | Path, out: str | Path, ident_size: int, eval_min: int, alpa
     return {name: write_table(out / f"{name}.jsonl", items) for name, items in tables.items()}
 
 
-def prompts(path: str | Path, dataset: str, split: str, n: int | None = None) -> list[str]:
-    """The first `n` prompts of one set and split from artifacts/data/prompts.jsonl (or utility.jsonl)."""
+def prompts(path: str | Path, dataset: str, split: str, n: int | None = None, exact: bool = False) -> list[str]:
+    """The first `n` prompts of one set and split from artifacts/data/prompts.jsonl (or utility.jsonl); all of
+    them where the split is smaller, unless `exact` (a sample size a claim's power rests on), which makes that an
+    error."""
     from .io import read_jsonl
     found = [r["prompt"] for r in read_jsonl(path) if r["dataset"] == dataset and r["split"] == split]
     if not found:
         raise ValueError(f"no prompts for dataset {dataset!r} split {split!r} in {path}")
+    if exact and n and len(found) < n:
+        raise ValueError(f"{n} prompts asked of dataset {dataset!r} split {split!r}, which has {len(found)}")
     return found[:n] if n else found
 
 

@@ -102,12 +102,8 @@ def run_model(model, tok, role: str, methods: list[str], datasets: list[str], re
 def prompts(cfg) -> tuple[list[str], list[str]]:
     """(held-out harmful prompts of `validate.eval_sets`, held-out Alpaca prompts for the utility score)."""
     v = cfg.validate
-    pools = {s: data.prompts(PROMPTS, s, "eval") for s in [*v.eval_sets, "alpaca"]}
-    need = {s: v.n_utility if s == "alpaca" else v.n_eval for s in pools}
-    short = {s: len(pools[s]) for s in pools if len(pools[s]) < need[s]}
-    if short:
-        raise ValueError(f"validate: eval splits smaller than validate.n_eval / n_utility ({need}): {short}")
-    return [p for s in v.eval_sets for p in pools[s][:v.n_eval]], pools["alpaca"][:v.n_utility]
+    harmful = [p for s in v.eval_sets for p in data.prompts(PROMPTS, s, "eval", v.n_eval, exact=True)]
+    return harmful, data.prompts(PROMPTS, "alpaca", "eval", v.n_utility, exact=True)
 
 
 def run(cfg, harmful: list[str], util_prompts: list[str]):
