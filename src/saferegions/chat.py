@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .models import input_device
+
 
 def render(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
     """Each prompt as a single user turn in the model's own chat template, generation prompt on."""
@@ -59,7 +61,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     responses: list[str | None] = [None] * len(texts)
     finished: list[bool | None] = [None] * len(texts)
     eos = eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     if do_sample:
         torch.manual_seed(seed)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):

@@ -34,8 +34,19 @@ def _forward(self, x):
     return row_split_linear(x, self.weight, self.bias)
 
 
+def applies_to(model: torch.nn.Module) -> bool:
+    """True for a model wholly on the CPU and not dispatched by accelerate: a replaced `forward` would skip the
+    hooks that move an offloaded weight in at call time (wrong logits), and on a GPU it gains nothing."""
+    if getattr(model, "hf_device_map", None) or any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return False
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
 def use_row_split(model: torch.nn.Module) -> torch.nn.Module:
-    """Route every plain nn.Linear of `model` through row_split_linear (in place; returns the model)."""
+    """Route every plain nn.Linear of `model` through row_split_linear when `applies_to(model)` (in place;
+    returns the model)."""
+    if not applies_to(model):
+        return model
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.forward = types.MethodType(_forward, module)

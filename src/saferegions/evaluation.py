@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import chat, evidence
+from .models import input_device
 
 # The outcome rule's thresholds (docs/methods.md §5.6; project defaults, not paper values).
 REPEAT_SHARE = 0.5
@@ -81,7 +82,7 @@ def loglik_sums(model, tok, prompts: list[str], answers: list[str], batch_size: 
                 system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per answer: the summed log-likelihood of its tokens given its prompt, and their number (teacher forced, one
     forward per batch; the appended end-of-turn token excluded, as truncated greedy answers never produced it)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     sums, counts = [], []
     for batch in chat.response_batches(tok, prompts, answers, batch_size, system=system):
         labels = batch["labels"]

@@ -50,8 +50,9 @@ def _main_output(output):
 
 
 @contextmanager
-def _registered(handles_factory):
-    """Register hooks via `handles_factory(handles)` and remove every one of them on exit."""
+def registered(handles_factory):
+    """Yield `handles_factory(handles)`, which registers hooks and appends their handles to `handles`; every one of
+    them is removed on exit, also after an exception."""
     handles = []
     try:
         yield handles_factory(handles)
@@ -70,7 +71,7 @@ def capture_inputs(modules: dict, reduce=None):
                 store[name].append(reduce(name, x) if reduce else x.detach())
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return store
-    return _registered(install)
+    return registered(install)
 
 
 def capture_outputs(modules: dict, reduce=None):
@@ -83,7 +84,7 @@ def capture_outputs(modules: dict, reduce=None):
                 store[name].append(reduce(name, y) if reduce else y.detach())
             handles.append(module.register_forward_hook(hook))
         return store
-    return _registered(install)
+    return registered(install)
 
 
 def capture_calls(modules: dict):
@@ -95,7 +96,7 @@ def capture_calls(modules: dict):
                 store[name].append((args, dict(kwargs)))
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return store
-    return _registered(install)
+    return registered(install)
 
 
 def edit_input(module: nn.Module, fn):
@@ -107,7 +108,7 @@ def edit_input(module: nn.Module, fn):
                 return (fn(x), *args[1:]), kwargs
             return args, {**kwargs, key: fn(x)}
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    return _registered(install)
+    return registered(install)
 
 
 def edit_output(module: nn.Module, fn):
@@ -118,7 +119,7 @@ def edit_output(module: nn.Module, fn):
                 return (fn(output[0]), *output[1:])
             return fn(output)
         handles.append(module.register_forward_hook(hook))
-    return _registered(install)
+    return registered(install)
 
 
 def _scale_last_dims(x: torch.Tensor, dims, factor: float) -> torch.Tensor:

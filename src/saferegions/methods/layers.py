@@ -16,7 +16,7 @@ import torch
 from .. import data
 from ..chat import _prefilled_batch, generate, render
 from ..hooks import one_thread, scaled_weights
-from ..models import block_modules, component, eligible_weights, layer_index
+from ..models import block_modules, component, eligible_weights, input_device, layer_index
 from ..regions import Granularity, Region
 from . import LAYER_MIN_PROMPTS
 from .context import Context, refined_meta
@@ -33,7 +33,7 @@ def last_token_states(model, tok, prompts: list[str], batch_size: int = 8,
     (the system turn, about half of a Qwen prompt) runs once from a KV cache, and no vocabulary projection runs:
     16 prompts per side cost what 8 did."""
     texts = [template.format(prompt=p) for p in prompts] if template else render(tok, prompts)
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for start in range(0, len(texts), batch_size):
         rows = [tok(t, add_special_tokens=template is not None)["input_ids"] for t in texts[start:start + batch_size]]

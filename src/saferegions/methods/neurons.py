@@ -25,19 +25,14 @@ import torch
 from ..hooks import (capture_calls, capture_inputs, capture_outputs, edit_output, scale_output_dims,
                      zero_input_dims)
 from ..hooks import one_thread
-from ..models import block_modules, component, eligible_weights, is_expert, layer_index
+from ..models import Part, arch_of, block_modules, component, eligible_weights, input_device, layer_index
 from ..regions import Granularity, Region
 from .context import Context, refined_meta
 
 UNITS = ("ffn", "q", "k", "v", "o")
 ATTN_UNITS = ("q", "k", "v", "o")
 QK_MODES = ("ablate", "plnd")
-
-
-def _ffn_module(block):
-    """The dense MLP of a block (or qwen2_moe's shared expert); None for routed-only MoE blocks."""
-    mlp = block.mlp
-    return mlp if hasattr(mlp, "down_proj") else getattr(mlp, "shared_expert", None)
+NEURON_PARTS = (Part.ATTENTION, Part.MLP, Part.SHARED_EXPERT)   # routed experts have no neurons here
 
 
 def _forward(model, batch):
@@ -163,12 +158,13 @@ def neuron_scores(model, batches, qk_mode: str = "ablate", chunk: int = 16) -> d
     tokens. `batches` as from `chat.response_batches` (left-padded, labels −100 off the response)."""
     if qk_mode not in QK_MODES:
         raise ValueError(f"qk_mode must be one of {QK_MODES}, got {qk_mode!r}")
-    attns = {l: b.self_attn for l, b in enumerate(block_modules(model))}
-    ffns = {l: m for l, b in enumerate(block_modules(model)) if (m := _ffn_module(b)) is not None}
+    a, blocks = arch_of(model), block_modules(model)
+    attns = {l: a.attention_of(b) for l, b in enumerate(blocks)}
+    ffns = {l: m for l, b in enumerate(blocks) if (m := a.ffn_of(b)) is not None}
     down_norm = {l: m.down_proj.weight.float().norm(dim=0) for l, m in ffns.items()}
     o_norm = {l: a.o_proj.weight.float().norm(dim=0) for l, a in attns.items()}
     grams = {l: _group_gram(a) for l, a in attns.items()}
-    device = next(model.parameters()).device
+    device = input_device(model)
     parts = {l: {u: [] for u in UNITS} for l in attns}
     for batch in batches:
         batch = {key: val.to(device) for key, val in batch.items()}
@@ -260,7 +256,7 @@ def weight_density(model, units: dict) -> float:
     for name, p in eligible_weights(model).items():
         total += p.numel()
         u, comp = units.get(layer_index(name)), component(name)
-        if u and not is_expert(name) and comp in ("gate", "up", "down", "q", "k", "v", "o"):
+        if u and part(name) in NEURON_PARTS:
             key = "ffn" if comp in ("gate", "up", "down") else comp
             picked += len(u.get(key, [])) * p.shape[0 if comp in ("down", "o") else 1]
     return picked / total
@@ -293,7 +289,7 @@ def to_weight_masks(model, units: dict) -> dict[str, torch.Tensor]:
     for name, p in eligible_weights(model).items():
         mask = torch.zeros(p.shape, dtype=torch.bool)
         u, comp = units.get(layer_index(name)), component(name)
-        if u and not is_expert(name):
+        if u and part(name) in NEURON_PARTS:
             idx = lambda key: torch.as_tensor(u.get(key, []), dtype=torch.long)  # noqa: E731
             if comp in ("gate", "up"):
                 mask[idx("ffn"), :] = True
@@ -309,9 +305,9 @@ def to_weight_masks(model, units: dict) -> dict[str, torch.Tensor]:
 
 def unit_counts(model) -> dict:
     """{layer: {unit: number of neurons of that type}} in the native index spaces of the module docstring."""
-    out = {}
+    out, a = {}, arch_of(model)
     for l, block in enumerate(block_modules(model)):
-        attn, ffn = block.self_attn, _ffn_module(block)
+        attn, ffn = a.attention_of(block), a.ffn_of(block)
         out[l] = {"ffn": ffn.down_proj.in_features if ffn is not None else 0, "o": attn.o_proj.in_features,
                   **{c: getattr(attn, f"{c}_proj").out_features for c in ("q", "k", "v")}}
     return out
@@ -328,17 +324,17 @@ def random_units(model, units: dict, seed: int) -> dict:
 @contextmanager
 def deactivate(model, units: dict):
     """Zero the selected neurons with hooks (validation: does the behaviour change without them?)."""
-    blocks = block_modules(model)
+    a, blocks = arch_of(model), block_modules(model)
     with ExitStack() as stack:
         for l, u in units.items():
-            attn = blocks[int(l)].self_attn
+            attn = a.attention_of(blocks[int(l)])
             for comp in ("q", "k", "v"):
                 if u.get(comp):
                     stack.enter_context(scale_output_dims(getattr(attn, f"{comp}_proj"), u[comp], 0.0))
             if u.get("o"):
                 stack.enter_context(zero_input_dims(attn.o_proj, u["o"]))
             if u.get("ffn"):
-                ffn = _ffn_module(blocks[int(l)])
+                ffn = a.ffn_of(blocks[int(l)])
                 if ffn is None:
                     raise NotImplementedError(f"layer {l} has routed experts only; no FFN neurons there")
                 stack.enter_context(zero_input_dims(ffn.down_proj, u["ffn"]))

@@ -34,13 +34,14 @@ from .. import regions
 from .. import chat
 from ..hooks import capture_inputs, single_thread
 from ..io import read_jsonl
-from ..models import eligible_weights
+from ..arch import linear_targets
+from ..models import eligible_weights, input_device
 from ..regions import Region
 from .context import Context, refined_meta
 
 # The seven projections of every decoder block (shared experts included); fused MoE experts are not Linear
-# modules and get no LoRA (their base masks stay empty). The `.layers.N.` anchor keeps lm_head etc. out.
-TARGET_MODULES = r".*\.layers\.\d+\..*\b(q|k|v|o|gate|up|down)_proj"
+# modules and get no LoRA (their base masks stay empty). The block-list anchor keeps lm_head etc. out.
+TARGET_MODULES = linear_targets()
 _LORA = re.compile(r"\.lora_[AB]\.[^.]+\.weight$")
 
 
@@ -98,7 +99,7 @@ def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str]
     peft_model = get_peft_model(model, cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = next(peft_model.parameters()).device
+    device = input_device(peft_model)
     g = torch.Generator().manual_seed(seed)
 
     def cycle():
@@ -214,7 +215,7 @@ def lowrank_project(peft_model, batches, rank_ratio: float = 0.8,
         return x.T @ x
 
     grams = {n: None for n in loras}
-    device = next(peft_model.parameters()).device
+    device = input_device(peft_model)
     was_training = peft_model.training
     peft_model.eval()                                          # no LoRA dropout
     try:

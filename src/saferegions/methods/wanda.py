@@ -23,32 +23,16 @@ fp32 and on CPU.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models import eligible_weights
+from ..hooks import registered
+from ..models import Part, eligible_weights, input_device, part
 from ..regions import Region
 from .context import Context, weight_method
-
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
-
-
-@contextlib.contextmanager
-def hooks(registrations: Iterable):
-    """Register hooks from callables that each return a RemovableHandle; remove them all on exit."""
-    handles = []
-    try:
-        for register in registrations:
-            handles.append(register())
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()
-
 
 def _owner(model, name: str):
     """(module, kind) owning parameter `name`: kind "linear" for an nn.Linear weight, else the fused experts
@@ -57,7 +41,7 @@ def _owner(model, name: str):
     module = model.get_submodule(module_name)
     if isinstance(module, torch.nn.Linear) and attr == "weight":
         return module, "linear"
-    if attr in EXPERT_WEIGHTS and hasattr(module, "gate_up_proj") and hasattr(module, "_apply_gate"):
+    if part(name) is Part.EXPERT and hasattr(module, "_apply_gate"):
         if getattr(module, "is_transposed", False) or not getattr(module, "has_gate", True):
             raise ValueError(f"{module_name}: transposed or gate-less expert layouts are not supported")
         return module, attr
@@ -83,7 +67,7 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
     over every sample of `batches` ({input_ids, attention_mask, labels}, as `chat.response_batches` yields).
     `weights` defaults to `models.eligible_weights(model)`."""
     weights = dict(weights) if weights is not None else eligible_weights(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     state = {"mask": None}           # flat [B*S] bool mask of the counted positions of the current batch
     sumsq: dict[str, torch.Tensor] = {}
     linears, experts = {}, {}        # module -> name; experts module -> {attr: name}
@@ -118,14 +102,14 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
                     sumsq[names["down_proj"]][e].add_(_sq_sum(h))
         return hook
 
-    registrations = [lambda m=m, n=n: m.register_forward_hook(linear_hook(n)) for m, n in linears.items()]
-    registrations += [lambda m=m, n=n: m.register_forward_pre_hook(experts_hook(n), with_kwargs=True)
-                      for m, n in experts.items()]
+    def install(handles):
+        handles += [m.register_forward_hook(linear_hook(n)) for m, n in linears.items()]
+        handles += [m.register_forward_pre_hook(experts_hook(n), with_kwargs=True) for m, n in experts.items()]
     n_samples = 0
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), hooks(registrations):
+        with torch.no_grad(), registered(install):
             for batch in tqdm(batches, desc="wanda", disable=not progress, leave=False):
                 ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
                 attn = batch.get("attention_mask")

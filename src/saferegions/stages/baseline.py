@@ -20,7 +20,7 @@ from ..data import BENIGN_SETS, SAFETY_SETS, prompts
 from ..evaluation import evaluate, rate_record
 from ..io import read_jsonl, write_json, write_jsonl
 from ..judges import KeywordJudge, cohen_kappa, fit_learned_judge
-from ..models import load, load_encoder
+from ..models import input_device, load, load_encoder
 
 OUT, RESULTS = Path("artifacts/baseline"), Path("results/baseline")
 PROMPTS, JUDGE_ROWS = Path("artifacts/data/prompts.jsonl"), Path("artifacts/data/judge.jsonl")
@@ -112,7 +112,7 @@ def refusal_log_odds(model, tok, prompts_: list[str], batch_size: int = 16, syst
     of the chat-templated prompt: one forward pass, no generation. Higher = more likely to refuse."""
     ref, com = start_token_ids(tok, REFUSAL_STARTS), start_token_ids(tok, COMPLIANCE_STARTS)
     ref, com = sorted(ref - com), sorted(com - ref)
-    device = next(model.parameters()).device
+    device = input_device(model)
     texts = chat.render(tok, prompts_, system)
     out = []
     for start in range(0, len(texts), batch_size):

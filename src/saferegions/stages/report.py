@@ -19,12 +19,12 @@ from pathlib import Path
 import yaml
 
 from .. import config, evidence, plots  # noqa: F401  (config, plots: the notebook parses params and draws)
+from ..arch import is_moe
 from ..io import sha256_file, write_json
 from ..results import MATRIX_STAGES, NOT_RUN, STAGES, MetricsError, load_results, read_json  # noqa: F401
 
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "datasets", "gguf",
             "numpy", "pandas", "matplotlib", "seaborn", "papermill", "nbconvert", "dvc")
-MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 LOW_TO_MODERATE = 0.5   # [inference] "low to moderate" IoU read as a mean pairwise IoU below 0.5
 RESULTS = Path("results/report")
 
@@ -258,8 +258,8 @@ def _esi(results: dict, P2: str) -> list[dict]:
     if not esi:
         return [r_val, r_dense, r_moe]
     fam = _families(results)
-    dense = [m for m in esi if fam.get(m, "") not in MOE_FAMILIES]
-    moe = [m for m in esi if fam.get(m, "") in MOE_FAMILIES]
+    dense = [m for m in esi if not is_moe(fam.get(m, ""))]
+    moe = [m for m in esi if is_moe(fam.get(m, ""))]
     pert = {m: (v.get("perturbation") or {}) for m, v in esi.items()}
     rate = lambda p, k: "–" if not isinstance(p.get(k), dict) else (  # noqa: E731
         f"{p[k].get('asr', float('nan')):.2f} (deg {p[k].get('degenerate_rate', float('nan')):.2f})")
