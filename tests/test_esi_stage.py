@@ -183,19 +183,6 @@ def test_esi_params_errors(change, fragment):
     assert fragment in str(e.value)
 
 
-@pytest.mark.parametrize("largest", [True, False])
-def test_sampled_global_topk_equals_full_select(largest):
-    """esi_region's fast path picks exactly the entries regions.top_k_global picks, ties included."""
-    torch.manual_seed(0)
-    scores = {"a": torch.rand(700, 900), "b": torch.rand(1300, 500).round(decimals=2), "c": torch.zeros(50000)}
-    scores["b"][:100] = 0.99                      # many exact ties at the top
-    k = 30000
-    fast = esi._top_k_sampled(scores, k, largest)
-    full = R.top_k_global(scores, k, largest)
-    assert fast is not None and all(torch.equal(fast[n], full.masks[n]) for n in scores)
-    assert esi._top_k_sampled({"x": torch.rand(10)}, 2, largest) is None   # small: the full select
-
-
 def _tiny_lm():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

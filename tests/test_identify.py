@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from conftest import ROOT
+from saferegions.methods import removal
 from saferegions import config, judges, methods, regions
 from saferegions.evaluation import utility_score
 from saferegions.methods import layers as layer_method
@@ -136,17 +137,17 @@ def test_ablation_restores_and_random_control_matches_size(setup, tmp_path, meth
     ids = tok("hello there", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         base = model(ids).logits
-        with regions.ablation(model, region):
+        with removal.ablation(model, region):
             changed = model(ids).logits
         after = model(ids).logits
     assert torch.equal(base, after) and all(torch.equal(before[n], p) for n, p in model.named_parameters())
     if region.size:
         assert not torch.equal(base, changed)
-    kind = regions.granularity(region)            # read back from the saved region's meta
+    kind = removal.granularity_of(region)            # read back from the saved region's meta
     assert region.meta["granularity"] == methods.get(method).granularity == kind.name
-    control = regions.random_control(model, region, seed=3)
-    assert control.size == region.size and type(regions.granularity(control)) is type(kind)
-    if isinstance(kind, regions.Weights):
+    control = removal.random_control(model, region, seed=3)
+    assert control.size == region.size and type(removal.granularity_of(control)) is type(kind)
+    if isinstance(kind, removal.Weights):
         assert all(int(control.masks[n].sum()) == int(m.sum()) for n, m in region.masks.items())
     if method == "neuron":
         for layer, per in region.units["neurons"].items():
@@ -395,7 +396,7 @@ def test_pq_sweep_ablates_each_refined_region_and_picks_a_point_meeting_the_rule
     s_util = wanda_scores(model, ctx.batches("alpaca"), progress=False)
     for x in pts:
         refined = regions.difference(regions.top_fraction(s_raw, x["q"]), regions.top_fraction(s_util, x["p"]))
-        with regions.ablation(model, refined):
+        with removal.ablation(model, refined):
             u = utility_score(model, tok, *ctx.utility_eval, c.batch_size)
         assert x["density"] == pytest.approx(refined.density) and x["utility"] == pytest.approx(u, rel=1e-5)
         assert x["utility_ratio"] == pytest.approx(u / intact, rel=1e-5)

@@ -1,12 +1,13 @@
 """One registry entry is a whole method: a method registered here (one `methods.register` call) is accepted by
 params validation and the stage runner's matrix check, runs through the identify stage on a tiny model, and its
 regions are removed at their granularity, which they carry in their meta. Granularity is a type: dispatch goes
-through `regions.granularity`, never through the method's name."""
+through `methods.removal.granularity_of`, never through the method's name."""
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from saferegions.methods import removal
 from saferegions import config, methods, regions, tiny
 from saferegions.methods.context import Context, weight_method
 from saferegions.models import eligible_weights
@@ -58,9 +59,9 @@ def test_one_entry_is_accepted_by_params_and_runs_through_the_identify_stage(mag
                                                          ("harmbench", "refined")}
     region = regions.load(regions.region_path(tmp_path, "advbench", "raw"))
     assert region.meta["method"] == "magnitude" and region.meta["granularity"] == "weights"
-    assert isinstance(regions.granularity(region), regions.Weights)
+    assert isinstance(removal.granularity_of(region), removal.Weights)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with regions.ablation(model, region):
+    with removal.ablation(model, region):
         assert all(not p[region.masks[n]].any() for n, p in model.named_parameters() if n in region.masks)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert "magnitude" in identify.description("magnitude").lower()
@@ -75,15 +76,15 @@ def test_the_stage_runner_accepts_a_registered_method(magnitude):
 
 
 def test_granularity_comes_from_the_region_meta():
-    assert isinstance(regions.granularity(regions.Region({}, {})), regions.Weights)    # ESI, random masks
+    assert isinstance(removal.granularity_of(regions.Region({}, {})), removal.Weights)    # ESI, random masks
     from saferegions.methods.layers import Layers
     from saferegions.methods.neurons import Neurons
-    assert isinstance(regions.granularity(regions.Region({}, {"granularity": "neurons"})), Neurons)
-    assert isinstance(regions.granularity(regions.Region({}, {"granularity": "layers"})), Layers)
+    assert isinstance(removal.granularity_of(regions.Region({}, {"granularity": "neurons"})), Neurons)
+    assert isinstance(removal.granularity_of(regions.Region({}, {"granularity": "layers"})), Layers)
     with pytest.raises(ValueError, match="valid: weights, neurons, layers"):
-        regions.granularity(regions.Region({}, {"granularity": "heads"}))
+        removal.granularity_of(regions.Region({}, {"granularity": "heads"}))
     with pytest.raises(ValueError, match="re-run the identify stage"):    # saved before regions carried it
-        regions.granularity(regions.Region({}, {}, {"layers": [0]}))
+        removal.granularity_of(regions.Region({}, {}, {"layers": [0]}))
     with pytest.raises(config.ConfigError, match="granularity"):
         methods.Method("x", run_magnitude, "", MagnitudeCfg, "heads")
 

@@ -323,3 +323,18 @@ def test_refined_iou_identity(scope):
         assert R.refined_iou(a, b, u, scope) == pytest.approx(want)
         got = R.refined_iou(a.packed("bits"), b.packed("idx"), u.packed("bits"), scope)
         assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_sampled_global_topk_equals_full_select(largest):
+    """top_k_global's sampled fast path picks exactly the entries the radix select picks, ties included."""
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(700, 900), "b": torch.rand(1300, 500).round(decimals=2), "c": torch.zeros(50000)}
+    scores["b"][:100] = 0.99                      # many exact ties at the top
+    k = 30000
+    fast = R._select_sampled(scores, k, largest)
+    full = R._select(scores, k, largest)
+    assert fast is not None and all(torch.equal(fast[n], full[n]) for n in scores)
+    assert sum(int(m.sum()) for m in fast.values()) == k
+    region = R.top_k_global(scores, k, largest)
+    assert all(torch.equal(region.masks[n], full[n]) for n in scores)

@@ -64,14 +64,14 @@ display(overlap.inventory(loaded).style.format(precision=4))
 # ## Counting
 # For each model × method, one pass over the tensors popcounts every intersection and union the analyses need
 # (all pairs, every prefix of the random dataset orderings, the same with the utility region subtracted), keeping
-# per-tensor counts (`overlap.count`). A few pairs are recomputed with `regions.iou` (pair-by-pair popcount) as a
+# per-tensor counts (`overlap.count`). A few pairs are recomputed with `overlap.iou` (a count of that pair alone) as a
 # cross-check.
 # %%
 start = time.time()
 results = overlap.analyze(loaded, ov)
 print(f"counted {len(results)} model × method analyses in {time.time() - start:.1f} s")
 overlap.cross_check(results, loaded, VARIANTS)
-print("cross-check with regions.iou: identical")
+print("cross-check with overlap.iou: identical")
 # %% [md]
 # ## Pairwise IoU between datasets (RQ1)
 # One matrix per model × method (global scope; per-matrix tables are in `results/overlap/tables/`). Off the

@@ -156,6 +156,16 @@ def classify(name: str) -> tuple[Part, str] | None:
     return None
 
 
+def component(name: str) -> str | None:
+    found = classify(name)
+    return found[1] if found else None
+
+
+def part(name: str) -> Part | None:
+    found = classify(name)
+    return found[0] if found else None
+
+
 def linear_targets() -> str:
     """A peft `target_modules` regex for every block's nn.Linear projection (attention, dense MLP, shared expert),
     in any family; fused experts are not Linear modules and routers are not projections."""

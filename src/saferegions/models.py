@@ -29,7 +29,7 @@ from .io import atomic_dir, sha256_file, sha256_file_memo
 MANIFEST = "saferegions-manifest.json"
 SUPPORTED_FAMILIES = arch.FAMILIES
 COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down", "gate_up")
-layer_index = arch.layer_index
+component, part, layer_index = arch.component, arch.part, arch.layer_index   # of a parameter name
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,6 @@ class ModelEntry:
 
 def mirrors() -> dict:
     return json.loads(resources.files("saferegions").joinpath("registry/mirrors.json").read_text())
-
-
-def component(name: str) -> str | None:
-    """Component of a parameter name: q/k/v/o/gate/up/down, gate_up (fused experts), 'router', or None."""
-    found = arch.classify(name)
-    return found[1] if found else None
-
-
-def part(name: str) -> Part | None:
-    """Block part of a parameter name: attention, dense MLP, routed experts, shared expert, router; or None."""
-    found = arch.classify(name)
-    return found[0] if found else None
 
 
 def is_expert(name: str) -> bool:

@@ -6,8 +6,8 @@ intersections and unions they need (every pair, every prefix of the random order
 utility region subtracted), then one pass over the tensors popcounts all of them on packed bits, with only one
 tensor's bits of each region in memory (a few hundred KB for a 0.5B model, cache-resident, so the hundreds of
 queries of a 10-dataset analysis cost one read of the regions, not hundreds). Per-tensor counts are kept, so
-global and per-matrix scopes and per-layer/component profiles need no second pass. `regions.iou` computes the
-same numbers pair by pair; tests and the notebook cross-check the two.
+global and per-matrix scopes and per-layer/component profiles need no second pass. `iou`, `multiway_iou` and
+`refined_iou` are the one-query forms of the same count.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import regions
-from .models import component, layer_index
+from .arch import component, layer_index
 from .regions import PackedRegion, Region
 
 SCOPES = ("global", "per_matrix")
@@ -70,7 +70,7 @@ class Counts:
         return np.stack([self.inter([x]) for x in names], 1) / np.maximum(self.numel, 1)[:, None]
 
     def multiway(self, names, scope: str = "global", minus=None) -> float:
-        """|∩ names \\ minus| / |∪ names \\ minus| (k = 2: pairwise IoU), with `regions.iou`'s scopes."""
+        """|∩ names \\ minus| / |∪ names \\ minus| (k = 2: pairwise IoU); scope as in `ratio`."""
         return ratio(self.inter(names, minus), self.union(names, minus), scope)
 
     def refined(self, a, b, u, scope: str = "global") -> float:
@@ -88,7 +88,7 @@ class Counts:
         return out
 
     def groups(self, key) -> dict:
-        """{key(tensor name): row indices}, e.g. key = models.layer_index or models.component."""
+        """{key(tensor name): row indices}, e.g. key = arch.layer_index or arch.component."""
         out: dict = {}
         for t, name in enumerate(self.tensors):
             k = key(name)
@@ -98,8 +98,8 @@ class Counts:
 
 
 def ratio(num: np.ndarray, den: np.ndarray, scope: str) -> float:
-    """Σ num / Σ den (global) or the mean of per-tensor ratios over tensors with den > 0 (per_matrix), as
-    `regions._ratio`; NaN when undefined."""
+    """Σ num / Σ den (global) or the mean of per-tensor ratios over tensors with den > 0 (per_matrix); NaN when
+    undefined."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "global":
@@ -207,15 +207,56 @@ def count(regs: Sequence[Region | PackedRegion], names: Sequence[str], queries: 
         unknown = [x for x in [*s, *([minus] if minus is not None else [])] if x not in names]
         if op not in ("and", "or") or not s or unknown:
             raise ValueError(f"bad query {(op, set(s), minus)}: unknown names {unknown}")
-    shapes = regions._check(regs)
+    shapes = regions.matching_shapes(regs)
     tensors = list(shapes)
     numel = np.array([math.prod(shapes[t]) for t in tensors], dtype=np.int64)
     table = {q: np.zeros(len(tensors), dtype=np.int64) for q in queries}
     for t, tensor in enumerate(tensors):
-        ev = _Tensor({x: _words(regions._bits(r, tensor)) for x, r in zip(names, regs)})
+        ev = _Tensor({x: _words(regions.bits(r, tensor)) for x, r in zip(names, regs)})
         for q in table:
             table[q][t] = ev.value(q)
     return Counts(names, tensors, numel, table)
+
+
+# ---------------------------------------------------------------- IoU of a few regions
+
+
+def multiway_iou(regs: Sequence[Region | PackedRegion], scope: str = "global") -> float:
+    """|A1 ∩ … ∩ Ak| / |A1 ∪ … ∪ Ak| over the whole space, or per tensor then averaged (§3.3); NaN if undefined."""
+    names = [str(i) for i in range(len(regs))]
+    return count(regs, names, [inter_q(names), union_q(names)]).multiway(names, scope)
+
+
+def iou(a, b, scope: str = "global") -> float:
+    """|A ∩ B| / |A ∪ B| (§3.3)."""
+    return multiway_iou([a, b], scope)
+
+
+def refined_iou(a, b, u, scope: str = "global") -> float:
+    """|(A ∩ B) \\ U| / |(A ∪ B) \\ U| = IoU(A \\ U, B \\ U) (§3.5)."""
+    pair = ["a", "b"]
+    return count([a, b, u], [*pair, "u"], [inter_q(pair, "u"), union_q(pair, "u")]).refined("a", "b", "u", scope)
+
+
+def intersection_size(a, b) -> int:
+    return int(count([a, b], ["a", "b"], [inter_q(["a", "b"])]).inter(["a", "b"]).sum())
+
+
+def union_size(a, b) -> int:
+    return int(count([a, b], ["a", "b"], [union_q(["a", "b"])]).union(["a", "b"]).sum())
+
+
+def chance_iou(f1: float, f2: float | None = None) -> float:
+    """Expected IoU of independent uniform subsets of densities f1, f2: f1 f2 / (f1 + f2 - f1 f2)."""
+    f2 = f1 if f2 is None else f2
+    d = f1 + f2 - f1 * f2
+    return f1 * f2 / d if d else 0.0
+
+
+def chance_multiway(f: float, k: int) -> float:
+    """Expected k-way IoU at density f: f^k / (1 - (1 - f)^k)."""
+    d = 1.0 - (1.0 - f) ** k
+    return f**k / d if d else 0.0
 
 
 # ---------------------------------------------------------------- chance baselines (§3.4)
@@ -337,7 +378,7 @@ def depth_profile(profile: dict[int, float], points: int = 21) -> np.ndarray:
 
 def same_space(a, b) -> bool:
     """True when two regions cover the same tensors with the same shapes (direct IoU is defined)."""
-    return regions._shapes(a) == regions._shapes(b)
+    return regions.shapes(a) == regions.shapes(b)
 
 
 def refinement_terms(m: Counts, a, b, u) -> dict:
@@ -350,61 +391,6 @@ def refinement_terms(m: Counts, a, b, u) -> dict:
     return {"raw_iou": inter / uni if uni else math.nan, "identity_iou": m.refined(a, b, u),
             "u_frac_of_inter": inter_u / inter if inter else math.nan,
             "u_frac_of_union": uni_u / uni if uni else math.nan}
-
-
-# ---------------------------------------------------------------- prompt bootstrap (SNIP / Wanda)
-
-
-def _scorer(method: str):
-    """The score function of a weight-level method (model, batches -> scores): SNIP and Wanda, the methods
-    `overlap.bootstrap.methods` accepts. Imported statically so that the overlap stage's DVC deps list them."""
-    from .methods import snip, wanda
-    scores = {"snip": snip.snip_scores, "wanda": wanda.wanda_scores}
-    if method not in scores:
-        raise ValueError(f"bootstrap supports the weight-level methods snip and wanda, got {method!r}")
-    return lambda model, batches: scores[method](model, batches, progress=False)
-
-
-def bootstrap(model, tok, calib: dict, method: str, datasets: Sequence[str], n: int | None, q: float,
-              group: str, utility: PackedRegion | None, n_resamples: int, seed: int, batch_size: int = 8,
-              max_length: int = 512, system: str | None = None, progress: bool = True) -> list[dict]:
-    """Resample each dataset's calibration examples with replacement, re-identify (the method's own scores and
-    top-q selection, as `identify`), and recompute every pairwise IoU: one row per (resample, pair), raw and —
-    with the stored utility region held fixed — refined (via the identity). Percentiles of these rows are the
-    bootstrap interval over prompts."""
-    from tqdm.auto import tqdm
-
-    from . import chat
-    from .methods.context import examples
-    datasets = list(datasets)
-    if len(datasets) < 2:
-        raise ValueError("bootstrap needs at least two datasets to form a pair")
-    missing = [d for d in datasets if d not in calib]
-    if missing:
-        raise ValueError(f"no calibration examples for {missing}")
-    score = _scorer(method)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for r in tqdm(range(n_resamples), desc=f"bootstrap {method}", disable=not progress):
-        found = []
-        for d in datasets:
-            prompts, responses, finished = examples(calib[d])
-            k = min(n or len(prompts), len(prompts))
-            pick = rng.integers(0, len(prompts), k)
-            ps, rs = [prompts[i] for i in pick], [responses[i] for i in pick]
-            fs = [finished[i] for i in pick] if finished is not None else None
-            batches = list(chat.response_batches(tok, ps, rs, batch_size, max_length, system, fs))
-            region = regions.top_fraction(score(model, batches), q, group)
-            found.append(regions.pack(region))
-            del region
-        u = "_utility" if utility is not None else None
-        m = count(found + ([utility] if u else []), datasets + ([u] if u else []), plan(datasets, minus=u))
-        for a, b in itertools.combinations(datasets, 2):
-            row = {"resample": r, "method": method, "pair": f"{a}–{b}", "raw": m.multiway([a, b])}
-            if utility is not None:
-                row["refined"] = m.refined(a, b, "_utility")
-            rows.append(row)
-    return rows
 
 
 def interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -429,7 +415,7 @@ def chance_fn(c: Counts, regs: dict, scope: str, draws: int, seed: int, minus=No
     `minus` (the utility region, for refined regions) the random regions are drawn where refinement leaves
     room: outside U's entries, or outside U's layers. Cached: the convergence curve asks for many prefixes."""
     layer = all(_is_layer_region(regs[x]) for x in c.names if x in regs)
-    per_layer = layer_numel(regions._shapes(next(iter(regs.values())))) if layer else None
+    per_layer = layer_numel(regions.shapes(next(iter(regs.values())))) if layer else None
     if layer and minus is not None:
         removed = set(regs[minus].units["layers"]) if _is_layer_region(regs[minus]) else set()
         per_layer = {k: v for k, v in per_layer.items() if k not in removed}

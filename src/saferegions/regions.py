@@ -1,11 +1,12 @@
 """Regions: a region is a set of parameter entries, one bool mask per named tensor (docs/methods.md §3).
 
 Selection (§2.1, §4.3) turns raw non-negative scores into a Region; direction is an explicit argument
-and scores are never negated (trap 2.1.T1). Overlap (§3.3-3.5) is computed on packed bits, one tensor at
-a time, so comparing 8B-parameter regions never needs all masks as bool tensors at once.
+and scores are never negated (trap 2.1.T1). Packed regions (bits or indices) let `overlap` compare
+8B-parameter regions one tensor at a time, never needing all masks as bool tensors at once.
 """
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import os
@@ -18,24 +19,37 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .hooks import one_thread, zeroed_weights
+from .hooks import one_thread
 from .io import atomic_path, canonical_metadata, read_canonical_metadata
 
 __all__ = [
-    "Region", "PackedRegion", "top_fraction", "top_k_global", "random_like", "refine",
-    "difference", "intersection", "union", "intersect_all", "union_all", "pack", "unpack",
-    "iou", "intersection_size", "union_size", "multiway_iou", "refined_iou",
-    "chance_iou", "chance_multiway", "save", "load", "load_packed", "region_path",
-    "Granularity", "Weights", "granularity", "ablation", "random_control",
+    "Region", "PackedRegion", "RegionKind", "top_fraction", "top_k_global", "random_like", "refine",
+    "difference", "intersection", "union", "intersect_all", "union_all", "pack", "unpack", "bits",
+    "matching_shapes", "shapes", "save", "load", "load_packed", "region_path",
 ]
 
 IDX_MAX_DENSITY = 0.03  # at or below this density, sorted int32 indices are smaller than bits (§3.1)
 FORMAT = "saferegions.region/2"
 _CHUNK = 1 << 24  # score entries per pass: bounds temporaries on lm_head-sized tensors
-_WORDS = 1 << 15  # uint64 words per popcount step: keeps the operands in cache
 _WORKERS = min(4, os.cpu_count() or 1)   # matrices selected side by side, one single-threaded select each
-_FAST_MIN = 1 << 16  # tensors at least this large take the sampled-threshold path of per-matrix selection
+_FAST_MIN = 1 << 16  # selections over at least this many entries take the sampled-threshold path
 _SAMPLE = 1 << 16   # sample size for that threshold
+
+
+class RegionKind(enum.StrEnum):
+    """What a stored region is; the value names its file `<dataset>.<kind>.safetensors` (`region_path`)."""
+    UTILITY = "utility"             # found on the utility set (the refinement's U)
+    RAW = "raw"                     # found on one identification dataset
+    REFINED = "refined"             # raw \\ utility
+    HALF0 = "half0.raw"             # raw, from the first / second half of the calibration examples
+    HALF1 = "half1.raw"
+    UTILITY_LORA = "utility.lora"   # NLSR's regions in the LoRA's own space
+    RAW_LORA = "raw.lora"
+    REFINED_LORA = "refined.lora"
+
+    @classmethod
+    def half(cls, i: int) -> RegionKind:
+        return (cls.HALF0, cls.HALF1)[i]
 
 
 @dataclass
@@ -183,41 +197,52 @@ def _select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, tor
     return masks
 
 
-def _select_sampled(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor | None:
-    """Exact top-k of one large tensor, fast: a threshold from a seeded random sample keeps a few percent of
-    the entries as candidates (one vectorised pass), then the exact k-th key among them decides, ties to the
-    lowest flat index as in `_select`. Returns None when the sample's margin fell short (caller falls back).
-    Compaction uses numpy: torch's single-threaded nonzero is ~6x slower on CPU."""
-    flat = x.view(-1)
-    n = flat.numel()
-    s = min(n, _SAMPLE)
-    sample = flat[torch.randint(n, (s,), generator=torch.Generator().manual_seed(0))]
-    t = k / n
+def _select_sampled(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor] | None:
+    """The same masks as `_select`, fast for a small k of many entries: a threshold from a seeded random sample of
+    all entries keeps a few percent of them as candidates (one vectorised pass per tensor), then the exact k-th
+    key among the candidates decides, ties to the earliest entry (tensor order, then flat index) as in
+    `_select`. Returns None when the sample's margin fell short (the caller falls back). Compaction uses numpy:
+    torch's single-threaded nonzero is ~6x slower on CPU."""
+    flats = [x.view(-1) for x in xs.values()]
+    sizes = [f.numel() for f in flats]
+    total = sum(sizes)
+    s = min(total, _SAMPLE)
+    draw = torch.randint(total, (s,), generator=torch.Generator().manual_seed(0))
+    offsets = np.cumsum([0, *sizes])
+    owner = np.searchsorted(offsets, draw.numpy(), side="right") - 1
+    sample = torch.cat([flats[i][draw[torch.from_numpy(owner == i)] - int(offsets[i])] for i in np.unique(owner)])
+    t = k / total
     keep = min(s, math.ceil(s * (1.1 * t + 8 * math.sqrt(t * (1 - t) / s)) + 8))
-    a = flat.numpy()
     # Float order is key order up to -0.0 < +0.0, so the float candidates contain every key candidate.
     if largest:
-        cand = np.flatnonzero(a >= float(sample.topk(keep, sorted=False).values.min()))
+        thr = float(sample.topk(keep, sorted=False).values.min())
+        cands = [np.flatnonzero(f.numpy() >= thr) for f in flats]
     else:
-        cand = np.flatnonzero(a <= float(sample.topk(keep, largest=False, sorted=False).values.max()))
-    if cand.size < k:
+        thr = float(sample.topk(keep, largest=False, sorted=False).values.max())
+        cands = [np.flatnonzero(f.numpy() <= thr) for f in flats]
+    n_cand = sum(c.size for c in cands)
+    if n_cand < k:
         return None
-    ck = _keys(torch.from_numpy(a[cand]), largest)
-    thr = ck.kthvalue(cand.size - k + 1).values
-    gt, eq = ck > thr, ck == thr
-    pick = gt | (eq & (eq.cumsum(0) <= k - int(gt.sum())))
-    mask = np.zeros(n, dtype=np.bool_)
-    mask[cand[pick.numpy()]] = True
-    return torch.from_numpy(mask).view(x.shape)
+    ck = _keys(torch.cat([f[torch.from_numpy(c)] for f, c in zip(flats, cands)]), largest)
+    thr_key = ck.kthvalue(n_cand - k + 1).values
+    gt, eq = ck > thr_key, ck == thr_key
+    pick = (gt | (eq & (eq.cumsum(0) <= k - int(gt.sum())))).numpy()
+    out, a = {}, 0
+    for (name, x), c in zip(xs.items(), cands):
+        mask = np.zeros(x.numel(), dtype=np.bool_)
+        mask[c[pick[a:a + c.size]]] = True
+        out[name], a = torch.from_numpy(mask).view(x.shape), a + c.size
+    return out
 
 
-def _select_one(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Top-k of one tensor: the sampled fast path for large tensors and small fractions, else radix select."""
-    if k and x.numel() >= _FAST_MIN and k <= x.numel() // 4:
-        mask = _select_sampled(x, k, largest)
-        if mask is not None:
-            return mask
-    return _select({"x": x}, k, largest)["x"]
+def _select_fast(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
+    """Exact top-k of `xs`: the sampled path for many entries and small fractions, else radix select."""
+    total = sum(x.numel() for x in xs.values())
+    if k and total >= _FAST_MIN and k <= total // 4:
+        masks = _select_sampled(xs, k, largest)
+        if masks is not None:
+            return masks
+    return _select(xs, k, largest)
 
 
 def _select_rows(x: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
@@ -247,7 +272,7 @@ def top_k_global(scores: dict[str, torch.Tensor], k: int, largest: bool = True,
     if not 0 <= k <= total:
         raise ValueError(f"k={k} outside [0, {total}]")
     sel = {"k": int(k), "group": "global", "largest": largest}
-    return Region(_select(xs, int(k), largest), {**(meta or {}), "selection": sel})
+    return Region(_select_fast(xs, int(k), largest), {**(meta or {}), "selection": sel})
 
 
 @one_thread
@@ -267,7 +292,7 @@ def top_fraction(scores: dict[str, torch.Tensor], frac: float, group: str = "mat
     if group == "matrix":
         def select(n, s):
             x = _flat32(n, s)
-            return _select_one(x, int(frac * x.numel()), largest)
+            return _select_fast({n: x}, int(frac * x.numel()), largest)[n]
     elif group == "row":
         def select(n, s):
             return _select_rows(_flat32(n, s), frac, largest)
@@ -340,16 +365,16 @@ def random_like(region: Region, seed: int, mode: str = "per_matrix_matched") -> 
 # ---------------------------------------------------------------- set algebra
 
 
-def _shapes(r: Region | PackedRegion) -> dict[str, tuple[int, ...]]:
+def shapes(r: Region | PackedRegion) -> dict[str, tuple[int, ...]]:
     return {n: tuple(m.shape) for n, m in r.masks.items()} if isinstance(r, Region) else dict(r.shapes)
 
 
-def _check(regions) -> dict[str, tuple[int, ...]]:
+def matching_shapes(regions) -> dict[str, tuple[int, ...]]:
     if not regions:
         raise ValueError("need at least one region")
-    ref = _shapes(regions[0])
+    ref = shapes(regions[0])
     for r in regions[1:]:
-        other = _shapes(r)
+        other = shapes(r)
         if set(other) != set(ref):
             missing, extra = sorted(set(ref) - set(other))[:3], sorted(set(other) - set(ref))[:3]
             raise ValueError(f"regions cover different tensors: missing {missing}, extra {extra}")
@@ -361,7 +386,7 @@ def _check(regions) -> dict[str, tuple[int, ...]]:
 
 @one_thread
 def _combine(op: str, regions: list[Region], fn) -> Region:
-    _check(regions)
+    matching_shapes(regions)
     masks = {n: functools.reduce(fn, [r.masks[n] for r in regions]) for n in regions[0].masks}
     return Region(masks, {"op": op, "operands": [r.meta for r in regions]})
 
@@ -411,7 +436,7 @@ def _idx_to_bits(idx: np.ndarray, n: int) -> np.ndarray:
     return bits
 
 
-def _bits(r: Region | PackedRegion, name: str) -> np.ndarray:
+def bits(r: Region | PackedRegion, name: str) -> np.ndarray:
     """One tensor's packed bits, whatever form the region holds."""
     if isinstance(r, Region):
         return np.packbits(r.masks[name].reshape(-1).numpy())
@@ -448,7 +473,7 @@ def pack(region: Region | PackedRegion, encoding: str = "auto") -> PackedRegion:
             data[n] = np.flatnonzero(flat.numpy()).astype(np.int32)  # numpy: ~6x faster than torch here
         else:
             data[n] = np.packbits(flat.numpy())
-    return PackedRegion(data, _shapes(region), region.meta, region.units)
+    return PackedRegion(data, shapes(region), region.meta, region.units)
 
 
 @one_thread
@@ -463,89 +488,6 @@ def unpack(packed: PackedRegion) -> Region:
             m[torch.from_numpy(arr.astype(np.int64))] = True
         masks[n] = m.view(shape)
     return Region(masks, packed.meta, packed.units)
-
-
-# ---------------------------------------------------------------- overlap
-
-
-def _popcounts(arrays: list[np.ndarray], fns) -> list[int]:
-    """popcount(f(*arrays)) for each f, in cache-sized uint64 steps (one read of the operands)."""
-    nw = arrays[0].size // 8
-    words = [a[:nw * 8].view(np.uint64) for a in arrays]
-    totals = [0] * len(fns)
-    for s in range(0, nw, _WORDS):
-        part = [w[s:s + _WORDS] for w in words]
-        for i, f in enumerate(fns):
-            totals[i] += int(np.bitwise_count(f(*part)).sum(dtype=np.uint32))  # <= 64 * _WORDS: no overflow
-    tails = [a[nw * 8:] for a in arrays]
-    for i, f in enumerate(fns):
-        totals[i] += int(np.bitwise_count(f(*tails)).sum(dtype=np.uint32))
-    return totals
-
-
-def _per_tensor(regions, fns):
-    """Yield (name, counts) per tensor: only one tensor's bits of each region exist at a time."""
-    for name in _check(regions):
-        yield name, _popcounts([_bits(r, name) for r in regions], fns)
-
-
-def _ratio(regions, num, den, scope: str) -> float:
-    if scope not in ("global", "per_matrix"):
-        raise ValueError(f"scope must be 'global' or 'per_matrix', got {scope!r}")
-    tn = td = 0
-    per = []
-    for _, (n, d) in _per_tensor(regions, (num, den)):
-        tn, td = tn + n, td + d
-        if d:
-            per.append(n / d)
-    if scope == "global":
-        return tn / td if td else math.nan
-    return float(np.mean(per)) if per else math.nan  # tensors with an empty union are skipped
-
-
-def _and(*xs):
-    return functools.reduce(np.bitwise_and, xs)
-
-
-def _or(*xs):
-    return functools.reduce(np.bitwise_or, xs)
-
-
-def iou(a, b, scope: str = "global") -> float:
-    """|A ∩ B| / |A ∪ B| over the whole space, or per tensor then averaged (§3.3). NaN if undefined."""
-    return _ratio([a, b], _and, _or, scope)
-
-
-def intersection_size(a, b) -> int:
-    return sum(c[0] for _, c in _per_tensor([a, b], (_and,)))
-
-
-def union_size(a, b) -> int:
-    return sum(c[0] for _, c in _per_tensor([a, b], (_or,)))
-
-
-def multiway_iou(regions, scope: str = "global") -> float:
-    """|A1 ∩ … ∩ Ak| / |A1 ∪ … ∪ Ak| (§3.3, convergence)."""
-    return _ratio(list(regions), _and, _or, scope)
-
-
-def refined_iou(a, b, u, scope: str = "global") -> float:
-    """|(A ∩ B) \\ U| / |(A ∪ B) \\ U| = IoU(A \\ U, B \\ U) (§3.5)."""
-    # ~u sets u's padding bits, but each expression also ANDs a or b, whose padding is zero.
-    return _ratio([a, b, u], lambda x, y, z: x & y & ~z, lambda x, y, z: (x | y) & ~z, scope)
-
-
-def chance_iou(f1: float, f2: float | None = None) -> float:
-    """Expected IoU of independent uniform subsets of densities f1, f2: f1 f2 / (f1 + f2 - f1 f2)."""
-    f2 = f1 if f2 is None else f2
-    d = f1 + f2 - f1 * f2
-    return f1 * f2 / d if d else 0.0
-
-
-def chance_multiway(f: float, k: int) -> float:
-    """Expected k-way IoU at density f: f^k / (1 - (1 - f)^k)."""
-    d = 1.0 - (1.0 - f) ** k
-    return f**k / d if d else 0.0
 
 
 # ---------------------------------------------------------------- I/O
@@ -587,65 +529,6 @@ def load(path: str | Path) -> Region:
     return unpack(load_packed(path))
 
 
-def region_path(folder: str | Path, dataset: str, kind: str) -> Path:
+def region_path(folder: str | Path, dataset: str, kind: RegionKind | str) -> Path:
     """Where the identify stage keeps one region: `<folder>/<dataset>.<kind>.safetensors`."""
-    return Path(folder) / f"{dataset}.{kind}.safetensors"
-
-
-# ---------------------------------------------------------------- granularity: how a region is removed
-
-
-class Granularity:
-    """The unit a region was selected in, which decides how it is removed from a model and what a fair random
-    control is (docs/methods.md §3.4). A region names its granularity in `meta["granularity"]` (the keys of
-    `methods.GRANULARITIES`); `Weights` here, `Neurons` and `Layers` in methods/neurons.py and methods/layers.py."""
-
-    name = ""
-
-    def ablate(self, model, region: Region, layer_alpha: float = 0.0):
-        """Context manager: the model without `region` inside, restored bit-exactly on exit."""
-        raise NotImplementedError
-
-    def random_control(self, model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
-        """A random region of the same size at this granularity."""
-        raise NotImplementedError
-
-    def units_summary(self, region: Region) -> dict:
-        """Counts of the region's native units for summary tables ({} when the unit is the weight)."""
-        return {}
-
-
-class Weights(Granularity):
-    """Individual weight entries (SNIP, Wanda, NLSR's base projection, ESI): zeroed; control = the same count per
-    matrix (`random_like`)."""
-
-    name = "weights"
-
-    def ablate(self, model, region: Region, layer_alpha: float = 0.0):
-        return zeroed_weights(model, region.masks)
-
-    def random_control(self, model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
-        return random_like(region, seed, mode)
-
-
-def granularity(region: Region | PackedRegion) -> Granularity:
-    """The region's granularity from its meta. A region without one is a plain weight region (ESI, random masks),
-    unless it holds native units: then it was saved before regions carried their granularity."""
-    name = region.meta.get("granularity")
-    if name is None:
-        if region.units:
-            raise ValueError("region has native units but no meta['granularity']; re-run the identify stage")
-        return Weights()
-    from .methods import granularity as registered   # lazy: methods' granularities import this module
-    return registered(name)
-
-
-def ablation(model, region: Region, layer_alpha: float = 0.0):
-    """Context manager that removes `region` from `model` at the region's own granularity (`layer_alpha` scales
-    layer regions; 0 = the blocks' projections are off)."""
-    return granularity(region).ablate(model, region, layer_alpha)
-
-
-def random_control(model, region: Region, seed: int, mode: str = "per_matrix_matched") -> Region:
-    """A random region of the same size and granularity as `region` (docs/methods.md §3.4)."""
-    return granularity(region).random_control(model, region, seed, mode)
+    return Path(folder) / f"{dataset}.{RegionKind(kind)}.safetensors"

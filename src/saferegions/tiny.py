@@ -47,7 +47,7 @@ def tiny_model(family: str, tokenizer=None, seed: int = 0, layers: int = 2, hidd
     cfg = getattr(T, a.config)(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-              tie_word_embeddings=False, **a.tiny)
+              tie_word_embeddings=a.ties_lm_head, **a.tiny)
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -4,7 +4,7 @@ An entry says everything the rest of the code needs about a method: its runner (
 Region)` items), the one-paragraph description the notebook shows, its params sub-section `identify.<name>`
 (a dataclass), and the granularity its regions are removed at (a key of `GRANULARITIES`). `config` builds the
 `identify` section and the list of valid method names from `REGISTRY`, the identify stage runs `Method.run`,
-and `regions.ablation` / `regions.random_control` dispatch on the granularity a region carries in its meta.
+and `methods.removal.ablation` / `.random_control` dispatch on the granularity a region carries in its meta.
 Adding a method is one `register(Method(...))` call (tests/template_test_method.py).
 
 This module imports no torch: validating params reads it, and runners and granularities are named as
@@ -24,7 +24,7 @@ QK_MODES = ("ablate", "plnd")
 LAYER_MIN_PROMPTS = 16   # SafeLayer's random pairs need distinct prompts: 16 per side = 120 distinct same-type pairs
 
 # Granularity name (stored in a region's meta) -> the class that ablates it and draws its random control.
-GRANULARITIES = {"weights": "saferegions.regions:Weights",
+GRANULARITIES = {"weights": "saferegions.methods.removal:Weights",
                  "neurons": "saferegions.methods.neurons:Neurons",
                  "layers": "saferegions.methods.layers:Layers"}
 

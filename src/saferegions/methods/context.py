@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .. import chat, data, regions
 from ..io import read_jsonl
-from ..regions import Region
+from ..regions import Region, RegionKind
+from .removal import ablation
 
 
 def load_calibration(folder: str | Path) -> tuple[dict[str, tuple[list[str], list[str], list[bool]]], dict]:
@@ -137,7 +138,7 @@ class Context:
 
 
 def refined_meta(raw: Region, utility: Region, **refinement) -> dict:
-    return {**raw.meta, "kind": "refined",
+    return {**raw.meta, "kind": RegionKind.REFINED,
             "refinement": {"utility_dataset": utility.meta["dataset"], **refinement}}
 
 
@@ -156,25 +157,25 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None,
     sel = {"q": c.q, "p": p, "group": c.group}
     do_sweep = bool(c.pq_grid_q and c.pq_grid_p and ctx.utility_eval and ctx.utility and c.pq_dataset in ctx.datasets)
     scores = score(ctx.batches(ctx.utility_set, n))
-    util = regions.top_fraction(scores, p, c.group, meta=ctx.meta(method, ctx.utility_set, "utility", n, **sel))
+    util = regions.top_fraction(scores, p, c.group, meta=ctx.meta(method, ctx.utility_set, RegionKind.UTILITY, n, **sel))
     utils = {pp: regions.top_fraction(scores, pp, c.group) for pp in c.pq_grid_p} if do_sweep else {}
     del scores
-    yield ctx.utility_set, "utility", util
+    yield ctx.utility_set, RegionKind.UTILITY, util
     for d in ctx.datasets:
         if d in ctx.split_half:
             for i, half in enumerate(ctx.halves(d, n)):
                 r = regions.top_fraction(score(ctx.batches(d, n, half)), c.q, c.group,
-                                         meta=ctx.meta(method, d, f"half{i}.raw", len(half), half=i, **sel))
-                yield d, f"half{i}.raw", r
+                                         meta=ctx.meta(method, d, RegionKind.half(i), len(half), half=i, **sel))
+                yield d, RegionKind.half(i), r
         scores = score(ctx.batches(d, n))
-        raw = regions.top_fraction(scores, c.q, c.group, meta=ctx.meta(method, d, "raw", n, **sel))
+        raw = regions.top_fraction(scores, c.q, c.group, meta=ctx.meta(method, d, RegionKind.RAW, n, **sel))
         raws = {q: regions.top_fraction(scores, q, c.group) for q in c.pq_grid_q} if do_sweep and d == c.pq_dataset \
             else {}
         del scores
         refined = regions.difference(raw, util)
         refined.meta = refined_meta(raw, util, p=p, q=c.q, rule="top_q(safety) \\ top_p(utility)")
-        yield d, "raw", raw
-        yield d, "refined", refined
+        yield d, RegionKind.RAW, raw
+        yield d, RegionKind.REFINED, refined
         if raws:
             prompts, answers = ctx.utility_eval
             intact, points = pq_sweep(ctx.model, ctx.tok, ctx.utility, raws, utils, prompts, answers, c.batch_size, ctx.system)
@@ -203,7 +204,7 @@ def pq_sweep(model, tok, utility, raws: dict, utils: dict, prompts: list[str], a
     for q, raw in sorted(raws.items()):
         for p, util in sorted(utils.items()):
             refined = regions.difference(raw, util)
-            with regions.ablation(model, refined):
+            with ablation(model, refined):
                 u = utility(model, tok, prompts, answers, batch_size, system)
             points.append({"q": q, "p": p, "density": refined.density, "utility": u,
                            "utility_ratio": u / intact if intact else float("nan")})

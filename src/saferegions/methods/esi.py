@@ -18,7 +18,6 @@ Any object with `vocab_tokenizer`, `embedding_matrix` and `safe_score(soft_embed
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 import pandas as pd
@@ -30,7 +29,6 @@ from .. import regions as R
 from ..chat import render
 from ..judges import LlamaGuardJudge
 from ..models import component, input_device, is_expert, layer_index, param_count
-from ..hooks import one_thread
 from .snip import grad_only_for
 
 TAU = 0.3
@@ -554,51 +552,7 @@ def esi_region(scores: dict[str, torch.Tensor], model, ratio: float = 0.01, larg
         k = int(resort_k * k)
     k = min(k, sum(s.numel() for s in scores.values()))  # only tiny models have fewer candidates than k
     meta = {"method": "esi", "ratio": ratio, "resort_k": resort_k, "n_params": param_count(model), "k": k}
-    fast = _top_k_sampled(scores, k, largest)
-    if fast is None:
-        return R.top_k_global(scores, k, largest, meta)
-    return R.Region(fast, {**meta, "selection": {"k": int(k), "group": "global", "largest": largest}})
-
-
-_SAMPLE = 1 << 18
-
-
-@one_thread
-def _top_k_sampled(scores: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor] | None:
-    """The same masks as `regions.top_k_global`, faster on large models: a threshold from a seeded global
-    sample keeps a few times k entries as candidates (one numpy compare per tensor), and the exact radix
-    select runs on the candidates only. Candidates keep tensor order and flat order, so ties go to the same
-    entries; every entry at or beyond the k-th score is a candidate when there are >= k of them, else None
-    (the caller falls back to the full select). Scores are |g|·σ >= 0, so float order is key order."""
-    xs = {n: s.detach().to("cpu", torch.float32).contiguous().view(-1) for n, s in scores.items()}
-    total = sum(x.numel() for x in xs.values())
-    if k == 0 or total < 4 * _SAMPLE or k > total // 4:
-        return None
-    g = torch.Generator().manual_seed(0)
-    names, sizes = list(xs), torch.tensor([x.numel() for x in xs.values()])
-    draw = torch.randint(total, (_SAMPLE,), generator=g).sort().values
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    owner = torch.searchsorted(offsets, draw, right=True) - 1
-    sample = torch.cat([xs[names[i]][draw[owner == i] - offsets[i]] for i in owner.unique().tolist()])
-    t = k / total
-    keep = min(_SAMPLE, math.ceil(_SAMPLE * (1.5 * t + 8 * math.sqrt(t * (1 - t) / _SAMPLE)) + 8))
-    thr = float(sample.topk(keep, largest=largest, sorted=False).values.min() if largest
-                else sample.topk(keep, largest=False, sorted=False).values.max())
-    cand = {}
-    for n, x in xs.items():
-        a = x.numpy()
-        cand[n] = np.flatnonzero(a >= thr if largest else a <= thr)
-    if sum(c.size for c in cand.values()) < k:
-        return None
-    if any(torch.isnan(xs[n][torch.from_numpy(c)]).any() for n, c in cand.items() if c.size):
-        return None   # the full select raises the clear error
-    picked = R._select({n: xs[n][torch.from_numpy(c)] for n, c in cand.items()}, k, largest)
-    out = {}
-    for n, s in scores.items():
-        m = np.zeros(xs[n].numel(), dtype=np.bool_)
-        m[cand[n][picked[n].numpy()]] = True
-        out[n] = torch.from_numpy(m).view(s.shape)
-    return out
+    return R.top_k_global(scores, k, largest, meta)
 
 
 def bottom_region(scores: dict[str, torch.Tensor], model, ratio: float = 0.01) -> R.Region:

@@ -17,9 +17,10 @@ from .. import data
 from ..chat import _prefilled_batch, generate, render
 from ..hooks import one_thread, scaled_weights
 from ..models import block_modules, component, eligible_weights, input_device, layer_index
-from ..regions import Granularity, Region
+from ..regions import Region, RegionKind
 from . import LAYER_MIN_PROMPTS
 from .context import Context, refined_meta
+from .removal import Granularity
 
 PAIR_TYPES = ("nn", "mm", "nm")
 
@@ -226,14 +227,14 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         return list(range(*sweep["best"]))
 
     u_ids = find(ctx.utility_set)
-    util = _layer_region(ctx, u_ids, {**ctx.meta("layer", ctx.utility_set, "utility", **sel), "n": sizes[-1]})
-    yield ctx.utility_set, "utility", util
+    util = _layer_region(ctx, u_ids, {**ctx.meta("layer", ctx.utility_set, RegionKind.UTILITY, **sel), "n": sizes[-1]})
+    yield ctx.utility_set, RegionKind.UTILITY, util
     for d in ctx.datasets:
         ids = find(d)
-        raw = _layer_region(ctx, ids, {**ctx.meta("layer", d, "raw", **sel), "n": sizes[-1]})
+        raw = _layer_region(ctx, ids, {**ctx.meta("layer", d, RegionKind.RAW, **sel), "n": sizes[-1]})
         refined = _layer_region(ctx, set(ids) - set(u_ids), refined_meta(raw, util, rule="layers \\ utility layers"))
-        yield d, "raw", raw
-        yield d, "refined", refined
+        yield d, RegionKind.RAW, raw
+        yield d, RegionKind.REFINED, refined
 
 
 def _refusals(judge):

@@ -25,9 +25,10 @@ import torch
 from ..hooks import (capture_calls, capture_inputs, capture_outputs, edit_output, scale_output_dims,
                      zero_input_dims)
 from ..hooks import one_thread
-from ..models import Part, arch_of, block_modules, component, eligible_weights, input_device, layer_index
-from ..regions import Granularity, Region
+from ..models import Part, arch_of, block_modules, component, eligible_weights, input_device, layer_index, part
+from ..regions import Region, RegionKind
 from .context import Context, refined_meta
+from .removal import Granularity
 
 UNITS = ("ffn", "q", "k", "v", "o")
 ATTN_UNITS = ("q", "k", "v", "o")
@@ -398,15 +399,15 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         return select_neurons(scores, c.attn_frac, c.ffn_frac, c.min_prompt_frac, c.attn_rank)
 
     u_units = units(ctx.utility_set)
-    util = _neuron_region(ctx, u_units, ctx.meta("neuron", ctx.utility_set, "utility", c.n, **sel))
-    yield ctx.utility_set, "utility", util
+    util = _neuron_region(ctx, u_units, ctx.meta("neuron", ctx.utility_set, RegionKind.UTILITY, c.n, **sel))
+    yield ctx.utility_set, RegionKind.UTILITY, util
     for d in ctx.datasets:
         s_units = units(d)
-        raw = _neuron_region(ctx, s_units, ctx.meta("neuron", d, "raw", c.n, **sel))
+        raw = _neuron_region(ctx, s_units, ctx.meta("neuron", d, RegionKind.RAW, c.n, **sel))
         refined = _neuron_region(ctx, refine(s_units, u_units),
                                  refined_meta(raw, util, rule="safety neurons \\ utility neurons"))
-        yield d, "raw", raw
-        yield d, "refined", refined
+        yield d, RegionKind.RAW, raw
+        yield d, RegionKind.REFINED, refined
 
 
 def diagnostics(ctx: Context, cfg) -> dict:

@@ -30,13 +30,13 @@ import types
 import torch
 from tqdm.auto import tqdm
 
-from .. import regions
+from .. import overlap, regions
 from .. import chat
 from ..hooks import capture_inputs, single_thread
 from ..io import read_jsonl
 from ..arch import linear_targets
 from ..models import eligible_weights, input_device
-from ..regions import Region
+from ..regions import Region, RegionKind
 from .context import Context, refined_meta
 
 # The seven projections of every decoder block (shared experts included); fused MoE experts are not Linear
@@ -360,20 +360,20 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         lora.meta = {**ctx.meta("nlsr", name, kind, **sel), "space": "lora", "selection": lora.meta["selection"]}
         return lora, projected
 
-    u_lora, u_proj = find(ctx.utility_set, "utility")
-    yield ctx.utility_set, "utility", base(u_lora, u_proj, u_lora.meta)
-    yield ctx.utility_set, "utility.lora", u_lora
+    u_lora, u_proj = find(ctx.utility_set, RegionKind.UTILITY)
+    yield ctx.utility_set, RegionKind.UTILITY, base(u_lora, u_proj, u_lora.meta)
+    yield ctx.utility_set, RegionKind.UTILITY_LORA, u_lora
     first = None
     for d in ctx.datasets:
-        lora, projected = find(d, "raw")
+        lora, projected = find(d, RegionKind.RAW)
         r_lora = refine(lora, u_lora)
         r_lora.meta = {**refined_meta(lora, u_lora, rule="LoRA safety \\ LoRA utility"), "space": "lora"}
         raw = base(lora, projected, lora.meta)
         first = first or (d, raw, lora)
-        yield d, "raw", raw
-        yield d, "raw.lora", lora
-        yield d, "refined", base(r_lora, projected, r_lora.meta)
-        yield d, "refined.lora", r_lora
+        yield d, RegionKind.RAW, raw
+        yield d, RegionKind.RAW_LORA, lora
+        yield d, RegionKind.REFINED, base(r_lora, projected, r_lora.meta)
+        yield d, RegionKind.REFINED_LORA, r_lora
     peft_model.unload()                                  # the base model back, for the second LoRA
     if c.seed_check and first:
         d, raw, lora = first
@@ -383,10 +383,10 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         raw2 = Region(to_base_masks(other, lora2, proj2), {})
         other.unload()
         ctx.metrics.update({"seed_iou_dataset": d, "seed_iou_seeds": [ctx.seed, ctx.seed + 1],
-                            "seed_iou": regions.iou(raw, raw2),
-                            "seed_iou_chance": regions.chance_iou(raw.density, raw2.density),
-                            "seed_iou_lora": regions.iou(lora, lora2),
-                            "seed_iou_lora_chance": regions.chance_iou(lora.density, lora2.density),
+                            "seed_iou": overlap.iou(raw, raw2),
+                            "seed_iou_chance": overlap.chance_iou(raw.density, raw2.density),
+                            "seed_iou_lora": overlap.iou(lora, lora2),
+                            "seed_iou_lora_chance": overlap.chance_iou(lora.density, lora2.density),
                             "seed2_train_steps": hist2["steps"],
                             "seed2_heldout_loss_after": hist2["heldout_loss_after"]})
 

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import chat, config, data, evaluation, evidence, judges, models, plots   # noqa: F401 (config, plots: notebook)
+from .. import overlap
 from .. import regions as R
 from ..io import atomic_path, write_json, write_jsonl
 from ..methods import esi
@@ -133,14 +134,14 @@ def pairwise_iou(regions: dict[str, R.PackedRegion]) -> tuple[pd.DataFrame, dict
     table = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
     pairs = {}
     for a, b in itertools.combinations(names, 2):
-        table.loc[a, b] = table.loc[b, a] = pairs[f"{a}|{b}"] = R.iou(regions[a], regions[b])
+        table.loc[a, b] = table.loc[b, a] = pairs[f"{a}|{b}"] = overlap.iou(regions[a], regions[b])
     f = float(np.mean([r.density for r in regions.values()])) if regions else float("nan")
     vals = list(pairs.values())
     # None = undefined (no pair; a multi-way IoU needs three or more regions): JSON has no NaN.
     summary = {"pairs": pairs, "mean": float(np.mean(vals)) if vals else None,
-               "sd": float(np.std(vals)) if vals else None, "chance": R.chance_iou(f) if regions else None,
-               "multiway": R.multiway_iou(list(regions.values())) if len(names) > 2 else None,
-               "multiway_chance": R.chance_multiway(f, len(names)) if len(names) > 2 else None,
+               "sd": float(np.std(vals)) if vals else None, "chance": overlap.chance_iou(f) if regions else None,
+               "multiway": overlap.multiway_iou(list(regions.values())) if len(names) > 2 else None,
+               "multiway_chance": overlap.chance_multiway(f, len(names)) if len(names) > 2 else None,
                "density": f if regions else None}
     return table, summary
 
@@ -161,9 +162,9 @@ def method_overlap(dataset_regions: dict[str, R.PackedRegion], identify_dir: str
             bad = [n for n in other.shapes if tuple(other.shapes[n]) != tuple(mine.shapes[n])]
             if bad:
                 raise ValueError(f"{path}: tensor {bad[0]!r} has another shape than the model's")
-            rows.append({"method": method, "dataset": d, "iou": R.iou(mine, other),
-                         "iou_per_matrix": R.iou(mine, other, "per_matrix"),
-                         "chance": R.chance_iou(mine.density, other.density), "esi_density": mine.density,
+            rows.append({"method": method, "dataset": d, "iou": overlap.iou(mine, other),
+                         "iou_per_matrix": overlap.iou(mine, other, "per_matrix"),
+                         "chance": overlap.chance_iou(mine.density, other.density), "esi_density": mine.density,
                          "method_density": other.density, "esi_share_in_space": mine.size / max(region.size, 1)})
     return rows, missing
 
@@ -315,9 +316,9 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keywo
             else:
                 result.comparisons.append({
                     "model": role, "region": spec.name, "variant": spec.variant, "judge": spec.judge,
-                    "objective": spec.objective, "iou": R.iou(result.top, packed),
-                    "iou_per_matrix": R.iou(result.top, packed, "per_matrix"),
-                    "chance": R.chance_iou(result.top.density, packed.density), "size": packed.size})
+                    "objective": spec.objective, "iou": overlap.iou(result.top, packed),
+                    "iou_per_matrix": overlap.iou(result.top, packed, "per_matrix"),
+                    "chance": overlap.chance_iou(result.top.density, packed.density), "size": packed.size})
         del top, grads, scores
     extra = n_mass - len(prompt_sets[e.dataset]) if (n_mass := e.n_mass_prompts) is not None else 0
     if extra > 0:   # more prompts for the per-prompt mass only (the primary's gradient is not changed)

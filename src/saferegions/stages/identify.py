@@ -2,7 +2,7 @@
 
 Per prompt set the method's runner yields the utility region, and per identification dataset a raw and a refined
 region (`methods/context.py`). This module builds the runner's Context from params and the calibrate stage's
-examples, saves every region with its granularity in its meta (so `regions.ablation` knows how to remove it),
+examples, saves every region with its granularity in its meta (so `methods.removal.ablation` knows how to remove it),
 and turns the regions into the summary rows, tables and metrics.json the notebook shows.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ from .. import config, evaluation, judges, methods, models, plots, regions  # no
 from ..hooks import single_thread
 from ..io import write_json
 from ..methods.context import Context, load_calibration, load_utility_eval
+from ..methods.removal import granularity_of
 from ..models import component, layer_index
-from ..regions import Region
+from ..regions import Region, RegionKind
 
 
 def out_dir(role: str, method: str) -> Path:
@@ -75,7 +76,7 @@ def run(method: str, ctx: Context, out: str | Path) -> list[dict]:
             regions.save(region, regions.region_path(out, dataset, kind))
             size, numel = region.size, region.numel
             row = {"dataset": dataset, "kind": kind, "size": size, "numel": numel, "density": size / numel,
-                   **regions.granularity(region).units_summary(region)}
+                   **granularity_of(region).units_summary(region)}
             if not kind.endswith(".lora"):
                 row["by_layer"], row["by_component"] = profile(region)
         rows.append(row)
@@ -90,14 +91,11 @@ def metrics(rows: list[dict], method: str, role: str, model_id: str, details: di
     out = {"method": method, "model": model_id, "role": role, "datasets": {}, **(extra or {})}
     for r in rows:
         entry = {"size": r["size"], "density": r["density"], **{k: r[k] for k in ("n_units",) if k in r}}
-        if r["kind"] == "utility":
+        kind = RegionKind(r["kind"])
+        if kind is RegionKind.UTILITY:
             out["utility"] = {"dataset": r["dataset"], **entry}
-        elif r["kind"] in ("raw", "refined"):
-            out["datasets"].setdefault(r["dataset"], {})[r["kind"]] = entry
-        elif r["kind"] in ("half0.raw", "half1.raw"):
-            out["datasets"].setdefault(r["dataset"], {})[r["kind"].replace(".", "_")] = entry
-        elif r["kind"].endswith(".lora") and r["kind"] != "utility.lora":
-            out["datasets"].setdefault(r["dataset"], {})[r["kind"].replace(".", "_")] = entry
+        elif kind is not RegionKind.UTILITY_LORA:   # raw, refined, the halves and the LoRA-space regions
+            out["datasets"].setdefault(r["dataset"], {})[kind.value.replace(".", "_")] = entry
     if "lora_loss" in details:
         out["lora_loss_first"], out["lora_loss_last"] = details["lora_loss"][0], details["lora_loss"][-1]
     return out

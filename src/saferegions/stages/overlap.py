@@ -14,6 +14,8 @@ import pandas as pd
 from .. import config, evidence, models, overlap, plots, regions   # noqa: F401 (config: for the notebook)
 from ..io import write_json   # noqa: F401 (for the notebook)
 from ..methods.context import load_calibration
+from ..methods.resample import bootstrap_ious
+from ..regions import RegionKind
 
 MAIN = "global"   # scope of the summary numbers and metrics.json
 VARIANT_KEYS = ("raw", "refined")
@@ -59,12 +61,13 @@ def analyze(loaded: dict, ov) -> dict:
 
 
 def cross_check(results: dict, loaded: dict, variants) -> None:
-    """The counted matrices agree with regions.iou on one pair per model × method × variant."""
+    """The one counting pass over every region agrees with a two-region count (`overlap.iou`) on one pair per
+    model × method × variant: the shared intersections of the many-region pass are reused correctly."""
     for (role, method), a in results.items():
         ds = a["datasets"]
         if len(ds) >= 2:
             for v in variants:
-                want = regions.iou(loaded[role, method][v][ds[0]], loaded[role, method][v][ds[-1]])
+                want = overlap.iou(loaded[role, method][v][ds[0]], loaded[role, method][v][ds[-1]])
                 got = a["matrix"][v, MAIN][0, -1]
                 assert _same(got, want), (role, method, v, got, want)
 
@@ -169,7 +172,7 @@ def lora_space(folder: Path, datasets, utility_set: str, role: str) -> list[dict
     """NLSR's regions in its own LoRA space: raw and refined IoU per pair, refinement identity asserted."""
     lora = {f"{d}.{v}": regions.load_packed(regions.region_path(folder, d, f"{v}.lora")) for d in datasets
             for v in ("raw", "refined")}
-    lora["utility"] = regions.load_packed(regions.region_path(folder, utility_set, "utility.lora"))
+    lora["utility"] = regions.load_packed(regions.region_path(folder, utility_set, RegionKind.UTILITY_LORA))
     qs = overlap.plan([f"{d}.raw" for d in datasets], minus="utility") + overlap.plan([f"{d}.refined" for d in datasets])
     c = overlap.count(list(lora.values()), list(lora), qs)
     rows = []
@@ -185,7 +188,7 @@ def lora_checks(ident: Path, loaded: dict, utility_set: str) -> list[dict]:
     """`lora_space` of every model × method whose identify folder holds regions in its own LoRA space
     (`*.lora` files: NLSR writes them); other methods' refined regions are raw \\ U in weight space already."""
     return [row for (role, method), r in loaded.items()
-            if regions.region_path(ident / role / method, utility_set, "utility.lora").exists()
+            if regions.region_path(ident / role / method, utility_set, RegionKind.UTILITY_LORA).exists()
             for row in lora_space(ident / role / method, list(r["raw"]), utility_set, role)]
 
 
@@ -264,14 +267,14 @@ def across_sizes(results: dict, loaded: dict, roles, methods, variants) -> tuple
                        "profile_correlation": float(np.corrcoef(ga, gb)[0, 1]) if ga.std() and gb.std() else math.nan}
                 common = [d for d in loaded[ra, method][v] if d in loaded[rb, method][v]]
                 if common and overlap.same_space(loaded[ra, method][v][common[0]], loaded[rb, method][v][common[0]]):
-                    row["direct_iou"] = float(np.mean([regions.iou(loaded[ra, method][v][d], loaded[rb, method][v][d])
+                    row["direct_iou"] = float(np.mean([overlap.iou(loaded[ra, method][v][d], loaded[rb, method][v][d])
                                                        for d in common]))
                 rows.append(row)
     return pd.DataFrame(rows), pd.DataFrame(depth)
 
 
 def prompt_bootstrap(cfg, loaded: dict, results: dict, calibrate: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Resampled pairwise IoUs of the bootstrap methods on the first model (`overlap.bootstrap`, each method
+    """Resampled pairwise IoUs of the bootstrap methods on the first model (`methods.resample.bootstrap_ious`, each method
     with its own calibration-example count where its params have one) and their intervals:
     (one row per resample × method × pair, `bootstrap_intervals`); both empty when the bootstrap is off."""
     bs, ic = cfg.overlap.bootstrap, cfg.identify
@@ -283,9 +286,9 @@ def prompt_bootstrap(cfg, loaded: dict, results: dict, calibrate: Path) -> tuple
     lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
     rows = []
     for m in methods:
-        rows += overlap.bootstrap(lm, tok, calib, m, bs.datasets or ic.datasets(m, cfg.calibrate.datasets),
-                                  getattr(getattr(ic, m), "n", None), ic.q, ic.group, loaded[role, m]["utility"],
-                                  bs.n_resamples, bs.seed, ic.batch_size, ic.max_length, calib_meta["system_prompt"])
+        rows += bootstrap_ious(lm, tok, calib, m, bs.datasets or ic.datasets(m, cfg.calibrate.datasets),
+                               getattr(getattr(ic, m), "n", None), ic.q, ic.group, loaded[role, m]["utility"],
+                               bs.n_resamples, bs.seed, ic.batch_size, ic.max_length, calib_meta["system_prompt"])
     boot = pd.DataFrame(rows)
     return boot, bootstrap_intervals(boot, results, role, cfg.overlap.variants)
 
@@ -327,13 +330,14 @@ def split_half(ident: Path, keys) -> dict:
     for role, method in keys:
         folder = Path(ident) / role / method
         halves = {}
-        for f in sorted(folder.glob("*.half0.raw.safetensors")):
-            d = f.name[: -len(".half0.raw.safetensors")]
-            other = regions.region_path(folder, d, "half1.raw")
+        suffix = regions.region_path("", "", RegionKind.HALF0).name     # ".half0.raw.safetensors"
+        for f in sorted(folder.glob(f"*{suffix}")):
+            d = f.name[: -len(suffix)]
+            other = regions.region_path(folder, d, RegionKind.HALF1)
             if other.exists():
                 halves[d] = (regions.load_packed(f), regions.load_packed(other))
-        within = {d: nan_none(regions.iou(*h)) for d, h in halves.items()}
-        between = {f"{d1}|{d2}": nan_none(float(np.mean([regions.iou(x, y) for x in halves[d1] for y in halves[d2]])))
+        within = {d: nan_none(overlap.iou(*h)) for d, h in halves.items()}
+        between = {f"{d1}|{d2}": nan_none(float(np.mean([overlap.iou(x, y) for x in halves[d1] for y in halves[d2]])))
                    for d1, d2 in itertools.combinations(halves, 2)}
         out[role, method] = {"within": within, "between": between}
     return out

@@ -1,7 +1,7 @@
 """The validate stage: remove each identified region, measure ASR and utility, and compare with a random region
 of the same size at the same granularity.
 
-- Ablation and random control at the region's own granularity (`regions.ablation`, `regions.random_control`,
+- Ablation and random control at the region's own granularity (`methods.removal.ablation`, `.random_control`,
   which read it from the region's meta): weights zeroed, neurons deactivated with hooks, layer blocks' projection
   weights scaled by `validate.layer_alpha`; control = the same count per weight matrix, per layer and neuron
   type, or the same number of layers.
@@ -22,6 +22,7 @@ import pandas as pd
 from .. import chat, config, data, evidence, judges, models, plots, regions  # noqa: F401  (config, plots: re-exported)
 from ..evaluation import evaluate, rate_record, utility_scores
 from ..io import write_json, write_jsonl
+from ..methods import removal
 
 PROMPTS = "artifacts/data/prompts.jsonl"
 OUT, RESULTS = Path("artifacts/validate"), Path("results/validate")
@@ -56,9 +57,9 @@ def compare(model, tok, method: str, region, seed: int, harmful, util_prompts, u
     """{tag: (Evaluation, utility values, size)} for tag in region, random, and the generations behind them;
     `method` only labels the progress bars."""
     out, gens = {}, []
-    control = regions.random_control(model, region, seed, cfg.random_mode)
+    control = removal.random_control(model, region, seed, cfg.random_mode)
     for tag, r in (("region", region), ("random", control)):
-        with regions.ablation(model, r, cfg.layer_alpha):
+        with removal.ablation(model, r, cfg.layer_alpha):
             ev, util = measure(model, tok, harmful, util_prompts, util_answers, judge, cfg.max_new_tokens,
                                cfg.batch_size, system, desc=f"{method} {tag}")
         out[tag] = (ev, util, r.size)
