@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from saferegions import regions as R
+from saferegions import overlap as O
 
 LLAMA3_8B = {  # per decoder block: (out, in)
     "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "self_attn.v_proj": (1024, 4096),
@@ -96,15 +97,15 @@ def main() -> None:
     packed_bytes = sum(x.nbytes for x in a.data.values())
     print(f"space: {args.layers} layers, {len(a.data)} tensors, {entries:.3e} entries; "
           f"{packed_bytes / 2**30:.2f} GiB packed per region; built both in {t_build:.1f} s")
-    print(f"density a={a.density:.4f} b={b.density:.4f}; chance IoU {R.chance_iou(a.density, b.density):.5f}")
+    print(f"density a={a.density:.4f} b={b.density:.4f}; chance IoU {O.chance_iou(a.density, b.density):.5f}")
     rss_built = peak_rss_gib()
 
     if backend == "numpy":
         times = []
         for _ in range(args.reps):
-            value, t = _timed(lambda: R.iou(a, b))
+            value, t = _timed(lambda: O.iou(a, b))
             times.append(t)
-        t_pm = _timed(lambda: R.iou(a, b, "per_matrix"))[1]
+        t_pm = _timed(lambda: O.iou(a, b, "per_matrix"))[1]
         extra = f"; per_matrix {t_pm:.3f} s"
     else:
         dev = torch.device(args.device)
@@ -118,7 +119,7 @@ def main() -> None:
             value = iou_torch(ta, tb)
             sync()
             times.append(time.perf_counter() - t0)
-        check = R.iou(a, b)
+        check = O.iou(a, b)
         extra = f"; upload {t_up:.2f} s; numpy reference IoU {check:.6f}"
     best = min(times)
     read = 2 * packed_bytes

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from saferegions import chat, config, methods, regions, tiny
+from saferegions import overlap
 from saferegions.methods.context import Context
 from saferegions.stages import identify
 from saferegions.models import eligible_weights
@@ -77,7 +78,7 @@ def test_runner_saves_utility_raw_and_refined_regions(tok, tmp_path):
         assert {n: tuple(m.shape) for n, m in raw.masks.items()} == space
         assert raw.meta["method"] == METHOD and raw.meta["dataset"] == d
         assert raw.meta["granularity"] == methods.get(METHOD).granularity
-        assert 0 < raw.size and regions.intersection_size(refined, raw) == refined.size
+        assert 0 < raw.size and overlap.intersection_size(refined, raw) == refined.size
 
 
 def test_method_is_registered_everywhere():

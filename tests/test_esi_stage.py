@@ -11,6 +11,7 @@ from conftest import ROOT
 from greedy_margin import MARGIN, min_greedy_margin
 from saferegions import config, judges
 from saferegions import regions as R
+from saferegions import overlap as O
 from saferegions.io import write_jsonl
 from saferegions.methods import esi
 from saferegions.models import eligible_weights, param_count
@@ -77,7 +78,7 @@ def test_run_role_end_to_end(prompts_path, learned, tmp_path):
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
     k = int(cfg.esi.top_frac * param_count(model))
     assert res.k == k and res.top.size == k and res.bottom.size == k
-    assert R.intersection_size(res.top, res.bottom) == 0
+    assert O.intersection_size(res.top, res.bottom) == 0
     assert set(res.top.shapes) == set(esi.eligible_esi(model))
     assert [c["region"] for c in res.comparisons] == ["fixed", "refusal_likelihood"]
     assert all(0 <= c["iou"] <= 1 and 0 < c["chance"] < 1 for c in res.comparisons)
@@ -96,7 +97,7 @@ def test_run_role_end_to_end(prompts_path, learned, tmp_path):
     grads = esi.esi_gradients(model, tok, learned, PROMPTS["advbench"][:2], cfg.esi.max_new_tokens, "faithful",
                               system=cfg.esi.system_prompt, progress=False)
     expect = esi.esi_region(esi.esi_scores(grads, model), model, cfg.esi.top_frac)
-    assert R.iou(expect, res.top) == 1.0
+    assert O.iou(expect, res.top) == 1.0
 
     esi_stage.save_role(res, tmp_path / "aligned")
     for name in ("topk", "bottomk"):
@@ -108,7 +109,7 @@ def test_run_role_end_to_end(prompts_path, learned, tmp_path):
 
     table, summary = esi_stage.pairwise_iou(res.dataset_regions)
     assert table.loc["advbench", "advbench"] == 1.0
-    assert summary["mean"] == pytest.approx(R.iou(res.top, res.dataset_regions["harmbench"]))
+    assert summary["mean"] == pytest.approx(O.iou(res.top, res.dataset_regions["harmbench"]))
     m = esi_stage.role_metrics(res, cfg.esi, dataset_summary=summary)
     assert {"asr_topk", "asr_random", "asr_bottomk", "component_share", "faithful_vs_fixed_iou"} <= set(m)
     assert m["faithful_vs_fixed_iou"] == res.comparisons[0]["iou"]
@@ -160,7 +161,7 @@ def test_method_overlap_in_paper1_space(tmp_path):
     b = torch.cat([other.masks[n].flatten() for n in space])
     assert rows[0]["iou"] == pytest.approx(float((a & b).sum() / (a | b).sum()))
     assert rows[0]["esi_share_in_space"] == pytest.approx(float(a.sum()) / mine.size)
-    assert rows[0]["chance"] == pytest.approx(R.chance_iou(float(a.float().mean()), float(b.float().mean())))
+    assert rows[0]["chance"] == pytest.approx(O.chance_iou(float(a.float().mean()), float(b.float().mean())))
     with pytest.raises(ValueError, match="lacks tensors"):
         esi_stage.restrict(other, ["lm_head.weight"])
 

@@ -10,6 +10,7 @@ import yaml
 from conftest import ROOT
 from saferegions.methods import removal
 from saferegions import config, judges, methods, regions
+from saferegions import overlap
 from saferegions.evaluation import utility_score
 from saferegions.methods import layers as layer_method
 from saferegions.methods import context as pq
@@ -92,9 +93,9 @@ def test_every_method_saves_raw_refined_and_utility_regions(setup, tmp_path, met
         if method == "nlsr":           # refinement acts on LoRA entries; the base projection is re-ranked
             raw_l = regions.load(regions.region_path(tmp_path, d, "raw.lora"))
             ref_l = regions.load(regions.region_path(tmp_path, d, "refined.lora"))
-            assert regions.intersection_size(ref_l, raw_l) == ref_l.size and raw_l.meta["space"] == "lora"
+            assert overlap.intersection_size(ref_l, raw_l) == ref_l.size and raw_l.meta["space"] == "lora"
         else:
-            assert regions.intersection_size(refined, raw) == refined.size
+            assert overlap.intersection_size(refined, raw) == refined.size
         if method == "neuron":
             assert set(raw.units["neurons"]) == {"0", "1"}
         if method == "layer":
@@ -113,7 +114,7 @@ def test_same_seed_same_regions(setup, tmp_path):
         for kind in ("raw", "refined"):
             a = regions.load(regions.region_path(tmp_path / "a", d, kind))
             b = regions.load(regions.region_path(tmp_path / "b", d, kind))
-            assert regions.iou(a, b) == 1.0 and a.meta == b.meta
+            assert overlap.iou(a, b) == 1.0 and a.meta == b.meta
 
 
 def test_weight_region_is_top_q_per_matrix(setup, tmp_path):
@@ -124,7 +125,7 @@ def test_weight_region_is_top_q_per_matrix(setup, tmp_path):
     for n, m in raw.masks.items():
         assert int(m.sum()) == int(0.02 * m.numel()) and int(util.masks[n].sum()) == int(0.04 * m.numel())
     refined = regions.load(regions.region_path(tmp_path, "advbench", "refined"))
-    assert refined.size == raw.size - regions.intersection_size(raw, util)
+    assert refined.size == raw.size - overlap.intersection_size(raw, util)
 
 
 @pytest.mark.parametrize("method", list(methods.REGISTRY))
@@ -259,8 +260,8 @@ def test_nlsr_heldout_losses_and_seed_iou_in_metrics(setup, tmp_path):
     assert met["seed_iou_dataset"] == "advbench" and met["seed_iou_seeds"] == [0, 1]
     raw = regions.load(regions.region_path(tmp_path, "advbench", "raw"))
     assert 0 <= met["seed_iou"] <= 1 and 0 < met["seed_iou_chance"] < 1
-    assert met["seed_iou_chance"] == pytest.approx(regions.chance_iou(raw.density), rel=0.2)
-    assert 0 <= met["seed_iou_lora"] <= 1 and met["seed_iou_lora_chance"] == pytest.approx(regions.chance_iou(0.2), rel=0.05)
+    assert met["seed_iou_chance"] == pytest.approx(overlap.chance_iou(raw.density), rel=0.2)
+    assert 0 <= met["seed_iou_lora"] <= 1 and met["seed_iou_lora_chance"] == pytest.approx(overlap.chance_iou(0.2), rel=0.05)
     assert not any("lora_" in n for n, _ in model.named_parameters())     # both LoRAs unloaded
 
 
@@ -358,7 +359,7 @@ def test_half_regions_are_top_q_of_each_half(setup, tmp_path, method, score):
         got = regions.load(tmp_path / f"advbench.half{i}.raw.safetensors")
         assert got.meta["n"] == len(half) and got.meta["kind"] == f"half{i}.raw"
         want = regions.top_fraction(fn(model, ctx.batches("advbench", n, half), progress=False), ctx.cfg.q)
-        assert regions.iou(got, want) == 1.0
+        assert overlap.iou(got, want) == 1.0
     met = identify.metrics(rows, method, "aligned", "tiny/llama", {})
     assert {"half0_raw", "half1_raw", "raw", "refined"} <= set(met["datasets"]["advbench"])
 

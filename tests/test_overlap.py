@@ -12,6 +12,7 @@ import torch
 
 from saferegions import chat, config, overlap as O, regions as R, tiny
 from saferegions.methods import wanda
+from saferegions.methods.resample import bootstrap_ious
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (8, 16), "model.layers.0.mlp.down_proj.weight": (16, 24),
           "model.layers.1.self_attn.q_proj.weight": (8, 16), "model.layers.1.mlp.down_proj.weight": (16, 24)}
@@ -63,13 +64,13 @@ def test_counts_match_bool_reference_and_regions_iou(scope):
     for i, j in itertools.combinations(range(4), 2):
         want = bool_iou([regs[i].masks, regs[j].masks], scope)
         assert c.multiway([names[i], names[j]], scope) == pytest.approx(want)
-        assert c.multiway([names[i], names[j]], scope) == pytest.approx(R.iou(packed[i], packed[j], scope))
+        assert c.multiway([names[i], names[j]], scope) == pytest.approx(O.iou(packed[i], packed[j], scope))
         want = bool_iou([regs[i].masks, regs[j].masks], scope, regs[4].masks)
         assert c.refined(names[i], names[j], "e", scope) == pytest.approx(want)
     for order in orders:
         for k in range(2, 5):
             idx = [names.index(x) for x in order[:k]]
-            want = R.multiway_iou([regs[i] for i in idx], scope)
+            want = O.multiway_iou([regs[i] for i in idx], scope)
             assert c.multiway(order[:k], scope) == pytest.approx(want)
 
 
@@ -103,12 +104,12 @@ def test_chance_entries_matches_random_regions():
     big = {"model.layers.0.mlp.up_proj.weight": (400, 500), "model.layers.1.mlp.up_proj.weight": (300, 500)}
     a, b = rand_region(0, 0.05, big), rand_region(1, 0.2, big)
     c = O.count([a, b], ["a", "b"], O.plan(["a", "b"]))
-    want = R.chance_iou(a.density, b.density)
+    want = O.chance_iou(a.density, b.density)
     assert O.chance_entries(c, ["a", "b"]) == pytest.approx(want, rel=0.02)
     f = 0.02
-    assert R.chance_iou(f) == pytest.approx(f / (2 - f))
+    assert O.chance_iou(f) == pytest.approx(f / (2 - f))
     ra, rb = R.random_like(a, 5), R.random_like(b, 6)
-    assert R.iou(ra, rb) == pytest.approx(O.chance_entries(c, ["a", "b"]), rel=0.05)
+    assert O.iou(ra, rb) == pytest.approx(O.chance_entries(c, ["a", "b"]), rel=0.05)
     assert O.corrected(want, want) == 0 and O.corrected(1.0, want) == 1
 
 
@@ -186,7 +187,7 @@ def test_refined_chance_is_drawn_outside_the_utility_region():
         return R.Region(masks, {})
 
     for scope in ("global", "per_matrix"):
-        sim = np.mean([R.iou(draw(refined["a"]), draw(refined["b"]), scope) for _ in range(200)])
+        sim = np.mean([O.iou(draw(refined["a"]), draw(refined["b"]), scope) for _ in range(200)])
         old = O.chance_entries(res["counts"], ["a.refined", "b.refined"], scope)   # density over all entries
         got = res["chance"]["refined", scope][0, 1]
         assert got == pytest.approx(sim, rel=0.05) and got > 4 * old, (scope, got, sim, old)
@@ -205,20 +206,20 @@ def test_bootstrap_on_tiny_model():
              for d in ("advbench", "harmbench", "alpaca")}
     batches = list(chat.response_batches(tok, *calib["alpaca"], batch_size=4, max_length=32))
     util = R.top_fraction(wanda.wanda_scores(model, batches, progress=False), 0.04).packed()
-    rows = O.bootstrap(model, tok, calib, "wanda", ["advbench", "harmbench"], None, 0.02, "matrix", util,
-                       n_resamples=2, seed=0, batch_size=4, max_length=32, progress=False)
+    rows = bootstrap_ious(model, tok, calib, "wanda", ["advbench", "harmbench"], None, 0.02, "matrix", util,
+                          n_resamples=2, seed=0, batch_size=4, max_length=32, progress=False)
     assert len(rows) == 2 and {r["pair"] for r in rows} == {"advbench–harmbench"}
     assert all(0 <= r["raw"] <= 1 and 0 <= r["refined"] <= 1 for r in rows)
-    again = O.bootstrap(model, tok, calib, "wanda", ["advbench", "harmbench"], None, 0.02, "matrix", util,
-                        n_resamples=2, seed=0, batch_size=4, max_length=32, progress=False)
+    again = bootstrap_ious(model, tok, calib, "wanda", ["advbench", "harmbench"], None, 0.02, "matrix", util,
+                           n_resamples=2, seed=0, batch_size=4, max_length=32, progress=False)
     assert again == rows                                  # seeded resampling
-    snip_rows = O.bootstrap(model, tok, calib, "snip", ["advbench", "harmbench"], 1, 0.02, "matrix", None,
-                            n_resamples=1, seed=0, batch_size=4, max_length=32, progress=False)
+    snip_rows = bootstrap_ious(model, tok, calib, "snip", ["advbench", "harmbench"], 1, 0.02, "matrix", None,
+                               n_resamples=1, seed=0, batch_size=4, max_length=32, progress=False)
     assert len(snip_rows) == 1 and "refined" not in snip_rows[0]
     with pytest.raises(ValueError, match="snip and wanda"):
-        O.bootstrap(model, tok, calib, "layer", ["advbench", "harmbench"], None, 0.02, "matrix", None, 1, 0)
+        bootstrap_ious(model, tok, calib, "layer", ["advbench", "harmbench"], None, 0.02, "matrix", None, 1, 0)
     with pytest.raises(ValueError, match="two datasets"):
-        O.bootstrap(model, tok, calib, "wanda", ["advbench"], None, 0.02, "matrix", None, 1, 0)
+        bootstrap_ious(model, tok, calib, "wanda", ["advbench"], None, 0.02, "matrix", None, 1, 0)
     lo, hi = O.interval([0.1, 0.2, 0.3, float("nan")])
     assert lo == pytest.approx(0.105) and hi == pytest.approx(0.295)
 
@@ -299,9 +300,9 @@ def test_overlap_metrics_carry_intervals_paired_refinement_and_split_half(tmp_pa
     R.save(raw["d3"], R.region_path(folder, "d3", "half1.raw"))
     R.save(raw["d2"], R.region_path(folder, "d5", "half0.raw"))   # no half1: not a split half
     halves = S.split_half(tmp_path, results)
-    between = np.mean([R.iou(raw[x], raw[y]) for x in ("d0", "d1") for y in ("d2", "d3")])
-    assert halves == {("m", "snip"): {"within": {"d0": pytest.approx(R.iou(raw["d0"], raw["d1"])),
-                                                 "d3": pytest.approx(R.iou(raw["d2"], raw["d3"]))},
+    between = np.mean([O.iou(raw[x], raw[y]) for x in ("d0", "d1") for y in ("d2", "d3")])
+    assert halves == {("m", "snip"): {"within": {"d0": pytest.approx(O.iou(raw["d0"], raw["d1"])),
+                                                 "d3": pytest.approx(O.iou(raw["d2"], raw["d3"]))},
                                       "between": {"d0|d3": pytest.approx(between)}}}
     m = S.metrics(S.summary(results, tmp_path), est, halves)["m"]["snip"]
     off = O.off_diagonal(results["m", "snip"]["matrix"]["raw", "global"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saferegions import regions as R
+from saferegions import overlap as O
 
 SHAPES = {"l0.q": (6, 10), "l0.down": (5, 13), "l1.experts": (3, 4, 9), "l1.bias": (11,)}
 
@@ -173,18 +174,18 @@ def test_random_iou_matches_chance(mode):
     shapes = {"a": (200, 500), "b": (400, 250)}  # 200k entries
     ref = R.top_fraction(scores(0, shapes=shapes), f)
     draws = [R.random_like(ref, seed=s, mode=mode) for s in range(8)]
-    ious = [R.iou(draws[i], draws[i + 1]) for i in range(0, 8, 2)]
-    assert abs(np.mean(ious) / R.chance_iou(f) - 1) < 0.10
-    assert R.chance_iou(f) == pytest.approx(f / (2 - f))
+    ious = [O.iou(draws[i], draws[i + 1]) for i in range(0, 8, 2)]
+    assert abs(np.mean(ious) / O.chance_iou(f) - 1) < 0.10
+    assert O.chance_iou(f) == pytest.approx(f / (2 - f))
 
 
 def test_chance_formulas():
     for f, want in [(0.01, 0.0050), (0.02, 0.0101), (0.03, 0.0152), (0.05, 0.0256), (0.10, 0.0526)]:
-        assert round(R.chance_iou(f), 4) == want
-        assert R.chance_multiway(f, 2) == pytest.approx(R.chance_iou(f))
-    assert R.chance_iou(0.1, 0.2) == pytest.approx(0.02 / 0.28)
-    assert R.chance_multiway(0.5, 3) == pytest.approx(0.125 / 0.875)
-    assert R.chance_iou(0.0) == 0.0 and R.chance_multiway(0.0, 4) == 0.0
+        assert round(O.chance_iou(f), 4) == want
+        assert O.chance_multiway(f, 2) == pytest.approx(O.chance_iou(f))
+    assert O.chance_iou(0.1, 0.2) == pytest.approx(0.02 / 0.28)
+    assert O.chance_multiway(0.5, 3) == pytest.approx(0.125 / 0.875)
+    assert O.chance_iou(0.0) == 0.0 and O.chance_multiway(0.0, 4) == 0.0
 
 
 # ---------------------------------------------------------------- set algebra
@@ -220,15 +221,15 @@ def test_mismatch_raises():
     missing = R.Region({n: m for n, m in a.masks.items() if n != "l0.q"})
     reshaped = R.Region({**a.masks, "l0.q": a.masks["l0.q"].reshape(10, 6)})
     for bad in (missing, reshaped):
-        for fn in (R.difference, R.intersection, R.union, R.iou, R.intersection_size):
+        for fn in (R.difference, R.intersection, R.union, O.iou, O.intersection_size):
             with pytest.raises(ValueError):
                 fn(a, bad)
         with pytest.raises(ValueError):
-            R.multiway_iou([a, a, bad.packed()])
+            O.multiway_iou([a, a, bad.packed()])
     with pytest.raises(ValueError):
         R.Region({"w": torch.zeros(3)})
     with pytest.raises(ValueError):
-        R.iou(a, a, scope="layer")
+        O.iou(a, a, scope="layer")
 
 
 # ---------------------------------------------------------------- packing and I/O
@@ -272,7 +273,7 @@ def test_save_load_round_trip(tmp_path):
     packed = R.load_packed(path)
     assert packed.encoding("l0.q") == "bits" and packed.encoding("l0.down") == "idx"
     assert packed.data["l0.down"].dtype == np.int32 and packed.shapes["l1.experts"] == (3, 4, 9)
-    assert R.iou(packed, reg) == 1.0
+    assert O.iou(packed, reg) == 1.0
     R.save(reg, path, encoding="bits")
     assert R.load_packed(path).encoding("l0.down") == "bits"
     from safetensors.numpy import save_file
@@ -287,7 +288,6 @@ def test_save_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("scope", ["global", "per_matrix"])
 def test_iou_matches_bool_reference(scope, monkeypatch):
-    monkeypatch.setattr(R, "_WORDS", 1)  # exercise the chunked popcount loop on small tensors
     shapes = {"a": (40, 33), "b": (128,), "c": (5, 7), "zero": (3, 3)}
     for seed in range(3):
         a, b = rand_region(seed, 0.3, shapes), rand_region(seed + 10, 0.05, shapes)
@@ -295,12 +295,12 @@ def test_iou_matches_bool_reference(scope, monkeypatch):
         b.masks["zero"].zero_()  # empty union: skipped by per_matrix
         want = ref_iou([a.masks, b.masks], scope)
         for x, y in [(a, b), (a.packed("bits"), b.packed("idx")), (a.packed("idx"), b)]:
-            assert R.iou(x, y, scope) == pytest.approx(want, abs=1e-12)
+            assert O.iou(x, y, scope) == pytest.approx(want, abs=1e-12)
         inter = sum(int((a.masks[n] & b.masks[n]).sum()) for n in shapes)
         uni = sum(int((a.masks[n] | b.masks[n]).sum()) for n in shapes)
-        assert (R.intersection_size(a.packed(), b), R.union_size(a, b.packed())) == (inter, uni)
+        assert (O.intersection_size(a.packed(), b), O.union_size(a, b.packed())) == (inter, uni)
     empty = R.Region({"w": torch.zeros(5, dtype=torch.bool)})
-    assert math.isnan(R.iou(empty, empty)) and math.isnan(R.iou(empty, empty, "per_matrix"))
+    assert math.isnan(O.iou(empty, empty)) and math.isnan(O.iou(empty, empty, "per_matrix"))
 
 
 @pytest.mark.parametrize("scope", ["global", "per_matrix"])
@@ -308,20 +308,20 @@ def test_multiway_matches_reference(scope):
     regs = [rand_region(s, 0.6) for s in range(5)]
     for k in (2, 3, 5):
         want = ref_iou([r.masks for r in regs[:k]], scope)
-        assert R.multiway_iou(regs[:k], scope) == pytest.approx(want)
-        assert R.multiway_iou([r.packed() for r in regs[:k]], scope) == pytest.approx(want)
-        assert R.multiway_iou(regs[:k], scope) == pytest.approx(
+        assert O.multiway_iou(regs[:k], scope) == pytest.approx(want)
+        assert O.multiway_iou([r.packed() for r in regs[:k]], scope) == pytest.approx(want)
+        assert O.multiway_iou(regs[:k], scope) == pytest.approx(
             ref_iou([R.intersect_all(regs[:k]).masks, R.union_all(regs[:k]).masks], scope))
-    assert R.multiway_iou(regs[:2], scope) == pytest.approx(R.iou(regs[0], regs[1], scope))
+    assert O.multiway_iou(regs[:2], scope) == pytest.approx(O.iou(regs[0], regs[1], scope))
 
 
 @pytest.mark.parametrize("scope", ["global", "per_matrix"])
 def test_refined_iou_identity(scope):
     for seed in range(3):
         a, b, u = rand_region(seed, 0.4), rand_region(seed + 5, 0.4), rand_region(seed + 9, 0.3)
-        want = R.iou(R.difference(a, u), R.difference(b, u), scope)
-        assert R.refined_iou(a, b, u, scope) == pytest.approx(want)
-        got = R.refined_iou(a.packed("bits"), b.packed("idx"), u.packed("bits"), scope)
+        want = O.iou(R.difference(a, u), R.difference(b, u), scope)
+        assert O.refined_iou(a, b, u, scope) == pytest.approx(want)
+        got = O.refined_iou(a.packed("bits"), b.packed("idx"), u.packed("bits"), scope)
         assert got == pytest.approx(want)
 
 

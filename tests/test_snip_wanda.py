@@ -10,7 +10,8 @@ from saferegions import chat, tiny
 from saferegions.methods.snip import snip_scores
 from saferegions.methods.wanda import wanda_scores
 from saferegions.models import eligible_weights
-from saferegions.regions import Region, chance_iou, iou, top_fraction
+from saferegions.overlap import chance_iou, iou
+from saferegions.regions import Region, top_fraction
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.",
            "Explain photosynthesis to a child, please."]

@@ -56,8 +56,21 @@ def check_family(model) -> str:
 
 
 def input_device(model) -> torch.device:
-    """Where input ids go: the input embedding's device (a dispatched model spreads its weights over several)."""
-    return model.get_input_embeddings().weight.device
+    """Where input ids go: the input embedding's device, or the device accelerate runs it on when its weight is
+    offloaded (a dispatched model spreads its weights over several devices and disk)."""
+    emb = model.get_input_embeddings()
+    device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else emb.weight.device
+
+
+def resident(weights: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    """`weights`, after checking that none is offloaded (a meta tensor that accelerate fills only during its
+    module's forward): scores need the weight itself and its gradient."""
+    offloaded = [n for n, p in weights.items() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(f"{len(offloaded)} scored weights are offloaded (e.g. {offloaded[0]}); keep the decoder "
+                         "blocks on a device in the device_map (embeddings and lm_head may be offloaded)")
+    return weights
 
 
 def eligible_weights(model, include_router: bool = False) -> dict[str, torch.nn.Parameter]:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import chat
-from ..models import eligible_weights, input_device
+from ..models import eligible_weights, input_device, resident
 from ..regions import Region
 from .context import Context, weight_method
 
@@ -72,7 +72,7 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
     """{name: fp32 CPU tensor shaped like the weight} with I = |W| ⊙ Σ_s |∂L_s/∂W| over every sample of
     `batches` ({input_ids, attention_mask, labels} with labels -100 outside the response, as
     `chat.response_batches` yields). `weights` defaults to `models.eligible_weights(model)`."""
-    weights = dict(weights) if weights is not None else eligible_weights(model)
+    weights = resident(dict(weights) if weights is not None else eligible_weights(model))
     device = input_device(model)
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..hooks import registered
-from ..models import Part, eligible_weights, input_device, part
+from ..models import Part, eligible_weights, input_device, part, resident
 from ..regions import Region
 from .context import Context, weight_method
 
@@ -66,7 +66,7 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
     """{name: fp32 CPU tensor shaped like the weight} with I_ij = |W_ij| · ‖X_j‖₂ (see the module docstring)
     over every sample of `batches` ({input_ids, attention_mask, labels}, as `chat.response_batches` yields).
     `weights` defaults to `models.eligible_weights(model)`."""
-    weights = dict(weights) if weights is not None else eligible_weights(model)
+    weights = resident(dict(weights) if weights is not None else eligible_weights(model))
     device = input_device(model)
     state = {"mask": None}           # flat [B*S] bool mask of the counted positions of the current batch
     sumsq: dict[str, torch.Tensor] = {}
