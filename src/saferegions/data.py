@@ -108,14 +108,6 @@ def verify(raw: str | Path = "data") -> None:
             raise ValueError(f"sha256 mismatch for {f}: data/ changed since it was fetched; fetch it again")
 
 
-def content_hash(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- read, split, write with `datasets`
 
 def _hf():

@@ -255,29 +255,3 @@ def sst2_accuracy(responses: list[str], answers: list[str]) -> float:
         return "positive" if neg < 0 or (0 <= pos < neg) else "negative"
     hits = [label(r) == a for r, a in zip(responses, answers)]
     return float(np.mean(hits)) if hits else float("nan")
-
-
-def refusal_table(model, tokenizer, sets: dict[str, list[str]], judge_list: dict, max_new_tokens: int,
-                  batch_size: int, system: str | None = None, desc: str = "generate"):
-    """Generate once over all sets (batched across sets), then classify per set with every judge; the first judge
-    gives the headline rates.
-
-    Returns (generations: row dicts with each judge's coherent compliance and the degenerate flag,
-    metrics: {set: rate_record + {"refusal_rate_<judge>": refused / n under that judge}})."""
-    names = [name for name, ps in sets.items() for _ in ps]
-    prompts = [p for ps in sets.values() for p in ps]
-    judges_ = list(judge_list.items())
-    ev = evaluate(model, tokenizer, prompts, judges_[0][1], max_new_tokens, batch_size, system, desc)
-    per_judge = {judges_[0][0]: ev}
-    for name, judge in judges_[1:]:
-        per_judge[name] = Evaluation(ev.prompts, ev.responses, outcomes(ev.responses, judge, ev.prompts))
-    rows = [{"dataset": n, "prompt": p, "response": r, "degenerate": bool(ev.degenerate[i]),
-             **{f"complied_{j}": bool(e.complied[i]) for j, e in per_judge.items()}}
-            for i, (n, p, r) in enumerate(zip(names, prompts, ev.responses))]
-    metrics = {}
-    for name in sets:
-        idx = np.array([n == name for n in names], bool)
-        metrics[name] = {**rate_record(ev.subset(idx)),
-                         **{f"refusal_rate_{j}": float(e.refused[idx].mean()) if idx.any() else float("nan")
-                            for j, e in per_judge.items()}}
-    return rows, metrics
