@@ -163,7 +163,7 @@ class CalibrateCfg:
                                  # (e.g. one refusal sentence) gets its repeats re-answered by sampling
     temperature: float = 1.0     # of that sampling (seeded with run.seed)
     n_utility_eval: int = 32     # held-out (eval-split) utility prompts answered greedily once: the identify
-                                 # stage's p/q sweep scores utility on them (>= 32, docs: issue 14)
+                                 # stage's p/q sweep scores utility on them (>= 32)
 
     def __post_init__(self):
         _subset("calibrate.datasets", self.datasets, SAFETY_SETS)

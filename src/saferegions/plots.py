@@ -98,7 +98,7 @@ def error_bars(frame, x: str, hue: str, panels: dict[str, str], title: str, ylim
     return fig
 
 
-# ---------------------------------------------------------------- stage `overlap` (issue 4)
+# ---------------------------------------------------------------- stage `overlap`
 
 
 def heatmap_grid(tables: dict, title: str, xlabel: str, ylabel: str, cbar_label: str = "IoU",

@@ -92,7 +92,7 @@ def _validate(m: dict, results: dict) -> list[str]:
             continue
         for method, sets in methods.items():
             for d, v in sets.items():
-                if "region" in v:   # rate records + the paired test (issue 14)
+                if "region" in v:   # rate records + the paired test
                     rows.append([f"{model}/{method}", d, _f(v["region"]["asr"]), _f(v["random"]["asr"]),
                                  _estimate(v.get("paired")), _f(v.get("utility_ratio")), v.get("n", "–")])
                 else:

@@ -190,8 +190,8 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None,
 
 # ---------------------------------------------------------------- the SNIP/Wanda p/q sweep
 # How large a refined region is and how much utility survives its removal at each point of a small (q, p) grid,
-# so the default p/q can be one whose refined region leaves the model usable (issue 14: ablating the refined region
-# keeps utility >= 90% of the intact model's, on held-out utility prompts answered by the intact model).
+# so the default p/q can be one whose refined region leaves the model usable: ablating the refined region keeps
+# utility >= identify.min_utility_ratio of the intact model's, on held-out utility prompts answered by the intact model.
 
 
 def pq_sweep(model, tok, utility, raws: dict, utils: dict, prompts: list[str], answers: list[str], batch_size: int,

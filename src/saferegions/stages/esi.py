@@ -366,7 +366,7 @@ def judge_token_coverage(records: list[dict]) -> float | None:
 
 def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
                  dataset_summary: dict | None = None) -> dict:
-    """The role's entry of results/esi/metrics.json (issue contract keys first, then the details)."""
+    """The role's entry of results/esi/metrics.json (the keys the report reads first, then the details)."""
     pert = pd.DataFrame(result.perturbation, columns=["condition", "asr", "seed", "n"])
     asr = pert.groupby("condition").asr.mean()
     comps = {c["region"]: c for c in result.comparisons}
