@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saferegions import regions as R
+from saferegions import topk
 from saferegions import overlap as O
 
 SHAPES = {"l0.q": (6, 10), "l0.down": (5, 13), "l1.experts": (3, 4, 9), "l1.bias": (11,)}
@@ -101,7 +102,7 @@ def test_selection_equals_full_sort(group, largest, ties):
 
 def test_selection_chunked_passes(monkeypatch):
     """Tiny chunks: histogram passes, ties across chunk borders and row blocks must give the same answer."""
-    monkeypatch.setattr(R, "_CHUNK", 7)
+    monkeypatch.setattr(topk, "_CHUNK", 7)
     for seed in range(3):
         for ties in (False, True):
             sc = scores(seed, ties)
@@ -121,8 +122,8 @@ def test_sampled_fast_path_equals_full_sort(monkeypatch, ties, largest):
         big["w"] = (big["w"] * 50).floor()
     for frac in (0.001, 0.02, 0.2):
         same(R.top_fraction(big, frac, "matrix", largest), R.Region(ref_select(big, frac, "matrix", largest)))
-    monkeypatch.setattr(R, "_FAST_MIN", 1)
-    monkeypatch.setattr(R, "_SAMPLE", 16)
+    monkeypatch.setattr(topk, "_FAST_MIN", 1)
+    monkeypatch.setattr(topk, "_SAMPLE", 16)
     for seed in range(3):
         sc = scores(seed, ties)
         for frac in (0.05, 0.2):
@@ -332,8 +333,8 @@ def test_sampled_global_topk_equals_full_select(largest):
     scores = {"a": torch.rand(700, 900), "b": torch.rand(1300, 500).round(decimals=2), "c": torch.zeros(50000)}
     scores["b"][:100] = 0.99                      # many exact ties at the top
     k = 30000
-    fast = R._select_sampled(scores, k, largest)
-    full = R._select(scores, k, largest)
+    fast = topk.select_sampled(scores, k, largest)
+    full = topk.select(scores, k, largest)
     assert fast is not None and all(torch.equal(fast[n], full[n]) for n in scores)
     assert sum(int(m.sum()) for m in fast.values()) == k
     region = R.top_k_global(scores, k, largest)

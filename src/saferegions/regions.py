@@ -1,8 +1,9 @@
 """Regions: a region is a set of parameter entries, one bool mask per named tensor (docs/methods.md §3).
 
-Selection (§2.1, §4.3) turns raw non-negative scores into a Region; direction is an explicit argument
-and scores are never negated (trap 2.1.T1). Packed regions (bits or indices) let `overlap` compare
-8B-parameter regions one tensor at a time, never needing all masks as bool tensors at once.
+Selection (§2.1, §4.3) turns raw non-negative scores into a Region (exact top-k masks from `topk`);
+direction is an explicit argument and scores are never negated (trap 2.1.T1). Packed regions (bits or
+indices) let `overlap` compare 8B-parameter regions one tensor at a time, never needing all masks as bool
+tensors at once.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from . import topk
 from .hooks import one_thread
 from .io import atomic_path, canonical_metadata, read_canonical_metadata
 
@@ -30,10 +32,7 @@ __all__ = [
 
 IDX_MAX_DENSITY = 0.03  # at or below this density, sorted int32 indices are smaller than bits (§3.1)
 FORMAT = "saferegions.region/2"
-_CHUNK = 1 << 24  # score entries per pass: bounds temporaries on lm_head-sized tensors
 _WORKERS = min(4, os.cpu_count() or 1)   # matrices selected side by side, one single-threaded select each
-_FAST_MIN = 1 << 16  # selections over at least this many entries take the sampled-threshold path
-_SAMPLE = 1 << 16   # sample size for that threshold
 
 
 class RegionKind(enum.StrEnum):
@@ -135,144 +134,16 @@ class PackedRegion:
 # ---------------------------------------------------------------- selection
 
 
-def _flat32(name: str, s: torch.Tensor) -> torch.Tensor:
-    if not s.is_floating_point():
-        raise ValueError(f"scores {name!r} must be floating point, got {s.dtype}")
-    x = s.detach().to("cpu", torch.float32).contiguous()
-    if torch.isnan(x.sum()) and torch.isnan(x).any():  # one pass and no temporary in the usual case
-        raise ValueError(f"scores {name!r} contain NaN")
-    return x
-
-
-def _keys(x: torch.Tensor, largest: bool) -> torch.Tensor:
-    """int32 keys ordered like the floats (reversed for smallest): exact ties, no float is negated."""
-    b = x.view(torch.int32)
-    k = b ^ ((b >> 31) & 0x7FFFFFFF)
-    return k if largest else ~k
-
-
-def _walk(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """Bin holding the k-th largest entry, and how many entries lie in higher bins."""
-    at_or_above = np.cumsum(hist.numpy()[::-1])[::-1]
-    b = int(np.flatnonzero(at_or_above >= k)[-1])
-    return b, int(at_or_above[b] - hist[b])
-
-
-def _key_chunks(xs: dict[str, torch.Tensor], largest: bool):
-    for name, x in xs.items():
-        flat = x.view(-1)
-        for a in range(0, flat.numel(), _CHUNK):
-            yield name, a, _keys(flat[a:a + _CHUNK], largest)
-
-
-def _select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
-    """Exact top-k over several tensors by 16+16-bit radix select: two histogram passes, no concat or sort.
-
-    Ties at the threshold go to the earliest entries (tensor order, then flat index), so |result| == k.
-    """
-    masks = {n: torch.zeros(x.shape, dtype=torch.bool) for n, x in xs.items()}
-    if k == 0:
-        return masks
-    hist = torch.zeros(65536, dtype=torch.int64)
-    for _, _, key in _key_chunks(xs, largest):
-        hist += torch.bincount((key >> 16) + 32768, minlength=65536)
-    hi, above = _walk(hist, k)
-    hist.zero_()
-    for _, _, key in _key_chunks(xs, largest):
-        hist += torch.bincount(key[(key >> 16) == hi - 32768] & 0xFFFF, minlength=65536)
-    lo, above_lo = _walk(hist, k - above)
-    thr, need = (hi - 32768) * 65536 + lo, k - above - above_lo
-    for name, a, key in _key_chunks(xs, largest):
-        m = masks[name].view(-1)[a:a + key.numel()]
-        torch.gt(key, thr, out=m)
-        if need:
-            eq = key == thr
-            c = int(eq.sum())
-            if c <= need:
-                m |= eq
-                need -= c
-            else:
-                m[torch.nonzero(eq).view(-1)[:need]] = True
-                need = 0
-    return masks
-
-
-def _select_sampled(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor] | None:
-    """The same masks as `_select`, fast for a small k of many entries: a threshold from a seeded random sample of
-    all entries keeps a few percent of them as candidates (one vectorised pass per tensor), then the exact k-th
-    key among the candidates decides, ties to the earliest entry (tensor order, then flat index) as in
-    `_select`. Returns None when the sample's margin fell short (the caller falls back). Compaction uses numpy:
-    torch's single-threaded nonzero is ~6x slower on CPU."""
-    flats = [x.view(-1) for x in xs.values()]
-    sizes = [f.numel() for f in flats]
-    total = sum(sizes)
-    s = min(total, _SAMPLE)
-    draw = torch.randint(total, (s,), generator=torch.Generator().manual_seed(0))
-    offsets = np.cumsum([0, *sizes])
-    owner = np.searchsorted(offsets, draw.numpy(), side="right") - 1
-    sample = torch.cat([flats[i][draw[torch.from_numpy(owner == i)] - int(offsets[i])] for i in np.unique(owner)])
-    t = k / total
-    keep = min(s, math.ceil(s * (1.1 * t + 8 * math.sqrt(t * (1 - t) / s)) + 8))
-    # Float order is key order up to -0.0 < +0.0, so the float candidates contain every key candidate.
-    if largest:
-        thr = float(sample.topk(keep, sorted=False).values.min())
-        cands = [np.flatnonzero(f.numpy() >= thr) for f in flats]
-    else:
-        thr = float(sample.topk(keep, largest=False, sorted=False).values.max())
-        cands = [np.flatnonzero(f.numpy() <= thr) for f in flats]
-    n_cand = sum(c.size for c in cands)
-    if n_cand < k:
-        return None
-    ck = _keys(torch.cat([f[torch.from_numpy(c)] for f, c in zip(flats, cands)]), largest)
-    thr_key = ck.kthvalue(n_cand - k + 1).values
-    gt, eq = ck > thr_key, ck == thr_key
-    pick = (gt | (eq & (eq.cumsum(0) <= k - int(gt.sum())))).numpy()
-    out, a = {}, 0
-    for (name, x), c in zip(xs.items(), cands):
-        mask = np.zeros(x.numel(), dtype=np.bool_)
-        mask[c[pick[a:a + c.size]]] = True
-        out[name], a = torch.from_numpy(mask).view(x.shape), a + c.size
-    return out
-
-
-def _select_fast(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
-    """Exact top-k of `xs`: the sampled path for many entries and small fractions, else radix select."""
-    total = sum(x.numel() for x in xs.values())
-    if k and total >= _FAST_MIN and k <= total // 4:
-        masks = _select_sampled(xs, k, largest)
-        if masks is not None:
-            return masks
-    return _select(xs, k, largest)
-
-
-def _select_rows(x: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
-    """int(frac*cols) per row of the last two dims (each [out, in] slice of a 3-D expert tensor)."""
-    cols = x.shape[-1] if x.dim() else 1
-    kr = int(frac * cols)
-    if not kr or not x.numel():
-        return torch.zeros(x.shape, dtype=torch.bool)
-    rows = x.reshape(-1, cols)
-    m = torch.zeros(rows.shape, dtype=torch.bool)
-    step = max(1, _CHUNK // cols)
-    for r in range(0, rows.shape[0], step):
-        key = _keys(rows[r:r + step], largest)
-        t = key.kthvalue(cols - kr + 1, dim=1, keepdim=True).values
-        gt, eq = key > t, key == t
-        need = kr - gt.sum(1, keepdim=True)
-        m[r:r + step] = gt | (eq & (eq.cumsum(1) <= need))  # ties: lowest column first
-    return m.view(x.shape)
-
-
 @one_thread
 def top_k_global(scores: dict[str, torch.Tensor], k: int, largest: bool = True,
                  meta: dict | None = None) -> Region:
     """Exactly k entries ranked across all tensors together (ESI, §4.3: k = int(ratio * ALL params))."""
-    xs = {n: _flat32(n, s) for n, s in scores.items()}
+    xs = {n: topk.fp32(n, s) for n, s in scores.items()}
     total = sum(x.numel() for x in xs.values())
     if not 0 <= k <= total:
         raise ValueError(f"k={k} outside [0, {total}]")
     sel = {"k": int(k), "group": "global", "largest": largest}
-    return Region(_select_fast(xs, int(k), largest), {**(meta or {}), "selection": sel})
+    return Region(topk.top_k(xs, int(k), largest), {**(meta or {}), "selection": sel})
 
 
 @one_thread
@@ -291,11 +162,11 @@ def top_fraction(scores: dict[str, torch.Tensor], frac: float, group: str = "mat
         return r
     if group == "matrix":
         def select(n, s):
-            x = _flat32(n, s)
-            return _select_fast({n: x}, int(frac * x.numel()), largest)[n]
+            x = topk.fp32(n, s)
+            return topk.top_k({n: x}, int(frac * x.numel()), largest)[n]
     elif group == "row":
         def select(n, s):
-            return _select_rows(_flat32(n, s), frac, largest)
+            return topk.top_per_row(topk.fp32(n, s), frac, largest)
     else:
         raise ValueError(f"group must be 'matrix', 'row' or 'global', got {group!r}")
     masks = dict(zip(scores, per_matrix(select, scores.items())))

@@ -157,7 +157,8 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None,
     sel = {"q": c.q, "p": p, "group": c.group}
     do_sweep = bool(c.pq_grid_q and c.pq_grid_p and ctx.utility_eval and ctx.utility and c.pq_dataset in ctx.datasets)
     scores = score(ctx.batches(ctx.utility_set, n))
-    util = regions.top_fraction(scores, p, c.group, meta=ctx.meta(method, ctx.utility_set, RegionKind.UTILITY, n, **sel))
+    util_meta = ctx.meta(method, ctx.utility_set, RegionKind.UTILITY, n, **sel)
+    util = regions.top_fraction(scores, p, c.group, meta=util_meta)
     utils = {pp: regions.top_fraction(scores, pp, c.group) for pp in c.pq_grid_p} if do_sweep else {}
     del scores
     yield ctx.utility_set, RegionKind.UTILITY, util

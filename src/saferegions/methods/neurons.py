@@ -25,7 +25,8 @@ import torch
 from ..hooks import (capture_calls, capture_inputs, capture_outputs, edit_output, scale_output_dims,
                      zero_input_dims)
 from ..hooks import one_thread
-from ..models import Part, arch_of, block_modules, component, eligible_weights, input_device, layer_index, part
+from ..models import (Part, arch_of, block_modules, component, eligible_weights, input_device, layer_index,
+                      part)
 from ..regions import Region, RegionKind
 from .context import Context, refined_meta
 from .removal import Granularity
