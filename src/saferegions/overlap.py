@@ -1,5 +1,5 @@
-"""Overlap of identified regions (stage `overlap`, docs/methods.md §3.3-3.5): pairwise, multi-way, chance, refinement,
-cross-method, cross-size, and a prompt bootstrap.
+"""Overlap of identified regions (stage `overlap`, docs/methods.md §3.3-3.5): pairwise, multi-way, chance,
+refinement, cross-method and cross-size (the prompt bootstrap is in methods/resample.py).
 
 Every count comes from one streaming pass per set of regions (`count`): the analyses first *plan* the
 intersections and unions they need (every pair, every prefix of the random orderings, the same with the
@@ -27,7 +27,6 @@ SCOPES = ("global", "per_matrix")
 
 
 # ---------------------------------------------------------------- counts of intersections and unions
-
 
 # A query: (op, frozenset of names, name to subtract or None); op "and" = |∩ S \\ U|, "or" = |∪ S \\ U|.
 Query = tuple
