@@ -215,7 +215,7 @@ def test_llama_guard_judges_generated_responses_in_evaluate():
     ev = evaluation.evaluate(target, ttok, PROMPTS, llama_guard.LlamaGuardJudge(guard, gtok), max_new_tokens=4,
                              batch_size=2)
     coherent = ~ev.degenerate
-    assert len(ev.outcomes) == len(PROMPTS)
+    assert len(ev.outcomes) == len(PROMPTS) and coherent[0] and coherent[1:].any()
     assert (ev.complied[coherent] == np.array(["bomb" in p for p in PROMPTS])[coherent]).all()
 
 
