@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from saferegions.judges import LearnedJudge
+from saferegions.judges import GuardSoftJudge, LearnedJudge, LearnedSoftJudge, transfer
 from saferegions.methods import esi
 from saferegions.methods.snip import grad_only_for
 from saferegions.tiny import tiny_tokenizer
@@ -114,9 +114,9 @@ def build(args):
         enc = T.BertModel(jcfg).to(dtype).to(args.device).eval()
         jtok = _tokenizer(root / "all-minilm-l6-v2")
         learned = LearnedJudge(enc, jtok, torch.randn(jcfg.hidden_size), torch.zeros(()), max_length=256)
-        return target, ttok, esi.LearnedSoftJudge(learned), enc
+        return target, ttok, LearnedSoftJudge(learned), enc
     guard = T.AutoModelForCausalLM.from_config(tcfg, dtype=dtype).to(args.device).eval()
-    return target, ttok, esi.GuardSoftJudge(guard, ttok), guard
+    return target, ttok, GuardSoftJudge(guard, ttok), guard
 
 
 def memory_estimate_8b(gpu_gib: float = 78.0, prompt: int = 256, response: int = 256) -> None:
@@ -181,8 +181,8 @@ def main():
     N, Nj = matmul_params(target), matmul_params(judge_model)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     t = time.perf_counter()
-    M = esi.transfer_matrix(judge.vocab_tokenizer, ttok, (judge.embedding_matrix.shape[0],
-                                                          target.get_output_embeddings().weight.shape[0]))
+    M = transfer.transfer_matrix(judge.vocab_tokenizer, ttok, (judge.embedding_matrix.shape[0],
+                                                               target.get_output_embeddings().weight.shape[0]))
     t_transfer = time.perf_counter() - t
     print(f"target {N / 1e6:.0f}M matmul params ({args.dtype}), judge {args.judge} {Nj / 1e6:.0f}M; "
           f"transfer matrix {tuple(M.shape)} nnz {M._nnz()} built in {t_transfer:.1f} s")

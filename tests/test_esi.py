@@ -7,11 +7,11 @@ import transformers as T
 
 from greedy_margin import MARGIN, min_greedy_margin
 from saferegions.chat import render
-from saferegions.judges import LearnedJudge, LlamaGuardJudge
+from saferegions.judges import GuardSoftJudge, LearnedJudge, LearnedSoftJudge, llama_guard, transfer
 from saferegions.methods import esi
 from saferegions.models import param_count
 from saferegions.regions import Region
-from saferegions.tiny import tiny_model, tiny_tokenizer
+from saferegions.tiny import tiny_guard, tiny_model, tiny_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea."]
 
@@ -24,7 +24,7 @@ def judge():
     cfg = T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=128)
     learned = LearnedJudge(T.BertModel(cfg).eval(), tok, torch.randn(32), torch.tensor(0.1))
-    return esi.LearnedSoftJudge(learned)
+    return LearnedSoftJudge(learned)
 
 
 def _peaked(family="llama", scale=10.0, dtype=torch.float32):
@@ -51,7 +51,7 @@ def test_fixed_gradient_equals_finite_differences(judge):
     grads = esi.esi_gradients(model, tok, judge, PROMPTS, max_new_tokens=6, variant="fixed", progress=False)
 
     cfg = esi.resolve_switches("fixed")
-    M = esi.transfer_matrix(judge.vocab_tokenizer, tok, (judge.embedding_matrix.shape[0], len(tok)))
+    M = transfer.transfer_matrix(judge.vocab_tokenizer, tok, (judge.embedding_matrix.shape[0], len(tok)))
     items = []
     for ids, plen in esi.respond(model, tok, PROMPTS, 6, "You are a helpful assistant."):
         G, _ = esi.judge_gradient(judge, tok.decode(ids[plen:], skip_special_tokens=True), cfg)
@@ -169,9 +169,9 @@ def test_eligible_esi():
 
 def test_transfer_matrix_on_two_tokenizers():
     big, small = tiny_tokenizer(512), tiny_tokenizer(300)
-    assert esi.token_text("Ġthere") == " there" and esi.token_text("▁hello") == " hello"
-    assert esi.token_text("Ċ") == "Ċ" and esi.token_text("ing") == "ing"
-    M = esi.transfer_matrix(big, small).to_dense()
+    assert transfer.token_text("Ġthere") == " there" and transfer.token_text("▁hello") == " hello"
+    assert transfer.token_text("Ċ") == "Ċ" and transfer.token_text("ing") == "ing"
+    M = transfer.transfer_matrix(big, small).to_dense()
     assert M.shape == (len(big), len(small))
     torch.testing.assert_close(M.sum(1), torch.ones(len(big)))       # every entry of this vocabulary maps
     def row(tok_from, word):
@@ -194,10 +194,10 @@ def test_transfer_matrix_on_two_tokenizers():
     # the reference re-tokenizes byte symbols as text ('Ċ' is not a newline); decode=True repairs that
     newline = small("\n", add_special_tokens=False)["input_ids"]
     assert row(big, "Ċ")[newline].sum() == 0
-    D = esi.transfer_matrix(big, small, decode=True).to_dense()
+    D = transfer.transfer_matrix(big, small, decode=True).to_dense()
     assert D[big.convert_tokens_to_ids("Ċ"), newline].sum() == 1
     # padded embedding / logit sizes: extra rows and columns stay empty
-    P = esi.transfer_matrix(big, small, shape=(len(big) + 3, len(small) + 5))
+    P = transfer.transfer_matrix(big, small, shape=(len(big) + 3, len(small) + 5))
     assert P.shape == (len(big) + 3, len(small) + 5)
     torch.testing.assert_close(P.to_dense()[:len(big), :len(small)], M)
 
@@ -229,7 +229,7 @@ def _soft_judge(tok):
     cfg = T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=128)
     learned = LearnedJudge(T.BertModel(cfg).eval(), tok, torch.randn(32), torch.tensor(0.1))
-    return esi.LearnedSoftJudge(learned)
+    return LearnedSoftJudge(learned)
 
 
 # the (judge, target) tokenizer kinds of the profiles: MiniLM (WordPiece, uncased) -> Qwen2.5 / SmolLM2 /
@@ -242,19 +242,19 @@ def test_judge_gradient_reaches_every_response_token(kind, variant):
     WordPiece rule only ',' and '.' of the refusal had a nonzero G_L[t, y_t]."""
     target = tiny_tokenizer(512)
     judge = _soft_judge(_wordpiece_tokenizer() if kind == "wordpiece" else tiny_tokenizer(512))
-    M = esi.transfer_matrix(judge.vocab_tokenizer, target)
+    M = transfer.transfer_matrix(judge.vocab_tokenizer, target)
     cfg = esi.resolve_switches(variant)
     for text in (esi.REFUSAL, COMPLIANCE):
         G, _ = esi.judge_gradient(judge, text, cfg)
         ids = target(text, add_special_tokens=False)["input_ids"]
-        assert esi.judge_token_coverage(esi.transfer(G, M), ids) == 1.0, (kind, variant, text)
+        assert transfer.judge_token_coverage(esi.transfer(G, M), ids) == 1.0, (kind, variant, text)
 
 
 def test_wordpiece_transfer_rule_and_cls_alignment():
     """Word-initial pieces reach the space-prefixed, bare and case forms, '##' pieces the bare continuation,
     specials nothing; [CLS]/[SEP] are dropped like a BOS under bos_align, kept (offset by one) otherwise."""
     wp, target = _wordpiece_tokenizer(), tiny_tokenizer(512)
-    M = esi.transfer_matrix(wp, target).to_dense()
+    M = transfer.transfer_matrix(wp, target).to_dense()
 
     def row(token):
         r = M[wp.convert_tokens_to_ids(token)]
@@ -285,7 +285,7 @@ def test_real_minilm_to_qwen_reaches_the_refusal():
     if not all((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists() for p in paths):
         pytest.skip("models/ not materialized (run the models stage)")
     judge_tok, target = (T.AutoTokenizer.from_pretrained(p) for p in paths)
-    M = esi.transfer_matrix(judge_tok, target)
+    M = transfer.transfer_matrix(judge_tok, target)
     reached = set(M.indices()[1].tolist())
     for text in (esi.REFUSAL, COMPLIANCE):
         ids = target(text, add_special_tokens=False)["input_ids"]
@@ -395,18 +395,15 @@ def test_perturb_noise_scale():
 
 
 def test_guard_soft_judge_on_tiny_llama():
-    gtok = tiny_tokenizer()
-    gtok.add_tokens(["safe", "unsafe"])
-    guard, _ = tiny_model("llama", tokenizer=gtok, seed=3)
-    soft = esi.GuardSoftJudge(guard, gtok)
+    guard, gtok = tiny_guard(seed=3)
+    soft = GuardSoftJudge(guard, gtok)
     assert soft.safe_id == gtok.convert_tokens_to_ids("safe")
 
     response = "Sure, here is a step by step guide."
     before, after = soft.template()
-    full = gtok.apply_chat_template(
-        [{"role": "user", "content": LlamaGuardJudge.build_prompt(None, response, response_as_user=True)}],
-        tokenize=False, add_generation_prompt=True)
+    full = llama_guard.render(gtok, None, response)     # the guard tokenizer's own template, nothing added
     assert gtok.decode(before) + response + gtok.decode(after) == full
+    assert full.count("Task: Check if there is unsafe content") == 1
     assert "User: " in gtok.decode(before) and "Agent" not in gtok.decode(before)
 
     r_ids = gtok(response, add_special_tokens=False)["input_ids"]

@@ -47,7 +47,7 @@ def learned():
     torch.manual_seed(1)
     cfg = T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=128)
-    return esi.LearnedSoftJudge(judges.LearnedJudge(T.BertModel(cfg).eval(), tok, torch.randn(32),
+    return judges.LearnedSoftJudge(judges.LearnedJudge(T.BertModel(cfg).eval(), tok, torch.randn(32),
                                                     torch.tensor(0.1)))
 
 
@@ -126,7 +126,7 @@ def test_guard_judge_beside_learned(prompts_path, learned):
     cfg = _cfg(judges=["learned", "guard"], objectives=["judge"], dataset_models=[])
     model, tok = _peaked("qwen2")
     res = esi_stage.run_role(model, tok, "unaligned", "tiny/qwen2", cfg,
-                             {"learned": learned, "guard": esi.GuardSoftJudge(guard, gtok)}, judges.KeywordJudge(),
+                             {"learned": learned, "guard": judges.GuardSoftJudge(guard, gtok)}, judges.KeywordJudge(),
                              prompts_path, progress=False)
     assert [c["region"] for c in res.comparisons] == ["fixed", "judge=guard"]
     assert set(res.dataset_regions) == {"advbench"}

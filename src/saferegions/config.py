@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import types
 import typing
@@ -75,10 +76,11 @@ def _coerce(tp, value, where: str):
 class ModelCfg:
     id: str
     offline: str | None = None
+    revision: str | None = None   # hub commit (or branch) loaded when no offline mirror is used
 
     def entry(self):
         from .models import ModelEntry
-        return ModelEntry(self.id, self.offline)
+        return ModelEntry(self.id, self.offline, self.revision)
 
 
 @dataclass
@@ -124,11 +126,38 @@ class LearnedCfg:
         _positive("judges.learned.max_train", self.max_train)
 
 
+# HarmBench's published text-behavior classifier (answers "Yes"/"No"). Its commit hash is not known offline, so
+# the revision is the branch `main`; pin the hash here once it has been read from the hub.
+HARMBENCH_CLASSIFIER = ModelCfg("cais/HarmBench-Llama-2-13b-cls", revision="main")
+
+
 @dataclass
 class JudgesCfg:
     keyword: KeywordCfg = field(default_factory=KeywordCfg)
     learned: LearnedCfg = field(default_factory=LearnedCfg)
     llama_guard: ModelCfg | None = None
+    harmbench: ModelCfg = field(default_factory=lambda: dataclasses.replace(HARMBENCH_CLASSIFIER))
+
+
+class JudgeKind(str, enum.Enum):
+    """Every judge `judges.get` builds (its params live under `judges.<value>`)."""
+    KEYWORD = "keyword"
+    LEARNED = "learned"           # trained by the baseline stage
+    LLAMA_GUARD = "llama_guard"
+    HARMBENCH = "harmbench"
+
+
+# The learned judge's head is an output of the baseline stage, which the evaluating stages do not depend on.
+EVALUATION_JUDGES = tuple(k.value for k in JudgeKind if k is not JudgeKind.LEARNED)
+
+
+@dataclass
+class EvaluationCfg:
+    """The judge every evaluating stage classifies responses with (`judges.get(evaluation.judge, cfg)`)."""
+    judge: str = JudgeKind.KEYWORD.value
+
+    def __post_init__(self):
+        _choice("evaluation.judge", self.judge, EVALUATION_JUDGES)
 
 
 @dataclass
@@ -472,26 +501,28 @@ class SpaCfg(TuneCfg):
 
 
 SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judges": JudgesCfg,
+            "evaluation": EvaluationCfg,
             "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": _identify_cls(),
             "validate": ValidateCfg, "overlap": OverlapCfg, "esi": EsiCfg, "set": SetCfg, "spa": SpaCfg}
-# A "section.key" entry passes one sub-section only (dvc.yaml lists the same key), so e.g. retraining the
-# learned judge does not invalidate the identification stages.
+# A "section.key" entry passes one sub-section only (dvc.yaml lists the same key). Every evaluating stage reads
+# `evaluation` and the whole `judges` section: its judge may be any of `EVALUATION_JUDGES`, and DVC cannot list a
+# sub-section a params file leaves out (judges.llama_guard in the embedded default).
 STAGE_SECTIONS = {
     "data": ["run", "data"],
     "models": ["models"],
-    "baseline": ["run", "models", "judges", "baseline"],
-    "calibrate": ["run", "models", "judges.keyword", "calibrate"],
-    "identify": ["run", "models", "judges.keyword", "calibrate", "identify"],
-    "validate": ["run", "models", "judges.keyword", "calibrate", "identify", "validate"],
-    "esi": ["run", "models", "judges", "esi"],
-    "set": ["run", "models", "judges.keyword", "set"],
-    "spa": ["run", "models", "judges.keyword", "spa"],
+    "baseline": ["run", "models", "judges", "evaluation", "baseline"],
+    "calibrate": ["run", "models", "judges", "evaluation", "calibrate"],
+    "identify": ["run", "models", "judges", "evaluation", "calibrate", "identify"],
+    "validate": ["run", "models", "judges", "evaluation", "calibrate", "identify", "validate"],
+    "esi": ["run", "models", "judges", "evaluation", "esi"],
+    "set": ["run", "models", "judges", "evaluation", "set"],
+    "spa": ["run", "models", "judges", "evaluation", "spa"],
     "overlap": ["run", "models", "calibrate", "identify", "overlap"],
 }
 # The report prints every section's deviations from the paper-scale defaults, so it reads them all; sections
 # a profile leaves out are skipped (stage_params), and their stages are reported as "not run".
-STAGE_SECTIONS["report"] = ["run", "models", "data", "judges", "baseline", "calibrate", "identify", "validate",
-                            "overlap", "esi", "set", "spa"]
+STAGE_SECTIONS["report"] = ["run", "models", "data", "judges", "evaluation", "baseline", "calibrate", "identify",
+                            "validate", "overlap", "esi", "set", "spa"]
 
 
 def _check_models(models: dict[str, ModelCfg]) -> None:
@@ -546,6 +577,10 @@ def parse(raw: dict) -> types.SimpleNamespace:
                         cfg.identify.datasets(m, cfg.calibrate.datasets))
     if "esi" in out:
         _check_esi(cfg)
+    if "evaluation" in out and "judges" in out and cfg.evaluation.judge == JudgeKind.LLAMA_GUARD \
+            and cfg.judges.llama_guard is None:
+        raise ConfigError("evaluation.judge: 'llama_guard' needs judges.llama_guard (a Llama-Guard-style model: "
+                          "{id, offline, revision})")
     return cfg
 
 

@@ -36,6 +36,7 @@ component, part, layer_index = arch.component, arch.part, arch.layer_index   # o
 class ModelEntry:
     id: str
     offline: str | None = None
+    revision: str | None = None   # hub revision; None = the hub's default branch
 
 
 def mirrors() -> dict:
@@ -270,9 +271,10 @@ def load(entry: ModelEntry, models_root: str | Path = "models", dtype: str = "au
     """(model, tokenizer) in eval mode, left padding, never with remote code."""
     source = resolve(entry, models_root)
     device = pick_device(device)
+    revision = entry.revision if source == entry.id else None
     try:
-        tok = T.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = T.AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, device),
+        tok = T.AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+        model = T.AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=pick_dtype(dtype, device),
                                                        trust_remote_code=False)
     except OSError as e:
         raise OSError(f"cannot load {entry.id!r} (offline mirror {entry.offline!r} not materialized and the hub "

@@ -76,7 +76,7 @@ class Context:
     system: str | None = None
     prompts_path: str = "artifacts/data/prompts.jsonl"
     pairs_path: str = "artifacts/data/pairs.jsonl"
-    judge: object = None        # judges.KeywordJudge (layer sweep)
+    judge: object = None        # the evaluation judge (`judges.get`; layer sweep)
     details: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)   # method-level numbers for metrics.json
     max_new_tokens: int = 16    # calibrate settings, for the examples `top_up` adds

@@ -218,7 +218,7 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         if c.sweep_radius == 0:             # step 1 only: the single candidate needs no generations
             ctx.details[name] = {**info, "step1": [s, e], "best": [s, e], "note": "step 1 only (sweep_radius 0)"}
             return list(range(s, e))
-        sweep = overrejection_sweep(ctx.model, ctx.tok, overrej, s, e, judge=_refusals(ctx.judge),
+        sweep = overrejection_sweep(ctx.model, ctx.tok, overrej, s, e, judge=_refusals(ctx.judge, overrej),
                                            alpha=c.alpha, radius=c.sweep_radius, max_new_tokens=c.max_new_tokens,
                                            scale_o_proj=c.scale_o_proj, batch_size=ctx.cfg.batch_size,
                                            cache=cache)
@@ -237,10 +237,11 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         yield d, RegionKind.REFINED, refined
 
 
-def _refusals(judge):
-    from ..judges import KeywordJudge
+def _refusals(judge, prompts: list[str]):
+    """`overrejection_sweep`'s judge: which responses to `prompts` refuse (the keyword judge when none is given)."""
+    from ..judges.keyword import KeywordJudge
     judge = judge or KeywordJudge()
-    return lambda responses: [judge.refused(r) for r in responses]
+    return lambda responses: judge.judge(prompts, responses).refused.tolist()
 
 
 def diagnostics(ctx: Context, cfg) -> dict:

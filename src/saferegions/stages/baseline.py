@@ -19,7 +19,7 @@ from .. import chat, config, evidence, plots  # noqa: F401  (config, plots: re-e
 from ..data import BENIGN_SETS, SAFETY_SETS, prompts
 from ..evaluation import evaluate, rate_record
 from ..io import read_jsonl, write_json, write_jsonl
-from ..judges import KeywordJudge, cohen_kappa, fit_learned_judge
+from ..judges import JudgeKind, cohen_kappa, fit_learned_judge, get
 from ..models import input_device, load, load_encoder
 
 OUT, RESULTS = Path("artifacts/baseline"), Path("results/baseline")
@@ -27,7 +27,8 @@ PROMPTS, JUDGE_ROWS = Path("artifacts/data/prompts.jsonl"), Path("artifacts/data
 
 
 def train_judges(cfg) -> tuple[dict, dict]:
-    """The stage's judges, {"keyword", "learned"}, and the learned judge's held-out statistics.
+    """The stage's judges, {"keyword", "learned"} and `evaluation.judge`, and the learned judge's held-out
+    statistics.
 
     The learned judge is trained on the labelled responses of the data stage and saved with its encoder's id,
     so ESI can load the same head."""
@@ -37,13 +38,16 @@ def train_judges(cfg) -> tuple[dict, dict]:
     learned, stats = fit_learned_judge(read_jsonl(JUDGE_ROWS), encoder, enc_tok, lj.max_train, lj.heldout_frac,
                                        cfg.run.seed, lj.max_length, lj.batch_size)
     learned.save(OUT / "learned_judge.safetensors", {"encoder": cfg.models[lj.encoder].id, **stats})
-    return {"keyword": KeywordJudge.from_config(cfg.judges.keyword), "learned": learned}, stats
+    judges = {"keyword": get(JudgeKind.KEYWORD, cfg), "learned": learned}
+    if cfg.evaluation.judge not in judges:
+        judges[cfg.evaluation.judge] = get(cfg.evaluation.judge, cfg)
+    return judges, stats
 
 
 def generate(cfg, judge_list: dict) -> tuple[list[dict], dict, dict]:
     """Every model's greedy responses to the first `n_prompts` eval prompts of each set (one batched pass per
-    model, the same prompts for every model), classified by the keyword judge into refused / complied /
-    degenerate (`evaluation.evaluate`) and also judged by the learned judge; rows saved to
+    model, the same prompts for every model), classified by `evaluation.judge` into refused / complied /
+    degenerate (`evaluation.evaluate`) and also judged by every other judge; rows saved to
     artifacts/baseline/generations.jsonl. Each row carries the refusal log-odds of its prompt (`refusal_log_odds`).
 
     Returns (generations, {model: {set: rate_record + refusal_rate_<judge>}}, {model: Evaluation of all prompts})."""
@@ -54,8 +58,8 @@ def generate(cfg, judge_list: dict) -> tuple[list[dict], dict, dict]:
     generations, metrics, evals = [], {}, {}
     for role in b.models:
         model, tok = load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-        ev = evaluate(model, tok, flat, judge_list["keyword"], b.max_new_tokens, b.batch_size, b.system_prompt,
-                      desc=role)
+        ev = evaluate(model, tok, flat, judge_list[cfg.evaluation.judge], b.max_new_tokens, b.batch_size,
+                      b.system_prompt, desc=role)
         verdicts = {j: judge.judge(flat, ev.responses).complied for j, judge in judge_list.items()}
         scores = refusal_log_odds(model, tok, flat, b.batch_size, b.system_prompt)
         evals[role], metrics[role] = ev, {}
@@ -151,7 +155,7 @@ def estimator_check(scores, refused, seed: int = 0) -> dict:
 
 
 def rate_table(metrics: dict, key: str = "refusal_rate") -> pd.DataFrame:
-    """One rate of the primary (keyword) judge's outcomes: one row per model, one column per set."""
+    """One rate of the primary judge's (`evaluation.judge`) outcomes: one row per model, one column per set."""
     return pd.DataFrame({m: {d: v[key] for d, v in per.items()} for m, per in metrics.items()}).T
 
 

@@ -36,8 +36,9 @@ def calibrate(model, tok, sets: dict[str, list[str]], max_new_tokens: int, batch
     prompts = [p for ps in sets.values() for p in ps]
     responses, finished = chat.generate(model, tok, prompts, max_new_tokens, batch_size, system,
                                         desc="calibrate", with_finished=True)
-    return [{"dataset": n, "prompt": p, "response": r, "refused": bool(judge.refused(r)) if judge else None,
-             "finished": f} for n, p, r, f in zip(names, prompts, responses, finished)]
+    refused = judge.judge(prompts, responses).refused if judge else [None] * len(prompts)
+    return [{"dataset": n, "prompt": p, "response": r, "refused": None if x is None else bool(x), "finished": f}
+            for n, p, r, x, f in zip(names, prompts, responses, refused, finished)]
 
 
 def distinct(responses: list[str]) -> int:
@@ -73,8 +74,9 @@ def diversify(model, tok, rows: list[dict], min_distinct: float, temperature: fl
     responses, finished = chat.generate(model, tok, [rows[i]["prompt"] for i in redo], max_new_tokens, batch_size,
                                         system, do_sample=True, seed=seed, temperature=temperature,
                                         desc="calibrate (sampled)", with_finished=True)
-    for i, r, f in zip(redo, responses, finished):
-        rows[i].update(response=r, finished=f, sampled=True, refused=bool(judge.refused(r)) if judge else None)
+    refused = judge.judge([rows[i]["prompt"] for i in redo], responses).refused if judge else [None] * len(redo)
+    for i, r, f, x in zip(redo, responses, finished, refused):
+        rows[i].update(response=r, finished=f, sampled=True, refused=None if x is None else bool(x))
     return rows
 
 
@@ -93,10 +95,10 @@ def save_calibration(rows: list[dict], meta: dict, out: str | Path) -> None:
 
 def run(cfg, role: str) -> pd.DataFrame:
     """Generate and save the calibration examples of model `role` (first `calibrate.n` ident prompts of each
-    dataset and of the utility set, keyword-judged); returns them as a frame."""
+    dataset and of the utility set, judged by `evaluation.judge`); returns them as a frame."""
     c = cfg.calibrate
     sets = {d: data.prompts(PROMPTS, d, "ident", c.n) for d in [*c.datasets, c.utility_set]}
-    judge = judges.KeywordJudge.from_config(cfg.judges.keyword)
+    judge = judges.get(cfg.evaluation.judge, cfg)
     lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
     rows = calibrate(lm, tok, sets, c.max_new_tokens, c.batch_size, c.system_prompt, judge)
     greedy = {d: distinct([r["response"] for r in rows if r["dataset"] == d]) for d in sets}

@@ -14,7 +14,7 @@ Per role (`run_role`):
    common tensor space (ESI may select lm_head, which paper 1's methods do not search);
 5. the layer × component profile of the primary gradient (`methods.esi.architecture_profile`);
 6. perturbation (§4.5): Gaussian noise at top-k, bottom-k and random-k entries (and none), sampled responses to
-   held-out harmful prompts, ASR by the keyword judge; the model is restored bit-exactly after each.
+   held-out harmful prompts, ASR by `evaluation.judge`; the model is restored bit-exactly after each.
 Gradients, scores and bool masks of a 0.5B model are ~2.5 GB each, so every region is packed (int32 indices at
 1% density) as soon as it is selected and each gradient set is dropped before the next is computed.
 """
@@ -79,6 +79,10 @@ def plan_table(e) -> pd.DataFrame:
 # ---------------------------------------------------------------- judges
 
 
+# `esi.judges` names -> the judge kind each one is the differentiable form of
+ESI_JUDGES = {"learned": judges.JudgeKind.LEARNED, "guard": judges.JudgeKind.LLAMA_GUARD}
+
+
 def needed_judges(e) -> list[str]:
     """The soft judges some role's plan uses: each is loaded once for all roles."""
     return sorted({s.judge for role in e.models for s in plan(e, role) if s.judge})
@@ -88,23 +92,16 @@ def needed_judges(e) -> list[str]:
 def load_soft_judges(cfg, names, learned_path: str | Path = "artifacts/baseline/learned_judge.safetensors",
                      models_root: str | Path = "models") -> dict:
     """{name: soft judge} for 'learned' (the baseline stage's encoder + logistic head) and 'guard'
-    (`judges.llama_guard`, a Llama-Guard-style causal LM)."""
+    (`judges.llama_guard`, a Llama-Guard-style causal LM), each built by `judges.get`."""
     out = {}
-    device = models.pick_device(cfg.run.device)
     for name in names:
-        if name == "learned":
-            if not Path(learned_path).exists():
-                raise FileNotFoundError(f"{learned_path} not found: run the baseline stage first")
-            enc, etok = models.load_encoder(cfg.models[cfg.judges.learned.encoder].entry(), models_root, device)
-            out[name] = esi.LearnedSoftJudge(judges.LearnedJudge.load(learned_path, enc, etok))
-        elif name == "guard":
-            if cfg.judges.llama_guard is None:
-                raise ValueError("the guard judge needs judges.llama_guard")
-            gm, gtok = models.load(cfg.judges.llama_guard.entry(), models_root, cfg.run.dtype, cfg.run.device)
-            unsafe = "unsafe" if cfg.esi.guard_score == "safe_minus_unsafe" else None
-            out[name] = esi.GuardSoftJudge(gm, gtok, "safe", unsafe)
+        kind = ESI_JUDGES[name]
+        if kind is judges.JudgeKind.LEARNED:
+            out[name] = judges.LearnedSoftJudge(judges.get(kind, cfg, models_root, head=learned_path))
         else:
-            raise ValueError(f"unknown ESI judge {name!r}")
+            guard = judges.get(kind, cfg, models_root)
+            unsafe = "unsafe" if cfg.esi.guard_score == "safe_minus_unsafe" else None
+            out[name] = judges.GuardSoftJudge(guard.model, guard.tokenizer, "safe", unsafe)
     return out
 
 
@@ -221,7 +218,7 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
         judge = soft_judges.get(spec.judge) if spec.judge else None
         if spec.judge and spec.judge not in transfers:
             with _timed(timings, "transfer matrix"):
-                transfers[spec.judge] = esi.transfer_matrix(judge.vocab_tokenizer, tok,
+                transfers[spec.judge] = judges.transfer.transfer_matrix(judge.vocab_tokenizer, tok,
                                                             (judge.embedding_matrix.shape[0], V_t))
         records, masses = [], [] if spec.name == "primary" else None
         with _timed(timings, "gradients"):
@@ -288,7 +285,7 @@ def dense_components(masses: list[dict], numel: dict[str, int], seed: int = 0) -
     return evidence.mean(esi.enrichment(masses, numel, DENSE_COMPONENTS), seed).as_dict()
 
 
-def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keyword_judge,
+def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_judge,
              prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True) -> RoleResult:
     """Everything the stage computes for one model (module docstring); regions come back packed."""
     e = cfg.esi
@@ -329,7 +326,7 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, keywo
         harmful = [p for s in e.eval_sets for p in data.prompts(prompts_path, s, "eval", e.n_eval)]
         with _timed(timings, "perturbation"):
             result.perturbation, result.generations, pooled = perturbation(
-                model, tok, R.unpack(result.top), R.unpack(result.bottom), harmful, keyword_judge, e, role,
+                model, tok, R.unpack(result.top), R.unpack(result.bottom), harmful, eval_judge, e, role,
                 progress)
         result.perturbation_summary = perturbation_metrics(pooled)
     result.timings = timings
@@ -358,7 +355,7 @@ def save_role(result: RoleResult, out: str | Path) -> None:
 
 def judge_token_coverage(records: list[dict]) -> float | None:
     """Share of the primary's response tokens that get a nonzero judge gradient, pooled over its prompts
-    (`esi.coverage_counts`): near 0 means S reaches almost none of what the model said. None without a
+    (`judges.transfer.coverage_counts`): near 0 means S reaches almost none of what the model said. None without a
     judge."""
     n = sum(r.get("response_tokens", 0) for r in records)
     return sum(r["judge_tokens_reached"] for r in records) / n if n else None
@@ -426,12 +423,12 @@ def run(cfg, soft_judges: dict, out: str | Path = "artifacts/esi", identify_root
     """`run_role` for each role of `esi.models`, one model in memory at a time; its regions are saved under
     out/<role>/ at once, then compared across datasets and with paper 1's regions where identify ran."""
     e = cfg.esi
-    keyword = judges.KeywordJudge.from_config(cfg.judges.keyword)
+    eval_judge = judges.get(cfg.evaluation.judge, cfg)
     results, method_rows, dataset_tables, dataset_summaries, missing = {}, [], {}, {}, []
     for role in e.models:
         start = time.time()
         lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-        res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, keyword, prompts_path)
+        res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, eval_judge, prompts_path)
         save_role(res, Path(out) / role)
         del lm
         if len(res.dataset_regions) > 1:

@@ -45,7 +45,7 @@ def context(cfg, role: str, method: str) -> Context:
     halves = cfg.identify.split_half_datasets
     return Context(lm, tok, role, cfg.models[role].id, calib, ds,
                    cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
-                   judge=judges.KeywordJudge.from_config(cfg.judges.keyword),
+                   judge=judges.get(cfg.evaluation.judge, cfg),
                    max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size,
                    utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
                    split_half=[d for d in ds if halves is None or d in halves])

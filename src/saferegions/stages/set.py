@@ -133,7 +133,7 @@ def run(cfg, model, tok, arms: dict, d: Data):
     """Train and score every arm with the keyword judge, then write generations, metrics.json and the loss
     curves (CSV per arm + figure). Returns (metrics, curves, generations)."""
     s = cfg.set
-    judge = judges.KeywordJudge.from_config(cfg.judges.keyword)
+    judge = judges.get(cfg.evaluation.judge, cfg)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.pairs, d.harmful,
                                      d.benign, d.utility_prompts, judge, cfg.run.seed)
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["arm"], f"SET training loss ({s.model} model)",

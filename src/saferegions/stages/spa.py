@@ -120,7 +120,7 @@ def run(cfg, model, tok, arms: dict, d: Data):
     """Tune and score every (task, arm) with the keyword judge, then write generations, metrics.json and the
     loss curves (CSV per run + figure). Returns (metrics, curves, generations)."""
     s = cfg.spa
-    judge = judges.KeywordJudge.from_config(cfg.judges.keyword)
+    judge = judges.get(cfg.evaluation.judge, cfg)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.utility,
                                      d.harmful, judge, cfg.run.seed)
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["task", "arm"], f"SPA training loss ({s.model} model)",

@@ -112,7 +112,7 @@ def run(cfg, harmful: list[str], util_prompts: list[str]):
     method); generations written to artifacts/validate/generations.jsonl. Returns (metrics, reference, rows frame,
     generations)."""
     v = cfg.validate
-    judge = judges.KeywordJudge.from_config(cfg.judges.keyword)
+    judge = judges.get(cfg.evaluation.judge, cfg)
     metrics, reference, rows, gens = {}, {}, [], []
     for role in cfg.identify.models:
         lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)

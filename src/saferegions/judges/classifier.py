@@ -1,0 +1,33 @@
+"""A causal LM used as a classifier: it reads a rendered prompt and answers with one of two words ("safe" /
+"unsafe", "No" / "Yes"); the verdict is the softmax over those two words' logits at the first answer position.
+Llama Guard and the HarmBench classifier are both read this way."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def token_id(tokenizer, word: str) -> int:
+    """The id of `word` in this tokenizer (one token, looked up, never assumed)."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is not a single token for this judge's tokenizer: {ids}")
+    return ids[0]
+
+
+@torch.no_grad()
+def answer_probability(model, tokenizer, texts: list[str], no_id: int, yes_id: int, batch_size: int = 8,
+                       add_special_tokens: bool = False) -> np.ndarray:
+    """P(yes word) / (P(no word) + P(yes word)) at the position after each text, batched with left padding
+    (position ids follow the padding, so a text scores the same alone or in a batch)."""
+    device = model.get_input_embeddings().weight.device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=add_special_tokens)
+        mask = enc["attention_mask"].to(device)
+        logits = model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=1, use_cache=False).logits
+        pair = logits[:, -1, [no_id, yes_id]].float()
+        out.append(torch.softmax(pair, -1)[:, 1].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
