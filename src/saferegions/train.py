@@ -361,6 +361,8 @@ def run_arm(model, name: str, cfg, examples: list[Example], pad_id: int, evaluat
 
     Returns (loss curve, {trainable, trainable_fraction, **evaluate's dict})."""
     total = param_count(model)
+    if not 0 < cfg.checkpoint_every < cfg.max_steps:
+        checkpoint = None   # no checkpoint would be written
     with arm(model, name, cfg, masks, invert, seed, snapshot) as (m, opt):
         n = trainable_count(opt)
         curve = train(m, opt, examples, cfg.max_steps, cfg.batch_size, pad_id, cfg.grad_accum,
