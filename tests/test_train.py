@@ -1,6 +1,7 @@
 """SET / SPA training loop and arms on tiny models: loss falls, masks hold, LoRA trains only the adapter,
 arms are independent, faithful and sparse agree, and the orchestration returns the metric shapes."""
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -298,3 +299,62 @@ def test_defaults_are_paper_values():
     assert config.parse({"models": {"a": {"id": "x"}}, "set": {"model": "a"}}).set.model == "a"
     with pytest.raises(config.ConfigError, match="set.model"):
         config.parse({"models": {"a": {"id": "x"}}, "set": {}})
+
+
+class Killed(Exception):
+    pass
+
+
+def _run_to_end(model, name, cfg, examples, pad_id, masks, invert, ckpt, kill_at=None):
+    """Train arm `name` for cfg.max_steps with checkpoints in `ckpt`; raise Killed inside optimizer step
+    `kill_at`. Returns (final weights, curve, optimizer steps this call ran) when it runs to the end."""
+    with train.arm(model, name, cfg, masks, invert, seed=3) as (m, opt):
+        key = train.resume.run_key(name, cfg, 3, examples, masks, m)
+        calls = []
+
+        def counted_step(self, *a, **kw):   # a method: the lr scheduler re-wraps `step`
+            calls.append(1)
+            if len(calls) == kill_at:
+                raise Killed
+            return type(self).step(self, *a, **kw)
+        opt.step = types.MethodType(counted_step, opt)
+        curve = train.train(m, opt, examples, cfg.max_steps, cfg.batch_size, pad_id, cfg.grad_accum,
+                            cfg.warmup_ratio, cfg.schedule, cfg.max_grad_norm, seed=3, checkpoint=ckpt,
+                            every=cfg.checkpoint_every, key=key)
+        return {n: p.detach().clone() for n, p in m.named_parameters()}, curve, len(calls)
+
+
+@pytest.mark.parametrize("name,invert,dtype,mode", [("set", False, torch.float32, "sparse"),
+                                                    ("set", False, torch.bfloat16, "faithful"),
+                                                    ("spa", True, torch.float32, "faithful"),
+                                                    ("full", False, torch.float32, "faithful")])
+def test_killed_training_resumes_to_the_uninterrupted_result(setup, tmp_path, name, invert, dtype, mode):
+    """A run killed in step 5 (checkpoints every 2 steps) and re-run ends with the same weights, the same
+    losses and the same learning rates as a run never interrupted; the checkpoint is gone at the end."""
+    model, tok, examples = setup
+    model = model.to(dtype)
+    cfg = _cfg(max_steps=7, checkpoint_every=2, warmup_ratio=0.2, optimizer_mode=mode, lr=1e-3)
+    masks = None if name == "full" else _region(model, 0.2).masks
+    want, want_curve, _ = _run_to_end(model, name, cfg, examples, tok.pad_token_id, masks, invert, tmp_path / "a")
+    ckpt = tmp_path / "b"
+    with pytest.raises(Killed):
+        _run_to_end(model, name, cfg, examples, tok.pad_token_id, masks, invert, ckpt, kill_at=5)
+    assert (ckpt / "counters.json").exists() and not (tmp_path / "a").exists()
+    got, curve, ran = _run_to_end(model, name, cfg, examples, tok.pad_token_id, masks, invert, ckpt)
+    assert ran == 3   # resumed after the step-4 checkpoint
+    assert curve == want_curve
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert any(not torch.equal(want[n], p) for n, p in model.named_parameters())   # it trained
+    assert not ckpt.exists()
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(setup, tmp_path):
+    model, tok, examples = setup
+    cfg = _cfg(max_steps=5, checkpoint_every=2)
+    masks = _region(model, 0.2).masks
+    with pytest.raises(Killed):
+        _run_to_end(model, "set", cfg, examples, tok.pad_token_id, masks, False, tmp_path, kill_at=4)
+    other = _cfg(max_steps=5, checkpoint_every=2, lr=2e-2)
+    want, want_curve, _ = _run_to_end(model, "set", other, examples, tok.pad_token_id, masks, False, tmp_path / "x")
+    got, curve, ran = _run_to_end(model, "set", other, examples, tok.pad_token_id, masks, False, tmp_path)
+    assert ran == 5 and curve == want_curve and all(torch.equal(got[n], want[n]) for n in want)

@@ -430,6 +430,7 @@ class TuneCfg:
     max_length: int = 2048       # tokens per example, truncated at the end
     top_frac: float = 0.01       # ESI region size as a fraction of ALL parameters (checked against the file)
     optimizer_mode: str = "faithful"   # faithful = dense moments (reference); sparse = state only where trainable
+    checkpoint_every: int = 25   # optimizer steps between resume checkpoints of a training arm; 0 = none
     ref_decay: bool = True       # weight decay inside the bias-corrected step, as the reference code
     force_bias_norm: bool = True  # biases and norms always trainable (the reference cannot turn it off)
     chat_template: bool = False  # reference: plain "Instruction: ...\nAnswer: ..." text
@@ -445,7 +446,7 @@ class TuneCfg:
         for k in ("max_steps", "lr", "batch_size", "grad_accum", "max_length", "n_eval", "max_new_tokens",
                   "eval_batch_size"):
             _positive(f"{name}.{k}", getattr(self, k))
-        for k in ("weight_decay", "max_grad_norm", "warmup_ratio"):
+        for k in ("weight_decay", "max_grad_norm", "warmup_ratio", "checkpoint_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{name}.{k}: must be >= 0, got {getattr(self, k)!r}")
         if self.warmup_ratio >= 1:

@@ -6,7 +6,8 @@ top-k for SET, everything but the top-k for SPA, a random or bottom-k mask of th
 loop is the same for all of them (causal-LM loss on the supervised tokens, gradient accumulation, warmup +
 cosine schedule, global grad-norm clip, seeded order), so arms differ only in what they may change.
 a `Snapshot` restores the model bit-exactly after each arm, so arms are independent and one loaded model
-serves them all.
+serves them all. Under bf16 every arm trains through fp32 masters and fp32 moments (`optim.MaskedAdamW`).
+A long arm checkpoints every `checkpoint_every` steps (`resume`) and a re-run resumes it.
 
 Data: each example is (prompt, response). The reference trains on plain "Instruction: …\\nAnswer: …" text with
 the loss on the whole sequence (`chat_template=False, loss_on_prompt=True`); the embedded default renders the
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import chat, config, data, evaluation, evidence, models, optim
+from . import chat, config, data, evaluation, evidence, models, optim, resume
 from . import regions as R
 from .evaluation import gsm8k_exact_match, sst2_accuracy
 from .io import atomic_path, write_json, write_jsonl
@@ -143,7 +144,8 @@ def first_gradients(model, examples: list[Example], batch_size: int, pad_id: int
                     seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
     """({param name: gradient}, loss) of the first step of `train`. Every arm that trains the base weights starts
     from the same weights on the same first batch, so its first gradient is this one whatever its mask (masks act
-    on the update): computed once, it saves each such arm a forward and backward pass."""
+    on the update): computed once, it saves each such arm a forward and backward pass. Kept on the host, so
+    it costs no accelerator memory while the arms train."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -152,7 +154,7 @@ def first_gradients(model, examples: list[Example], batch_size: int, pad_id: int
     try:
         loss = _accumulate(model, batch_stream(examples, batch_size, pad_id, seed), grad_accum,
                            models.input_device(model))
-        grads = {n: p.grad for n, p in model.named_parameters()}
+        grads = {n: p.grad.to("cpu") for n, p in model.named_parameters()}
     finally:
         for n, p in model.named_parameters():
             p.grad = None
@@ -163,14 +165,17 @@ def first_gradients(model, examples: list[Example], batch_size: int, pad_id: int
 
 def train(model, optimizer, examples: list[Example], max_steps: int, batch_size: int, pad_id: int,
           grad_accum: int = 1, warmup_ratio: float = 0.0, schedule: str = "cosine", max_grad_norm: float = 0.0,
-          seed: int = 0, desc: str = "train", first: tuple[dict[str, torch.Tensor], float] | None = None
-          ) -> list[dict]:
+          seed: int = 0, desc: str = "train", first: tuple[dict[str, torch.Tensor], float] | None = None,
+          checkpoint: Path | None = None, every: int = 0, key: dict | None = None) -> list[dict]:
     """Run `max_steps` optimizer steps of causal-LM loss; returns the curve [{step, loss, lr}].
 
     Each step averages `grad_accum` micro-batches of `batch_size` examples (token-mean loss per micro-batch).
     Warmup is ceil(warmup_ratio × max_steps) steps, as the HF Trainer. Gradients are clipped to
     `max_grad_norm` (0 = off) over the parameters the optimizer holds. `first` = `first_gradients(...)` of the
-    same model, examples and seed: step 1 uses it instead of computing it."""
+    same model, examples and seed: step 1 uses it instead of computing it.
+
+    `checkpoint`: a directory to checkpoint into every `every` steps (0 = never) and to resume from; `key`
+    names the run (a checkpoint with another key is not resumed). It is removed when the run completes."""
     if max_steps <= 0 or batch_size <= 0 or grad_accum <= 0:
         raise ValueError("max_steps, batch_size and grad_accum must be > 0")
     # imported here: at module import, before a model is loaded, these pull in peft and take 3 s
@@ -184,19 +189,22 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
     else:
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    device = params[0].device
+    device = models.input_device(model)
     stream = batch_stream(examples, batch_size, pad_id, seed)
-    curve = []
+    start, curve = 0, []
+    if checkpoint is not None:
+        start, curve = resume.load(checkpoint, key or {}, params, optimizer) or (0, [])
+        resume.fast_forward(scheduler, stream, start, grad_accum)
     model.train()
     try:
-        for step in tqdm(range(1, max_steps + 1), desc=desc, leave=False):
+        for step in tqdm(range(start + 1, max_steps + 1), desc=desc, leave=False):
             optimizer.zero_grad(set_to_none=False)   # zero in place: a fresh 2 GB of gradients per step page-faults
             if step == 1 and first is not None:
                 for _ in range(grad_accum):
                     next(stream)
                 for n, p in model.named_parameters():
                     if p.requires_grad:
-                        p.grad = first[0][n].clone()
+                        p.grad = first[0][n].to(p.device, copy=True)
                 total = first[1]
             else:
                 total = _accumulate(model, stream, grad_accum, device)
@@ -206,6 +214,10 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
             optimizer.step()
             scheduler.step()
             curve.append({"step": step, "loss": total, "lr": lr})
+            if checkpoint is not None and every and step % every == 0 and step < max_steps:
+                resume.save(checkpoint, key or {}, step, curve, params, optimizer)
+        if checkpoint is not None:
+            resume.remove(checkpoint)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()
@@ -246,22 +258,48 @@ def trainable_count(optimizer) -> int:
 
 
 class Snapshot:
-    """Every parameter and its requires_grad flag, taken once and restored after each arm (also after an
-    error), so arms are independent and one copy of the weights serves them all."""
+    """Every parameter's requires_grad flag, and before each arm trains (`hold`), the initial values of what
+    its optimizer may change: a masked arm's trainable entries only (where the optimizer keeps a per-entry
+    index), else the whole tensors it trains. Kept on the host and written back bit-exactly after the arm
+    (also after an error), so arms are independent and one loaded model serves them all."""
 
     def __init__(self, model):
         self.model = model
-        self.saved = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.held: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []   # (param, index, values)
+
+    @torch.no_grad()
+    def hold(self, optimizer) -> None:
+        index = optimizer.index if isinstance(optimizer, optim.MaskedAdamW) else lambda p: None
+        for p in (p for g in optimizer.param_groups for p in g["params"]):
+            idx = index(p)
+            values = p.reshape(-1).index_select(0, idx) if idx is not None else p
+            self.held.append((p, None if idx is None else idx.cpu(), values.to("cpu", copy=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
+        for p, idx, values in self.held:
+            if idx is None:
+                p.copy_(values)
+            else:
+                p.view(-1).index_put_((idx.to(p.device),), values.to(p.device))
+        self.held = []
         for n, p in self.model.named_parameters():
-            if n in self.saved:
-                p.copy_(self.saved[n])
+            if n in self.flags:
                 p.requires_grad_(self.flags[n])
                 p.grad = None
         self.model.eval()
+
+
+def full_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """AdamW on every weight: torch's fused kernel for fp32 weights; for bf16 / fp16 weights MaskedAdamW with
+    no mask (fp32 master and moments per weight: torch's AdamW would keep bf16 moments and round each update
+    into the bf16 weight) and torch's decoupled decay."""
+    params = list(model.parameters())
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return optim.MaskedAdamW([(p, None) for p in params], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             ref_decay=False)
 
 
 @contextlib.contextmanager
@@ -283,15 +321,17 @@ def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, inv
         seed: int = 0, snapshot: Snapshot | None = None):
     """Yield (model to train and evaluate, optimizer) for one arm; the model is restored on exit.
 
-    name: 'full' (torch AdamW, every weight), 'lora' (AdamW on the adapter) — both fused, one pass per step —
-    or a masked arm (MaskedAdamW on `masks`, inverted for SPA)."""
+    name: 'full' (AdamW, every weight: `full_optimizer`), 'lora' (torch's fused AdamW on the adapter, which
+    peft keeps in fp32; the base weights stay frozen) or a masked arm (MaskedAdamW on `masks`, inverted for
+    SPA)."""
     snapshot = snapshot or Snapshot(model)
     try:
         if name == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
-            yield model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           fused=True)
+            opt = full_optimizer(model, cfg)
+            snapshot.hold(opt)
+            yield model, opt
         elif name == "lora":
             with lora_attached(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed) as peft_model:
                 params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -302,7 +342,9 @@ def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, inv
                 raise ValueError(f"arm {name!r} needs masks")
             for p in model.parameters():
                 p.requires_grad_(True)
-            yield model, masked_optimizer(model, masks, invert, cfg)
+            opt = masked_optimizer(model, masks, invert, cfg)
+            snapshot.hold(opt)
+            yield model, opt
         else:
             raise ValueError(f"unknown arm {name!r}; valid: full, lora, {', '.join(MASKED_ARMS)}")
     finally:
@@ -311,17 +353,22 @@ def arm(model, name: str, cfg, masks: dict[str, torch.Tensor] | None = None, inv
 
 def run_arm(model, name: str, cfg, examples: list[Example], pad_id: int, evaluate, masks=None,
             invert: bool = False, seed: int = 0, snapshot: Snapshot | None = None,
-            first: tuple[dict[str, torch.Tensor], float] | None = None) -> tuple[list[dict], dict]:
+            first: tuple[dict[str, torch.Tensor], float] | None = None,
+            checkpoint: Path | None = None) -> tuple[list[dict], dict]:
     """Train one arm with `cfg`'s recipe, call `evaluate(trained_model)` inside the arm, restore the model.
-    `first`: the shared first-step gradients (`first_gradients`), used by every arm but LoRA.
+    `first`: the shared first-step gradients (`first_gradients`), used by every arm but LoRA. `checkpoint`:
+    this arm's resume directory (every `cfg.checkpoint_every` steps; see `train`).
 
     Returns (loss curve, {trainable, trainable_fraction, **evaluate's dict})."""
     total = param_count(model)
+    if not 0 < cfg.checkpoint_every < cfg.max_steps:
+        checkpoint = None   # no checkpoint would be written
     with arm(model, name, cfg, masks, invert, seed, snapshot) as (m, opt):
         n = trainable_count(opt)
         curve = train(m, opt, examples, cfg.max_steps, cfg.batch_size, pad_id, cfg.grad_accum,
                       cfg.warmup_ratio, cfg.schedule, cfg.max_grad_norm, seed, desc=f"train {name}",
-                      first=None if name == "lora" else first)
+                      first=None if name == "lora" else first, checkpoint=checkpoint, every=cfg.checkpoint_every,
+                      key=resume.run_key(name, cfg, seed, examples, masks, m) if checkpoint else None)
         result = {"trainable": n, "trainable_fraction": n / total, **evaluate(m)}
         del opt
     gc.collect()   # free this arm's moments before the next arm allocates its own (0.5B: 5 GB each)

@@ -180,8 +180,12 @@ def refusal_loglik(model, tokenizer, prompt: str, system: str | None, refusal: s
 @contextlib.contextmanager
 def _accumulators(params: dict[str, torch.nn.Parameter], accum_dtype: str):
     """Yield a function returning {name: fp32 CPU Σ grad}: `.grad` accumulation in the model dtype ('model',
-    the reference) or fp32 buffers filled by post-accumulate-grad hooks that free `.grad` ('fp32')."""
+    the reference) or fp32 buffers filled by post-accumulate-grad hooks that free `.grad` ('fp32').
+    bf16 / fp16 weights always accumulate in fp32: summed in their own dtype, small per-prompt gradients
+    fall below the running sum's resolution and are lost."""
     handles, acc = [], {}
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in params.values()):
+        accum_dtype = "fp32"
     if accum_dtype == "fp32":
         acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
 

@@ -20,6 +20,7 @@ from ..evaluation import utility_score
 OUT, RESULTS = Path("artifacts/set"), Path("results/set")
 PROMPTS, PAIRS = "artifacts/data/prompts.jsonl", "artifacts/data/pairs.jsonl"
 ESI = Path("artifacts/esi")
+CHECKPOINTS = Path("artifacts/checkpoints/set")   # resume state of the arms (not a DVC output)
 UTILITY = "_utility"   # set name of the utility prompts inside one generation batch
 
 
@@ -92,7 +93,8 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: 
             gens.extend({"arm": name, **r} for r in rows)
             return after
         curve, res = train.run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                                   invert=False, seed=seed, snapshot=snapshot, first=first)
+                                   invert=False, seed=seed, snapshot=snapshot, first=first,
+                                   checkpoint=CHECKPOINTS / name)
         curves += [{"arm": name, **c} for c in curve]
         after_rows = [r for r in gens if r["arm"] == name]
         metrics[name] = {"asr_before": before["asr"], "asr_after": res["asr"],

@@ -20,6 +20,7 @@ from ..evaluation import utility_score
 OUT, RESULTS = Path("artifacts/spa"), Path("results/spa")
 PROMPTS, UTILITY_ROWS = "artifacts/data/prompts.jsonl", "artifacts/data/utility.jsonl"
 ESI = Path("artifacts/esi")
+CHECKPOINTS = Path("artifacts/checkpoints/spa")   # resume state of the arms (not a DVC output)
 DRIFT_BOUND = 0.01   # "within 1%" read as an absolute ASR increase of at most 0.01 (docs/methods.md §4.6)
 
 
@@ -100,7 +101,8 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility
                 gens.extend({"task": task, "arm": name, **r} for r in rows)
                 return after
             curve, res = train.run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
-                                       invert=True, seed=seed, snapshot=snapshot, first=first)
+                                       invert=True, seed=seed, snapshot=snapshot, first=first,
+                                       checkpoint=CHECKPOINTS / task / name)
             curves += [{"task": task, "arm": name, **c} for c in curve]
             metrics[task][name] = {"task_score": res["task_score"], "task_score_before": before["task_score"],
                                    "task_likelihood": res["task_likelihood"],
