@@ -32,8 +32,7 @@ from tqdm.auto import tqdm
 from . import chat, config, data, evaluation, evidence, models, optim
 from . import regions as R
 from .evaluation import gsm8k_exact_match, sst2_accuracy
-from . import results as results_
-from .io import atomic_path, write_jsonl
+from .io import atomic_path, write_json, write_jsonl
 from .models import param_count
 
 MASKED_ARMS = ("set", "spa", "random", "bottom")
@@ -423,7 +422,7 @@ def save_outputs(out: Path, results: Path, metrics: dict, curves: list[dict], ge
 
     from . import plots
     write_jsonl(out / "generations.jsonl", gens)
-    results_.save(results.name, results / "metrics.json", metrics)
+    write_json(results / "metrics.json", metrics)
     curve = pd.DataFrame(curves)
     for values, c in curve.groupby(keys if len(keys) > 1 else keys[0]):
         name = "-".join(values) if len(keys) > 1 else values

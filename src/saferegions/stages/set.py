@@ -136,6 +136,7 @@ def run(cfg, model, tok, arms: dict, d: Data):
     judge = judges.KeywordJudge.from_config(cfg.judges.keyword)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.pairs, d.harmful,
                                      d.benign, d.utility_prompts, judge, cfg.run.seed)
+    results.SetMetrics.parse(metrics, RESULTS / "metrics.json")   # the contract, checked before any write
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["arm"], f"SET training loss ({s.model} model)",
                        s.loss_on_prompt)
     return metrics, curves, gens

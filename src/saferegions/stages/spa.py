@@ -123,6 +123,7 @@ def run(cfg, model, tok, arms: dict, d: Data):
     judge = judges.KeywordJudge.from_config(cfg.judges.keyword)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.utility,
                                      d.harmful, judge, cfg.run.seed)
+    results.SpaMetrics.parse(metrics, RESULTS / "metrics.json")   # the contract, checked before any write
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["task", "arm"], f"SPA training loss ({s.model} model)",
                        s.loss_on_prompt)
     return metrics, curves, gens
