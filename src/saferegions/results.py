@@ -15,7 +15,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -106,7 +106,6 @@ class Record:
 
 
 def _no_default(f) -> bool:
-    from dataclasses import MISSING
     return f.default is MISSING and f.default_factory is MISSING
 
 
