@@ -8,7 +8,7 @@ import yaml
 
 from conftest import ROOT
 from saferegions import config
-from saferegions.results import MetricsError
+from saferegions.results import EsiMetrics, MetricsError
 from saferegions.stages import report
 
 
@@ -24,7 +24,7 @@ def _est(n, effect, lo, hi, test="exact McNemar", p=0.01):
 
 
 def _rates(asr, deg=0.0, n=96):
-    return {"n": n, "asr": asr, "asr_ci": [max(0, asr - 0.1), min(1, asr + 0.1)], "refusal_rate": 1 - asr - deg,
+    return {"n": n, "asr": asr, "asr_ci": [max(0, asr - 0.1), min(1, asr + 0.1)], "refusal_rate": max(0.0, 1 - asr - deg),
             "degenerate_rate": deg, "utility": 0.5}
 
 
@@ -242,9 +242,9 @@ def test_absent_stages_are_not_run(tmp_path):
                                 "component_share": {"v": 1.0}, "faithful_vs_fixed_iou": 0.3}}, "m.asr_topk"),
     ("esi/metrics.json", {"m": {"asr_topk": 0.1, "asr_random": 0.1, "asr_bottomk": 0.1,
                                 "component_share": {"v": 1.0}}}, "faithful_vs_fixed_iou"),
-    ("validate/metrics.json", {"m": {"snip": {"advbench": {"asr_region": 1.5, "asr_random": 0.1,
-                                                           "utility_region": 0.1, "utility_random": 0.1}}}},
-     "outside [0.0, 1.0]"),
+    ("validate/metrics.json", {"m": {"snip": {"advbench": {"region": {"asr": 1.5}, "random": {"asr": 0.1},
+                                                           "paired": _est(96, 0.4, 0.3, 0.5)}}}},
+     "m.snip.advbench.region.asr: 1.5 outside [0.0, 1.0]"),
     ("validate/metrics.json", {"m": {"snip": {"advbench": {"region": {"asr": 0.5}, "random": {"asr": 0.1},
                                                            "paired": {"n": 96, "effect": 0.4, "test": "x"}}}}},
      "m.snip.advbench.paired: missing key(s) ['ci']"),
@@ -350,7 +350,9 @@ def test_report_is_wired_into_the_pipeline():
 
 def test_deviations_name_the_esi_judge_this_run_used():
     cfg = config.load(ROOT / "params.yaml")
-    results = {"esi": {"aligned": {"judge": "learned", "judge_token_coverage": 0.97}}}
+    results = {"esi": EsiMetrics.parse({"aligned": {
+        "asr_topk": 0.5, "asr_random": 0.4, "asr_bottomk": None, "component_share": {"v": 1.0},
+        "faithful_vs_fixed_iou": None, "judge": "learned", "judge_token_coverage": 0.97}})}
     rows = [r["deviation"] for r in report.documented_deviations(results, cfg)]
     named = [r for r in rows if r.startswith("ESI judge in this run")]
     assert len(named) == 1 and "all-MiniLM-L6-v2" in named[0] and "0.97" in named[0]

@@ -221,7 +221,7 @@ else:
 estimates = overlap.pair_estimates(results, ov.seed)
 halves = overlap.split_half(IDENT, results)
 metrics = overlap.metrics(summary, estimates, halves)
-write_json(RESULTS / "metrics.json", metrics)
+overlap.save_metrics(RESULTS / "metrics.json", metrics)
 display(overlap.metrics_table(metrics).style.format(precision=4))
 ceiling = overlap.noise_ceiling(metrics)
 if ceiling.empty:

@@ -152,4 +152,4 @@ if result.missing:
 display(Markdown(esi.reading(result, e)))
 # %%
 write_jsonl(OUT / "generations.jsonl", esi.generation_rows(result))
-write_json(RESULTS / "metrics.json", metrics)
+esi.save_metrics(RESULTS / "metrics.json", metrics)

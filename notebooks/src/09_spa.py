@@ -70,7 +70,7 @@ with pd.option_context("display.max_colwidth", 120):
 # %% [md]
 # ## The paper's claim beside this run
 # %%
-display(pd.DataFrame(stage.claims(stage.drift_rows(metrics))))
+display(pd.DataFrame(stage.claims(metrics)))
 # %% [md]
 # ## Reading this run
 # %%

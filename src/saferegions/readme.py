@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from . import results
 from .results import MATRIX_STAGES, NOT_RUN, STAGES, load_results
 
 ALL_STAGES = STAGES + ("report",)
@@ -34,11 +35,6 @@ def _cell(text) -> str:
 def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return out + ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
-
-
-def _arrow(v: dict, key: str, before: str | None = None) -> str:
-    b = v.get(before or f"{key}_before")
-    return f"{_f(b)} → {_f(v.get(key))}" if b is not None else _f(v.get(key))
 
 
 # ---------------------------------------------------------------- timings
@@ -71,38 +67,36 @@ def timings(root: Path) -> str:
 # ---------------------------------------------------------------- findings
 
 
-def _baseline(m: dict, results: dict) -> list[str]:
+def _baseline(m: results.BaselineMetrics, res: dict) -> list[str]:
     from .data import BENIGN_SETS, SAFETY_SETS
     rows = []
-    for role, sets in m["models"].items():
-        mean = lambda names: _f(sum(v["refusal_rate"] for d, v in sets.items() if d in names)  # noqa: E731
+    for role, sets in m.models.items():
+        mean = lambda names: _f(sum(v.refusal_rate for d, v in sets.items() if d in names)  # noqa: E731
                                 / max(1, sum(d in names for d in sets)))
-        ns = sorted({v.get("n") for v in sets.values()} - {None})
+        ns = sorted({v.n for v in sets.values()} - {None})
         rows.append([role, mean(SAFETY_SETS), mean(BENIGN_SETS), ", ".join(map(str, ns)) or "–"])
-    acc = (m.get("judge") or {}).get("heldout_accuracy")
+    acc = m.judge.heldout_accuracy if m.judge else None
     return (_table(["model", "refusal rate, safety sets (mean)", "refusal rate, benign sets (mean)",
                     "prompts per set"], rows)
             + ([f"\nLearned judge: held-out accuracy {_f(acc)}."] if acc is not None else []))
 
 
-def _validate(m: dict, results: dict) -> list[str]:
-    rows = []
-    for model, methods in m.items():
-        if model == "intact":
-            continue
-        for method, sets in methods.items():
-            for d, v in sets.items():
-                if "region" in v:   # rate records + the paired test
-                    rows.append([f"{model}/{method}", d, _f(v["region"]["asr"]), _f(v["random"]["asr"]),
-                                 _estimate(v.get("paired")), _f(v.get("utility_ratio")), v.get("n", "–")])
-                else:
-                    rows.append([f"{model}/{method}", d, _f(v["asr_region"]), _f(v["asr_random"]), "–", "–", "–"])
+def _validate(m: results.ValidateMetrics, res: dict) -> list[str]:
+    rows = [[f"{model}/{method}", d, _f(v.region.asr), _f(v.random.asr), _estimate(v.paired), _f(v.utility_ratio),
+             _dash(v.n)]
+            for model, methods in m.models.items() for method, sets in methods.items() for d, v in sets.items()]
     return _table(["model/method", "region of", "ASR, region zeroed", "ASR, random region",
                    "region − random [95% CI]", "utility ratio", "n"], rows)
 
 
+def _dash(x) -> str:
+    return "–" if x is None else str(x)
+
+
 def _estimate(e) -> str:
-    """'effect [low, high]' of an Estimate dict; '–' where absent or undefined."""
+    """'effect [low, high]' of an Estimate record (or a claims.json row); '–' where absent or undefined."""
+    if isinstance(e, results.EstimateRecord):
+        e = {"effect": e.effect, "ci": e.ci}
     if not e or e.get("effect") is None:
         return "–"
     return f"{_f(e['effect'])} {_interval(e.get('ci') or [None, None])}"
@@ -113,37 +107,40 @@ def _interval(ci) -> str:
     return "–" if not ci else f"[{_f(ci[0])}, {_f(ci[1])}]"
 
 
-def _overlap(m: dict, results: dict) -> list[str]:
-    n_sets = {(v["role"], v["method"]): len(v["datasets"]) for v in (results.get("identify") or {}).values()}
-    iou = lambda v: f"{_f(v['mean_iou'], 3)} ({_f(v['chance_iou'], 3)})"  # noqa: E731
-    rows = [[f"{model}/{method}", n_sets.get((model, method), "–"), iou(v["raw"]), iou(v["refined"])]
-            for model, methods in m.items() for method, v in methods.items()]
+def _overlap(m: results.OverlapMetrics, res: dict) -> list[str]:
+    n_sets = {(v.role, v.method): len(v.datasets) for v in (res.get("identify") or {}).values()}
+    iou = lambda v: f"{_f(v.mean_iou, 3)} ({_f(v.chance_iou, 3)})"  # noqa: E731
+    rows = [[f"{model}/{method}", n_sets.get((model, method), "–"), iou(v.raw), iou(v.refined)]
+            for model, methods in m.models.items() for method, v in methods.items()]
     return _table(["model/method", "datasets", "mean IoU raw (chance)", "mean IoU refined (chance)"], rows)
 
 
-def _esi(m: dict, results: dict) -> list[str]:
+def _esi(m: results.EsiMetrics, res: dict) -> list[str]:
     rows = []
-    for model, v in m.items():
-        share = sorted(v["component_share"].items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-        rows.append([model, ", ".join(f"{c} {_f(s)}" for c, s in share), _f(v["faithful_vs_fixed_iou"], 3),
-                     " / ".join(_f(v.get(k)) for k in ("asr_none", "asr_topk", "asr_bottomk", "asr_random")),
-                     v.get("n_eval", "–")])
+    for model, v in m.models.items():
+        share = sorted(v.component_share.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        rows.append([model, ", ".join(f"{c} {_f(s)}" for c, s in share), _f(v.faithful_vs_fixed_iou, 3),
+                     " / ".join(_f(x) for x in (v.asr_none, v.asr_topk, v.asr_bottomk, v.asr_random)),
+                     _dash(v.n_eval)])
     return _table(["model", "largest top-k shares", "faithful vs fixed IoU",
                    "ASR none / top-k / bottom-k / random perturbed", "eval prompts"], rows)
 
 
-def _set(m: dict, results: dict) -> list[str]:
-    rows = [[arm, _f(100 * v["trainable_fraction"]) + "%", _arrow(v, "asr_after", "asr_before"),
-             _arrow(v, "benign_refusal_after", "benign_refusal_before"),
-             _arrow(v, "utility_after", "utility_before")]
-            for arm, v in m.items() if arm != "comparison"]
+def _arrow(before, after) -> str:
+    return f"{_f(before)} → {_f(after)}" if before is not None else _f(after)
+
+
+def _set(m: results.SetMetrics, res: dict) -> list[str]:
+    rows = [[arm, _f(100 * v.trainable_fraction) + "%", _arrow(v.asr_before, v.asr_after),
+             _arrow(v.benign_refusal_before, v.benign_refusal_after), _arrow(v.utility_before, v.utility_after)]
+            for arm, v in m.arms.items()]
     return _table(["arm", "trainable", "ASR", "benign refusal", "utility"], rows)
 
 
-def _spa(m: dict, results: dict) -> list[str]:
-    rows = [[task, arm, _arrow(v, "asr_after", "asr_before"), _arrow(v, "task_score"),
-             _arrow(v, "task_likelihood")]
-            for task, arms in m.items() if task != "drift" for arm, v in arms.items()]
+def _spa(m: results.SpaMetrics, res: dict) -> list[str]:
+    rows = [[task, arm, _arrow(v.asr_before, v.asr_after), _arrow(v.task_score_before, v.task_score),
+             _arrow(v.task_likelihood_before, v.task_likelihood)]
+            for task, per in m.tasks.items() for arm, v in per.arms.items()]
     return _table(["task", "arm", "ASR", "task score", "task likelihood"], rows)
 
 
@@ -157,11 +154,11 @@ SECTIONS = [("Baseline refusal (baseline)", "baseline", _baseline),
 
 def findings(root: Path) -> str:
     """Headline numbers per stage, then the claims table of results/report/claims.json."""
-    results = load_results(root)
+    res = load_results(root)
     out = []
     for title, stage, fn in SECTIONS:
-        m = results.get(stage)
-        body = fn(m, results) if m else [NOT_RUN]
+        m = res.get(stage)
+        body = fn(m, res) if m else [NOT_RUN]
         out += [f"**{title}**", "", *body, ""]
     claims = root / "results" / "report" / "claims.json"
     out += ["**Each paper claim beside this run's number (report)**", ""]

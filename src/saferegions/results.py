@@ -1,5 +1,9 @@
-"""The other stages' results as the report and the README read them: results/<stage>/metrics.json, each
-checked against the shape its stage writes.
+"""The one contract for every stage's results/<stage>/metrics.json: a dataclass per stage.
+
+Stages write their metrics through `save` (the dict is checked against the stage's dataclass before a byte is
+written); the report and the README read them through `load_results`, as typed records. A record names the
+keys its readers use, with their types and ranges; every other key the stage writes is kept as written in
+`extra`, so a metrics file read and written again is the same JSON.
 
 A stage that did not run (switched off by the profile, or not built yet) reads as None ("not run"); a metrics
 file that exists but does not have the shape its stage promises is an error naming the file and the key,
@@ -9,7 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any, ClassVar
+
+from . import evidence
+from .io import write_json
 
 # Pipeline order of the stages whose outputs the report reads (the report itself excluded).
 STAGES = ("data", "models", "baseline", "calibrate", "identify", "validate", "overlap", "esi", "set", "spa")
@@ -21,150 +32,428 @@ class MetricsError(ValueError):
     """A metrics file exists but does not have the shape its stage writes."""
 
 
-# ---------------------------------------------------------------- reading and checking metrics
+# ---------------------------------------------------------------- the record machinery
+
+
+def optional(**bounds):
+    """A key the stage may leave out: None when absent, and left out again when written."""
+    return field(default=None, metadata={"optional": True, **bounds})
+
+
+def rate(default=..., **more):
+    """A number in [0, 1]; `default` given: the key may be left out."""
+    meta = {"lo": 0.0, "hi": 1.0, **more}
+    return field(metadata=meta) if default is ... else field(default=default, metadata={"optional": True, **meta})
+
+
+def number(**more):
+    """A number with no upper bound (>= 0 unless `lo` says otherwise)."""
+    return field(metadata={"lo": 0.0, "hi": None, **more})
+
+
+@dataclass(kw_only=True)
+class Record:
+    """A metrics mapping: typed fields for the keys readers use, `extra` for every other key as written.
+
+    `REST` names a dict field that takes every key not otherwise named (the model / arm / task keys of a
+    stage's top level); `REQUIRED_REST` are keys it must hold."""
+    extra: dict = field(default_factory=dict, repr=False)
+    nulls: frozenset = field(default=frozenset(), repr=False, compare=False)   # optional keys written as null
+    REST: ClassVar[str | None] = None
+    REQUIRED_REST: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _fields(cls):
+        hints = typing.get_type_hints(cls)
+        return [(f, hints[f.name]) for f in fields(cls) if f.name not in ("extra", "nulls")]
+
+    @classmethod
+    def parse(cls, d, path="", where: str = ""):
+        """`d` (a metrics mapping) checked and typed; MetricsError naming `path` and the key otherwise."""
+        if not isinstance(d, dict) or not d:
+            _fail(path, where, f"expected a non-empty mapping, got {d!r:.80}")
+        own = [(f, tp) for f, tp in cls._fields() if f.name != cls.REST]
+        missing = [f.name for f, _ in own if not f.metadata.get("optional") and _no_default(f) and f.name not in d]
+        if missing:
+            _fail(path, where, f"missing key(s) {missing}; has {sorted(d)}")
+        names = {f.name for f, _ in own}
+        values, nulls = {}, set()
+        for f, tp in own:
+            if f.name in d:
+                values[f.name] = _parse(tp, d[f.name], path, _join(where, f.name), f.metadata)
+                if d[f.name] is None and f.metadata.get("optional"):
+                    nulls.add(f.name)
+        rest = {k: v for k, v in d.items() if k not in names}
+        if cls.REST:
+            tp = typing.get_type_hints(cls)[cls.REST]
+            values[cls.REST] = _parse(tp, rest, path, where, {})
+            missing = [k for k in cls.REQUIRED_REST if k not in rest]
+            if missing:
+                _fail(path, where, f"missing key(s) {missing}; has {sorted(d)}")
+            rest = {}
+        return cls(**values, extra=rest, nulls=frozenset(nulls))
+
+    def to_dict(self) -> dict:
+        """The mapping as the stage writes it (the same JSON `parse` read)."""
+        out = {}
+        for f, _ in self._fields():
+            value = getattr(self, f.name)
+            if f.name == self.REST:
+                out.update({k: _plain(v) for k, v in value.items()})
+            elif value is not None or not f.metadata.get("optional") or f.name in self.nulls:
+                out[f.name] = _plain(value)
+        return {**out, **self.extra}
+
+
+def _no_default(f) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def _fail(path, where: str, msg: str):
     raise MetricsError(f"{path}: {where}: {msg}")
 
 
-def _mapping(path, where: str, value, required=()) -> dict:
-    if not isinstance(value, dict) or not value:
-        _fail(path, where, f"expected a non-empty mapping, got {value!r:.80}")
-    missing = [k for k in required if k not in value]
-    if missing:
-        _fail(path, where, f"missing key(s) {missing}; has {sorted(value)}")
+def _parse(tp, value, path, where: str, meta: dict):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(inner, value, path, where, meta)
+    if isinstance(tp, type) and issubclass(tp, Record):
+        return tp.parse(value, path, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(path, where, f"expected a mapping, got {value!r:.80}")
+        return {k: _parse(args[1], v, path, _join(where, k), meta) for k, v in value.items()}
+    if tp is float or tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                tp is int and not isinstance(value, int)):
+            _fail(path, where, f"expected a finite {tp.__name__}, got {value!r:.80}")
+        lo, hi = meta.get("lo", None if tp is float else 0), meta.get("hi")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            _fail(path, where, f"{value} outside [{lo}, {hi}]")
+        return value
+    if tp is str and not isinstance(value, str):
+        _fail(path, where, f"expected a string, got {value!r:.80}")
+    if tp is Interval:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            _fail(path, where, f"expected [low, high], got {value!r:.80}")
+        return list(value)
+    return value   # Any, str
+
+
+def _plain(value):
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
-def _number(path, where: str, value, lo: float | None = 0.0, hi: float | None = 1.0, none_ok: bool = False):
-    if value is None and none_ok:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(path, where, f"expected a finite number, got {value!r:.80}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        _fail(path, where, f"{value} outside [{lo}, {hi}]")
-    return float(value)
+Interval = list   # [low, high]; a bound is None where undefined
 
 
-def _leaves(path, where: str, entry, keys, **bounds) -> None:
-    _mapping(path, where, entry, keys)
-    for k in keys:
-        _number(path, f"{where}.{k}", entry[k], **bounds)
+# ---------------------------------------------------------------- shared records
 
 
-def check_baseline(m: dict, path="baseline") -> None:
-    for role, sets in _mapping(path, "", m, ["models"])["models"].items():
-        for d, v in _mapping(path, f"models.{role}", sets).items():
-            _leaves(path, f"models.{role}.{d}", v, ["refusal_rate"])
-
-
-def check_identify(m: dict, path="identify") -> None:
-    _mapping(path, "", m, ["method", "role", "datasets"])
-    for d, v in _mapping(path, "datasets", m["datasets"]).items():
-        for kind in ("raw", "refined"):
-            _leaves(path, f"datasets.{d}.{kind}", _mapping(path, f"datasets.{d}", v, [kind])[kind], ["density"])
-
-
-def check_validate(m: dict, path="validate") -> None:
-    """{MODEL: {METHOD: {DATASET: {"region": rate record, "random": rate record, "paired": Estimate, ...}}}} (the
-    older flat asr_region / asr_random shape is still read); a top-level "intact" record is the reference."""
-    for model, methods in _mapping(path, "", m).items():
-        if model == "intact":
-            continue
-        for method, sets in _mapping(path, model, methods).items():
-            for d, v in _mapping(path, f"{model}.{method}", sets).items():
-                where = f"{model}.{method}.{d}"
-                if "region" not in v:
-                    _leaves(path, where, v, ["asr_region", "asr_random", "utility_region", "utility_random"])
-                    continue
-                _mapping(path, where, v, ["region", "random", "paired"])
-                for arm in ("region", "random"):
-                    _leaves(path, f"{where}.{arm}", v[arm], ["asr"])
-                _estimate(path, f"{where}.paired", v["paired"])
-
-
-def _estimate(path, where: str, e) -> None:
+@dataclass(kw_only=True)
+class EstimateRecord(Record):
     """An `evidence.Estimate.as_dict()`: n, effect, ci [low, high] (null where undefined), test, p."""
-    _mapping(path, where, e, ["n", "effect", "ci", "test"])
-    _number(path, f"{where}.n", e["n"], hi=None)
-    _number(path, f"{where}.effect", e["effect"], lo=None, hi=None, none_ok=True)
-    if not isinstance(e["ci"], (list, tuple)) or len(e["ci"]) != 2:
-        _fail(path, f"{where}.ci", f"expected [low, high], got {e['ci']!r:.80}")
+    n: int
+    effect: float | None = field(metadata={"lo": None})
+    ci: Interval
+    test: str | None
+    p: float | None = optional()
+    ci_one_flip: Interval | None = optional()
+
+    def estimate(self) -> evidence.Estimate | None:
+        """The Estimate back; None where no effect was written."""
+        if self.effect is None:
+            return None
+        floats = lambda pair: tuple(math.nan if c is None else float(c) for c in pair)  # noqa: E731
+        return evidence.Estimate(self.n, float(self.effect), floats(self.ci), str(self.test), self.p,
+                                 floats(self.ci_one_flip) if self.ci_one_flip else None)
 
 
-def check_overlap(m: dict, path="overlap") -> None:
-    for model, methods in _mapping(path, "", m).items():
-        for method, v in _mapping(path, model, methods).items():
-            _mapping(path, f"{model}.{method}", v, ["raw", "refined"])
-            for kind in ("raw", "refined"):  # null when every region of the method is empty
-                _leaves(path, f"{model}.{method}.{kind}", v[kind], ["mean_iou", "chance_iou"], none_ok=True)
+def estimate(record: EstimateRecord | None) -> evidence.Estimate | None:
+    return record.estimate() if record is not None else None
 
 
-def check_esi(m: dict, path="esi") -> None:
-    for model, v in _mapping(path, "", m).items():
-        keys = ["asr_topk", "asr_random", "asr_bottomk"]
-        _mapping(path, model, v, keys)
-        for k in keys:   # None: that perturbation condition or role did not run (esi.perturb_conditions / _models)
-            _number(path, f"{model}.{k}", v[k], none_ok=True)
-        for comp, s in _mapping(path, f"{model}.component_share", v.get("component_share")).items():
-            _number(path, f"{model}.component_share.{comp}", s)
-        if "faithful_vs_fixed_iou" not in v:
-            _fail(path, model, "missing key 'faithful_vs_fixed_iou'")
-        _number(path, f"{model}.faithful_vs_fixed_iou", v["faithful_vs_fixed_iou"], none_ok=True)
+@dataclass(kw_only=True)
+class Rates(Record):
+    """`evaluation.rate_record`: rates over n prompts (each with `<rate>_ci` in `extra`)."""
+    n: int | None = optional()
+    asr: float | None = rate(None)
+    refusal_rate: float | None = rate(None)
+    degenerate_rate: float | None = rate(None)
+    utility: float | None = optional(lo=None)
+    n_utility: int | None = optional()
 
 
-def check_set(m: dict, path="set") -> None:
-    _mapping(path, "", m, ["set"])
-    for k, e in (m.get("comparison") or {}).items():
-        _estimate(path, f"comparison.{k}", e)
-    for arm, v in m.items():
-        if arm == "comparison":
-            continue
-        _leaves(path, arm, v, ["asr_before", "asr_after", "utility_after", "trainable_fraction"], hi=None)
-        for k in ("asr_before", "asr_after", "trainable_fraction"):
-            _number(path, f"{arm}.{k}", v[k])
+# ---------------------------------------------------------------- one record per stage
 
 
-def check_spa(m: dict, path="spa") -> None:
-    for task, arms in _mapping(path, "", m).items():
-        if task == "drift":   # {TASK: {ARM: Estimate}}
-            for t, per in _mapping(path, task, arms).items():
-                for arm, e in _mapping(path, f"drift.{t}", per).items():
-                    _estimate(path, f"drift.{t}.{arm}", e)
-            continue
-        _mapping(path, task, arms, ["spa"])
-        for arm, v in arms.items():
-            _leaves(path, f"{task}.{arm}", v, ["asr_before", "asr_after"])
-            _leaves(path, f"{task}.{arm}", v, ["task_score"], hi=None)
+@dataclass(kw_only=True)
+class DataMetrics(Record):
+    sets: dict[str, dict[str, int]]
 
 
-CHECKS = {"baseline": check_baseline, "identify": check_identify, "validate": check_validate,
-          "overlap": check_overlap, "esi": check_esi, "set": check_set, "spa": check_spa}
+@dataclass(kw_only=True)
+class ModelRow(Record):
+    family: str | None = optional()
+    id: str | None = optional()
+
+
+@dataclass(kw_only=True)
+class ModelsMetrics(Record):
+    models: dict[str, ModelRow]
+
+
+@dataclass(kw_only=True)
+class SetRates(Rates):
+    refusal_rate: float = rate()
+
+
+@dataclass(kw_only=True)
+class JudgeSummary(Record):
+    heldout_accuracy: float | None = rate(None)
+
+
+@dataclass(kw_only=True)
+class BaselineMetrics(Record):
+    models: dict[str, dict[str, SetRates]]
+    comparison: dict[str, EstimateRecord] | None = optional()
+    judge: JudgeSummary | None = optional()
+
+
+@dataclass(kw_only=True)
+class CalibrateMetrics(Record):
+    role: str | None = optional()
+    sets: dict[str, Rates] | None = optional()
+
+
+@dataclass(kw_only=True)
+class RegionSize(Record):
+    density: float = rate()
+    size: int | None = optional()
+
+
+@dataclass(kw_only=True)
+class IdentifiedRegions(Record):
+    raw: RegionSize
+    refined: RegionSize
+
+
+@dataclass(kw_only=True)
+class IdentifyMetrics(Record):
+    method: str
+    role: str
+    datasets: dict[str, IdentifiedRegions]
+
+
+@dataclass(kw_only=True)
+class ArmRates(Rates):
+    asr: float = rate()
+
+
+@dataclass(kw_only=True)
+class ValidateCondition(Record):
+    """One (model, method, dataset): the region and random arms, their paired difference and utility."""
+    region: ArmRates
+    random: ArmRates
+    paired: EstimateRecord
+    n: int | None = optional()
+    n_utility: int | None = optional()
+    utility_ratio: float | None = optional()
+    utility_ratio_random: float | None = optional()
+
+
+@dataclass(kw_only=True)
+class ValidateMetrics(Record):
+    """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference."""
+    models: dict[str, dict[str, dict[str, ValidateCondition]]]
+    intact: dict[str, Rates] | None = optional()
+    REST: ClassVar[str] = "models"
+
+
+@dataclass(kw_only=True)
+class MeanIou(Record):
+    mean_iou: float | None = rate()
+    chance_iou: float | None = rate()
+    mean_iou_ci: Interval | None = optional()
+    n_pairs: int | None = optional()
+
+    def estimate(self) -> evidence.Estimate | None:
+        """Mean IoU over dataset pairs as an Estimate (None where undefined or without its pairs)."""
+        if self.mean_iou is None or not self.n_pairs:
+            return None
+        return EstimateRecord(n=self.n_pairs, effect=self.mean_iou, ci=self.mean_iou_ci or [None, None],
+                              test="percentile bootstrap over dataset pairs").estimate()
+
+
+@dataclass(kw_only=True)
+class OverlapMethod(Record):
+    raw: MeanIou
+    refined: MeanIou
+    refined_minus_raw: EstimateRecord | None = optional()
+    split_half_iou: float | None = rate(None)
+    between_half_iou: float | None = rate(None)
+
+
+@dataclass(kw_only=True)
+class OverlapMetrics(Record):
+    """{MODEL: {METHOD: overlap of its regions across datasets}}."""
+    models: dict[str, dict[str, OverlapMethod]]
+    REST: ClassVar[str] = "models"
+
+
+@dataclass(kw_only=True)
+class Perturbation(Record):
+    none: Rates | None = optional()
+    top: Rates | None = optional()
+    random: Rates | None = optional()
+    bottom: Rates | None = optional()
+    top_vs_random: EstimateRecord | None = optional()
+
+
+@dataclass(kw_only=True)
+class EsiModel(Record):
+    asr_topk: float | None = rate()    # None: that perturbation condition did not run
+    asr_random: float | None = rate()
+    asr_bottomk: float | None = rate()
+    component_share: dict[str, float] = rate()
+    faithful_vs_fixed_iou: float | None = rate()
+    asr_none: float | None = rate(None)
+    perturbation: Perturbation | None = optional()
+    dense_components: EstimateRecord | None = optional()
+    moe_late_mlp: EstimateRecord | None = optional()
+    judge: str | None = optional()
+    judge_token_coverage: float | None = rate(None)
+    n_eval: int | None = optional()
+
+
+@dataclass(kw_only=True)
+class EsiMetrics(Record):
+    """{MODEL: ESI of its role}."""
+    models: dict[str, EsiModel]
+    REST: ClassVar[str] = "models"
+
+
+@dataclass(kw_only=True)
+class SetArm(Record):
+    asr_before: float = rate()
+    asr_after: float = rate()
+    utility_after: float = number()
+    trainable_fraction: float = rate()
+    utility_before: float | None = optional()
+    benign_refusal_before: float | None = rate(None)
+    benign_refusal_after: float | None = rate(None)
+    degenerate_rate_after: float | None = rate(None)
+    n_eval: int | None = optional()
+
+
+@dataclass(kw_only=True)
+class SetMetrics(Record):
+    """{ARM: before/after}, "comparison": {name: Estimate} (the SET arm's relative reduction, SET vs random)."""
+    arms: dict[str, SetArm]
+    comparison: dict[str, EstimateRecord] | None = optional()
+    REST: ClassVar[str] = "arms"
+    REQUIRED_REST: ClassVar[tuple[str, ...]] = ("set",)
+
+
+@dataclass(kw_only=True)
+class SpaArm(Record):
+    asr_before: float = rate()
+    asr_after: float = rate()
+    task_score: float = number()
+    task_score_before: float | None = optional()
+    task_likelihood: float | None = optional()
+    task_likelihood_before: float | None = optional()
+
+
+@dataclass(kw_only=True)
+class SpaTask(Record):
+    arms: dict[str, SpaArm]
+    REST: ClassVar[str] = "arms"
+    REQUIRED_REST: ClassVar[tuple[str, ...]] = ("spa",)
+
+
+@dataclass(kw_only=True)
+class SpaMetrics(Record):
+    """{TASK: {ARM: before/after}}, "drift": {TASK: {ARM: Estimate of ASR after − before}}."""
+    tasks: dict[str, SpaTask]
+    drift: dict[str, dict[str, EstimateRecord]] | None = optional()
+    REST: ClassVar[str] = "tasks"
+
+
+@dataclass(kw_only=True)
+class ClaimNumbers(Record):
+    n: int
+    effect: float | None = field(metadata={"lo": None})
+    ci_low: float | None = field(metadata={"lo": None})
+    ci_high: float | None = field(metadata={"lo": None})
+    p: float | None = rate()
+    verdict: str
+
+
+@dataclass(kw_only=True)
+class ReportMetrics(Record):
+    """A number and a verdict per claim, the verdict counts, how many stages ran, the summed wall time."""
+    claims: dict[str, ClaimNumbers]
+    verdicts: dict[str, int]
+    stages_run: int
+    wall_seconds_total: float = number()
+
+
+METRICS: dict[str, type[Record]] = {
+    "data": DataMetrics, "models": ModelsMetrics, "baseline": BaselineMetrics, "calibrate": CalibrateMetrics,
+    "identify": IdentifyMetrics, "validate": ValidateMetrics, "overlap": OverlapMetrics, "esi": EsiMetrics,
+    "set": SetMetrics, "spa": SpaMetrics, "report": ReportMetrics}
+
+
+# ---------------------------------------------------------------- writing and reading
+
+
+def save(stage: str, path: str | Path, metrics: dict | Record) -> Record:
+    """Write `metrics` (a dict or the stage's record) to `path` after checking it against the stage's record."""
+    record = metrics if isinstance(metrics, Record) else METRICS[stage].parse(metrics, path)
+    if not isinstance(record, METRICS[stage]):
+        raise TypeError(f"{stage} metrics must be a {METRICS[stage].__name__}, got {type(record).__name__}")
+    write_json(path, record.to_dict())
+    return record
 
 
 def read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise MetricsError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_results(root: str | Path = ".") -> dict:
-    """{stage: metrics} for every stage in STAGES; None where the stage wrote no metrics (not run). Matrix
-    stages give {item folder: metrics}. Every file present is checked against its stage's shape."""
-    res = Path(root) / "results"
-    out: dict = {}
+def read(stage: str, path: str | Path) -> Record:
+    """One metrics file as its stage's record."""
+    return METRICS[stage].parse(read_json(Path(path)), path)
+
+
+def matrix_files(root: str | Path, stage: str) -> list[Path]:
+    """results/<stage>/<item>/metrics.json of a matrix stage (temporary folders excluded)."""
+    return [f for f in sorted((Path(root) / "results" / stage).glob("*/metrics.json"))
+            if not f.parent.name.startswith(".")]
+
+
+def load_results(root: str | Path = ".") -> dict[str, Any]:
+    """{stage: record} for every stage in STAGES; None where the stage wrote no metrics (not run). Matrix
+    stages give {item folder: record}. Every file present is checked against its stage's record."""
+    out: dict[str, Any] = {}
     for stage in STAGES:
         if stage in MATRIX_STAGES:
-            files = [f for f in sorted((res / stage).glob("*/metrics.json")) if not f.parent.name.startswith(".")]
-            out[stage] = {f.parent.name: read_json(f) for f in files} or None
-            for f in files:
-                if stage in CHECKS:
-                    CHECKS[stage](out[stage][f.parent.name], f)
+            out[stage] = {f.parent.name: read(stage, f) for f in matrix_files(root, stage)} or None
             continue
-        f = res / stage / "metrics.json"
-        out[stage] = read_json(f) if f.exists() else None
-        if out[stage] is not None and stage in CHECKS:
-            CHECKS[stage](out[stage], f)
+        f = Path(root) / "results" / stage / "metrics.json"
+        out[stage] = read(stage, f) if f.exists() else None
     return out

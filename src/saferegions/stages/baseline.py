@@ -15,10 +15,10 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from .. import chat, config, evidence, plots  # noqa: F401  (config, plots: re-exported for the notebook)
+from .. import chat, config, evidence, plots, results  # noqa: F401  (config, plots: re-exported for the notebook)
 from ..data import BENIGN_SETS, SAFETY_SETS, prompts
 from ..evaluation import evaluate, rate_record
-from ..io import read_jsonl, write_json, write_jsonl
+from ..io import read_jsonl, write_jsonl
 from ..judges import JudgeKind, cohen_kappa, fit_learned_judge, get
 from ..models import input_device, load, load_encoder
 
@@ -189,5 +189,5 @@ def write_metrics(metrics: dict, judge_stats: dict, agreement: pd.DataFrame, com
     the log-odds estimator's held-out check; the learned judge's statistics with its agreement and κ per model."""
     judge = {**judge_stats, "agreement": {m: float(a) for m, a in agreement.agreement.items()},
              "kappa": {m: float(k) for m, k in agreement.kappa.items()}}
-    write_json(RESULTS / "metrics.json", {"models": metrics, "pooled": pooled_ or {}, "comparison": comparison_ or {},
+    results.save("baseline", RESULTS / "metrics.json", {"models": metrics, "pooled": pooled_ or {}, "comparison": comparison_ or {},
                                           "estimator": estimator or {}, "judge": judge})

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import chat, config, data, judges, models, plots  # noqa: F401  (config, plots: re-exported for the notebook)
+from .. import results as results_
 from ..io import write_json, write_jsonl
 
 PROMPTS = "artifacts/data/prompts.jsonl"
@@ -135,7 +136,7 @@ def write_metrics(cfg, role: str, rates: pd.DataFrame, results: str | Path) -> N
     """metrics.json: per set n, refusal rate, distinct responses (greedy, then after `diversify`) and sampled."""
     meta = json.loads((out_dir(role) / "meta.json").read_text())
     greedy = meta.get("distinct_greedy", {})
-    write_json(Path(results) / "metrics.json", {
+    results_.save("calibrate", Path(results) / "metrics.json", {
         "model": cfg.models[role].id, "role": role, "min_distinct": cfg.calibrate.min_distinct,
         "temperature": cfg.calibrate.temperature, "n_utility_eval": meta.get("n_utility_eval"),
         "sets": {d: {"n": int(r["n"]), "refusal_rate": float(r["refusal rate"]),

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import config, plots  # noqa: F401  (re-exported: the notebook parses params and draws with them)
+from .. import config, plots, results  # noqa: F401  (re-exported: the notebook parses params and draws with them)
 from ..data import BENIGN_SETS, SAFETY_SETS, _norm, build, registry
-from ..io import write_json
 
 RAW, OUT, RESULTS = Path("data"), Path("artifacts/data"), Path("results/data")
 
@@ -51,7 +50,7 @@ def categories_per_set(prompts: pd.DataFrame) -> pd.Series:
 
 def write_metrics(sizes: pd.DataFrame, tables: dict[str, list[dict]]) -> None:
     """results/data/metrics.json: prompts per set and split, and the sizes of the other tables."""
-    write_json(RESULTS / "metrics.json", {
+    results.save("data", RESULTS / "metrics.json", {
         "sets": {d: {s: int(n) for s, n in row.items()} for d, row in sizes.to_dict("index").items()},
         "utility_rows": len(tables["utility"]), "alignment_pairs": len(tables["pairs"]),
         "judge_rows": len(tables["judge"]),

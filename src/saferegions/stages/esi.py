@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .. import chat, config, data, evaluation, evidence, judges, models, plots   # noqa: F401 (config, plots: notebook)
+from .. import chat, config, data, evaluation, evidence, judges, models, plots, results   # noqa: F401 (config, plots: notebook)
 from .. import overlap
 from .. import regions as R
 from ..io import atomic_path, write_json, write_jsonl
@@ -526,3 +526,8 @@ def reading(result: StageResult, e) -> str:
                  f"{e.perturb_max_new_tokens}-token sampled answers, these are CPU-scale indications, not the "
                  "paper's numbers; ASR differences of one prompt are 1/n_eval.")
     return "\n".join(lines)
+
+
+def save_metrics(path, metrics: dict) -> None:
+    """results/esi/metrics.json, checked against its record in `saferegions.results` before it is written."""
+    results.save("esi", path, metrics)

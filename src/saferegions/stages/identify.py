@@ -14,7 +14,7 @@ import pandas as pd
 
 from .. import config, evaluation, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
 from ..hooks import single_thread
-from ..io import write_json
+from .. import results as results_
 from ..methods.context import Context, load_calibration, load_utility_eval
 from ..methods.removal import granularity_of
 from ..models import component, layer_index
@@ -102,7 +102,8 @@ def metrics(rows: list[dict], method: str, role: str, model_id: str, details: di
 
 
 def write_metrics(rows: list[dict], method: str, role: str, ctx: Context, results: str | Path) -> None:
-    write_json(Path(results) / "metrics.json", metrics(rows, method, role, ctx.model_id, ctx.details, ctx.metrics))
+    results_.save("identify", Path(results) / "metrics.json",
+                  metrics(rows, method, role, ctx.model_id, ctx.details, ctx.metrics))
 
 
 # ---------------------------------------------------------------- tables for the notebook

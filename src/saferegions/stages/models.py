@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config  # noqa: F401  (re-exported: the notebook parses params with it)
-from ..io import write_json
+from .. import config, results  # noqa: F401  (re-exported: the notebook parses params with it)
 from ..models import load, load_encoder, materialize_all, param_count, resolve, verify
 
 ROOT, RESULTS = Path("models"), Path("results/models")
@@ -59,7 +58,7 @@ def describe(cfg, rows: list[dict], root: Path = ROOT) -> None:
 
 def write_metrics(rows: list[dict]) -> None:
     """results/models/metrics.json: every row by role, and the torch version that loaded them."""
-    write_json(RESULTS / "metrics.json", {
+    results.save("models", RESULTS / "metrics.json", {
         "models": {r["role"]: {k: v for k, v in r.items() if k != "role"} for r in rows},
         "torch": torch.__version__,
     })

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import config, evidence, models, overlap, plots, regions   # noqa: F401 (config: for the notebook)
+from .. import config, evidence, models, overlap, plots, regions, results   # noqa: F401 (config: for the notebook)
 from ..io import write_json   # noqa: F401 (for the notebook)
 from ..methods.context import load_calibration
 from ..methods.resample import bootstrap_ious
@@ -469,3 +469,8 @@ def verdict(summary_table: pd.DataFrame, plateau_table: pd.DataFrame, ci: pd.Dat
                          f"of A ∪ B, so the shared parameters are "
                          f"{'more' if r.u_frac_of_inter > r.u_frac_of_union else 'less'} utility-critical than the rest.")
     return "\n".join(lines)
+
+
+def save_metrics(path, metrics: dict) -> None:
+    """results/overlap/metrics.json, checked against its record in `saferegions.results` before it is written."""
+    results.save("overlap", path, metrics)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config, data, evidence, judges, plots, train
+from .. import config, data, evidence, judges, plots, results, train
 from ..io import read_jsonl
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
 from ..evaluation import utility_score
@@ -138,6 +138,7 @@ def run(cfg, model, tok, arms: dict, d: Data):
     judge = judges.get(cfg.evaluation.judge, cfg)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.pairs, d.harmful,
                                      d.benign, d.utility_prompts, judge, cfg.run.seed)
+    results.SetMetrics.parse(metrics, RESULTS / "metrics.json")   # the contract, checked before any write
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["arm"], f"SET training loss ({s.model} model)",
                        s.loss_on_prompt)
     return metrics, curves, gens
@@ -159,26 +160,41 @@ def before_after_figure(metrics: dict, s: config.SetCfg):
     return fig
 
 
+# ASR(set) − ASR(random) < 0, as decided by `evidence.verdict`, in words
+MASK_READING = {evidence.Verdict.SUPPORTED: "the ESI mask does better, beyond the interval",
+                evidence.Verdict.CONTRADICTED: "the random mask does better, beyond the interval",
+                evidence.Verdict.INCONCLUSIVE: "no difference the interval can tell"}
+
+
 def relative_drop(m: dict) -> float:
     """(ASR before − after) / ASR before: the paper's claim is ≥ 0.5 (NaN where ASR before is 0)."""
     return (m["asr_before"] - m["asr_after"]) / m["asr_before"] if m["asr_before"] > 0 else float("nan")
 
 
+def halving_verdict(metrics: dict, arm: str = "set") -> evidence.Verdict:
+    """`evidence.verdict` of the paper's claim (relative ASR reduction > 50%) on the arm's paired interval;
+    "not run" for an arm without one (the baselines)."""
+    comparison = results.SetMetrics.parse(metrics).comparison or {}
+    est = results.estimate(comparison.get("set_relative_reduction")) if arm == "set" else None
+    return evidence.verdict(est, *evidence.THRESHOLDS["p2_set_halves_asr"])
+
+
 def claims(metrics: dict) -> dict[str, dict]:
-    """{arm: the paper's claim beside this run}; "preserving performance" read as utility kept."""
-    metrics = arm_metrics(metrics)
+    """{arm: the paper's claim beside this run}; "preserving performance" read as utility kept. The verdict
+    reads the 95% interval of the relative reduction (`evidence.verdict`), not the point estimate."""
+    typed = results.SetMetrics.parse(metrics)
     return {arm: {"paper claim": "ASR −50% or more (SET, 1% weights, 100 iterations)" if arm == "set"
                   else "(baseline)",
-                  "ASR before": m["asr_before"], "ASR after": m["asr_after"],
-                  "relative ASR drop": relative_drop(m),
-                  "utility kept": m["utility_after"] / m["utility_before"],
-                  "trainable fraction": m["trainable_fraction"],
-                  "meets −50%": relative_drop(m) >= 0.5} for arm, m in metrics.items()}
+                  "ASR before": m.asr_before, "ASR after": m.asr_after,
+                  "relative ASR drop": relative_drop({"asr_before": m.asr_before, "asr_after": m.asr_after}),
+                  "utility kept": m.utility_after / m.utility_before,
+                  "trainable fraction": m.trainable_fraction,
+                  "ASR −50% (95% CI)": halving_verdict(metrics, arm).value} for arm, m in typed.arms.items()}
 
 
 def reading(metrics: dict, s: config.SetCfg, harmful: dict[str, list[str]]) -> str:
     """Markdown bullets that read this run: SET against the claim, each baseline, ESI vs random mask."""
-    metrics = arm_metrics(metrics)
+    metrics_all, metrics = metrics, arm_metrics(metrics)
     m = metrics.get("set")
     n_h = sum(map(len, harmful.values()))
     lines = [f"* {s.max_steps} steps (paper: 100) at lr {s.lr:g}, {s.batch_size * s.grad_accum} examples per step, "
@@ -186,17 +202,19 @@ def reading(metrics: dict, s: config.SetCfg, harmful: dict[str, list[str]]) -> s
     if m:
         lines.append(f"* **SET** (ESI top-k, {m['trainable_fraction']:.2%} of all parameters incl. biases and "
                      f"norms): ASR {m['asr_before']:.2f} → {m['asr_after']:.2f} "
-                     f"({relative_drop(m):+.0%} relative drop; the paper claims ≥ 50%), "
+                     f"({relative_drop(m):+.0%} relative drop; the paper claims ≥ 50%: "
+                     f"{halving_verdict(metrics_all).value} at the 95% interval), "
                      f"benign refusal {m['benign_refusal_before']:.2f} → {m['benign_refusal_after']:.2f}, "
                      f"utility ×{m['utility_after'] / m['utility_before']:.2f}.")
     for arm in [a for a in metrics if a != "set"]:
         b = metrics[arm]
         lines.append(f"* `{arm}`: ASR {b['asr_before']:.2f} → {b['asr_after']:.2f}, benign refusal "
                      f"{b['benign_refusal_after']:.2f}, utility ×{b['utility_after'] / b['utility_before']:.2f}.")
-    if m and "random" in metrics:
-        gap = metrics["random"]["asr_after"] - m["asr_after"]
-        verdict = ("the ESI mask does better" if gap > 0 else "no advantage for the ESI mask" if gap == 0
-                   else "the random mask does better")
-        lines.append(f"* ESI top-k vs a random mask of the same size: ASR after differs by {gap:+.2f} "
-                     f"({verdict}; with {n_h} prompts one prompt is {1 / n_h:.2f}).")
+    versus = (results.SetMetrics.parse(metrics_all).comparison or {}).get("set_vs_random")
+    if m and versus is not None:
+        est = versus.estimate()
+        lines.append(f"* ESI top-k vs a random mask of the same size: ASR(set) − ASR(random) after "
+                     f"{est.effect:+.2f} [{est.ci[0]:+.2f}, {est.ci[1]:+.2f}] "
+                     f"({MASK_READING[evidence.verdict(est, 0.0, '<')]}; with {n_h} prompts one prompt is "
+                     f"{1 / n_h:.2f}).")
     return "\n".join(lines)

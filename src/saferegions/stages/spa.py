@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import chat, config, evidence, judges, plots, train
+from .. import chat, config, evidence, judges, plots, results, train
 from ..io import read_jsonl
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
 from ..evaluation import utility_score
@@ -21,7 +21,7 @@ OUT, RESULTS = Path("artifacts/spa"), Path("results/spa")
 PROMPTS, UTILITY_ROWS = "artifacts/data/prompts.jsonl", "artifacts/data/utility.jsonl"
 ESI = Path("artifacts/esi")
 CHECKPOINTS = Path("artifacts/checkpoints/spa")   # resume state of the arms (not a DVC output)
-DRIFT_BOUND = 0.01   # "within 1%" read as an absolute ASR increase of at most 0.01 (docs/methods.md §4.6)
+DRIFT_BOUND = evidence.THRESHOLDS["p2_spa_within_1pct"][0]   # "within 1%": ASR increase < 0.01 (docs/methods.md §4.6)
 
 
 def deviations(cfg):
@@ -125,6 +125,7 @@ def run(cfg, model, tok, arms: dict, d: Data):
     judge = judges.get(cfg.evaluation.judge, cfg)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.utility,
                                      d.harmful, judge, cfg.run.seed)
+    results.SpaMetrics.parse(metrics, RESULTS / "metrics.json")   # the contract, checked before any write
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["task", "arm"], f"SPA training loss ({s.model} model)",
                        s.loss_on_prompt)
     return metrics, curves, gens
@@ -135,11 +136,17 @@ def task_metrics(metrics: dict) -> dict:
     return {t: per for t, per in metrics.items() if t != "drift"}
 
 
+def drift_verdict(metrics: dict, task: str, arm: str, threshold: float = DRIFT_BOUND) -> evidence.Verdict:
+    """`evidence.verdict` of "ASR drift < threshold" for (task, arm) on its paired interval."""
+    drift = (results.SpaMetrics.parse(metrics).drift or {}).get(task) or {}
+    return evidence.verdict(results.estimate(drift.get(arm)), threshold, "<")
+
+
 def full_drift_inconclusive(metrics: dict) -> list[str]:
-    """Tasks whose full fine-tuning drift interval includes 0: there the run cannot tell SPA's small drift from
-    fine-tuning that moved nothing, so the SPA claim is inconclusive on them."""
-    return [t for t, per in metrics.get("drift", {}).items()
-            if "full" in per and per["full"]["ci"][0] <= 0 <= per["full"]["ci"][1]]
+    """Tasks where `evidence.verdict` cannot tell the full fine-tuning arm's drift from 0: there the run cannot
+    tell SPA's small drift from fine-tuning that moved nothing, so the SPA claim is inconclusive on them."""
+    return [t for t, per in (results.SpaMetrics.parse(metrics).drift or {}).items()
+            if "full" in per and drift_verdict(metrics, t, "full", 0.0) == evidence.Verdict.INCONCLUSIVE]
 
 
 def drift_rows(metrics: dict) -> list[dict]:
@@ -168,18 +175,19 @@ def untuned(metrics: dict) -> dict[str, dict]:
             for task, per in metrics.items()}
 
 
-def claims(rows: list[dict]) -> list[dict]:
-    """`drift_rows` with the paper's claim beside each and whether its drift is within the bound."""
+def claims(metrics: dict) -> list[dict]:
+    """`drift_rows` with the paper's claim beside each and `evidence.verdict` of "drift within the bound" on the
+    drift's paired 95% interval."""
     return [{"task": r["task"], "arm": r["arm"],
              "paper claim": "safety drop ≤ 1% (SPA, 1,000 iterations)" if r["arm"] == "spa" else "(baseline)",
              "asr_before": r["asr_before"], "asr_after": r["asr_after"], "ASR drift": r["ASR drift"],
-             "within 1 point": r["ASR drift"] <= DRIFT_BOUND,
-             "task_score_before": r["task_score_before"], "task_score": r["task_score"]} for r in rows]
+             "within 1 point (95% CI)": drift_verdict(metrics, r["task"], r["arm"]).value,
+             "task_score_before": r["task_score_before"], "task_score": r["task_score"]} for r in drift_rows(metrics)]
 
 
 def reading(metrics: dict, s: config.SpaCfg, harmful: dict[str, list[str]]) -> str:
     """Markdown bullets that read this run: the recipe, each task's arms, SPA against the 1-point bound."""
-    metrics = task_metrics(metrics)
+    metrics_all, metrics = metrics, task_metrics(metrics)
     n_h = sum(map(len, harmful.values()))
     lines = [f"* {s.max_steps} optimizer steps per run (paper: 1,000) at lr {s.lr:g}, "
              f"{s.batch_size * s.grad_accum} examples per step; ASR on {n_h} held-out harmful prompts, so one "
@@ -189,10 +197,11 @@ def reading(metrics: dict, s: config.SpaCfg, harmful: dict[str, list[str]]) -> s
                  f"{m['task_score']:.2f}, likelihood {m['task_likelihood_before']:.3f} → {m['task_likelihood']:.3f}"
                  for arm, m in per.items()]
         lines.append(f"* **{task}**: " + "; ".join(parts) + ".")
-    spa_ok = [t for t, per in metrics.items()
-              if "spa" in per and per["spa"]["asr_after"] - per["spa"]["asr_before"] <= DRIFT_BOUND]
+    spa_ok = [t for t, per in metrics.items() if "spa" in per and
+              drift_verdict(metrics_all, t, "spa") == evidence.Verdict.SUPPORTED]
     full = [f"{per['full']['asr_after'] - per['full']['asr_before']:+.2f} ({t})"
             for t, per in metrics.items() if "full" in per]
-    lines.append(f"* SPA stays within the paper's 1-point bound on {len(spa_ok)} of {len(metrics)} task(s)"
+    lines.append(f"* SPA's drift interval lies below the paper's 1-point bound on {len(spa_ok)} of {len(metrics)} "
+                 "task(s)"
                  + (f"; plain fine-tuning drifts by {', '.join(full)}" if full else "") + ".")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import chat, config, data, evidence, judges, models, plots, regions  # noqa: F401  (config, plots: re-exported)
+from .. import chat, config, data, evidence, judges, models, plots, regions, results  # noqa: F401  (config, plots: re-exported)
 from ..evaluation import evaluate, rate_record, utility_scores
 from ..io import write_json, write_jsonl
 from ..methods import removal
@@ -157,5 +157,5 @@ def examples(gens: list[dict], per: int = 2) -> pd.DataFrame:
 
 
 def write_metrics(metrics: dict, reference: dict) -> None:
-    write_json(RESULTS / "metrics.json", metrics)
+    results.save("validate", RESULTS / "metrics.json", metrics)
     write_json(RESULTS / "reference.json", reference)

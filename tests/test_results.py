@@ -1,0 +1,82 @@
+"""The typed result contract: every committed metrics.json reads into its stage's record and writes back as the
+same JSON, a shape error names the file and key, and no module but evidence.py produces a verdict word."""
+import ast
+import json
+import re
+
+import pytest
+
+from conftest import ROOT
+from saferegions import results
+
+COMMITTED = sorted(ROOT.glob("results/*/metrics.json")) + sorted(ROOT.glob("results/*/*/metrics.json"))
+
+
+def _stage(path):
+    return path.relative_to(ROOT / "results").parts[0]
+
+
+def test_every_stage_has_a_record_and_some_committed_results_exist():
+    assert set(results.STAGES) | {"report"} == set(results.METRICS)
+    assert {_stage(p) for p in COMMITTED} >= {"baseline", "identify", "validate", "set", "spa"}
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT / "results")))
+def test_committed_metrics_round_trip_through_their_record(path, tmp_path):
+    stage = _stage(path)
+    record = results.read(stage, path)
+    assert type(record) is results.METRICS[stage]
+    out = tmp_path / "metrics.json"
+    results.save(stage, out, record)
+    assert json.loads(out.read_text()) == json.loads(path.read_text())
+    assert out.read_text() == path.read_text()          # byte for byte: same keys, values and layout
+
+
+def test_records_type_what_the_readers_use():
+    r = results.load_results(ROOT)
+    assert isinstance(r["set"], results.SetMetrics) and "set" in r["set"].arms
+    set_est = r["set"].comparison["set_relative_reduction"].estimate()
+    raw = json.loads((ROOT / "results/set/metrics.json").read_text())["comparison"]["set_relative_reduction"]
+    assert (set_est.n, set_est.effect, list(set_est.ci)) == (raw["n"], raw["effect"], raw["ci"])
+    assert all(isinstance(m, results.IdentifyMetrics) for m in r["identify"].values())
+
+
+def test_save_refuses_a_wrong_shape_before_writing(tmp_path):
+    out = tmp_path / "metrics.json"
+    with pytest.raises(results.MetricsError, match=r"gsm8k\.spa\.asr_after: 1\.5 outside"):
+        results.save("spa", out, {"gsm8k": {"spa": {"asr_before": 0.1, "asr_after": 1.5, "task_score": 0.0}}})
+    with pytest.raises(results.MetricsError, match=r"missing key\(s\) \['spa'\]"):
+        results.save("spa", out, {"gsm8k": {"full": {"asr_before": 0.1, "asr_after": 0.2, "task_score": 0.0}}})
+    assert not out.exists()
+
+
+VERDICT_WORD = re.compile(r"^\W*(supported|contradicted|inconclusive)\b", re.I)
+
+
+def _verdict_strings(tree: ast.AST) -> list[tuple[int, str]]:
+    """String constants (f-string pieces too) that start with a verdict word; docstrings excluded."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings and VERDICT_WORD.search(n.value)]
+
+
+def test_only_evidence_produces_a_verdict_word():
+    """`evidence.verdict` is the one function that decides a claim; anywhere else a verdict string would be a
+    second, unchecked decision (others use the `evidence.Verdict` values)."""
+    found = {}
+    for f in sorted((ROOT / "src").rglob("*.py")):
+        if f.name == "evidence.py" and f.parent.name == "saferegions":
+            continue
+        hits = _verdict_strings(ast.parse(f.read_text()))
+        if hits:
+            found[str(f.relative_to(ROOT))] = hits
+    assert not found, f"verdict words outside evidence.py: {found}"
+
+
+def test_the_scan_finds_a_planted_verdict():
+    planted = ast.parse('def f(x):\n    """supported in a docstring is prose."""\n'
+                        '    return "supported" if x else f"{x}; inconclusive because y"\n')
+    assert sorted(s for _, s in _verdict_strings(planted)) == ["; inconclusive because y", "supported"]
+    assert _verdict_strings(ast.parse('raise ValueError("layouts are not supported")')) == []
