@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .. import config, evidence, plots  # noqa: F401  (config, plots: the notebook parses params and draws)
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..io import sha256_file, write_json
 from ..results import MATRIX_STAGES, NOT_RUN, STAGES, MetricsError, load_results, read_json  # noqa: F401
 
