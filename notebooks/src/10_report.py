@@ -64,7 +64,8 @@ display(report.table(claims[["id", "condition", "n", "effect", "ci", "ci_one_fli
                              "threshold", "verdict"]], intervals={"effect": "ci"}, index=False,
                      caption="Claims: effect of the primary condition [95% CI], CI with one prompt flipped, test, "
                              "p, threshold, verdict"))
-display(report.table(claims[["paper", "claim", "paper_value", "this_run"]], index=False,
+display(report.table(claims[["paper", "claim", "paper_value", "this_run"]].assign(paper="arXiv:" + claims.paper),
+                     index=False,
                      caption="Paper claims (docs/methods.md §1) and every condition of this run"))
 report.plots.save(report.forest(rows), RESULTS / "figures" / "claims_forest.png")
 display(Image(filename=str(RESULTS / "figures" / "claims_forest.png")))

@@ -15,6 +15,7 @@ from pandas.io.formats.style import Styler
 
 MISSING = "—"
 _NAN_WORD = re.compile(r"[+-]?\bnan\b", re.IGNORECASE)
+_LONG_DECIMAL = re.compile(r"(?<![\w.:])[-+]?\d+\.\d{5,}(?![\w.])")   # a number with 5+ decimals inside text
 
 
 def _is_missing(x) -> bool:
@@ -55,9 +56,9 @@ def interval(ci, missing: str = MISSING) -> str:
 
 def value(x, missing: str = MISSING) -> str:
     """Any cell as text: numbers as `number`, [low, high] pairs as `interval`, lists and dicts item by item.
-    A NaN written into a library's text reads as "n/a"."""
+    Inside a library's text, a NaN reads as "n/a" and a number with 5 or more decimals as `number` does."""
     if isinstance(x, str):
-        return _NAN_WORD.sub("n/a", x)
+        return _LONG_DECIMAL.sub(lambda m: number(float(m.group())), _NAN_WORD.sub("n/a", x))
     if isinstance(x, dict):
         return "; ".join(f"{k}: {value(v)}" for k, v in x.items()) or MISSING
     if _is_interval(x):
@@ -116,13 +117,16 @@ def _reason(missing, column) -> str:
     return missing.get(column, MISSING) if isinstance(missing, dict) else missing
 
 
-def params_table(params: dict, caption: str = "Params of this run (papermill parameters)"):
-    """The stage's params as one row per setting, nested sections flattened to dotted names."""
-    rows = [{"section": key.split(".")[0], "param": key.partition(".")[2], "value": value(v)}
+def params_table(params: dict, summary: str = "Params of this run (papermill parameters)"):
+    """The stage's params as one row per setting, nested sections flattened to dotted names, folded under
+    `summary` (a click opens it) so that a long list does not push the results down."""
+    from IPython.display import HTML
+    rows = [{"section": key.split(".")[0], "param": key.partition(".")[2],
+             "value": ", ".join(map(value, v)) if isinstance(v, (list, tuple)) else value(v)}
             for key, v in _flatten(params)]
     frame = pd.DataFrame(rows, columns=["section", "param", "value"]).set_index(["section", "param"])
-    return (frame.style.set_caption(caption)
-            .set_table_styles([{"selector": "td", "props": "text-align: left; white-space: pre-wrap;"}]))
+    styler = frame.style.set_properties(**{"text-align": "left"})
+    return HTML(f"<details><summary>{summary}: {len(rows)} settings</summary>{styler.to_html()}</details>")
 
 
 def _flatten(params: dict, prefix: str = ""):
