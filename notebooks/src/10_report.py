@@ -53,7 +53,7 @@ display(report.params_table(params))
 RESULTS = report.RESULTS
 results = report.load_results(".")
 status = pd.DataFrame(report.stage_status(results))
-display(report.table(status.set_index("stage"),
+display(report.table(status.astype({"items": "Int64"}).set_index("stage"),
                      caption="Stages whose results this report reads (items: matrix items, — for a single run)"))
 # %% [md]
 # ## Claims

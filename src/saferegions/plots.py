@@ -46,12 +46,12 @@ def heatmap(table, title: str, xlabel: str, ylabel: str, fmt: str = ".2f", vmin=
             for c in table.columns:
                 lo, hi = intervals.loc[r, c]
                 labels.loc[r, c] = f"{table.loc[r, c]:{fmt}}\n[{lo:{fmt}}, {hi:{fmt}}]"
-        annot, fmt, cell = labels.to_numpy(), "", (1.3, 0.9)
+        annot, fmt, cell = labels.to_numpy(), "", (1.4, 0.9)
     else:
         cell = (0.7, 0.5) if annot else (0.35, 0.5)
     fig, ax = _axes(figsize or (max(6, cell[0] * table.shape[1] + 2.5), max(3, cell[1] * table.shape[0] + 2)))
     sns.heatmap(table, annot=annot, fmt=fmt, vmin=vmin, vmax=vmax, cmap=cmap, ax=ax,
-                cbar_kws={"label": cbar_label}, annot_kws={"fontsize": 9} if intervals is not None else None)
+                cbar_kws={"label": cbar_label}, annot_kws={"fontsize": 10} if intervals is not None else None)
     return _labelled(fig, ax, title, xlabel, ylabel)
 
 

@@ -91,6 +91,8 @@ def _fmt(d) -> str:
     if e is None:
         return "–"
     lo, hi = e.ci
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{e.effect:+.3f} (no interval: n={e.n})"
     return f"{e.effect:+.3f} [{lo:+.3f}, {hi:+.3f}], n={e.n}"
 
 
