@@ -30,6 +30,7 @@ from IPython.display import display
 from saferegions.stages import data
 
 cfg = data.config.parse(params)
+display(data.params_table(params))
 tables = data.build_tables(cfg)
 prompts = pd.DataFrame(tables["prompts"])
 files = data.registry_files()
@@ -43,7 +44,7 @@ print(f"data/ holds {files['present']} of {files['total']} registry files; "
 # prompt a region was found with.
 # %%
 sizes = data.set_sizes(prompts)
-display(sizes)
+display(data.table(sizes, caption="Prompts per set and split"))
 leak = data.leaked_eval_prompts(prompts)
 print(f"evaluation prompts that also identify: {len(leak)}")
 assert leak.empty
@@ -65,10 +66,11 @@ data.plots.save(fig, data.RESULTS / "figures" / "categories.png")
 # ## Utility, alignment pairs and judge labels
 # %%
 util = pd.DataFrame(tables["utility"])
-display(util.groupby(["dataset", "split"]).size().rename("rows").to_frame())
+display(data.table(util.groupby(["dataset", "split"]).size().rename("rows"), caption="Utility rows"))
 judge = pd.DataFrame(tables["judge"])
-display(judge.groupby("label").size().rename("responses").rename(index={0: "complied", 1: "refused"}).to_frame())
+display(data.table(judge.groupby("label").size().rename("responses").rename(index={0: "complied", 1: "refused"}),
+                   caption="Judge labels"))
 print(f"alignment pairs: {len(tables['pairs'])}")
-display(pd.DataFrame(tables["pairs"]).head(3)[["prompt", "response"]])
+display(data.table(pd.DataFrame(tables["pairs"]).head(3)[["prompt", "response"]], caption="Alignment pairs"))
 # %%
 data.write_metrics(sizes, tables)

@@ -20,6 +20,7 @@ from IPython.display import display
 from saferegions.stages import models
 
 cfg = models.config.parse(params)
+display(models.params_table(params))
 rows = models.materialize(cfg)   # one process per model
 # %% [md]
 # ## What was loaded
@@ -28,7 +29,7 @@ rows = models.materialize(cfg)   # one process per model
 # %%
 models.describe(cfg, rows)
 table = pd.DataFrame(rows).set_index("role")
-display(table.drop(columns=["source"], errors="ignore"))
-display(table[["source"]])
+display(models.table(table.drop(columns=["source"], errors="ignore"), caption="Models as loaded"))
+display(models.table(table[["source"]], caption="Where each model came from"))
 # %%
 models.write_metrics(rows)

@@ -21,11 +21,12 @@ from IPython.display import display
 from saferegions.stages import baseline
 
 cfg = baseline.config.parse(params)
+display(baseline.params_table(params))
 # %% [md]
 # ## The learned judge
 # %%
 judge_list, judge_stats = baseline.train_judges(cfg)
-display(pd.Series(judge_stats, name="learned judge").to_frame())
+display(baseline.table(pd.Series(judge_stats, name="learned judge")))
 # %% [md]
 # ## Generations
 # Greedy decoding, each model's own chat template, `max_new_tokens` new tokens, the first `n_prompts`
@@ -42,15 +43,17 @@ harmful = baseline.harmful_mask(gen, cfg.baseline.models[0])
 # the benign sets (right-most columns) should be refused by neither.
 # %%
 table = baseline.refusal_rates(metrics)
-display(table.style.format("{:.2f}"))
-fig = baseline.plots.heatmap(table, "Refusal rate (keyword judge)", "prompt set", "model",
-                             cbar_label="refusal rate")
+intervals = baseline.rate_table(metrics, "refusal_rate_ci")
+display(baseline.table(table, caption="Refusal rate (keyword judge), Wilson 95% intervals", intervals=intervals))
+fig = baseline.plots.heatmap(table, "Refusal rate (keyword judge) with Wilson 95% intervals", "prompt set",
+                             "model", cbar_label="refusal rate", intervals=intervals)
 baseline.plots.save(fig, baseline.RESULTS / "figures" / "refusal_heatmap.png")
 # %%
-display(baseline.refusal_summary(metrics, cfg.baseline.datasets).style.format("{:.2f}"))
+display(baseline.table(baseline.refusal_summary(metrics, cfg.baseline.datasets),
+                       missing={"benign refusal (mean over sets)": "n/a (no benign set)"}))
 pooled = baseline.pooled(evals, harmful)
 frame = pd.DataFrame([{"model": m, "prompts": k, **rec} for m, per in pooled.items() for k, rec in per.items()])
-display(frame)
+display(baseline.table(frame, caption="Pooled outcomes, Wilson 95% intervals", index=False))
 fig = baseline.plots.error_bars(frame, "model", "prompts",
                                 {"refusal_rate": "refusal rate", "asr": "ASR", "degenerate_rate": "degenerate rate"},
                                 "Pooled outcomes with Wilson 95% intervals")
@@ -60,7 +63,7 @@ baseline.plots.save(fig, baseline.RESULTS / "figures" / "pooled_outcomes.png")
 # Refusal(aligned) − refusal(unaligned), paired on the pooled harmful prompts, exact McNemar test.
 # %%
 comparison = baseline.comparison(evals, harmful)
-display(pd.DataFrame(comparison).T)
+display(baseline.table(pd.DataFrame(comparison).T, intervals={"effect": "ci"}))
 # %% [md]
 # ## A cheaper estimator: refusal log-odds from one forward pass
 # log P(refusal first token) − log P(compliance first token) at the first response position
@@ -71,7 +74,7 @@ display(pd.DataFrame(comparison).T)
 # `baseline.AGREES_AUROC` (`agrees` below), and no stage uses it in place of generation today.
 # %%
 estimator = baseline.estimator_check(gen.log_odds, gen.outcome == "refused", cfg.run.seed)
-display(pd.Series(estimator, name="log-odds estimator (held-out half)").to_frame())
+display(baseline.table(pd.Series(estimator, name="log-odds estimator (held-out half)")))
 fig = baseline.plots.bars(gen.assign(refused=gen.outcome == "refused"), "model", "log_odds", "refused",
                           f"Refusal log-odds by generated outcome (held-out AUROC {estimator['auroc']:.2f})",
                           "model", "log P(refusal start) − log P(compliance start)")
@@ -81,12 +84,13 @@ baseline.plots.save(fig, baseline.RESULTS / "figures" / "estimator.png")
 # Cohen's κ between the keyword and the learned judge on every generation of this stage, per model.
 # %%
 agree = baseline.judge_agreement(gen)
-display(agree)
+display(baseline.table(agree, caption="Keyword vs learned judge"))
 # %% [md]
 # ## Examples
 # %%
 with pd.option_context("display.max_colwidth", 120):
-    display(gen.groupby(["model", "outcome"]).head(2)[["model", "dataset", "prompt", "response", "outcome",
-                                                       "complied_keyword", "complied_learned"]])
+    display(baseline.table(gen.groupby(["model", "outcome"]).head(2)[["model", "dataset", "prompt", "response",
+                                                                      "outcome", "complied_keyword",
+                                                                      "complied_learned"]], index=False))
 # %%
 baseline.write_metrics(metrics, judge_stats, agree, comparison, pooled, estimator)

@@ -34,23 +34,24 @@ from saferegions.stages import calibrate
 cfg = calibrate.config.parse(params)
 torch.manual_seed(cfg.run.seed)
 RESULTS = Path(results_dir)
-display(pd.DataFrame(calibrate.config.deviations(cfg.calibrate, "calibrate")).style.set_caption(
-    "CPU reductions in this run (paper-scale value beside each)"))
+display(calibrate.params_table(params))
+display(calibrate.table(pd.DataFrame(calibrate.config.deviations(cfg.calibrate, "calibrate")),
+                        caption="CPU reductions in this run (paper-scale value beside each)"))
 # %%
 frame = calibrate.run(cfg, model)
 # %% [md]
 # ## How often the model refuses its calibration prompts (keyword judge), and how varied the responses are
 # %%
 rates = calibrate.refusal_rates(frame)
-display(rates.style.format({"refusal rate": "{:.2f}"}))
+display(calibrate.table(rates))
 fig = calibrate.plots.bars(rates.reset_index(), "dataset", "refusal rate", None,
-                           f"Refusal rate on the calibration prompts ({model}, keyword judge)", "prompt set",
-                           "refusal rate")
+                           f"Refusal rate on the calibration prompts ({model}, keyword judge, Wilson 95%)",
+                           "prompt set", "refusal rate", n="n")
 calibrate.plots.save(fig, RESULTS / "figures" / "calibration_refusal.png")
 # %% [md]
 # ## Examples
 # %%
 with pd.option_context("display.max_colwidth", 100):
-    display(calibrate.examples(frame))
+    display(calibrate.table(calibrate.examples(frame), index=False))
 # %%
 calibrate.write_metrics(cfg, model, rates, RESULTS)

@@ -36,9 +36,10 @@ torch.manual_seed(cfg.run.seed)
 OUT, RESULTS = identify.out_dir(model, method), Path(results_dir)
 FIG = RESULTS / "figures"
 display(Markdown(f"**Model** `{cfg.models[model].id}` (role `{model}`). " + identify.description(method)))
-display(pd.DataFrame(identify.config.deviations(cfg.identify, "identify")
-                     + identify.config.deviations(cfg.calibrate, "calibrate"))
-        .style.set_caption("CPU reductions in this run (paper-scale value beside each)"))
+display(identify.params_table(params))
+display(identify.table(pd.DataFrame(identify.config.deviations(cfg.identify, "identify")
+                                    + identify.config.deviations(cfg.calibrate, "calibrate")),
+                       caption="CPU reductions in this run (paper-scale value beside each)"))
 # %% [md]
 # ## Run
 # The calibration examples come from the `calibrate` stage (same for every method).
@@ -55,7 +56,7 @@ print(f"{method}: {len(rows)} regions in {time.time() - start:.0f} s")
 # much it removes says how much of the safety region the utility set also selects.
 # %%
 summary = identify.summary_frame(rows)
-display(summary.style.format({"density": "{:.4%}"}))
+display(identify.table(summary))
 fig = identify.plots.bars(identify.density_frame(summary), "dataset", "density", "kind",
                           f"{method}: region density per dataset ({model})", "dataset",
                           "density (fraction of eligible weights)")
@@ -88,7 +89,7 @@ for kind in ("raw", "refined"):
 # %%
 sweep = identify.pq_frame(ctx)
 if sweep is not None:
-    display(sweep.style.format({"density": "{:.4%}", "utility": "{:.4f}", "utility_ratio": "{:.3f}"}))
+    display(identify.table(sweep))
     print(f"pick: {ctx.metrics['pq_pick']}; used: {ctx.metrics['pq_used']}")
     fig = identify.plots.lines(sweep, "q", "utility_ratio", "p", f"{method}: utility after removing the refined "
                                f"region ({ctx.metrics['pq_sweep_dataset']}, {model})", "q (safety top fraction)",
@@ -105,7 +106,7 @@ details = identify.method_details(method, ctx, cfg)
 for line in details["text"]:
     print(line)
 for table in details["tables"]:
-    display(table)
+    display(identify.table(table))
 for c in details["curves"]:
     fig = identify.plots.lines(c["frame"], c["x"], c["y"], c["hue"], c["title"], c["xlabel"], c["ylabel"])
     identify.plots.save(fig, FIG / c["file"])

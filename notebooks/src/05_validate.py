@@ -30,8 +30,9 @@ from saferegions.stages import validate
 cfg = validate.config.parse(params)
 v = cfg.validate
 torch.manual_seed(cfg.run.seed)
-display(pd.DataFrame(validate.config.deviations(v, "validate")).style.set_caption(
-    "CPU reductions in this run (paper-scale value beside each)"))
+display(validate.params_table(params))
+display(validate.table(pd.DataFrame(validate.config.deviations(v, "validate")),
+                       caption="CPU reductions in this run (paper-scale value beside each)"))
 harmful, util_prompts = validate.prompts(cfg)
 print(f"{len(harmful)} held-out harmful prompts from {v.eval_sets}; {len(util_prompts)} Alpaca eval prompts")
 # %%
@@ -41,12 +42,13 @@ metrics, reference, frame, gens = validate.run(cfg, harmful, util_prompts)
 # Error bars: Wilson 95% (ASR, degenerate rate), percentile bootstrap 95% over prompts (utility).
 # %%
 long = validate.bar_frame(frame, reference)
-display(long[["model", "method", "dataset", "ablation", "n", "asr", "asr_ci", "degenerate_rate", "utility",
-              "utility_ci", "n_utility"]])
-display(pd.DataFrame([{"model": m, "method": meth, "dataset": d, "utility_ratio": e["utility_ratio"],
+display(validate.table(long[["model", "method", "dataset", "ablation", "n", "asr", "asr_ci", "degenerate_rate",
+                             "degenerate_rate_ci", "utility", "utility_ci", "n_utility"]], index=False))
+display(validate.table(pd.DataFrame([{"model": m, "method": meth, "dataset": d, "utility_ratio": e["utility_ratio"],
                        **{f"paired_{k}": e["paired"][k] for k in ("n", "effect", "ci", "ci_one_flip", "p")}}
                       for m, per in metrics.items() if m != "intact" for meth, ds in per.items()
-                      for d, e in ds.items()]))
+                      for d, e in ds.items()]), intervals={"paired_effect": "paired_ci"}, index=False,
+                       caption="Region vs random, paired on the same prompts (ASR difference)"))
 fig = validate.plots.error_bars(long, "condition", "ablation",
                                 {"asr": "ASR (held-out harmful)", "degenerate_rate": "degenerate rate",
                                  "utility": "utility"},
@@ -56,11 +58,11 @@ validate.plots.save(fig, validate.RESULTS / "figures" / "validate.png")
 # ## Examples: the same prompt, unablated and with each region removed
 # %%
 with pd.option_context("display.max_colwidth", 100):
-    display(validate.same_prompt(gens))
+    display(validate.table(validate.same_prompt(gens)))
 # %% [md]
 # ## Examples per outcome: what counted as complied, refused or degenerate
 # %%
 with pd.option_context("display.max_colwidth", 100):
-    display(validate.examples(gens))
+    display(validate.table(validate.examples(gens)))
 # %%
 validate.write_metrics(metrics, reference)

@@ -48,9 +48,10 @@ def show(fig, name: str) -> None:
     plt.close(fig)
 
 
-display(pd.DataFrame(config.deviations(ov, "overlap") + config.deviations(cfg.identify, "identify")
-                     + config.deviations(cfg.calibrate, "calibrate"))
-        .style.set_caption("CPU reductions in this run (paper-scale value beside each)"))
+display(overlap.params_table(params))
+display(overlap.table(pd.DataFrame(config.deviations(ov, "overlap") + config.deviations(cfg.identify, "identify")
+                                   + config.deviations(cfg.calibrate, "calibrate")),
+                      caption="CPU reductions in this run (paper-scale value beside each)"))
 # %% [md]
 # ## The regions
 # Every region file of every model × method, loaded once in packed form (bits or int32 indices, never expanded to
@@ -59,7 +60,7 @@ display(pd.DataFrame(config.deviations(ov, "overlap") + config.deviations(cfg.id
 start = time.time()
 loaded = overlap.load(IDENT, cfg)
 print(f"loaded {sum(2 * len(r['raw']) + 1 for r in loaded.values())} packed regions in {time.time() - start:.1f} s")
-display(overlap.inventory(loaded).style.format(precision=4))
+display(overlap.table(overlap.inventory(loaded)))
 # %% [md]
 # ## Counting
 # For each model × method, one pass over the tensors popcounts every intersection and union the analyses need
@@ -81,7 +82,7 @@ print("cross-check with overlap.iou: identical")
 # %%
 summary = overlap.summary(results, TAB)
 summary.to_csv(TAB / "summary.csv", index=False)
-display(summary[summary.scope == MAIN].style.format(precision=4).hide(axis="index"))
+display(overlap.table(summary[summary.scope == MAIN], index=False))
 for (role, method), a in results.items():
     if len(a["datasets"]) < 2:
         print(f"{role}/{method}: one dataset, no pairs")
@@ -111,7 +112,7 @@ else:
                           "k (datasets intersected)", f"IoU_k ({MAIN}, log scale)", ref="chance", logy=True),
          "convergence.png")
     plateau = overlap.plateau(main)
-    display(plateau.style.format(precision=4).hide(axis="index"))
+    display(overlap.table(plateau, index=False))
 # %% [md]
 # ## Refinement: raw vs utility-refined IoU, and the identity behind the change (RQ2)
 # With a fixed utility region U, (A \ U) ∩ (B \ U) = (A ∩ B) \ U and (A \ U) ∪ (B \ U) = (A ∪ B) \ U, so
@@ -127,12 +128,12 @@ else:
 refinement = overlap.refinement(results)
 if not refinement.empty:
     refinement.to_csv(TAB / "refinement.csv", index=False)
-    display(overlap.refinement_means(refinement).style.format(precision=4).set_caption("means over dataset pairs"))
+    display(overlap.table(overlap.refinement_means(refinement), caption="means over dataset pairs"))
     print("refinement identity holds exactly for",
           sorted(set(refinement.method[refinement["refined = raw \\ U"]])))
 lora_checks = overlap.lora_checks(IDENT, loaded, cfg.calibrate.utility_set)
 if lora_checks:
-    display(pd.DataFrame(lora_checks).style.format(precision=4).set_caption("NLSR in its own LoRA space"))
+    display(overlap.table(pd.DataFrame(lora_checks), caption="NLSR in its own LoRA space"))
 if not refinement.empty:
     show(plots.bars(overlap.refinement_drop(refinement), "method", "IoU", "variant", "Mean pairwise IoU before and after utility refinement",
                     "method", f"mean IoU ({MAIN})"), "refinement.png")
@@ -154,7 +155,7 @@ for role, found in per_model.items():
                             "method", "method"), f"cross_method_{role}.png")
 if not cross.empty:
     cross.to_csv(TAB / "cross_method.csv", index=False)
-    display(overlap.cross_method_means(cross).style.format(precision=4))
+    display(overlap.table(overlap.cross_method_means(cross)))
 # %% [md]
 # ## Where the regions agree: per-layer and per-component overlap profiles
 # Mean pairwise IoU between datasets' regions, restricted to one decoder layer (left) or one component type (right).
@@ -183,7 +184,7 @@ if len(roles) < 2:
 else:
     sizes, depth = overlap.across_sizes(results, loaded, roles, cfg.identify.methods, VARIANTS)
     sizes.to_csv(TAB / "sizes.csv", index=False)
-    display(sizes.style.format(precision=4))
+    display(overlap.table(sizes))
     depth["line"] = depth.model + " · " + depth.method
     show(plots.band_lines(depth[depth.variant == VARIANTS[0]], "depth", "density", "line", "variant",
                           "Per-layer region density on relative depth", "relative depth", "density"), "sizes.png")
@@ -200,7 +201,7 @@ start = time.time()
 boot, ci = overlap.prompt_bootstrap(cfg, loaded, results, Path("artifacts/calibrate"))
 if not boot.empty:
     boot.to_csv(TAB / "bootstrap.csv", index=False)
-    display(ci.style.format(precision=4).hide(axis="index"))
+    display(overlap.table(ci, index=False))
     print(f"bootstrap: {ov.bootstrap.n_resamples} resamples × {boot.method.nunique()} methods in "
           f"{time.time() - start:.0f} s")
 else:
@@ -222,12 +223,12 @@ estimates = overlap.pair_estimates(results, ov.seed)
 halves = overlap.split_half(IDENT, results)
 metrics = overlap.metrics(summary, estimates, halves)
 overlap.save_metrics(RESULTS / "metrics.json", metrics)
-display(overlap.metrics_table(metrics).style.format(precision=4))
+display(overlap.table(overlap.metrics_table(metrics)))
 ceiling = overlap.noise_ceiling(metrics)
 if ceiling.empty:
     print("no defined IoU: no noise-ceiling figure")
 else:
-    display(ceiling.style.format(precision=4).hide(axis="index"))
+    display(overlap.table(ceiling, index=False))
     show(overlap.error_bars(ceiling, "Mean IoU between datasets (95% CI) vs within one dataset (split halves)"),
          "noise_ceiling.png")
 # %% [md]

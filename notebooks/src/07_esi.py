@@ -42,10 +42,11 @@ torch.manual_seed(cfg.run.seed)
 OUT, RESULTS = Path("artifacts/esi"), Path("results/esi")
 FIG = RESULTS / "figures"
 PROMPTS = "artifacts/data/prompts.jsonl"
-display(pd.DataFrame(config.deviations(e, "esi")).style.set_caption(
-    "CPU reductions in this run (paper-scale value beside each)"))
+display(esi.params_table(params))
+display(esi.table(pd.DataFrame(config.deviations(e, "esi")),
+                  caption="CPU reductions in this run (paper-scale value beside each)"))
 soft_judges = esi.load_soft_judges(cfg, esi.needed_judges(e))
-display(esi.plan_table(e).style.set_caption("Regions computed (the first of each role is the primary)"))
+display(esi.table(esi.plan_table(e), caption="Regions computed (the first of each role is the primary)"))
 # %% [md]
 # ## Run
 # One model at a time: a greedy generation pass shared by every judge-guided region, one gradient pass per
@@ -65,12 +66,12 @@ metrics = result.metrics
 # response.
 # %%
 with pd.option_context("display.max_colwidth", 90):
-    display(result.rows("records"))
+    display(esi.table(result.rows("records")))
 for role, m in metrics.items():
     cov = m["judge_token_coverage"]
     print(f"{role}: judge {m['judge']!r}, judge token coverage "
           + (f"{cov:.3f}" if cov is not None else "n/a (no judge objective)"))
-display(esi.region_table(result))
+display(esi.table(esi.region_table(result)))
 # %% [md]
 # ## Architecture profile: where the top-k sits
 # Left: share of the top-k region's entries per layer and component; right: share of the summed ESI (Σ|g|·σ_W).
@@ -84,8 +85,7 @@ for (role, value), table in tables.items():
                         vmin=0, vmax=None, annot=False, cbar_label=f"share of {label}",
                         figsize=(6, max(3, 0.28 * len(table) + 1.5)))
     plots.save(fig, FIG / f"heatmap_{role}_{value}.png")
-display(shares.pivot_table(index=["model", "measure"], columns="component", values="share")
-        .style.format("{:.3f}"))
+display(esi.table(shares.pivot_table(index=["model", "measure"], columns="component", values="share")))
 fig = plots.bars(shares[shares.measure == "top-k entries"], "component", "share", "model",
                  "Share of the ESI top-k region per component", "component", "share of top-k entries")
 plots.save(fig, FIG / "component_share.png")
@@ -94,7 +94,7 @@ plots.save(fig, FIG / "component_share.png")
 # IoU with the primary region (global over all ESI-eligible weights); chance = two random regions of these sizes.
 # %%
 comp = result.rows("comparisons")
-display(comp.style.format(precision=4))
+display(esi.table(comp))
 long = esi.observed_and_chance(comp)
 long["comparison"] = long.model + ": primary vs " + long.region
 fig = plots.bars(long, "comparison", "value", "kind", "IoU of the primary ESI region with one setting changed",
@@ -107,18 +107,19 @@ plots.save(fig, FIG / "variants_iou.png")
 # split, disjoint from the ESI prompts); ASR = share judged compliant by the keyword judge. "none" = no noise.
 # %%
 pert = result.rows("perturbation")
-display(pert.pivot_table(index="model", columns="condition", values="asr")[list(e.perturb_conditions)]
-        .style.format("{:.2f}"))
+display(esi.table(pert.pivot_table(index="model", columns="condition", values="asr")[list(e.perturb_conditions)],
+                  caption="ASR (mean over seeds)"))
 fig = plots.bars(pert, "condition", "asr", "model",
                  f"ASR after noise ({e.noise_ratio}·σ_W) on {e.top_frac:.0%} of the parameters",
                  "perturbed region", "ASR (held-out harmful, keyword judge)")
 plots.save(fig, FIG / "perturbation.png")
-display(pd.DataFrame({role: m["perturbation"] for role, m in metrics.items() if m["perturbation"]}))
-display(pd.DataFrame({role: m["dense_components"] for role, m in metrics.items()}).T)
+display(esi.table(pd.DataFrame({role: m["perturbation"] for role, m in metrics.items() if m["perturbation"]})))
+display(esi.table(pd.DataFrame({role: m["dense_components"] for role, m in metrics.items()}).T,
+                  missing="n/a (not estimated)"))
 gens = result.rows("generations")
 with pd.option_context("display.max_colwidth", 90):
-    display(gens[(gens.prompt == gens.prompt.iloc[0]) & (gens.seed == 0)][["model", "condition", "response",
-                                                                          "complied"]])
+    display(esi.table(gens[(gens.prompt == gens.prompt.iloc[0]) & (gens.seed == 0)][["model", "condition", "response",
+                                                                                    "complied"]], index=False))
 # %% [md]
 # ## Beyond the paper: does the ESI region depend on the harmful dataset?
 # One region per dataset (primary settings, same number of prompts); IoU per pair, against the chance IoU of
@@ -128,7 +129,7 @@ for role, table in result.dataset_tables.items():
     fig = plots.heatmap(table, f"{role}: IoU of ESI regions from different datasets", "dataset", "dataset",
                         fmt=".3f", vmax=None, cbar_label="IoU")
     plots.save(fig, FIG / f"dataset_iou_{role}.png")
-display(esi.dataset_summary_table(result).style.format(precision=4))
+display(esi.table(esi.dataset_summary_table(result)))
 # %% [md]
 # ## Beyond the paper: ESI vs paper 1's SNIP and Wanda regions of the same model and dataset
 # Compared in paper 1's space (the q/k/v/o/gate/up/down weights of the blocks; ESI's lm_head entries drop out),
@@ -136,7 +137,7 @@ display(esi.dataset_summary_table(result).style.format(precision=4))
 # %%
 if result.method_rows:
     mo = pd.DataFrame(result.method_rows)
-    display(mo.style.format(precision=4))
+    display(esi.table(mo))
     long = esi.observed_and_chance(mo)
     long["pair"] = long.model + " " + long.method + " / " + long.dataset
     fig = plots.bars(long, "pair", "value", "kind", "IoU of ESI regions with SNIP / Wanda regions",

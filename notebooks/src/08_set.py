@@ -32,14 +32,15 @@ from IPython.display import Markdown, display
 from saferegions.stages import set as stage
 
 cfg = stage.config.parse(params)
-display(stage.deviations(cfg))
+display(stage.params_table(params))
+display(stage.table(stage.deviations(cfg)))
 # %% [md]
 # ## The masks
 # The ESI top-k and bottom-k of this model come from stage 07, `esi` (`artifacts/esi/<model>/`); the random control
 # draws, in every matrix, as many entries as the top-k has there.
 # %%
 model, tok, arms = stage.load(cfg)   # prints the top-k's provenance (esi stage)
-display(pd.DataFrame(stage.region_table(arms, model)).T)
+display(stage.table(pd.DataFrame(stage.region_table(arms, model)).T))
 # %% [md]
 # ## Data
 # Training pairs: harmful instruction → refusal (Safety-Tuned LLaMAs), minus any pair whose prompt is one of the
@@ -52,7 +53,7 @@ print(f"{len(d.pairs)} training pairs; {s.max_steps} steps x {s.batch_size} x {s
       f"{s.max_steps * s.batch_size * s.grad_accum} examples per arm; "
       f"{sum(map(len, d.harmful.values()))} harmful / {sum(map(len, d.benign.values()))} benign eval prompts")
 with pd.option_context("display.max_colwidth", 120):
-    display(pd.DataFrame(d.pairs[:3])[["prompt", "response"]])
+    display(stage.table(pd.DataFrame(d.pairs[:3])[["prompt", "response"]]))
 # %% [md]
 # ## Training every arm
 # Writes the generations, `metrics.json`, one loss-curve CSV per arm (DVC plots) and the loss-curve figure.
@@ -61,24 +62,24 @@ metrics, curves, gens = stage.run(cfg, model, tok, arms, d)
 # %% [md]
 # ## Before and after
 # %%
-display(pd.DataFrame(stage.arm_metrics(metrics)).T.drop(columns=["per_set_refusal_after"]).style.format(precision=3))
-display(pd.DataFrame(metrics["comparison"]).T)
+display(stage.table(pd.DataFrame(stage.arm_metrics(metrics)).T.drop(columns=["per_set_refusal_after"])))
+display(stage.table(pd.DataFrame(metrics["comparison"]).T, intervals={"effect": "ci"}))
 fig = stage.before_after_figure(metrics, s)
 per_set = pd.DataFrame({arm: m["per_set_refusal_after"] for arm, m in stage.arm_metrics(metrics).items()})
-display(per_set.style.format("{:.2f}").set_caption("Refusal rate after training, per evaluation set"))
+display(stage.table(per_set, caption="Refusal rate after training, per evaluation set"))
 # %% [md]
 # ## Examples: the same harmful prompt before and after each arm
 # %%
 gen = pd.DataFrame(gens)
 first = d.harmful[s.eval_sets[0]][0]
 with pd.option_context("display.max_colwidth", 120):
-    display(gen[gen.prompt == first][["arm", "response", "complied"]])
+    display(stage.table(gen[gen.prompt == first][["arm", "response", "complied"]], index=False))
 # %% [md]
 # ## The paper's claim beside this run
 # The claim is relative: ASR after ≤ half the ASR before. "Preserving performance" is read here as a utility
 # (1/perplexity of the untuned answers) within 10% of the untuned model's.
 # %%
-display(pd.DataFrame(stage.claims(metrics)).T)
+display(stage.table(pd.DataFrame(stage.claims(metrics)).T))
 # %% [md]
 # ## Reading this run
 # %%

@@ -28,14 +28,15 @@ from IPython.display import Markdown, display
 from saferegions.stages import spa as stage
 
 cfg = stage.config.parse(params)
-display(stage.deviations(cfg))
+display(stage.params_table(params))
+display(stage.table(stage.deviations(cfg)))
 # %% [md]
 # ## The frozen masks
 # The ESI top-k of this model comes from stage 07, `esi` (`artifacts/esi/<model>/`); the random control draws, in
 # every matrix, as many entries as the top-k has there. Both are frozen; everything else trains.
 # %%
 model, tok, arms = stage.load(cfg)   # prints the top-k's provenance (esi stage)
-display(pd.DataFrame(stage.region_table(arms, model)).T.style.set_caption("Frozen masks"))
+display(stage.table(pd.DataFrame(stage.region_table(arms, model)).T, caption="Frozen masks"))
 # %% [md]
 # ## Data
 # Task rows: `artifacts/data/utility.jsonl` (train split for tuning, the first `n_task` eval rows for scoring).
@@ -57,20 +58,20 @@ metrics, curves, gens = stage.run(cfg, model, tok, arms, d)
 # ## Task score and safety drift
 # %%
 frame = pd.DataFrame(stage.drift_rows(metrics))
-display(frame.style.format(precision=3))
+display(stage.table(frame, index=False))
 fig = stage.task_and_drift_figure(frame, s)
-display(pd.DataFrame(stage.untuned(metrics)).T.style.format(precision=3).set_caption("Untuned model"))
+display(stage.table(pd.DataFrame(stage.untuned(metrics)).T, caption="Untuned model"))
 # %% [md]
 # ## Examples: one harmful prompt after each run
 # %%
 gen = pd.DataFrame(gens)
 first = d.harmful[s.eval_sets[0]][0]
 with pd.option_context("display.max_colwidth", 120):
-    display(gen[gen.prompt == first][["task", "arm", "response", "complied"]])
+    display(stage.table(gen[gen.prompt == first][["task", "arm", "response", "complied"]], index=False))
 # %% [md]
 # ## The paper's claim beside this run
 # %%
-display(pd.DataFrame(stage.claims(metrics)))
+display(stage.table(pd.DataFrame(stage.claims(metrics))))
 # %% [md]
 # ## Reading this run
 # %%
@@ -80,7 +81,8 @@ display(Markdown(stage.reading(metrics, s, d.harmful)))
 # ASR(after) − ASR(before) per task and arm on the same held-out prompts (exact McNemar). If the full fine-tuning
 # arm's interval includes zero, the run shows no measurable drift for any arm to be "within 1%" of.
 # %%
-display(pd.DataFrame({(t, a): e for t, per in metrics["drift"].items() for a, e in per.items()}).T)
+display(stage.table(pd.DataFrame({(t, a): e for t, per in metrics["drift"].items() for a, e in per.items()}).T,
+                    intervals={"effect": "ci"}))
 for task in stage.full_drift_inconclusive(metrics):
     print(f"{task}: the full fine-tuning arm's drift interval includes 0, so the SPA claim is inconclusive: "
           "these steps did not measurably move safety even when every weight trains.")

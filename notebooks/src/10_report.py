@@ -49,22 +49,24 @@ from IPython.display import Image, Markdown, display
 from saferegions.stages import report
 
 cfg = report.config.parse(params)
+display(report.params_table(params))
 RESULTS = report.RESULTS
 results = report.load_results(".")
 status = pd.DataFrame(report.stage_status(results))
-display(status.set_index("stage").style.set_caption("Stages whose results this report reads"))
+display(report.table(status.astype({"items": "Int64"}).set_index("stage"),
+                     caption="Stages whose results this report reads (items: matrix items, — for a single run)"))
 # %% [md]
 # ## Claims
 # %%
 rows = report.claims(results, cfg)
 claims = pd.DataFrame(rows)
-with pd.option_context("display.max_colwidth", None):
-    display(claims[["id", "condition", "n", "effect", "ci", "ci_one_flip", "test", "p", "direction", "threshold",
-                    "verdict"]]
-            .style.format({"effect": "{:+.3f}", "p": "{:.3g}"}, na_rep="–").hide(axis="index")
-            .set_caption("Claims: effect of the primary condition, 95% CI, test, p, threshold, verdict"))
-    display(claims[["paper", "claim", "paper_value", "this_run"]].style.set_properties(
-        **{"text-align": "left"}).set_caption("Paper claims (docs/methods.md §1) and every condition of this run"))
+display(report.table(claims[["id", "condition", "n", "effect", "ci", "ci_one_flip", "test", "p", "direction",
+                             "threshold", "verdict"]], intervals={"effect": "ci"}, index=False,
+                     caption="Claims: effect of the primary condition [95% CI], CI with one prompt flipped, test, "
+                             "p, threshold, verdict"))
+display(report.table(claims[["paper", "claim", "paper_value", "this_run"]].assign(paper="arXiv:" + claims.paper),
+                     index=False,
+                     caption="Paper claims (docs/methods.md §1) and every condition of this run"))
 report.plots.save(report.forest(rows), RESULTS / "figures" / "claims_forest.png")
 display(Image(filename=str(RESULTS / "figures" / "claims_forest.png")))
 # %% [md]
@@ -76,7 +78,7 @@ regions_found = pd.DataFrame(report.region_summary(results))
 if regions_found.empty:
     print("identify: not run")
 else:
-    display(regions_found.style.format({"density_raw": "{:.4f}", "density_refined": "{:.4f}"}))
+    display(report.table(regions_found))
 # %% [md]
 # ## Figures
 # Every figure the stages wrote, in pipeline order (matrix stages: one folder per model / method). At paper scale
@@ -92,7 +94,7 @@ for stage in report.STAGES:
         continue
     for png in figs[stage][:MAX_EMBED]:
         display(Markdown(f"`{png.as_posix()}`"))
-        display(Image(filename=str(png), width=720))
+        display(Image(filename=str(png)))
     if len(figs[stage]) > MAX_EMBED:
         display(Markdown("Not embedded: " + ", ".join(f"`{p.as_posix()}`" for p in figs[stage][MAX_EMBED:])))
 # %% [md]
@@ -106,14 +108,12 @@ devs = pd.DataFrame(report.param_deviations(cfg))
 if devs.empty:
     print("no params differ from the paper-scale defaults")
 else:
-    with pd.option_context("display.max_colwidth", 80, "display.max_rows", 500):
-        display(devs.astype(str).set_index(["section", "param"]))
+    display(report.table(devs.set_index(["section", "param"])))
 # %% [md]
 # ### Documented method deviations and readings
 # Choices the papers leave open or that differ from them on purpose (details and evidence in docs/methods.md).
 # %%
-with pd.option_context("display.max_colwidth", None):
-    display(pd.DataFrame(report.documented_deviations(results, cfg)).style.set_properties(**{"text-align": "left"}))
+display(report.table(pd.DataFrame(report.documented_deviations(results, cfg)), index=False))
 # %% [md]
 # ## Provenance
 # What this report read, as sha256: every results file, its code and its params sections — exactly its DVC deps,
@@ -122,14 +122,13 @@ with pd.option_context("display.max_colwidth", None):
 # revision) and data (`data.dvc` plus the per-file sha256 pins of the dataset registry that every fetch checks).
 # %%
 prov = report.provenance(".", cfg)
-display(pd.Series({"params sha256": prov["inputs"]["params_sha256"] or "no params.yaml",
-                   "data.dvc md5": prov["data"]["data.dvc"]["md5"], "python": prov["python"],
-                   "platform": prov["platform"]}, name="value").to_frame())
-display(pd.Series(prov["inputs"]["files"], name="sha256").to_frame())
-display(pd.Series(prov["packages"], name="version").to_frame())
-display(pd.DataFrame(prov["models"]).T)
-with pd.option_context("display.max_rows", 200, "display.max_colwidth", 70):
-    display(pd.DataFrame(prov["data"]["files"]))
+display(report.table(pd.Series({"params sha256": prov["inputs"]["params_sha256"] or "no params.yaml",
+                                 "data.dvc md5": prov["data"]["data.dvc"]["md5"], "python": prov["python"],
+                                 "platform": prov["platform"]}, name="value")))
+display(report.table(pd.Series(prov["inputs"]["files"], name="sha256")))
+display(report.table(pd.Series(prov["packages"], name="version")))
+display(report.table(pd.DataFrame(prov["models"]).T))
+display(report.table(pd.DataFrame(prov["data"]["files"])))
 # %% [md]
 # ## Wall time per stage
 # Summed over matrix items (calibrate per model, identify per model × method), from each stage's `timing.json`.
@@ -139,7 +138,7 @@ totals = pd.DataFrame(stage_totals)
 if totals.empty:
     print("no timing.json found")
 else:
-    display(totals.set_index("stage"))
+    display(report.table(totals.set_index("stage")))
     fig = report.plots.bars(totals, "stage", "wall_seconds", None, "Wall time per stage (this run)", "stage",
                             "wall time (s)", figsize=(8, 3.5))
     report.plots.save(fig, RESULTS / "figures" / "wall_time.png")

@@ -50,6 +50,13 @@ def results_dir(stage: str, matrix: dict | None = None) -> Path:
     return Path("results") / stage / "-".join(parts) if parts else Path("results") / stage
 
 
+def render_html(notebook) -> str:
+    """The notebook as a reader sees it: narrative, outputs and figures, no code (the .ipynb keeps the code)."""
+    from nbconvert import HTMLExporter
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    return exporter.from_notebook_node(notebook)[0]
+
+
 def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".", **matrix) -> Path:
     root = Path(root)
     matrix = {k: v for k, v in matrix.items() if v}
@@ -63,7 +70,6 @@ def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".", **
     sys.modules.setdefault("rfc3987_syntax", None)
     import nbformat
     import papermill as pm
-    from nbconvert import HTMLExporter
 
     source = root / "notebooks" / f"{NOTEBOOKS[stage]}.ipynb"
     rel = results_dir(stage, matrix)
@@ -78,7 +84,7 @@ def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".", **
     with atomic_path(target) as tmp:
         pm.execute_notebook(str(source), str(tmp), parameters=parameters, cwd=str(root),
                             kernel_name="python3", progress_bar=False, log_output=False)
-        html, _ = HTMLExporter().from_notebook_node(nbformat.read(str(tmp), as_version=4))
+        html = render_html(nbformat.read(str(tmp), as_version=4))
         with atomic_path(out_dir / "notebook.html") as html_tmp:
             html_tmp.write_text(html)
     write_json(out_dir / "timing.json", {"stage": stage, **matrix, "wall_seconds": round(time.time() - start, 1)})

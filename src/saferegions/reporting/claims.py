@@ -44,6 +44,8 @@ def fmt(est: evidence.Estimate | None) -> str:
     if est is None:
         return "–"
     lo, hi = est.ci
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{est.effect:+.3f} (no interval: n={est.n})"
     return f"{est.effect:+.3f} [{lo:+.3f}, {hi:+.3f}], n={est.n}"
 
 

@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 
 from .. import chat, config, evidence, plots, results  # noqa: F401  (config, plots: re-exported for the notebook)
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..data import BENIGN_SETS, SAFETY_SETS, prompts
 from ..evaluation import evaluate, rate_record
 from ..io import read_jsonl, write_jsonl

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .. import chat, config, data, judges, models, plots  # noqa: F401  (config, plots: re-exported for the notebook)
 from .. import results as results_
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..io import write_json, write_jsonl
 
 PROMPTS = "artifacts/data/prompts.jsonl"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import config, plots, results  # noqa: F401  (re-exported: the notebook parses params and draws with them)
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..data import BENIGN_SETS, SAFETY_SETS, _norm, build, registry
 
 RAW, OUT, RESULTS = Path("data"), Path("artifacts/data"), Path("results/data")

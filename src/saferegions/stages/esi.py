@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import chat, config, data, evaluation, evidence, judges, models, plots, results   # noqa: F401 (config, plots: notebook)
 from .. import overlap
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from .. import regions as R
 from ..io import atomic_path, write_json, write_jsonl
 from ..methods import esi

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import config, evaluation, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..hooks import single_thread
 from .. import results as results_
 from ..methods.context import Context, load_calibration, load_utility_eval

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import config, results  # noqa: F401  (re-exported: the notebook parses params with it)
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..models import load, load_encoder, materialize_all, param_count, resolve, verify
 
 ROOT, RESULTS = Path("models"), Path("results/models")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .. import config, evidence, models, overlap, plots, regions, results   # noqa: F401 (config: for the notebook)
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..io import write_json   # noqa: F401 (for the notebook)
 from ..methods.context import load_calibration
 from ..methods.resample import bootstrap_ious

@@ -17,6 +17,7 @@ from ..reporting.provenance import REPORT_CODE, input_files, provenance  # noqa:
 from ..reporting.tables import (documented_deviations, param_deviations, region_summary,  # noqa: F401
                                 stage_status, stage_totals, timings)
 from ..results import NOT_RUN, STAGES, load_results  # noqa: F401
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 
 RESULTS = Path("results/report")
 

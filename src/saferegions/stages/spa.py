@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import chat, config, evidence, judges, plots, results, train
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..io import read_jsonl
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
 from ..evaluation import utility_score

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .. import chat, config, data, evidence, judges, models, plots, regions, results  # noqa: F401  (config, plots: re-exported)
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..evaluation import evaluate, rate_record, utility_scores
 from ..io import write_json, write_jsonl
 from ..methods import removal
