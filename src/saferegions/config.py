@@ -75,10 +75,11 @@ def _coerce(tp, value, where: str):
 class ModelCfg:
     id: str
     offline: str | None = None
+    revision: str | None = None   # hub commit (or branch) loaded for `id`; None = the hub's default branch
 
     def entry(self):
         from .models import ModelEntry
-        return ModelEntry(self.id, self.offline)
+        return ModelEntry(self.id, self.offline, self.revision)
 
 
 @dataclass
