@@ -76,7 +76,7 @@ def _coerce(tp, value, where: str):
 class ModelCfg:
     id: str
     offline: str | None = None
-    revision: str | None = None   # hub commit (or branch) loaded when no offline mirror is used
+    revision: str | None = None   # hub commit (or branch) loaded for `id`; None = the hub's default branch
 
     def entry(self):
         from .models import ModelEntry

@@ -36,7 +36,7 @@ component, part, layer_index = arch.component, arch.part, arch.layer_index   # o
 class ModelEntry:
     id: str
     offline: str | None = None
-    revision: str | None = None   # hub revision; None = the hub's default branch
+    revision: str | None = None   # hub commit or branch of `id` (unused when the offline mirror is loaded)
 
 
 def mirrors() -> dict:
@@ -243,6 +243,9 @@ def verify(folder: str | Path) -> dict:
 
 # ---------------------------------------------------------------- load
 
+ENCODER_FAMILIES = ("bert",)   # sentence encoders (the learned judge's): loaded without a language-model head
+
+
 def resolve(entry: ModelEntry, models_root: str | Path = "models") -> str:
     """The local mirror folder when materialized, else the hub id."""
     if entry.offline:
@@ -251,6 +254,37 @@ def resolve(entry: ModelEntry, models_root: str | Path = "models") -> str:
             verify(local)
             return str(local)
     return entry.id
+
+
+def _source(entry: ModelEntry, models_root: str | Path) -> tuple[str, dict]:
+    """Where to load from and the from_pretrained options: a hub id gets its pinned revision."""
+    source = resolve(entry, models_root)
+    hub = source == entry.id and not Path(source).is_dir()
+    return source, {"trust_remote_code": False, **({"revision": entry.revision} if hub and entry.revision else {})}
+
+
+def load_config(entry: ModelEntry, models_root: str | Path = "models"):
+    """The model's config alone (no weights): what a model is, before anything large is read."""
+    source, kwargs = _source(entry, models_root)
+    try:
+        return T.AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise OSError(f"cannot read the config of {entry.id!r} at revision {entry.revision or 'main'!r} "
+                      f"(offline mirror {entry.offline!r} not materialized and the hub unreachable?). Cause: {e}") from e
+
+
+def is_encoder(config) -> bool:
+    return config.model_type in ENCODER_FAMILIES
+
+
+def resolved_revision(entry: ModelEntry, models_root: str | Path = "models") -> str | None:
+    """The commit a hub entry resolves to in the local HF cache (read offline; None for an offline mirror or
+    a model not in the cache): the snapshot folder its config.json lies in."""
+    if resolve(entry, models_root) != entry.id:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    path = try_to_load_from_cache(entry.id, "config.json", revision=entry.revision)
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def pick_device(device: str = "auto") -> str:
@@ -269,13 +303,11 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 def load(entry: ModelEntry, models_root: str | Path = "models", dtype: str = "auto", device: str = "auto"):
     """(model, tokenizer) in eval mode, left padding, never with remote code."""
-    source = resolve(entry, models_root)
+    source, kwargs = _source(entry, models_root)
     device = pick_device(device)
-    revision = entry.revision if source == entry.id else None
     try:
-        tok = T.AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
-        model = T.AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=pick_dtype(dtype, device),
-                                                       trust_remote_code=False)
+        tok = T.AutoTokenizer.from_pretrained(source, **kwargs)
+        model = T.AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, device), **kwargs)
     except OSError as e:
         raise OSError(f"cannot load {entry.id!r} (offline mirror {entry.offline!r} not materialized and the hub "
                       f"is unreachable?): run the models stage first. Cause: {e}") from e
@@ -289,9 +321,9 @@ def load(entry: ModelEntry, models_root: str | Path = "models", dtype: str = "au
 
 def load_encoder(entry: ModelEntry, models_root: str | Path = "models", device: str = "cpu"):
     """(encoder, tokenizer) for sentence embeddings (the learned judge)."""
-    source = resolve(entry, models_root)
-    tok = T.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    model = T.AutoModel.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+    source, kwargs = _source(entry, models_root)
+    tok = T.AutoTokenizer.from_pretrained(source, **kwargs)
+    model = T.AutoModel.from_pretrained(source, dtype=torch.float32, **kwargs)
     return model.to(device).eval(), tok
 
 

@@ -55,14 +55,14 @@ def input_digests(root: str | Path = ".") -> dict:
     return {"files": {f: sha256_file(root / f) for f in files}, "params_sha256": params}
 
 
-def _hub_revision(model_id: str) -> str | None:
-    """The commit of a hub model in the local HF cache (what a hub run loaded), if any."""
+def _hub_revision(model_id: str, revision: str | None = None) -> str | None:
+    """The commit a hub model's pinned revision resolves to in the local HF cache (what a hub run loaded)."""
     try:
-        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    ref = Path(HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "refs" / "main"
-    return ref.read_text().strip() if ref.exists() else None
+    path = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def provenance(root: str | Path = ".", cfg=None) -> dict:
@@ -93,12 +93,12 @@ def provenance(root: str | Path = ".", cfg=None) -> dict:
             entry.update(source="offline mirror", weights_sha256=man.get("files", {}).get("model.safetensors"),
                          gguf_sha256=man.get("gguf_sha256"), manifest_sha256=sha256_file(manifest))
         else:
-            entry.update(source="hub", revision=_hub_revision(m.id))
+            entry.update(source="hub", pinned=m.revision, revision=_hub_revision(m.id, m.revision))
         models[role] = entry
     judge = getattr(getattr(cfg, "judges", None), "llama_guard", None)
     if judge is not None:
         models["judges.llama_guard"] = {"id": judge.id, "mirror": judge.offline, "source": "hub",
-                                        "revision": _hub_revision(judge.id)}
+                                        "pinned": judge.revision, "revision": _hub_revision(judge.id, judge.revision)}
     out["models"] = models
     return out
 

@@ -5,14 +5,15 @@ what each one is (source, hashes, family, size) in results/models/metrics.json.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+import transformers as T
 
 from .. import config, results  # noqa: F401  (re-exported: the notebook parses params with it)
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
-from ..models import load, load_encoder, materialize_all, param_count, resolve, verify
+from ..models import (check_family, is_encoder, load_config, materialize_all, param_count, resolved_revision,
+                      verify)
 
 ROOT, RESULTS = Path("models"), Path("results/models")
 
@@ -35,26 +36,30 @@ def materialize(cfg, root: Path = ROOT) -> list[dict]:
     return rows
 
 
-def _is_encoder(folder: Path) -> bool:
-    """A BERT-family sentence encoder (the learned judge's), which loads without a language-model head."""
-    path = folder / "config.json"
-    architectures = json.loads(path.read_text()).get("architectures", []) if path.exists() else []
-    return any("Bert" in a for a in architectures)
+def meta_model(config):
+    """The model a config describes, built on the meta device: every parameter's shape, no memory, no weights
+    (an encoder without a language-model head, as the learned judge loads it)."""
+    cls = T.AutoModel if is_encoder(config) else T.AutoModelForCausalLM
+    with torch.device("meta"):
+        return cls.from_config(config)
 
 
 def describe(cfg, rows: list[dict], root: Path = ROOT) -> None:
-    """Add to each row what the loaded model is: family, parameter count (millions), layers, tied embeddings.
-    Counted as loaded, so an untied `lm_head` (the Qwen GGUFs) counts (docs/methods.md §6.2)."""
+    """Add to each row what the model is, from its config alone: family, parameter count (millions), layers,
+    tied embeddings, and for a hub model the pinned revision and the commit it resolves to in the HF cache.
+    The count is that of the model as loaded, so an untied `lm_head` (the Qwen GGUFs) counts (docs/methods.md
+    §6.2); a decoder family without an adapter is an error here, before any stage loads weights."""
     for row in rows:
         entry = cfg.models[row["role"]].entry()
-        if _is_encoder(Path(resolve(entry, root))):
-            model, _ = load_encoder(entry, root)
-        else:
-            model, _ = load(entry, root, dtype="float32", device="cpu")   # fp32 files: a memory map
-        row.update(family=model.config.model_type, params_millions=round(param_count(model) / 1e6, 1),
-                   layers=getattr(model.config, "num_hidden_layers", None),
-                   tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)))
-        del model
+        model_cfg = load_config(entry, root)
+        model = meta_model(model_cfg)
+        if not is_encoder(model_cfg):
+            check_family(model)
+        row.update(family=model_cfg.model_type, params_millions=round(param_count(model) / 1e6, 1),
+                   layers=getattr(model_cfg, "num_hidden_layers", None),
+                   tied_embeddings=bool(getattr(model_cfg, "tie_word_embeddings", False)))
+        if row["source"] == "hub":
+            row.update(revision=entry.revision, resolved_revision=resolved_revision(entry, root))
 
 
 def write_metrics(rows: list[dict]) -> None:
