@@ -173,3 +173,13 @@ def test_no_estimate_is_not_run_and_a_claim_records_everything():
     assert set(record) == {"n", "effect", "ci", "ci_one_flip", "test", "p", "threshold", "direction", "verdict"}
     assert record["verdict"] == "supported" and record["n"] == 96 and len(record["ci"]) == 2
     assert E.claim(None, 0.5)["verdict"] == "not run"
+
+
+def test_a_failed_guard_leaves_only_a_supporting_interval_inconclusive():
+    """A guard (a failed control) can stop a "supported" verdict, never turn another verdict around."""
+    above, below = E.Estimate(96, 0.3, (0.2, 0.4), "t"), E.Estimate(96, -0.3, (-0.4, -0.2), "t")
+    assert E.verdict(above, 0.1, guard="control failed") == E.Verdict.INCONCLUSIVE
+    assert E.verdict(above, 0.1) == E.Verdict.SUPPORTED
+    assert E.verdict(below, 0.1, guard="control failed") == E.Verdict.CONTRADICTED
+    assert E.verdict(None, 0.1, guard="control failed") == E.Verdict.NOT_RUN
+    assert E.claim(above, 0.1, ">", "control failed")["verdict"] == "inconclusive"

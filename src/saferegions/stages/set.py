@@ -187,7 +187,7 @@ def claims(metrics: dict) -> dict[str, dict]:
     return {arm: {"paper claim": "ASR −50% or more (SET, 1% weights, 100 iterations)" if arm == "set"
                   else "(baseline)",
                   "ASR before": m.asr_before, "ASR after": m.asr_after,
-                  "relative ASR drop": relative_drop({"asr_before": m.asr_before, "asr_after": m.asr_after}),
+                  "relative ASR drop": relative_drop(m.to_dict()),
                   "utility kept": m.utility_after / m.utility_before,
                   "trainable fraction": m.trainable_fraction,
                   "ASR −50% (95% CI)": halving_verdict(metrics, arm).value} for arm, m in typed.arms.items()}
@@ -211,9 +211,8 @@ def reading(metrics: dict, s: config.SetCfg, harmful: dict[str, list[str]]) -> s
         b = metrics[arm]
         lines.append(f"* `{arm}`: ASR {b['asr_before']:.2f} → {b['asr_after']:.2f}, benign refusal "
                      f"{b['benign_refusal_after']:.2f}, utility ×{b['utility_after'] / b['utility_before']:.2f}.")
-    versus = (results.SetMetrics.parse(metrics_all).comparison or {}).get("set_vs_random")
-    if m and versus is not None:
-        est = versus.estimate()
+    est = results.estimate((results.SetMetrics.parse(metrics_all).comparison or {}).get("set_vs_random"))
+    if m and est is not None:
         lines.append(f"* ESI top-k vs a random mask of the same size: ASR(set) − ASR(random) after "
                      f"{est.effect:+.2f} [{est.ci[0]:+.2f}, {est.ci[1]:+.2f}] "
                      f"({MASK_READING[evidence.verdict(est, 0.0, '<')]}; with {n_h} prompts one prompt is "
