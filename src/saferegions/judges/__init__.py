@@ -23,7 +23,7 @@ from .verdicts import Verdicts
 
 __all__ = ["JudgeKind", "JUDGES", "get", "Verdicts", "KeywordJudge", "LearnedJudge", "LlamaGuardJudge",
            "HarmBenchJudge", "LearnedSoftJudge", "GuardSoftJudge", "REFUSAL_PHRASES", "cohen_kappa",
-           "fit_learned_judge"]
+           "fit_learned_judge", "soft", "transfer"]
 
 JUDGES = {JudgeKind.KEYWORD: KeywordJudge, JudgeKind.LEARNED: LearnedJudge,
           JudgeKind.LLAMA_GUARD: LlamaGuardJudge, JudgeKind.HARMBENCH: HarmBenchJudge}

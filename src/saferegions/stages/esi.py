@@ -81,7 +81,7 @@ def plan_table(e) -> pd.DataFrame:
 
 
 # `esi.judges` names -> the judge kind each one is the differentiable form of
-ESI_JUDGES = {"learned": judges.JudgeKind.LEARNED, "guard": judges.JudgeKind.LLAMA_GUARD}
+SOFT_JUDGE_KINDS = {"learned": judges.JudgeKind.LEARNED, "guard": judges.JudgeKind.LLAMA_GUARD}
 
 
 def needed_judges(e) -> list[str]:
@@ -96,7 +96,7 @@ def load_soft_judges(cfg, names, learned_path: str | Path = "artifacts/baseline/
     (`judges.llama_guard`, a Llama-Guard-style causal LM), each built by `judges.get`."""
     out = {}
     for name in names:
-        kind = ESI_JUDGES[name]
+        kind = SOFT_JUDGE_KINDS[name]
         if kind is judges.JudgeKind.LEARNED:
             out[name] = judges.LearnedSoftJudge(judges.get(kind, cfg, models_root, head=learned_path))
         else:
@@ -220,7 +220,7 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
         if spec.judge and spec.judge not in transfers:
             with _timed(timings, "transfer matrix"):
                 transfers[spec.judge] = judges.transfer.transfer_matrix(judge.vocab_tokenizer, tok,
-                                                            (judge.embedding_matrix.shape[0], V_t))
+                                                                        (judge.embedding_matrix.shape[0], V_t))
         records, masses = [], [] if spec.name == "primary" else None
         with _timed(timings, "gradients"):
             grads = esi.esi_gradients(model, tok, judge, prompt_sets[spec.dataset], e.max_new_tokens,

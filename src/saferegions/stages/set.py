@@ -133,7 +133,7 @@ def arm_metrics(metrics: dict) -> dict:
 
 
 def run(cfg, model, tok, arms: dict, d: Data):
-    """Train and score every arm with the keyword judge, then write generations, metrics.json and the loss
+    """Train and score every arm with `evaluation.judge`, then write generations, metrics.json and the loss
     curves (CSV per arm + figure). Returns (metrics, curves, generations)."""
     s = cfg.set
     judge = judges.get(cfg.evaluation.judge, cfg)

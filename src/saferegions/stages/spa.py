@@ -120,7 +120,7 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], utility
 
 
 def run(cfg, model, tok, arms: dict, d: Data):
-    """Tune and score every (task, arm) with the keyword judge, then write generations, metrics.json and the
+    """Tune and score every (task, arm) with `evaluation.judge`, then write generations, metrics.json and the
     loss curves (CSV per run + figure). Returns (metrics, curves, generations)."""
     s = cfg.spa
     judge = judges.get(cfg.evaluation.judge, cfg)
