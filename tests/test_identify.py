@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT
 from saferegions import config, judges, methods, regions
 from saferegions.evaluation import utility_score
-from saferegions.methods import layers as layer_method
+from saferegions.methods import layer as layer_method
 from saferegions.methods import context as pq
 from saferegions.methods.context import Context, load_calibration, split_halves, weight_method
 from saferegions.stages import calibrate, identify, validate

@@ -598,7 +598,7 @@ def region_path(folder: str | Path, dataset: str, kind: str) -> Path:
 class Granularity:
     """The unit a region was selected in, which decides how it is removed from a model and what a fair random
     control is (docs/methods.md §3.4). A region names its granularity in `meta["granularity"]` (the keys of
-    `methods.GRANULARITIES`); `Weights` here, `Neurons` and `Layers` in methods/neurons.py and methods/layers.py."""
+    `methods.GRANULARITIES`); `Weights` here, `Neurons` and `Layers` in methods/neuron.py and methods/layer.py."""
 
     name = ""
 

@@ -19,6 +19,8 @@ from ..methods.context import Context, load_calibration, load_utility_eval
 from ..models import component, layer_index
 from ..regions import Region
 
+RESOLVES = methods.Resolves.ITEM_METHOD   # runs its matrix item's method: DVC deps on that method's code only
+
 
 def out_dir(role: str, method: str) -> Path:
     return Path("artifacts/identify") / role / method

@@ -22,7 +22,9 @@ import pandas as pd
 from .. import chat, config, data, evidence, judges, models, plots, regions  # noqa: F401  (config, plots: re-exported)
 from ..evaluation import evaluate, rate_record, utility_scores
 from ..io import write_json, write_jsonl
+from ..methods import Resolves
 
+RESOLVES = Resolves.GRANULARITIES   # removes regions of every method: DVC deps on every granularity's code
 PROMPTS = "artifacts/data/prompts.jsonl"
 OUT, RESULTS = Path("artifacts/validate"), Path("results/validate")
 
