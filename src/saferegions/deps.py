@@ -81,6 +81,7 @@ class Graph:
     def __init__(self, root: str | Path = "."):
         self.root = Path(root)
         self._trees: dict[str, ast.Module] = {}
+        self._imports: dict[str, set[str]] = {}
 
     def file(self, module: str) -> Path | None:
         """The source file of a dotted module name inside the package (a package's __init__.py), or None."""
@@ -103,15 +104,28 @@ class Graph:
             found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1) if self.file(".".join(parts[:i]))}
         return found
 
+    def imports(self, module: str) -> set[str]:
+        """The package modules `module` imports, anywhere in it."""
+        if module not in self._imports:
+            package = module if self.file(module).name == "__init__.py" else module.rpartition(".")[0]
+            self._imports[module] = self.package_modules(imported_modules(self.tree(module), package))
+        return self._imports[module]
+
     def closure(self, roots: set[str]) -> set[str]:
         seen, todo = set(), sorted(self.package_modules(roots))
         while todo:
             name = todo.pop()
             if name not in seen:
                 seen.add(name)
-                package = name if self.file(name).name == "__init__.py" else name.rpartition(".")[0]
-                todo += sorted(self.package_modules(imported_modules(self.tree(name), package)) - seen)
+                todo += sorted(self.imports(name) - seen)
         return seen
+
+    def notebooks(self) -> dict[str, str]:
+        """`stage.NOTEBOOKS` of this checkout (stage name -> notebook name), read without importing it."""
+        for node in self.tree(f"{PACKAGE}.stage").body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NOTEBOOKS" for t in node.targets):
+                return ast.literal_eval(node.value)
+        raise DepsError(f"{PACKAGE}/stage.py defines no NOTEBOOKS")
 
     def files(self, modules: set[str]) -> set[str]:
         """Repository paths of the modules and of the package data files (`registry/*.json`) they read."""
@@ -153,8 +167,7 @@ def command_roots(graph: Graph, cmd: str) -> tuple[set[str], list[str]]:
         raise DepsError(f"command {cmd!r}: {module} is not a module of {PACKAGE}")
     if module != f"{PACKAGE}.stage":
         return {module}, []
-    from .stage import NOTEBOOKS
-    notebook = f"notebooks/{NOTEBOOKS[args[0]]}.ipynb"
+    notebook = f"notebooks/{graph.notebooks()[args[0]]}.ipynb"
     return {module} | notebook_modules(graph.root / notebook), [notebook]
 
 
