@@ -52,24 +52,26 @@ def _package(root: Path, files: dict[str, str]) -> deps.Graph:
     return deps.Graph(root)
 
 
-def test_import_graph_follows_lazy_relative_imports_and_data_but_not_registry_strings(tmp_path):
+def test_import_graph_follows_lazy_relative_imports_data_and_references_but_not_the_registrys(tmp_path):
     graph = _package(tmp_path, {
         "src/saferegions/__init__.py": "",
         "src/saferegions/plan.py": """
-            from . import io
+            from . import io, methods
             def main():
                 from .sub import lazy     # imported inside a function: still code of the stage
-            RUNNER = "saferegions.unused:run"   # a registry string, resolved only where a stage declares it
+            SCORER = "saferegions.scorer:run"   # imported when first used: code of the stage too
             """,
         "src/saferegions/io.py": "import json\nPATH = 'registry/table.json'\n",
         "src/saferegions/sub/__init__.py": "",
         "src/saferegions/sub/lazy.py": "from ..io import PATH\n",
-        "src/saferegions/unused.py": "",
+        "src/saferegions/scorer.py": "",
+        "src/saferegions/methods/__init__.py": "RUNNER = 'saferegions.methods.runner:run'   # only where resolved\n",
+        "src/saferegions/methods/runner.py": "",
         "src/saferegions/registry/table.json": "{}",
     })
     assert graph.files(graph.closure({"saferegions.plan"})) == {
         f"src/saferegions/{f}" for f in ("__init__.py", "plan.py", "io.py", "sub/__init__.py", "sub/lazy.py",
-                                         "registry/table.json")}
+                                         "scorer.py", "methods/__init__.py", "registry/table.json")}
 
 
 def test_a_plain_module_stage_gets_its_deps_and_check_shows_a_diff(tmp_path, capsys):

@@ -3,11 +3,12 @@ that run it.
 
 A stage's code is the module its command runs (`python -m saferegions.X ...`), for `saferegions.stage NAME` also
 the notebook it executes (`stage.NOTEBOOKS`), and every package module those import, transitively: top-level
-and lazy (in-function) imports alike, plus the `registry/*.json` files a module reads. The method registry names
-runners and granularities as "module:attribute" strings imported when first used; such a string is code of a
-stage only where the stage resolves it, as its module declares with `RESOLVES = methods.Resolves.X`:
-`ITEM_METHOD` (the identify stage: the runner, diagnostics and granularity of its matrix item's method) or
-`GRANULARITIES` (the validate stage: every granularity, as it removes the regions of every method).
+and lazy (in-function) imports alike, plus the `registry/*.json` files a module reads. A "saferegions.x:attr"
+string names code imported when first used: it counts as an import, except in the method registry
+(`methods/__init__.py`), whose runners and granularities are code of a stage only where the stage resolves
+them, as its module declares with `RESOLVES = methods.Resolves.X`: `ITEM_METHOD` (the identify stage: the
+runner, diagnostics and granularity of its matrix item's method) or `GRANULARITIES` (the validate stage: every
+granularity, as it removes the regions of every method).
 
 DVC cannot interpolate a list into `deps`, so a matrix stage over methods lists the code all its items share
 and one templated path, `src/saferegions/methods/${item.method}.py`, for what only one method runs.
@@ -30,8 +31,10 @@ from pathlib import Path
 import yaml
 
 PACKAGE = "saferegions"
+REGISTRY = f"{PACKAGE}.methods"   # its "module:attribute" strings count where a stage declares RESOLVES
 ITEM = "${item.method}"
 _DATA = re.compile(r"registry/[\w.-]+\.json")
+_REF = re.compile(rf"({PACKAGE}(?:\.\w+)+):\w+")
 
 
 class DepsError(ValueError):
@@ -107,8 +110,13 @@ class Graph:
     def imports(self, module: str) -> set[str]:
         """The package modules `module` imports, anywhere in it."""
         if module not in self._imports:
+            tree = self.tree(module)
             package = module if self.file(module).name == "__init__.py" else module.rpartition(".")[0]
-            self._imports[module] = self.package_modules(imported_modules(self.tree(module), package))
+            names = imported_modules(tree, package)
+            if module != REGISTRY:   # another "module:attribute" reference: code imported when first used
+                names |= {m.group(1) for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                          and isinstance(n.value, str) for m in [_REF.fullmatch(n.value)] if m}
+            self._imports[module] = self.package_modules(names)
         return self._imports[module]
 
     def closure(self, roots: set[str]) -> set[str]:
@@ -131,7 +139,7 @@ class Graph:
         """Repository paths of the modules and of the package data files (`registry/*.json`) they read."""
         paths = {self.file(m) for m in modules}
         data = {self.root / "src" / PACKAGE / d for p in paths for d in _DATA.findall(p.read_text())}
-        return {str(p.relative_to(self.root)) for p in paths | data}
+        return {str(p.relative_to(self.root)) for p in paths | data if p.exists()}
 
     def resolves(self, modules: set[str]) -> set[str]:
         return set().union(*(_resolves(self.tree(m)) for m in modules))
@@ -155,20 +163,20 @@ def granularity_modules() -> set[str]:
     return {_ref_module(r) for r in methods.GRANULARITIES.values()}
 
 
-def command_roots(graph: Graph, cmd: str) -> tuple[set[str], list[str]]:
-    """(Modules, notebook paths) a stage command runs: `python -m MODULE ARGS`, and for the notebook runner
-    (`saferegions.stage NAME`) the notebook of NAME."""
-    argv = shlex.split(cmd)
-    if "-m" not in argv:
-        raise DepsError(f"command {cmd!r}: expected `python -m {PACKAGE}.<module> ...`")
-    i = argv.index("-m")
-    module, args = argv[i + 1], argv[i + 2:]
-    if not graph.file(module):
-        raise DepsError(f"command {cmd!r}: {module} is not a module of {PACKAGE}")
-    if module != f"{PACKAGE}.stage":
-        return {module}, []
-    notebook = f"notebooks/{graph.notebooks()[args[0]]}.ipynb"
-    return {module} | notebook_modules(graph.root / notebook), [notebook]
+def command_roots(graph: Graph, cmd: str | list[str]) -> tuple[set[str], list[str]]:
+    """(Modules, notebook paths) a stage command (or list of commands) runs: `python -m MODULE ARGS`, and for the
+    notebook runner (`saferegions.stage NAME`) the notebook of NAME."""
+    modules, notebooks = set(), []
+    for one in [cmd] if isinstance(cmd, str) else cmd:
+        argv = shlex.split(one)
+        if "-m" not in argv or not graph.file(argv[argv.index("-m") + 1]):
+            raise DepsError(f"command {one!r}: expected `python -m {PACKAGE}.<module> ...`")
+        module, args = argv[argv.index("-m") + 1], argv[argv.index("-m") + 2:]
+        modules.add(module)
+        if module == f"{PACKAGE}.stage":
+            notebooks.append(f"notebooks/{graph.notebooks()[args[0]]}.ipynb")
+            modules |= notebook_modules(graph.root / notebooks[-1])
+    return modules, notebooks
 
 
 def stage_deps(graph: Graph, name: str, spec: dict) -> tuple[list[str], list[str]]:
@@ -192,9 +200,8 @@ def stage_deps(graph: Graph, name: str, spec: dict) -> tuple[list[str], list[str
         template = f"src/{PACKAGE}/methods/{ITEM}.py"
         for m, files in own.items():
             mine = template.replace(ITEM, m)
-            if mine not in files:
-                raise DepsError(f"stage {name!r}: method {m!r} runs no {mine}; a method's runner lives in "
-                                f"methods/<its name>.py, so that the DVC matrix item can name it")
+            if mine not in files:   # the matrix item names that file: it must exist and be the item's own
+                raise DepsError(f"stage {name!r}: method {m!r} must run from {mine}, a file only its items import")
             extra = sorted(files - {mine})
             if extra:
                 notes.append(f"stage {name!r}: {extra} run only by method {m!r} are listed for every item "
@@ -234,6 +241,9 @@ def rewrite(text: str, code: dict[str, list[str]]) -> str:
     """dvc.yaml with each stage's `deps` = its other deps (as they are) + `code[stage]`, one flow list; every
     other line (comments, cmd, params, outs) stays as it is. A comment on deps goes above the `deps:` line."""
     stages = yaml.safe_load(text)["stages"]
+    missing = [s for s in code if "deps" not in stages[s]]
+    if missing:
+        raise DepsError(f"stage(s) {missing} have no `deps:` key; add `deps: []` and rewrite")
     lines, out, stage, i = text.splitlines(keepends=True), [], None, 0
     while i < len(lines):
         line = lines[i]
@@ -268,21 +278,20 @@ def main(argv=None) -> int:
     graph = Graph(args.root)
     try:
         code, notes = computed(graph)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        if args.check:
+            diff = check(graph)
+            if diff:
+                print(f"{diff}\ndvc.yaml's code deps are stale: run python -m {PACKAGE}.deps --write", file=sys.stderr)
+            return 1 if diff else 0
+        if args.write:
+            path = graph.root / "dvc.yaml"
+            path.write_text(rewrite(path.read_text(), code))
+            return 0
     except DepsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    if args.check:
-        diff = check(graph)
-        if diff:
-            print(diff + "\ndvc.yaml's code deps are stale: run python -m saferegions.deps --write", file=sys.stderr)
-            return 1
-        return 0
-    if args.write:
-        path = graph.root / "dvc.yaml"
-        path.write_text(rewrite(path.read_text(), code))
-        return 0
     for name, deps in code.items():
         print(f"{name}:\n" + "".join(f"  {d}\n" for d in deps))
     return 0
