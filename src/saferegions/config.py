@@ -1,7 +1,8 @@
 """Typed, validated params. Every mistake is one clear error, raised before any model loads.
 
 `params.yaml` has one section per concern; each stage reads only the sections named in `STAGE_SECTIONS`
-(dvc.yaml lists the same keys, a test checks it).
+(dvc.yaml lists the same keys, a test checks it). The sections of paper 2's stages are in `config_paper2`, each
+method's `identify.<name>` in `methods/params.py`, the value checks in `checks`; none imports torch or a method.
 """
 from __future__ import annotations
 
