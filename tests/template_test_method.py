@@ -1,13 +1,15 @@
 """TEMPLATE for a new identification method's tests (README, "Fork this"). Not collected by pytest (the name
 does not match test_*.py); copy it to tests/test_<yourmethod>.py and replace the three names marked ## FORK.
 
-Registering a method is one entry, e.g. at the end of your methods/<yourmethod>.py or in methods/__init__.py:
+Registering a method is one entry in methods/__init__.py:
 
     register(Method("yours", "saferegions.methods.yours:run", "**Yours** (Author 2025): ...", YoursCfg, "weights"))
 
-with `run(ctx)` yielding (dataset, kind, Region) like `methods.wanda.run`, and `YoursCfg` a dataclass with a
-`datasets: list[str] | None = None` field (params `identify.yours`). Params, the DVC matrix check, the identify
-stage, validation (by the granularity) and the notebooks then know it.
+with `run(ctx)` yielding (dataset, kind, Region) like `methods.wanda.run`, in methods/yours.py (a runner lives in
+the file named after its method: the identify stage's DVC matrix item depends on that file), and `YoursCfg` a
+torch-free dataclass in methods/params.py with a `datasets: list[str] | None = None` field (params
+`identify.yours`). Params, the DVC matrix check, the identify stage, validation (by the granularity) and the
+notebooks then know it; `python -m saferegions.deps --write` updates dvc.yaml's deps.
 
 As shipped it runs against Wanda, so `python -m pytest tests/template_test_method.py` passes and shows what
 each check expects. Keep the checks; add a known-answer test for your score (a hand-computable tiny network,

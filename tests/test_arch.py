@@ -6,7 +6,7 @@ import torch
 
 from saferegions import arch, chat, models, regions, tiny
 from saferegions.arch import Part
-from saferegions.methods import neurons, removal
+from saferegions.methods import neuron as neurons, removal
 from saferegions.methods.snip import snip_scores
 from saferegions.methods.wanda import wanda_scores
 

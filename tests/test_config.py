@@ -53,3 +53,17 @@ def test_safelayer_needs_enough_distinct_prompts_per_side(n):
     assert config.parse({"identify": {"layer": {"n": config.LAYER_MIN_PROMPTS}}}).identify.layer.n == 16
     for path in (ROOT / "params.yaml", ROOT / "profiles" / "smoke.yaml"):
         assert config.load(path).identify.layer.n >= config.LAYER_MIN_PROMPTS
+
+
+def test_validating_params_imports_no_method_runner_and_no_torch():
+    """Method params are plain dataclasses: the stage runner validates params.yaml without importing torch or any
+    method's code, so an edit to a method is no edit to the stages that only validate params."""
+    import os
+    import subprocess
+    import sys
+    probe = ("import sys; from saferegions import stage; stage.config.load('params.yaml'); "
+             "print(sorted(m for m in sys.modules if m.startswith(('saferegions.methods.', 'torch'))))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['saferegions.methods.params']"

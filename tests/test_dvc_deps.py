@@ -1,113 +1,165 @@
-"""Every DVC stage depends on the code it runs: the modules its notebook imports, transitively, plus the stage
-runner. A module missing from `deps` would let an edit leave `dvc status` clean and the results stale."""
-import ast
+"""Every DVC stage depends on exactly the code it runs (`saferegions.deps` follows the imports): a module missing
+from deps would let an edit leave results stale, an extra one re-runs stages for nothing (editing one method
+used to re-run the whole pipeline)."""
+import contextlib
+import itertools
 import json
-import re
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT
+from saferegions import deps
 
-SRC = ROOT / "src"
-PACKAGE = "saferegions"
-
-
-def _module_file(name: str) -> Path | None:
-    """The file of a dotted module name inside the package (a package's __init__.py), or None."""
-    parts = name.split(".")
-    if parts[0] != PACKAGE:
-        return None
-    base = SRC.joinpath(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
+RUNNERS = {f"src/saferegions/methods/{m}.py" for m in ("snip", "wanda", "neuron", "layer", "nlsr", "esi", "context")}
 
 
-def _imported_modules(tree: ast.AST, package: str) -> set[str]:
-    """Dotted names of package modules a parsed source imports anywhere (lazy imports in functions too, and
-    "module:attribute" references resolved at run time)."""
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            names.add(module)
-            names |= {f"{module}.{a.name}" for a in node.names}   # `from pkg import submodule`
-    # a "module:attribute" string names code imported when first used (the method registry's runners)
-    names |= {node.value.partition(":")[0] for node in ast.walk(tree) if isinstance(node, ast.Constant)
-              and isinstance(node.value, str) and re.fullmatch(rf"{PACKAGE}(\.\w+)+:\w+", node.value)}
-    found = set()
-    for name in names:
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):   # importing a.b.c runs a/__init__ and a/b/__init__ too
-            if _module_file(".".join(parts[:i])):
-                found.add(".".join(parts[:i]))
-    return found
+def test_dvc_yaml_lists_the_code_each_stage_imports():
+    diff = deps.check(deps.Graph(ROOT))
+    assert not diff, f"run `python -m saferegions.deps --write`:\n{diff}"
 
 
-def _package_of(name: str) -> str:
-    file = _module_file(name)
-    return name if file.name == "__init__.py" else name.rpartition(".")[0]
+def test_params_validation_never_reaches_a_method_runner():
+    graph = deps.Graph(ROOT)
+    assert not graph.files(graph.closure({"saferegions.config", "saferegions.stage"})) & RUNNERS
+    code, notes = deps.computed(graph)
+    assert not notes
+    for stage in ("data", "models", "baseline", "calibrate", "report"):
+        assert not set(code[stage]) & RUNNERS, stage
 
 
-def code_files(roots: set[str]) -> set[Path]:
-    """The package files reachable from `roots` (dotted module names) through imports, and the package data
-    files (`registry/*.json`) those modules read."""
-    seen, todo = set(), list(roots)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse(_module_file(name).read_text())
-        todo += sorted(_imported_modules(tree, _package_of(name)) - seen)
-    files = {_module_file(n).relative_to(ROOT) for n in seen}
-    data = {Path("src", PACKAGE, m) for f in files for m in re.findall(r"registry/[\w.-]+", (ROOT / f).read_text())}
-    return files | data
+def test_registry_references_count_only_where_a_stage_resolves_them():
+    """The identify items share no method's file (each names its own through the template); validate removes
+    regions of every granularity, so it runs the neuron and layer modules, and no other method's runner."""
+    code, _ = deps.computed(deps.Graph(ROOT))
+    identify = set(code["identify"])
+    assert "src/saferegions/methods/${item.method}.py" in identify
+    assert not identify & (RUNNERS - {"src/saferegions/methods/context.py"})
+    validate = set(code["validate"]) & RUNNERS
+    assert validate == {f"src/saferegions/methods/{m}.py" for m in ("neuron", "layer", "context")}
 
 
-def notebook_imports(notebook: Path) -> set[str]:
-    cells = json.loads(notebook.read_text())["cells"]
-    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    return _imported_modules(ast.parse(source), PACKAGE)
+def _package(root: Path, files: dict[str, str]) -> deps.Graph:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return deps.Graph(root)
 
 
-def _stages():
-    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    from saferegions.stage import NOTEBOOKS
-    return [(name, spec, ROOT / "notebooks" / f"{NOTEBOOKS[name]}.ipynb") for name, spec in pipeline.items()]
+def test_import_graph_follows_lazy_relative_imports_data_and_references_but_not_the_registrys(tmp_path):
+    graph = _package(tmp_path, {
+        "src/saferegions/__init__.py": "",
+        "src/saferegions/plan.py": """
+            from . import io, methods
+            def main():
+                from .sub import lazy     # imported inside a function: still code of the stage
+            SCORER = "saferegions.scorer:run"   # imported when first used: code of the stage too
+            """,
+        "src/saferegions/io.py": "import json\nPATH = 'registry/table.json'\n",
+        "src/saferegions/sub/__init__.py": "",
+        "src/saferegions/sub/lazy.py": "from ..io import PATH\n",
+        "src/saferegions/scorer.py": "",
+        "src/saferegions/methods/__init__.py": "RUNNER = 'saferegions.methods.runner:run'   # only where resolved\n",
+        "src/saferegions/methods/runner.py": "",
+        "src/saferegions/registry/table.json": "{}",
+    })
+    assert graph.files(graph.closure({"saferegions.plan"})) == {
+        f"src/saferegions/{f}" for f in ("__init__.py", "plan.py", "io.py", "sub/__init__.py", "sub/lazy.py",
+                                         "scorer.py", "methods/__init__.py", "registry/table.json")}
 
 
-def _covered(path: Path, deps: list[str]) -> bool:
-    return any(path == Path(d) or Path(d) in path.parents for d in deps)
+def test_a_plain_module_stage_gets_its_deps_and_check_shows_a_diff(tmp_path, capsys):
+    """A stage that runs a module (no notebook) is handled like the notebook stages; `--check` exits non-zero
+    with a diff while dvc.yaml is stale, `--write` fixes only the code deps, and the result checks clean."""
+    _package(tmp_path, {"src/saferegions/__init__.py": "", "src/saferegions/plan.py": "from . import io\n",
+                        "src/saferegions/io.py": "", "src/saferegions/stage.py": "NOTEBOOKS = {}\n"})
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          # the plan comes first
+          plan:
+            cmd: python -m saferegions.plan params.yaml --gpu-gb 80
+            deps:
+              - params.yaml
+              - src/saferegions/gone.py
+            outs:
+              - results/plan.json: {cache: false}
+        """))
+    assert deps.main(["--root", str(tmp_path), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "-      - src/saferegions/gone.py" in err and "+    deps: [params.yaml, src/saferegions/__init__.py" in err
+    assert deps.main(["--root", str(tmp_path), "--write"]) == 0
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert "  # the plan comes first\n" in text and "results/plan.json: {cache: false}" in text
+    assert yaml.safe_load(text)["stages"]["plan"]["deps"] == [
+        "params.yaml", "src/saferegions/__init__.py", "src/saferegions/io.py", "src/saferegions/plan.py"]
+    assert deps.main(["--root", str(tmp_path), "--check"]) == 0
 
 
-@pytest.mark.parametrize("name,spec,notebook", _stages(), ids=lambda x: x if isinstance(x, str) else "")
-def test_stage_deps_list_every_module_it_runs(name, spec, notebook):
-    runner = spec["cmd"].split("-m ", 1)[1].split()[0]
-    needed = code_files(notebook_imports(notebook) | {runner})
-    deps = spec["deps"]
-    missing = sorted(str(p) for p in needed if not _covered(p, deps))
-    assert not missing, f"stage {name!r} runs these modules but dvc.yaml does not list them in deps: {missing}"
-    assert str(notebook.relative_to(ROOT)) in deps
-    listed = [Path(d) for d in deps if d.startswith("src/") and Path(d).suffix in (".py", ".json")]
-    unused = sorted(str(d) for d in listed if d not in needed)
-    assert not unused, f"stage {name!r} lists modules it never imports: {unused}"
+# ---------------------------------------------------------------- what DVC itself says after an edit
 
 
-def test_import_graph_follows_relative_and_lazy_imports(tmp_path):
-    """The derivation itself: a module reached only through a lazy relative import inside a function counts."""
-    tree = ast.parse("def f():\n    from .io import write_json\n    from .methods import esi\n")
-    assert _imported_modules(tree, PACKAGE) >= {f"{PACKAGE}.io", f"{PACKAGE}.methods", f"{PACKAGE}.methods.esi"}
-    files = code_files({f"{PACKAGE}.stage"})
-    assert Path("src/saferegions/stage.py") in files and Path("src/saferegions/io.py") in files
-    late = ast.parse(f'RUNNER = "{PACKAGE}.methods.snip:run"')
-    assert f"{PACKAGE}.methods.snip" in _imported_modules(late, PACKAGE)
+def _dvc_status(root: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def locked_copy(tmp_path_factory):
+    """The repository's files (tracked, or new and not ignored) in a fresh folder, with a dvc.lock that matches:
+    `dvc status` is clean. Placeholders stand in for the data, models, artifacts and results the stages read
+    and write (results/ is left out of the copy: hashing its files would only slow the test)."""
+    from dvc.repo import Repo
+
+    root = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in listed:
+        if name and not name.startswith("results/") and (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    with contextlib.chdir(root), Repo(str(root)) as repo, repo.lock:
+        stages = repo.index.stages
+        paths = {Path(x.fs_path) for s in stages for x in [*s.deps, *s.outs] if hasattr(x, "fs_path")}
+        for path in sorted(paths, key=lambda p: -len(p.parts)):   # a folder's contents before the folder
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("placeholder\n")
+        for dvcfile, group in itertools.groupby(stages, key=lambda s: s.dvcfile):   # = `dvc commit --force`
+            group = list(group)                                                      # without the run cache
+            for stage in group:
+                stage.save(run_cache=False)
+                stage.commit()
+            dvcfile.dump_stages(group, update_pipeline=False)
+    assert _dvc_status(root) == {}
+    return root
+
+
+def _changed_after_editing(root: Path, module: str) -> set[str]:
+    path = root / module
+    original = path.read_text()
+    path.write_text(original + "\n# edited\n")
+    try:
+        return set(_dvc_status(root))
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.parametrize("method,also", [("wanda", set()), ("neuron", {"validate"})])
+def test_editing_one_method_marks_only_the_stages_that_run_it(locked_copy, method, also):
+    """Only the identify items of that method and the stages whose imports reach its file; never the data,
+    models, baseline or calibrate stages, nor another method's identify item."""
+    module = f"src/saferegions/methods/{method}.py"
+    importers = {name for name, files in deps.computed(deps.Graph(locked_copy))[0].items() if module in files}
+    models = yaml.safe_load((locked_copy / "params.yaml").read_text())["identify"]["models"]
+    changed = _changed_after_editing(locked_copy, module)
+    assert changed == {f"identify@{method}-{m}" for m in models} | importers
+    assert also <= importers and not {"data", "models", "baseline", "identify"} & importers
+    assert not any(s.startswith("calibrate") for s in changed)

@@ -12,7 +12,7 @@ from saferegions.methods import removal
 from saferegions import config, judges, methods, regions
 from saferegions import overlap
 from saferegions.evaluation import utility_score
-from saferegions.methods import layers as layer_method
+from saferegions.methods import layer as layer_method
 from saferegions.methods import context as pq
 from saferegions.methods.context import Context, load_calibration, split_halves, weight_method
 from saferegions.stages import calibrate, identify, validate

@@ -77,8 +77,8 @@ def test_the_stage_runner_accepts_a_registered_method(magnitude):
 
 def test_granularity_comes_from_the_region_meta():
     assert isinstance(removal.granularity_of(regions.Region({}, {})), removal.Weights)    # ESI, random masks
-    from saferegions.methods.layers import Layers
-    from saferegions.methods.neurons import Neurons
+    from saferegions.methods.layer import Layers
+    from saferegions.methods.neuron import Neurons
     assert isinstance(removal.granularity_of(regions.Region({}, {"granularity": "neurons"})), Neurons)
     assert isinstance(removal.granularity_of(regions.Region({}, {"granularity": "layers"})), Layers)
     with pytest.raises(ValueError, match="valid: weights, neurons, layers"):

@@ -6,8 +6,8 @@ import torch
 from saferegions.chat import response_batches
 from saferegions.hooks import (capture_inputs, capture_outputs, edit_output, scale_output_dims,
                                scaled_weights, zero_input_dims)
-from saferegions.methods import layers as SL
-from saferegions.methods import neurons as NS
+from saferegions.methods import layer as SL
+from saferegions.methods import neuron as NS
 from saferegions.models import block_modules, eligible_weights
 from saferegions.tiny import tiny_model
 

@@ -1,7 +1,7 @@
 """How a region is removed from a model: at the granularity it was selected in (docs/methods.md §3.4).
 
 A region names its granularity in `meta["granularity"]` (a key of `methods.GRANULARITIES`): `Weights` here,
-`Neurons` and `Layers` in methods/neurons.py and methods/layers.py. The granularity also decides what a fair random
+`Neurons` and `Layers` in methods/neuron.py and methods/layer.py. The granularity also decides what a fair random
 control is.
 """
 from __future__ import annotations

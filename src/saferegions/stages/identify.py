@@ -21,6 +21,8 @@ from ..methods.removal import granularity_of
 from ..models import component, layer_index
 from ..regions import Region, RegionKind
 
+RESOLVES = methods.Resolves.ITEM_METHOD   # runs its matrix item's method: DVC deps on that method's code only
+
 
 def out_dir(role: str, method: str) -> Path:
     return Path("artifacts/identify") / role / method

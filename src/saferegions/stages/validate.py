@@ -23,8 +23,9 @@ from .. import chat, config, data, evidence, judges, models, plots, regions, res
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..evaluation import evaluate, rate_record, utility_scores
 from ..io import write_json, write_jsonl
-from ..methods import removal
+from ..methods import Resolves, removal
 
+RESOLVES = Resolves.GRANULARITIES   # removes regions of every method: DVC deps on every granularity's code
 PROMPTS = "artifacts/data/prompts.jsonl"
 OUT, RESULTS = Path("artifacts/validate"), Path("results/validate")
 
