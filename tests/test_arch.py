@@ -6,7 +6,7 @@ import torch
 
 from saferegions import arch, chat, models, regions, tiny
 from saferegions.arch import Part
-from saferegions.methods import neuron as neurons, removal
+from saferegions.methods import neuron, removal
 from saferegions.methods.snip import snip_scores
 from saferegions.methods.wanda import wanda_scores
 
@@ -95,10 +95,10 @@ def test_scoring_and_ablation_run_on_every_family(tok, family):
             assert not torch.allclose(model(input_ids=ids).logits, before)
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, before)
-    units = neurons.identify(model, batches, attn_frac=0.2, ffn_frac=0.2, min_prompt_frac=0.5)
+    units = neuron.identify(model, batches, attn_frac=0.2, ffn_frac=0.2, min_prompt_frac=0.5)
     has_ffn = models.arch_of(model).ffn_of(models.block_modules(model)[0]) is not None
     assert any(u["ffn"] for u in units.values()) == has_ffn
-    with neurons.deactivate(model, units), torch.no_grad():
+    with neuron.deactivate(model, units), torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, before)
 
 
