@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from saferegions import io, models, tiny
+from saferegions import arch, io, models, tiny
 
-DENSE = ("llama", "qwen2", "mistral", "gemma2")
-MOE = ("qwen2_moe", "mixtral", "olmoe")
+MOE = tuple(f for f in arch.FAMILIES if arch.is_moe(f))
 
 
-@pytest.mark.parametrize("family", DENSE + MOE)
+@pytest.mark.parametrize("family", arch.FAMILIES)
 def test_adapters_name_every_block_component(family):
     model, _ = tiny.tiny_model(family)
     weights = models.eligible_weights(model)

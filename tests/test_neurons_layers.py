@@ -8,7 +8,7 @@ from saferegions.hooks import (capture_inputs, capture_outputs, edit_output, sca
                                scaled_weights, zero_input_dims)
 from saferegions.methods import layer as SL
 from saferegions.methods import neuron as NS
-from saferegions.models import block_modules, eligible_weights
+from saferegions.models import arch_of, block_modules, eligible_weights
 from saferegions.tiny import tiny_model
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Explain photosynthesis."]
@@ -42,14 +42,15 @@ def _brute(model, batches, site, ablation):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe", "olmoe", "qwen3"])
 def test_scores_equal_bruteforce_ablation(family):
     model, tok = tiny_model(family)
     batches = _batches(tok)
     scores = NS.neuron_scores(model, batches, qk_mode="ablate", chunk=7)   # chunk not dividing the dims
     for layer in (0, 1):
         blk = block_modules(model)[layer]
-        attn, ffn = blk.self_attn, NS._ffn_module(blk)
+        a = arch_of(model)
+        attn, ffn = a.attention_of(blk), a.ffn_of(blk)
         cases = [("q", 5, attn.q_proj), ("q", 63, attn.q_proj), ("k", 9, attn.k_proj), ("v", 3, attn.v_proj),
                  ("v", 30, attn.v_proj)]
         for unit, j, proj in cases:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from saferegions import chat, tiny
+from saferegions import arch, chat, tiny
 from saferegions.methods.snip import snip_scores
 from saferegions.methods.wanda import wanda_scores
 from saferegions.models import eligible_weights
@@ -16,7 +16,7 @@ from saferegions.regions import Region, top_fraction
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.",
            "Explain photosynthesis to a child, please."]
 RESPONSES = ["Sure, here is a step by step guide.", "I'm sorry, but I can't.", "Once upon a time"]
-MOE = ("qwen2_moe", "mixtral", "olmoe")
+MOE = tuple(f for f in arch.FAMILIES if arch.is_moe(f))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import regions as R
 from ..chat import render
 from ..judges.transfer import coverage_counts, transfer_matrix
-from ..models import component, input_device, is_expert, layer_index, param_count
+from ..models import arch_of, component, input_device, is_expert, layer_index, param_count
 from .snip import grad_only_for
 
 TAU = 0.3
@@ -170,7 +170,7 @@ def refusal_loglik(model, tokenizer, prompt: str, system: str | None, refusal: s
     """Ablation objective: S = log p(refusal string | rendered prompt), no judge."""
     device = input_device(model)
     p_ids = tokenizer(render(tokenizer, [prompt], system)[0], add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(refusal, add_special_tokens=False)["input_ids"]
+    r_ids = arch_of(model).refusal_ids(tokenizer, refusal)
     ids = torch.tensor(p_ids + r_ids, device=device)
     positions = torch.arange(len(p_ids) - 1, len(ids) - 1, device=device)
     logits = model(input_ids=ids[None], logits_to_keep=positions, use_cache=False).logits[0].float()

@@ -11,7 +11,8 @@ output) for q/k/v/o neurons. Units, all in native index spaces:
 FFN, o and v have exact closed forms; q/k change the softmax and are ablated in chunks of dims by re-running
 the attention module alone on its captured inputs (``qk_mode="ablate"``, exact), or approximated as in PLND
 (``qk_mode="plnd"``, see `_qk_plnd`). MoE: routed experts are not scored; qwen2_moe's shared expert is the FFN
-(its output before the sigmoid shared-expert gate); mixtral/olmoe get attention neurons only (empty ``ffn``).
+(its output before the sigmoid shared-expert gate); routed-only MoE families (mixtral, olmoe, qwen3_moe) get
+attention neurons only (empty ``ffn``).
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ Gradients, scores and bool masks of a 0.5B model are ~2.5 GB each, so every regi
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ PERTURB_CONDITIONS = ("none", "topk", "bottomk", "random")
 CONDITION_KEYS = {"none": "none", "topk": "top", "bottomk": "bottom", "random": "random"}   # metrics.json names
 
 
+class Purpose(enum.Enum):
+    """What an ESI region is computed for."""
+    PRIMARY = "primary"          # the role's top-k region: bottom-k, profile and perturbation come from it
+    COMPARISON = "comparison"    # another variant, judge or objective, compared with the primary by IoU
+    DATASET = "dataset"          # the primary settings on another dataset (cross-dataset overlap)
+
+
 @dataclass(frozen=True)
 class Spec:
     """One ESI region to compute: `name` says how it differs from the primary."""
@@ -50,6 +58,7 @@ class Spec:
     variant: str
     judge: str | None          # None for the refusal_likelihood objective (no judge)
     objective: str
+    purpose: Purpose = Purpose.COMPARISON
 
 
 def other_variant(variant: str) -> str:
@@ -58,16 +67,17 @@ def other_variant(variant: str) -> str:
 
 def plan(e, role: str) -> list[Spec]:
     """The primary region, then the comparison regions, then the other datasets' regions (`e`: EsiCfg)."""
-    def spec(name, dataset=e.dataset, variant=e.variant, judge=e.judge, objective=e.objective):
-        return Spec(name, dataset, variant, judge if objective == "judge" else None, objective)
+    def spec(name, dataset=e.dataset, variant=e.variant, judge=e.judge, objective=e.objective,
+             purpose=Purpose.COMPARISON):
+        return Spec(name, dataset, variant, judge if objective == "judge" else None, objective, purpose)
 
     other = other_variant(e.variant)
-    specs = [spec("primary"), spec(other, variant=other)]
+    specs = [spec("primary", purpose=Purpose.PRIMARY), spec(other, variant=other)]
     specs += [spec(f"judge={j}", judge=j, objective="judge") for j in e.judges[1:]]
     specs += [spec(o, objective=o) for o in e.objectives[1:]]
     dataset_roles = e.models if e.dataset_models is None else e.dataset_models
     if role in dataset_roles:
-        specs += [spec(f"dataset={d}", dataset=d) for d in e.datasets if d != e.dataset]
+        specs += [spec(f"dataset={d}", dataset=d, purpose=Purpose.DATASET) for d in e.datasets if d != e.dataset]
     return specs
 
 
@@ -221,7 +231,7 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
             with _timed(timings, "transfer matrix"):
                 transfers[spec.judge] = judges.transfer.transfer_matrix(judge.vocab_tokenizer, tok,
                                                                         (judge.embedding_matrix.shape[0], V_t))
-        records, masses = [], [] if spec.name == "primary" else None
+        records, masses = [], [] if spec.purpose is Purpose.PRIMARY else None
         with _timed(timings, "gradients"):
             grads = esi.esi_gradients(model, tok, judge, prompt_sets[spec.dataset], e.max_new_tokens,
                                       spec.variant, system=e.system_prompt, objective=spec.objective,
@@ -296,7 +306,7 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
     result = None
     for spec, top, grads, scores, (records, masses) in compute_regions(model, tok, specs, prompt_sets, soft_judges, e,
                                                              timings, progress):
-        if spec.name == "primary":
+        if spec.purpose is Purpose.PRIMARY:
             with _timed(timings, "select"):
                 bottom = esi.bottom_region(scores, model, e.top_frac)
                 bottom.meta.update(top.meta, selection=bottom.meta["selection"])
@@ -309,7 +319,7 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
             del bottom
         else:
             packed = R.pack(top)
-            if spec.name.startswith("dataset="):
+            if spec.purpose is Purpose.DATASET:
                 result.dataset_regions[spec.dataset] = packed
             else:
                 result.comparisons.append({
