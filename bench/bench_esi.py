@@ -27,7 +27,7 @@ import transformers as T
 
 from saferegions.judges import GuardSoftJudge, LearnedJudge, LearnedSoftJudge, transfer
 from saferegions.methods import esi
-from saferegions.methods.snip import grad_only_for
+from saferegions.hooks import grad_only_for
 from saferegions.tiny import tiny_tokenizer
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -8,6 +8,7 @@ Modules are called with keyword arguments in transformers 5 (e.g. `self_attn(hid
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -180,3 +181,29 @@ def zeroed_weights(model: nn.Module, masks: dict):
         with torch.no_grad(), single_thread():
             for n, w in saved.items():
                 params[n].copy_(w)
+
+
+@contextmanager
+def grad_only_for(model, params: Iterable[nn.Parameter]):
+    """Inside: exactly `params` require grad, their `.grad` starts empty, the model is in eval mode and grad
+    mode is on. On exit (also after an exception): flags, pre-existing `.grad`s and train/eval are
+    restored."""
+    params = list(params)
+    wanted = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    stashed = [(p, p.grad) for p in params]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in wanted)
+        for p in params:
+            p.grad = None
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p, g in stashed:
+            p.grad = g
+        model.train(was_training)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.snip import grad_only_for
+from ..hooks import grad_only_for
 from .classifier import token_id
 from .llama_guard import render
 

@@ -28,7 +28,7 @@ from .. import regions as R
 from ..chat import render
 from ..judges.transfer import coverage_counts, transfer_matrix
 from ..models import arch_of, component, input_device, is_expert, layer_index, param_count
-from .snip import grad_only_for
+from ..hooks import grad_only_for
 
 TAU = 0.3
 OFF_LOGIT = -17.0  # z entries of the tokens not present: softmax(z) is one-hot up to e^-17

@@ -19,13 +19,13 @@ non-negative (trap T1): direction is chosen at selection time.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import chat
+from ..hooks import grad_only_for
 from ..models import eligible_weights, input_device, resident
 from ..regions import Region
 from .context import Context, weight_method
@@ -39,32 +39,6 @@ def iter_samples(batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.
         for i in range(ids.shape[0]):
             keep = mask[i].bool() if mask is not None else torch.ones_like(ids[i], dtype=torch.bool)
             yield ids[i][keep], labels[i][keep]
-
-
-@contextlib.contextmanager
-def grad_only_for(model, params: Iterable[torch.nn.Parameter]):
-    """Inside: exactly `params` require grad, their `.grad` starts empty, the model is in eval mode and grad
-    mode is on. On exit (also after an exception): flags, pre-existing `.grad`s and train/eval are
-    restored."""
-    params = list(params)
-    wanted = {id(p) for p in params}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    stashed = [(p, p.grad) for p in params]
-    was_training = model.training
-    try:
-        for p, _ in flags:
-            p.requires_grad_(id(p) in wanted)
-        for p in params:
-            p.grad = None
-        model.eval()
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for p, g in stashed:
-            p.grad = g
-        model.train(was_training)
 
 
 def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Parameter] | None = None,
