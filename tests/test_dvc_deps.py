@@ -28,7 +28,7 @@ def test_params_validation_never_reaches_a_method_runner():
     graph = deps.Graph(ROOT)
     assert not graph.files(graph.closure({"saferegions.config", "saferegions.stage"})) & RUNNERS
     code, notes = deps.computed(graph)
-    assert not notes
+    assert not any(runner in note for note in notes for runner in RUNNERS), notes   # shared library code only
     for stage in ("data", "models", "baseline", "calibrate", "report"):
         assert not set(code[stage]) & RUNNERS, stage
 
