@@ -358,3 +358,20 @@ def test_a_checkpoint_of_another_run_is_not_resumed(setup, tmp_path):
     want, want_curve, _ = _run_to_end(model, "set", other, examples, tok.pad_token_id, masks, False, tmp_path / "x")
     got, curve, ran = _run_to_end(model, "set", other, examples, tok.pad_token_id, masks, False, tmp_path)
     assert ran == 5 and curve == want_curve and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_snapshot_of_a_sparse_masked_arm_holds_only_its_trainable_entries(setup):
+    """No whole-model copy: a sparse SET arm's snapshot holds the trainable entries (plus the fully trainable
+    biases and norms) and still restores the model bit-exactly."""
+    model, tok, examples = setup
+    before = _snapshot(model)
+    cfg = _cfg(optimizer_mode="sparse", max_steps=2)
+    snapshot = train.Snapshot(model)
+    with train.arm(model, "set", cfg, _region(model, 0.01).masks, snapshot=snapshot) as (m, opt):
+        held = sum(values.numel() for _, _, values in snapshot.held)
+        assert held == train.trainable_count(opt) < 0.05 * sum(p.numel() for p in model.parameters())
+        assert all(values.device.type == "cpu" for _, _, values in snapshot.held)
+        train.train(m, opt, examples, cfg.max_steps, 2, tok.pad_token_id)
+        assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert snapshot.held == []
