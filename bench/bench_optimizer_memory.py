@@ -2,11 +2,14 @@
 
 1. Analytic, Llama-3-8B shapes (32 layers, hidden 4096, FFN 14336, 32/8 heads, vocab 128256, untied),
    a 1% mask on every weight matrix (SET) and its inverse (SPA), fp32 moments, int64 vs int32 indices,
-   norms always trainable (force_bias_norm). Uses the optimizer's own per-tensor layout rule.
+   norms always trainable (force_bias_norm). Uses the optimizer's own per-tensor layout rule. For bf16
+   weights the state also holds an fp32 master per trainable entry (12 bytes + index), always in the
+   sparse layout; the table then adds the accelerator total of a training step: bf16 weights + bf16
+   gradients (all of them: the global grad-norm clip reads every gradient) + optimizer state.
 2. Measured on a random-init Llama (default hidden 512, 4 layers, vocab 8192): `state_bytes` after one step
    and median time of `optimizer.step()` (random gradients, backward excluded).
 
-Usage: python bench/bench_optimizer_memory.py [--device cpu|cuda] [--steps 20] [--threads 1]
+Usage: python bench/bench_optimizer_memory.py [--device cpu|cuda] [--dtype fp32|bf16] [--steps 20] [--threads 1]
 """
 from __future__ import annotations
 
@@ -39,18 +42,20 @@ def llama_shapes(layers=32, hidden=4096, ffn=14336, heads=32, kv_heads=8, vocab=
     return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
-def analytic_bytes(shapes, density, idx_bytes, sparse):
-    """State bytes with fp32 m, v: per matrix an index layout when it is smaller (sparse mode), else dense."""
+def analytic_bytes(shapes, density, idx_bytes, sparse, per_entry=8):
+    """State bytes with fp32 m, v (`per_entry` 8; 12 with bf16 weights' fp32 masters): per matrix an index
+    layout when it is smaller (sparse mode), else dense."""
     total = 0
     for name, shape in shapes:
         n = 1
         for s in shape:
             n *= s
         if "norm" in name or len(shape) == 1:  # force_bias_norm: fully trainable, dense state
-            total += 8 * n
+            total += per_entry * n
             continue
         k = round(n * density)
-        total += (8 + idx_bytes) * k if sparse and k * (8 + idx_bytes) < 8 * n else 8 * n
+        sparse_cheaper = k * (per_entry + idx_bytes) < per_entry * n
+        total += (per_entry + idx_bytes) * k if sparse and sparse_cheaper else per_entry * n
     return total
 
 
@@ -103,6 +108,7 @@ def measure(model, masks, spa, mode, steps, index_dtype=torch.int64):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights of the measured model")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--frac", type=float, default=0.01)
     ap.add_argument("--hidden", type=int, default=512)
@@ -128,18 +134,24 @@ def main():
         print(f"{label:<34}{d / GB:>10.2f}{s64 / GB:>12.2f}{s32 / GB:>12.2f}{s64 / d:>11.4f}{s32 / d:>11.4f}")
     print(f"(reference under --bf16 keeps bf16 moments: {4 * n / GB:.2f} GB; bf16 weights themselves: "
           f"{2 * n / GB:.2f} GB)")
+    print("\n## Analytic, bf16 weights: fp32 master + m + v per trainable entry (int64 index where cheaper)")
+    print(f"{'scenario':<34}{'state GB':>10}{'+ weights + grads GB':>22}")
+    for label, dens in [(f"SET (train {f:.0%})", f), (f"SPA (freeze {f:.0%}, train {1 - f:.0%})", 1 - f),
+                        ("full FT", 1.0)]:
+        st = analytic_bytes(shapes, dens, 8, sparse=True, per_entry=12)
+        print(f"{label:<34}{st / GB:>10.2f}{(st + 4 * n) / GB:>22.2f}")
 
     cfg = T.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                         intermediate_size=int(args.hidden * 3.5),
                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
                         tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = T.LlamaForCausalLM(cfg).to(args.device)
+    model = T.LlamaForCausalLM(cfg).to(args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     n_small = sum(p.numel() for p in model.parameters())
     masks = random_region(model, f)
     print(f"\n## Measured: random Llama hidden {args.hidden}, {args.layers} layers, "
           f"FFN {cfg.intermediate_size}, vocab {args.vocab} ({n_small / 1e6:.1f}M params), "
-          f"device {args.device}, torch {torch.__version__}, "
+          f"{args.dtype} weights, device {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} optimizer steps")
     print(f"{'scenario':<14}{'optimizer':<24}{'trainable':>12}{'state MB':>10}{'ratio':>8}{'ms/step':>9}")
     rows = [("full FT", None, False, [("torch.optim.AdamW", "torch", torch.int64),

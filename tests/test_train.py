@@ -358,3 +358,43 @@ def test_a_checkpoint_of_another_run_is_not_resumed(setup, tmp_path):
     want, want_curve, _ = _run_to_end(model, "set", other, examples, tok.pad_token_id, masks, False, tmp_path / "x")
     got, curve, ran = _run_to_end(model, "set", other, examples, tok.pad_token_id, masks, False, tmp_path)
     assert ran == 5 and curve == want_curve and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_snapshot_of_a_sparse_masked_arm_holds_only_its_trainable_entries(setup):
+    """No whole-model copy: a sparse SET arm's snapshot holds the trainable entries (plus the fully trainable
+    biases and norms) and still restores the model bit-exactly."""
+    model, tok, examples = setup
+    before = _snapshot(model)
+    cfg = _cfg(optimizer_mode="sparse", max_steps=2)
+    snapshot = train.Snapshot(model)
+    with train.arm(model, "set", cfg, _region(model, 0.01).masks, snapshot=snapshot) as (m, opt):
+        held = sum(values.numel() for _, _, values in snapshot.held)
+        assert held == train.trainable_count(opt) < 0.05 * sum(p.numel() for p in model.parameters())
+        assert all(values.device.type == "cpu" for _, _, values in snapshot.held)
+        train.train(m, opt, examples, cfg.max_steps, 2, tok.pad_token_id)
+        assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert snapshot.held == []
+
+
+def test_full_arm_of_a_bf16_model_follows_fp32_adamw(setup):
+    """bf16 full fine-tuning keeps fp32 masters and moments and follows torch's AdamW run in fp32 on the same
+    gradients (torch's AdamW on bf16 weights would keep bf16 moments and round every update away)."""
+    model, _, _ = setup
+    model = model.to(torch.bfloat16)
+    cfg = _cfg(lr=3e-5)
+    params = list(model.parameters())
+    ref = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt, opt_ref = train.full_optimizer(model, cfg), torch.optim.AdamW(ref, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, r in zip(params, ref):
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(torch.bfloat16)
+            r.grad = p.grad.float()
+        opt.step()
+        opt_ref.step()
+    for p, r in zip(params, ref):
+        s = opt.state[p]
+        assert {s[k].dtype for k in ("master", "exp_avg", "exp_avg_sq")} == {torch.float32}
+        torch.testing.assert_close(s["master"], r.detach(), rtol=1e-6, atol=1e-9)
+        assert torch.equal(p.detach(), s["master"].to(torch.bfloat16))

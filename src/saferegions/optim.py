@@ -219,13 +219,13 @@ def build_param_groups(model: torch.nn.Module, masks: dict[str, torch.Tensor] | 
         if masks is None or (force_bias_norm and is_bias_or_norm(name)):
             mask = None
         elif name in masks:
-            mask = masks[name].to(device=p.device, dtype=torch.bool)
+            mask = masks[name].to(dtype=torch.bool)   # stays where it is: MaskedAdamW moves one at a time
             if mask.shape != p.shape:
                 raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, param {tuple(p.shape)}")
             if bool(mask.all()):
                 mask = None
         else:
-            mask = None if train_outside_mask else torch.zeros_like(p, dtype=torch.bool)
+            mask = None if train_outside_mask else torch.zeros(p.shape, dtype=torch.bool)
         if mask is not None and freeze_empty and not bool(mask.any()):
             p.requires_grad_(False)
             continue

@@ -141,20 +141,23 @@ def _accumulate(model, stream, grad_accum: int, device) -> float:
 
 
 def first_gradients(model, examples: list[Example], batch_size: int, pad_id: int, grad_accum: int = 1,
-                    seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+                    seed: int = 0) -> tuple[dict[str, torch.Tensor], float] | None:
     """({param name: gradient}, loss) of the first step of `train`. Every arm that trains the base weights starts
     from the same weights on the same first batch, so its first gradient is this one whatever its mask (masks act
-    on the update): computed once, it saves each such arm a forward and backward pass. Kept on the host, so
-    it costs no accelerator memory while the arms train."""
+    on the update): computed once, it saves each such arm a forward and backward pass. None for a model on an
+    accelerator: there a whole-model gradient kept beside every arm's training costs memory that limits, and a
+    forward and backward pass per arm costs little, so each arm computes its own first step."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return None
+    device = models.input_device(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(True)
     torch.manual_seed(seed)
     model.train()
     try:
-        loss = _accumulate(model, batch_stream(examples, batch_size, pad_id, seed), grad_accum,
-                           models.input_device(model))
-        grads = {n: p.grad.to("cpu") for n, p in model.named_parameters()}
+        loss = _accumulate(model, batch_stream(examples, batch_size, pad_id, seed), grad_accum, device)
+        grads = {n: p.grad for n, p in model.named_parameters()}
     finally:
         for n, p in model.named_parameters():
             p.grad = None
@@ -204,7 +207,7 @@ def train(model, optimizer, examples: list[Example], max_steps: int, batch_size:
                     next(stream)
                 for n, p in model.named_parameters():
                     if p.requires_grad:
-                        p.grad = first[0][n].to(p.device, copy=True)
+                        p.grad = first[0][n].clone()
                 total = first[1]
             else:
                 total = _accumulate(model, stream, grad_accum, device)
