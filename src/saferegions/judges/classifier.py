@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..models import input_device
+
 
 def token_id(tokenizer, word: str) -> int:
     """The id of `word` in this tokenizer (one token, looked up, never assumed)."""
@@ -20,7 +22,7 @@ def answer_probability(model, tokenizer, texts: list[str], no_id: int, yes_id: i
                        add_special_tokens: bool = False) -> np.ndarray:
     """P(yes word) / (P(no word) + P(yes word)) at the position after each text, batched with left padding
     (position ids follow the padding, so a text scores the same alone or in a batch)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
