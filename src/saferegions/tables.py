@@ -93,7 +93,6 @@ def table(frame, caption: str | None = None, missing: dict[str, str] | str = MIS
     frame = frame.copy()
     text = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, str) or _is_missing(v)).all()
             and not frame[c].map(_is_missing).all()]
-    intervals_per_cell = intervals
     if isinstance(intervals, pd.DataFrame):
         for c in frame.columns:
             frame[c] = [with_interval(e, ci, _reason(missing, c)) for e, ci in zip(frame[c], intervals[c])]
@@ -109,9 +108,9 @@ def table(frame, caption: str | None = None, missing: dict[str, str] | str = MIS
     text = [c for c in text if c in cells.columns]
     if text:
         styler = styler.set_properties(subset=text, **{"text-align": "left"})
-    joined = [c for c in cells.columns if c in pairs or isinstance(intervals_per_cell, pd.DataFrame)]
-    if joined:
-        styler = styler.set_properties(subset=joined, **{"white-space": "nowrap"})   # an estimate beside its interval
+    numeric = [c for c in cells.columns if c not in text]
+    if numeric:
+        styler = styler.set_properties(subset=numeric, **{"white-space": "nowrap"})   # "0.138 [0.107, 0.168]" whole
     if not index:
         styler = styler.hide(axis="index")
     return styler.set_caption(caption) if caption else styler
