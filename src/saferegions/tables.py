@@ -91,8 +91,7 @@ def table(frame, caption: str | None = None, missing: dict[str, str] | str = MIS
     if isinstance(frame, pd.Series):
         frame = frame.to_frame()
     frame = frame.copy()
-    text = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, str) or _is_missing(v)).all()
-            and not frame[c].map(_is_missing).all()]
+    text = [c for i, c in enumerate(frame.columns) if _is_text(frame.iloc[:, i])]
     if isinstance(intervals, pd.DataFrame):
         for c in frame.columns:
             frame[c] = [with_interval(e, ci, _reason(missing, c)) for e, ci in zip(frame[c], intervals[c])]
@@ -105,15 +104,21 @@ def table(frame, caption: str | None = None, missing: dict[str, str] | str = MIS
     cells = pd.DataFrame([[value(v, _reason(missing, c)) for c, v in zip(frame.columns, row)]
                           for row in frame.itertuples(index=False)], index=frame.index, columns=frame.columns)
     styler = cells.style.format_index(value, axis=0).format_index(value, axis=1)
-    text = [c for c in text if c in cells.columns]
-    if text:
-        styler = styler.set_properties(subset=text, **{"text-align": "left"})
-    numeric = [c for c in cells.columns if c not in text]
-    if numeric:
-        styler = styler.set_properties(subset=numeric, **{"white-space": "nowrap"})   # "0.138 [0.107, 0.168]" whole
+    if cells.index.is_unique and cells.columns.is_unique:   # Styler addresses cells by label
+        text = [c for c in text if c in cells.columns]
+        numeric = [c for c in cells.columns if c not in text]
+        if text:
+            styler = styler.set_properties(subset=text, **{"text-align": "left"})
+        if numeric:   # "0.138 [0.107, 0.168]" on one line
+            styler = styler.set_properties(subset=numeric, **{"white-space": "nowrap"})
     if not index:
         styler = styler.hide(axis="index")
     return styler.set_caption(caption) if caption else styler
+
+
+def _is_text(column: pd.Series) -> bool:
+    missing = column.map(_is_missing)
+    return not missing.all() and column.map(lambda v: isinstance(v, str)).where(~missing, True).all()
 
 
 def _reason(missing, column) -> str:
