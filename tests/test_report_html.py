@@ -79,16 +79,13 @@ def tiny_notebook(tmp_path_factory):
     nb = new_notebook(cells=[new_markdown_cell("# A tiny stage"), params, new_code_cell(TINY_CODE)],
                       metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, folder / "tiny.ipynb")
-    env = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env]))   # the kernel's import path
-    try:
+    with pytest.MonkeyPatch.context() as mp:   # the kernel imports this checkout's saferegions
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         pm.execute_notebook(str(folder / "tiny.ipynb"), str(folder / "executed.ipynb"), kernel_name="python3",
                             parameters={"params": {"run": {"seed": 1, "device": "auto"},
                                                    "baseline": {"datasets": ["advbench", "alpaca"],
                                                                 "temperature": 0.123456789}}},
                             progress_bar=False, cwd=str(folder))
-    finally:
-        os.environ.pop("PYTHONPATH") if env is None else os.environ.__setitem__("PYTHONPATH", env)
     return nbformat.read(str(folder / "executed.ipynb"), as_version=4), folder
 
 

@@ -89,8 +89,13 @@ def _panels(n: int, panel=PANEL):
 
 
 def _grouped_bars(ax, frame, x: str, hue: str | None, col: str) -> None:
-    """Bars of `col` grouped by x and hue, with the 95% interval in `col`_ci as error bars where that column is."""
+    """Bars of `col` grouped by x and hue, with the 95% interval in `col`_ci as error bars where that column is
+    (without it, seaborn's bars: the mean and its 95% interval over repeated rows)."""
     import numpy as np
+    if f"{col}_ci" not in frame:
+        sns.barplot(data=frame, x=x, y=col, hue=hue, ax=ax)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+        return
     xs = list(dict.fromkeys(frame[x]))
     hues = list(dict.fromkeys(frame[hue])) if hue else [None]
     width = 0.8 / len(hues)
@@ -98,11 +103,8 @@ def _grouped_bars(ax, frame, x: str, hue: str | None, col: str) -> None:
         sub = frame if h is None else frame[frame[hue] == h]
         pos = np.array([xs.index(v) for v in sub[x]]) + (j - (len(hues) - 1) / 2) * width
         y = sub[col].to_numpy(float)
-        yerr = None
-        if f"{col}_ci" in sub:
-            lo, hi = (np.array([np.nan if c is None else c[k] for c in sub[f"{col}_ci"]], float) for k in (0, 1))
-            yerr = [y - lo, hi - y]
-        ax.bar(pos, y, width, label=None if h is None else str(h), yerr=yerr, capsize=4, color=f"C{j}")
+        lo, hi = (np.array([np.nan if c is None else c[k] for c in sub[f"{col}_ci"]], float) for k in (0, 1))
+        ax.bar(pos, y, width, label=None if h is None else str(h), yerr=[y - lo, hi - y], capsize=4, color=f"C{j}")
     ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right")
 
 

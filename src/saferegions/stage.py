@@ -1,8 +1,8 @@
 """Run one pipeline stage: validate params, execute its notebook with papermill, render HTML.
 
 `python -m saferegions.stage baseline` executes notebooks/02_baseline.ipynb into
-results/baseline/notebook.ipynb (and notebook.html), passing the stage's params sections as papermill
-parameters. The executed notebook replaces the old one only when the whole run succeeded.
+results/baseline/notebook.ipynb and notebook.html (narrative and outputs, without the code), passing the stage's
+params sections as papermill parameters. The executed notebook replaces the old one only when the whole run succeeded.
 
 Matrix stages take their matrix values as options (`python -m saferegions.stage identify --model aligned
 --method snip`); each is passed to the notebook as a parameter of the same name, and the results go to

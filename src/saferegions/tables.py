@@ -54,14 +54,21 @@ def interval(ci, missing: str = MISSING) -> str:
     return f"[{number(ci[0])}, {number(ci[1])}]"
 
 
-def value(x, missing: str = MISSING) -> str:
-    """Any cell as text: numbers as `number`, [low, high] pairs as `interval`, lists and dicts item by item.
-    Inside a library's text, a NaN reads as "n/a" and a number with 5 or more decimals as `number` does."""
+def is_interval_name(name) -> bool:
+    """Whether a column or key holds 95% intervals: "ci", "<x>_ci", "ci_<kind>" (e.g. ci_one_flip)."""
+    return isinstance(name, str) and (name == "ci" or name.endswith("_ci") or name.startswith("ci_")
+                                      or "_ci_" in name)
+
+
+def value(x, missing: str = MISSING, name=None) -> str:
+    """Any cell as text: numbers as `number`, lists and dicts item by item, and a [low, high] pair as
+    `interval` where `name` (its column or key) says it is one. Inside a library's text, a NaN reads as "n/a"
+    and a number with 5 or more decimals as `number` does."""
     if isinstance(x, str):
         return _LONG_DECIMAL.sub(lambda m: number(float(m.group())), _NAN_WORD.sub("n/a", x))
     if isinstance(x, dict):
-        return "; ".join(f"{k}: {value(v)}" for k, v in x.items()) or MISSING
-    if _is_interval(x):
+        return "; ".join(f"{k}: {value(v, name=k)}" for k, v in x.items()) or MISSING
+    if is_interval_name(name) and (x is None or _is_interval(x)):
         return interval(x, missing)
     if isinstance(x, (list, tuple, set)):
         return ", ".join(value(v) for v in x) or MISSING
@@ -91,9 +98,7 @@ def table(frame, caption: str | None = None, missing: dict[str, str] | str = MIS
     if isinstance(frame, pd.Series):
         frame = frame.to_frame()
     frame = frame.copy()
-    text = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, str) or _is_missing(v)).all()
-            and not frame[c].map(_is_missing).all()]
-    intervals_per_cell = intervals
+    text = [c for i, c in enumerate(frame.columns) if _is_text(frame.iloc[:, i])]
     if isinstance(intervals, pd.DataFrame):
         for c in frame.columns:
             frame[c] = [with_interval(e, ci, _reason(missing, c)) for e, ci in zip(frame[c], intervals[c])]
@@ -103,18 +108,24 @@ def table(frame, caption: str | None = None, missing: dict[str, str] | str = MIS
     for est, ci in pairs.items():
         frame[est] = [with_interval(e, c, _reason(missing, est)) for e, c in zip(frame[est], frame[ci])]
     frame = frame.drop(columns=list(pairs.values()))
-    cells = pd.DataFrame([[value(v, _reason(missing, c)) for c, v in zip(frame.columns, row)]
+    cells = pd.DataFrame([[value(v, _reason(missing, c), c) for c, v in zip(frame.columns, row)]
                           for row in frame.itertuples(index=False)], index=frame.index, columns=frame.columns)
     styler = cells.style.format_index(value, axis=0).format_index(value, axis=1)
-    text = [c for c in text if c in cells.columns]
-    if text:
-        styler = styler.set_properties(subset=text, **{"text-align": "left"})
-    joined = [c for c in cells.columns if c in pairs or isinstance(intervals_per_cell, pd.DataFrame)]
-    if joined:
-        styler = styler.set_properties(subset=joined, **{"white-space": "nowrap"})   # an estimate beside its interval
+    if cells.index.is_unique and cells.columns.is_unique:   # Styler addresses cells by label
+        text = [c for c in text if c in cells.columns]
+        numeric = [c for c in cells.columns if c not in text]
+        if text:
+            styler = styler.set_properties(subset=text, **{"text-align": "left"})
+        if numeric:   # "0.138 [0.107, 0.168]" on one line
+            styler = styler.set_properties(subset=numeric, **{"white-space": "nowrap"})
     if not index:
         styler = styler.hide(axis="index")
     return styler.set_caption(caption) if caption else styler
+
+
+def _is_text(column: pd.Series) -> bool:
+    missing = column.map(_is_missing)
+    return not missing.all() and column.map(lambda v: isinstance(v, str)).where(~missing, True).all()
 
 
 def _reason(missing, column) -> str:
@@ -125,8 +136,7 @@ def params_table(params: dict, summary: str = "Params of this run (papermill par
     """The stage's params as one row per setting, nested sections flattened to dotted names, folded under
     `summary` (a click opens it) so that a long list does not push the results down."""
     from IPython.display import HTML
-    rows = [{"section": key.split(".")[0], "param": key.partition(".")[2],
-             "value": ", ".join(map(value, v)) if isinstance(v, (list, tuple)) else value(v)}
+    rows = [{"section": key.split(".")[0], "param": key.partition(".")[2], "value": value(v)}
             for key, v in _flatten(params)]
     frame = pd.DataFrame(rows, columns=["section", "param", "value"]).set_index(["section", "param"])
     styler = frame.style.set_properties(**{"text-align": "left"})
