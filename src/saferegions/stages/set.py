@@ -151,6 +151,7 @@ def before_after_figure(metrics: dict, s: config.SetCfg):
     import pandas as pd
     long = pd.concat([pd.DataFrame({"arm": list(metrics), "when": when,
                                     "ASR": [m[f"asr_{when}"] for m in metrics.values()],
+                                    "ASR_ci": [m.get(f"asr_{when}_ci") or [float("nan")] * 2 for m in metrics.values()],
                                     "benign refusal": [m[f"benign_refusal_{when}"] for m in metrics.values()],
                                     "utility": [m[f"utility_{when}"] for m in metrics.values()]})
                       for when in ("before", "after")])

@@ -152,9 +152,11 @@ def full_drift_inconclusive(metrics: dict) -> list[str]:
 
 def drift_rows(metrics: dict) -> list[dict]:
     """One row per (task, arm): its metrics and the safety drift, ASR after − ASR before."""
-    metrics = task_metrics(metrics)
-    return [{"task": task, "arm": arm, **m, "ASR drift": m["asr_after"] - m["asr_before"]}
-            for task, per in metrics.items() for arm, m in per.items()]
+    drift = metrics.get("drift") or {}
+    nan = [float("nan")] * 2
+    return [{"task": task, "arm": arm, **m, "ASR drift": m["asr_after"] - m["asr_before"],
+             "ASR drift_ci": ((drift.get(task) or {}).get(arm) or {}).get("ci") or nan}
+            for task, per in task_metrics(metrics).items() for arm, m in per.items()]
 
 
 def task_and_drift_figure(frame, s: config.SpaCfg):
