@@ -93,6 +93,13 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).to(t.device)
 
 
+def every_rank(flag: bool, collective: bool = True) -> bool:
+    """True when `flag` holds on every rank (a collective only where `collective` and a group is active)."""
+    if not collective or not active():
+        return flag
+    return bool(all_reduce(torch.tensor(int(flag)), dist.ReduceOp.MIN))
+
+
 def shard(model, reshard_after_forward: bool = True):
     """`model` with FSDP2 applied in place: each decoder block is one communication unit, the root (embeddings,
     final norm, lm_head) another. Parameters stay sharded between forwards, so in-place edits of `local(p)`
