@@ -116,9 +116,10 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
         handles += [m.register_forward_pre_hook(experts_hook(n), with_kwargs=True) for m, n in experts.items()]
     if sharded:
         batches = list(batches)
-        w, r = distributed.world_size(), distributed.rank()
+        ranks, r = distributed.world_size(), distributed.rank()
+        rounds = -(-len(batches) // ranks)        # every rank runs this many forwards
         batches = [(batches[i], True) if i < len(batches) else (batches[0], False)
-                   for i in range(r, -(-len(batches) // w) * w, w)] if batches else []
+                   for i in range(r, rounds * ranks, ranks)] if batches else []
     else:
         batches = ((b, True) for b in batches)
     n_samples = 0
