@@ -1,4 +1,5 @@
-"""One rank of tests/test_fsdp.py, started by `distributed.relaunch("fsdp_worker:main", 2, [out_dir])`.
+"""One rank of tests/test_fsdp.py, started by `distributed.relaunch("fsdp_worker:main", 2, [out_dir])` (1, 2 or 4
+ranks; on CUDA under nccl as well as on the CPU under gloo).
 
 Every rank builds the same tiny model, keeps unsharded copies as the one-process reference, shards the model
 with FSDP2 and checks its local shards against the matching rows of the reference: SNIP and Wanda scores,
@@ -47,7 +48,9 @@ def same_masks(got: dict, want: dict, params: dict, what: str) -> int:
 
 
 def check(family: str) -> dict:
+    dev = distributed.device()        # the CPU under gloo, this rank's GPU under nccl
     model, tok = tiny.tiny_model(family)
+    model.to(dev)
     ref = copy.deepcopy(model)
     distributed.shard(model)
     params = dict(model.named_parameters())
@@ -73,7 +76,7 @@ def check(family: str) -> dict:
 
     region = top_fraction(snip_ref, 0.05, "matrix").masks
     local_region = {n: rows(m, params[n]) for n, m in region.items()}
-    ids = batches[0]["input_ids"]
+    ids = batches[0]["input_ids"].to(dev)
     with torch.no_grad():
         intact = model(input_ids=ids).logits
         with zeroed_weights(ref, region):
@@ -86,8 +89,9 @@ def check(family: str) -> dict:
     done["ablation"] = True
 
     torch.manual_seed(1)
-    data = torch.randint(4, len(tok), (4, 12))
-    half = data[2 * distributed.rank():2 * distributed.rank() + 2]   # data parallel: two rows per rank
+    data = torch.randint(4, len(tok), (4, 12)).to(dev)
+    per = len(data) // distributed.world_size()                         # data parallel: rows split over ranks
+    half = data[per * distributed.rank():per * (distributed.rank() + 1)]
     ref.train(), model.train()
     opt_ref = MaskedAdamW(build_param_groups(ref, region), lr=1e-3, mode="sparse")
     opt = MaskedAdamW(build_param_groups(model, local_region), lr=1e-3, mode="sparse")
@@ -100,7 +104,7 @@ def check(family: str) -> dict:
     for n, p in model.named_parameters():
         torch.testing.assert_close(distributed.local(p.detach()), rows(ref_params[n].detach(), p),
                                    rtol=1e-5, atol=1e-5, msg=n)
-    moved = sum(int((distributed.local(p.detach()) != rows(q, p)).sum())
+    moved = sum(int((distributed.local(p.detach()) != rows(q.to(dev), p)).sum())
                 for (n, p), q in zip(model.named_parameters(), tiny.tiny_model(family)[0].parameters()))
     assert distributed.all_reduce(torch.tensor(moved)) > 0                   # training changed something
     done["masked_adamw"] = True
