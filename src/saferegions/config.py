@@ -27,6 +27,7 @@ GROUPS = ("matrix", "row", "global")
 VARIANTS = ("raw", "refined")
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+DISTRIBUTED = ("none", "fsdp")
 
 
 @dataclass
@@ -45,10 +46,14 @@ class RunCfg:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    distributed: str = "none"    # none | fsdp: stages that support it re-launch under torchrun with FSDP2
+    nproc: int = 1               # processes (ranks) per node under run.distributed: fsdp
 
     def __post_init__(self):
         _choice("run.device", self.device, DEVICES)
         _choice("run.dtype", self.dtype, DTYPES)
+        _choice("run.distributed", self.distributed, DISTRIBUTED)
+        _positive("run.nproc", self.nproc)
 
 
 @dataclass

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .distributed import local
+
 
 @contextmanager
 def single_thread():
@@ -174,13 +176,14 @@ def zeroed_weights(model: nn.Module, masks: dict):
         with torch.no_grad(), single_thread():
             for n, m in masks.items():
                 if m.any():
-                    saved[n] = params[n].detach().clone()
-                    params[n].masked_fill_(m.to(params[n].device), 0)
+                    w = local(params[n])   # a sharded param takes the mask of its local shard
+                    saved[n] = w.detach().clone()
+                    w.masked_fill_(m.to(w.device), 0)
         yield
     finally:
         with torch.no_grad(), single_thread():
             for n, w in saved.items():
-                params[n].copy_(w)
+                local(params[n]).copy_(w)
 
 
 @contextmanager

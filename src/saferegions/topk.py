@@ -139,3 +139,45 @@ def top_per_row(x: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
         need = kr - gt.sum(1, keepdim=True)
         m[r:r + step] = gt | (eq & (eq.cumsum(1) <= need))  # ties: lowest column first
     return m.view(x.shape)
+
+
+def select_sharded(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
+    """`select` over tensors split across ranks, never gathering a score tensor: `xs` holds this rank's fp32 CPU
+    shards, each the rank's contiguous piece of its tensor's flat order with the ranks in order (FSDP2's dim-0
+    chunks, `distributed.shard`). The two 65536-bin histograms are all-reduced, and ties at the threshold go to
+    the earliest entries as in `select` (tensor order, then rank, then local flat index, i.e. global flat index)
+    from the all-gathered per-tensor counts of tied entries. Returns this rank's masks; k counts all ranks."""
+    from .distributed import all_gather, all_reduce, rank
+    masks = {n: torch.zeros(x.shape, dtype=torch.bool) for n, x in xs.items()}
+    if k == 0:
+        return masks
+    hist = torch.zeros(65536, dtype=torch.int64)
+    for _, _, key in _key_chunks(xs, largest):
+        hist += torch.bincount((key >> 16) + 32768, minlength=65536)
+    hist = all_reduce(hist)
+    hi, above = _walk(hist, k)
+    hist.zero_()
+    for _, _, key in _key_chunks(xs, largest):
+        hist += torch.bincount(key[(key >> 16) == hi - 32768] & 0xFFFF, minlength=65536)
+    hist = all_reduce(hist)
+    lo, above_lo = _walk(hist, k - above)
+    thr, need = (hi - 32768) * 65536 + lo, k - above - above_lo
+    names = list(xs)
+    ties = torch.zeros(len(names), dtype=torch.int64)
+    for name, _, key in _key_chunks(xs, largest):
+        ties[names.index(name)] += int((key == thr).sum())
+    order = all_gather(ties).T.reshape(-1)           # tied counts in (tensor, rank) order
+    before = (order.cumsum(0) - order).view(len(names), -1)[:, rank()]
+    take = {n: min(max(need - int(before[i]), 0), int(ties[i])) for i, n in enumerate(names)}
+    for name, a, key in _key_chunks(xs, largest):
+        m = masks[name].view(-1)[a:a + key.numel()]
+        torch.gt(key, thr, out=m)
+        if take[name]:
+            eq = key == thr
+            c = int(eq.sum())
+            if c <= take[name]:
+                m |= eq
+            else:
+                m[torch.nonzero(eq).view(-1)[:take[name]]] = True
+            take[name] -= min(c, take[name])
+    return masks

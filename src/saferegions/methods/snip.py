@@ -16,6 +16,13 @@ Cost-saving details that do not change the result:
 
 Forward and backward run in the model's dtype; accumulation is fp32 (trap T3). Scores are raw and
 non-negative (trap T1): direction is chosen at selection time.
+
+FSDP2-sharded models (`distributed.shard`): every rank runs every sample (data replicated, not split). FSDP2's
+reduce-scatter then averages the ranks' identical gradients of that one sample, so each rank receives its shard
+of ∂L_s/∂W itself and takes |·| before samples are added: the same per-sample score as one process, each rank
+holding the scores of its local shard. (Splitting samples over ranks would need the unreduced gradient of each
+sample: the default reduce-scatter sums g over ranks before any |·|, a different score.) The gain is memory,
+not speed.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import chat
+from ..distributed import is_sharded, local
 from ..hooks import grad_only_for
 from ..models import eligible_weights, input_device, resident
 from ..regions import Region
@@ -45,10 +53,12 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
                 progress: bool = True) -> dict[str, torch.Tensor]:
     """{name: fp32 CPU tensor shaped like the weight} with I = |W| ⊙ Σ_s |∂L_s/∂W| over every sample of
     `batches` ({input_ids, attention_mask, labels} with labels -100 outside the response, as
-    `chat.response_batches` yields). `weights` defaults to `models.eligible_weights(model)`."""
+    `chat.response_batches` yields). `weights` defaults to `models.eligible_weights(model)`. On a sharded model
+    each rank gets the scores of its local shards (module docstring)."""
     weights = resident(dict(weights) if weights is not None else eligible_weights(model))
     device = input_device(model)
-    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
+    sharded = any(is_sharded(p) for p in weights.values())
+    acc = {name: torch.zeros(local(p).shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
 
     def accumulate(buf: torch.Tensor):
         def hook(p: torch.nn.Parameter) -> None:
@@ -60,18 +70,24 @@ def snip_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Para
     with grad_only_for(model, weights.values()):
         try:
             for name, p in weights.items():
-                handles.append(p.register_post_accumulate_grad_hook(accumulate(acc[name])))
+                if not sharded:   # FSDP2 sets the sharded grad after its reduce-scatter, outside autograd
+                    handles.append(p.register_post_accumulate_grad_hook(accumulate(acc[name])))
             samples = tqdm(iter_samples(batches), desc="snip", disable=not progress, leave=False)
             for input_ids, labels in samples:
                 loss = chat.response_loss(model, input_ids[None].to(device), labels[None])
-                if loss is not None:
-                    loss.backward()
+                if loss is None:
+                    continue
+                loss.backward()
+                for name, p in weights.items() if sharded else ():
+                    if p.grad is not None:
+                        acc[name].add_(local(p.grad).abs())
+                        p.grad = None
         finally:
             for h in handles:
                 h.remove()
     scores = {}
     for name, p in weights.items():
-        scores[name] = acc.pop(name).mul_(p.detach().abs()).cpu()
+        scores[name] = acc.pop(name).mul_(local(p.detach()).abs()).cpu()
     return scores
 
 

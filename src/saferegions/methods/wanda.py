@@ -20,6 +20,11 @@ Inputs are captured with forward hooks that are removed on exit, also after an e
 One forward pass per batch under torch.no_grad; left-padded rows get position ids counted from their first
 real token, so a padded row is the same computation as the unpadded sample. Scores are raw, non-negative,
 fp32 and on CPU.
+
+FSDP2-sharded models (`distributed.shard`): rank r runs batches r, r + W, ... (a rank out of batches runs a
+forward that counts no position, since every rank must join each forward's all-gathers); the squared-norm sums
+and the sample count are all-reduced, and each rank scores its local shard of W (dim-0 rows; for fused experts,
+its experts).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
+from ..distributed import local
 from ..hooks import registered
 from ..models import Part, eligible_weights, input_device, part, resident
 from ..regions import Region
@@ -65,8 +72,10 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
                  progress: bool = True) -> dict[str, torch.Tensor]:
     """{name: fp32 CPU tensor shaped like the weight} with I_ij = |W_ij| · ‖X_j‖₂ (see the module docstring)
     over every sample of `batches` ({input_ids, attention_mask, labels}, as `chat.response_batches` yields).
-    `weights` defaults to `models.eligible_weights(model)`."""
+    `weights` defaults to `models.eligible_weights(model)`. On a sharded model each rank gets the scores of its
+    local shards (module docstring)."""
     weights = resident(dict(weights) if weights is not None else eligible_weights(model))
+    sharded = any(distributed.is_sharded(p) for p in weights.values())
     device = input_device(model)
     state = {"mask": None}           # flat [B*S] bool mask of the counted positions of the current batch
     sumsq: dict[str, torch.Tensor] = {}
@@ -105,30 +114,46 @@ def wanda_scores(model, batches: Iterable[dict], weights: dict[str, torch.nn.Par
     def install(handles):
         handles += [m.register_forward_hook(linear_hook(n)) for m, n in linears.items()]
         handles += [m.register_forward_pre_hook(experts_hook(n), with_kwargs=True) for m, n in experts.items()]
+    if sharded:
+        batches = list(batches)
+        ranks, r = distributed.world_size(), distributed.rank()
+        rounds = -(-len(batches) // ranks)        # every rank runs this many forwards
+        batches = [(batches[i], True) if i < len(batches) else (batches[0], False)
+                   for i in range(r, rounds * ranks, ranks)] if batches else []
+    else:
+        batches = ((b, True) for b in batches)
     n_samples = 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), registered(install):
-            for batch in tqdm(batches, desc="wanda", disable=not progress, leave=False):
+            for batch, counted in tqdm(batches, desc="wanda", disable=not progress, leave=False):
                 ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
                 attn = batch.get("attention_mask")
                 attn = torch.ones_like(ids) if attn is None else attn.to(device)
-                state["mask"] = (labels != -100).reshape(-1)
+                state["mask"] = (labels != -100).reshape(-1) & counted
                 position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
                 model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
                       logits_to_keep=1)
-                n_samples += ids.shape[0]
+                n_samples += ids.shape[0] if counted else 0
     finally:
         state["mask"] = None
         model.train(was_training)
+    if sharded:
+        n_samples = int(distributed.all_reduce(torch.tensor(n_samples)))
+        sumsq = {name: distributed.all_reduce(s) for name, s in sumsq.items()}
     if n_samples == 0:
         raise ValueError("wanda_scores got no samples")
     scores = {}
     for name, p in weights.items():
         norm = sumsq.pop(name).div_(n_samples).sqrt_()
-        norm = norm[None, :] if norm.dim() == 1 else norm[:, None, :]   # broadcast over output rows
-        scores[name] = (p.detach().abs().float() * norm).cpu()
+        w = local(p.detach())
+        if norm.dim() == 1:
+            norm = norm[None, :]                  # broadcast over output rows
+        else:
+            start = distributed.row_offset(p)    # this rank's experts
+            norm = norm[start:start + w.shape[0], None, :]
+        scores[name] = (w.abs().float() * norm).cpu()
     return scores
 
 
