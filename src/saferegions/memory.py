@@ -117,10 +117,16 @@ def snip(p: Phase, s, b: int, tokens: int) -> Phase:
     return p.add("grads", device=s.largest * b).add("activations", device=train_activations(s, tokens, tokens, b))
 
 
+def backward(p: Phase, s, b: int, activations: float, grads: float) -> Phase:
+    """A training step's backward: gradients appear layer by layer as that layer's saved activations are freed,
+    so its peak holds the larger of the two (plus the gradient being written)."""
+    return p.add("activations", device=activations).add("grads", device=s.largest * b + max(0, grads - activations))
+
+
 def full_arm(p: Phase, s, b: int, tokens: int) -> Phase:
     """Full fine-tuning: every gradient alive at the step and two fp32 AdamW moments of every weight."""
-    p.add("activations", device=train_activations(s, tokens, tokens, b))
-    return p.add("optimizer", device=2 * FP32 * s.params).add("grads", device=s.params * b)
+    backward(p, s, b, train_activations(s, tokens, tokens, b), s.params * b)
+    return p.add("optimizer", device=2 * FP32 * s.params)
 
 
 def identify_parts(cfg, role: str, s, b: int, on_gpu: bool) -> list[dict]:
@@ -156,6 +162,29 @@ def n_regions(cfg, method: str) -> int:
     return 2 * len(cfg.identify.datasets(method, cfg.calibrate.datasets)) + 1
 
 
+def esi_phase(p: Phase, s, guard, b: int, new_tokens: int, prompt: int = PROMPT_TOKENS) -> Phase:
+    """ESI gradients of one prompt: fp32 Σ-gradient buffers, backward through the target over prompt + response,
+    the response's fp32 (Gumbel-)softmax and transferred judge gradient, and the judge (frozen weights, backward
+    to its soft input tokens over the response and its template)."""
+    T = prompt + new_tokens
+    p.add("scores", device=s.esi * FP32).add("grads", device=s.largest * b)
+    p.add("scores", host=2 * s.esi * FP32, copy=True)   # Σ grad on host, then |g|·σ
+    p.add("activations", device=train_activations(s, T, new_tokens, b) + new_tokens * s.vocab * FP32)
+    if guard is not None:
+        G = new_tokens + GUARD_TEMPLATE
+        p.add("judge", device=guard.params * b + train_activations(guard, G, 1, b) + new_tokens * guard.vocab * FP32)
+    return p
+
+
+def masked_arm(p: Phase, s, b: int, tokens: int, trainable: int) -> Phase:
+    """A masked arm: fp32 master copies (under a 16-bit dtype) and two fp32 moments of the trainable entries with
+    their int32 indices (or a bit mask where that is smaller); each gradient freed once its masked entries are
+    taken."""
+    master = FP32 if b < FP32 else 0
+    p.add("optimizer", device=trainable * (master + 2 * FP32) + min(trainable * INDEX_BYTES, s.params / 8))
+    return backward(p, s, b, train_activations(s, tokens, tokens, b), trainable * FP32)
+
+
 def esi_parts(cfg, shapes: dict, b: int, on_gpu: bool) -> list[dict]:
     e = cfg.esi
     guard = shapes.get("judges.llama_guard") if "guard" in e.judges else None
@@ -163,33 +192,24 @@ def esi_parts(cfg, shapes: dict, b: int, on_gpu: bool) -> list[dict]:
     for role in e.models:
         s = shapes[role]
         T = PROMPT_TOKENS + e.max_new_tokens
-        p = resident(s, b, "gradients").add("scores", device=s.esi * FP32).add("grads", device=s.largest * b)
-        p.add("scores", host=2 * s.esi * FP32, copy=True)   # Σ grad on host, then |g|·σ
-        p.add("activations", device=train_activations(s, T, e.max_new_tokens, b) + e.max_new_tokens * s.vocab * FP32)
+        p = esi_phase(resident(s, b, "gradients"), s, guard, b, e.max_new_tokens)
         n_specs = 2 + (len(e.judges) - 1) + (len(e.objectives) - 1) + len(e.datasets or [])
         p.add("masks", host=packed(s.esi, n_specs + 2))
         gen = resident(s, b, "perturb").add("activations",
                                             device=generation(s, e.perturb_batch_size, e.perturb_max_new_tokens, b))
         phases = [loaded(s, b, on_gpu), p, gen]
         if guard is not None:
-            G = e.max_new_tokens + GUARD_TEMPLATE
-            for ph in phases[1:]:
-                ph.add("judge", device=guard.params * b)
-            p.add("judge", device=train_activations(guard, G, G, b) - G * guard.vocab * 2 * FP32
-                  + e.max_new_tokens * guard.vocab * FP32)   # soft one-hot response over the judge vocabulary
+            gen.add("judge", device=guard.params * b)
         out.append(row("esi", role, phases, on_gpu))
     return out
 
 
 def tune_parts(stage: str, cfg, s, b: int, on_gpu: bool) -> list[dict]:
-    """SET / SPA arms, one after another on one loaded model: a masked arm keeps fp32 master copies (under a
-    16-bit dtype) and two fp32 moments of its trainable entries with their int32 indices (or a bit mask where
-    that is smaller), and frees each gradient once the masked entries are taken from it; full fine-tuning keeps
-    fp32 moments of every weight and all gradients until the step; LoRA adapts every linear."""
+    """SET / SPA arms, one after another on one loaded model (`masked_arm`, `full_arm`; LoRA adapts every
+    linear), then the evaluation generations."""
     t = getattr(cfg, stage)
     T = t.batch_size * t.max_length
     k = int(t.top_frac * s.params)
-    master = FP32 if b < FP32 else 0
     acts = train_activations(s, T, T, b)
     phases = [loaded(s, b, on_gpu)]
     rows = []
@@ -199,14 +219,11 @@ def tune_parts(stage: str, cfg, s, b: int, on_gpu: bool) -> list[dict]:
             full_arm(p, s, b, T)
             rows.append(row(stage, f"{t.model} {arm}", [*phases, p], on_gpu))
             continue
-        p.add("activations", device=acts)
         if arm == "lora":
             lora = t.lora_r * s.linear_io
-            p.add("optimizer", device=lora * 3 * FP32).add("grads", device=lora * FP32)
+            p.add("optimizer", device=lora * 3 * FP32).add("grads", device=lora * FP32).add("activations", device=acts)
         else:
-            trainable = s.params - k if stage == "spa" else k
-            p.add("optimizer", device=trainable * (master + 2 * FP32) + min(trainable * INDEX_BYTES, s.params / 8))
-            p.add("grads", device=s.largest * b + trainable * FP32)
+            masked_arm(p, s, b, T, s.params - k if stage == "spa" else k)
         rows.append(row(stage, f"{t.model} {arm}", [*phases, p], on_gpu))
     gen = resident(s, b, "evaluate").add("activations", device=generation(s, t.eval_batch_size, t.max_new_tokens, b))
     rows.append(row(stage, f"{t.model} evaluate", [*phases, gen], on_gpu))
