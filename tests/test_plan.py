@@ -97,7 +97,6 @@ def test_estimate_within_20_percent_of_measured_cpu_peak():
         s = plan.shape_of(plan.meta_model(T.AutoConfig.for_model(**case["config"])))
         assert s.params * 4 > 30e6                       # tens of MB of weights: not interpreter noise
         estimate = sum(phases[what](memory.resident(s, 4, what), s, 4, case["tokens"]).totals(False)[1].values())
-        print(what, round(estimate / 1e6), round(measured[what] / 1e6))
         assert abs(estimate - measured[what]) / measured[what] < 0.2, (what, estimate, measured[what])
 
 
