@@ -137,15 +137,15 @@ def shortfalls(rows: list[dict], limits: Limits) -> list[str]:
 def table(rows: list[dict], limits: Limits) -> str:
     """Markdown table: device breakdown of each row's peak, device and host peaks, and whether it fits."""
     from .memory import CATEGORIES
-    where = "GPU" if limits.gpu_gb is not None else "host"
-    head = ["stage", "part", *CATEGORIES, f"{where} peak", "host peak", "fits"]
+    gpu = limits.gpu_gb is not None
+    head = ["stage", "part", *CATEGORIES, *(["GPU peak"] if gpu else []), "host peak", "fits"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        fits = "yes" if r["fits"] else "**NO**"
+        peaks = [f"{r['device_gb']:.1f}"] if gpu else []
         lines.append("| " + " | ".join([r["stage"], r["part"], *(f"{r['device'][c]:.1f}" for c in CATEGORIES),
-                                        f"{r['device_gb']:.1f}", f"{r['host_gb']:.1f}", fits]) + " |")
-    note = (f"GB (1e9 bytes); the breakdown is of the {where} peak; limits: "
-            + (f"GPU {limits.gpu_gb:g} GB, " if limits.gpu_gb is not None else "") + f"host {limits.host_gb:g} GB")
+                                        *peaks, f"{r['host_gb']:.1f}", "yes" if r["fits"] else "**NO**"]) + " |")
+    note = (f"GB (1e9 bytes); the breakdown is of the {'GPU' if gpu else 'host'} peak; limits: "
+            + (f"GPU {limits.gpu_gb:.1f} GB, " if gpu else "") + f"host {limits.host_gb:.1f} GB")
     return "\n".join(lines) + "\n\n" + note
 
 
