@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from saferegions import memory, optim, plan, tiny, train
+from saferegions import chat, memory, optim, plan, tiny, train
 from saferegions.methods import esi, snip, wanda
-from saferegions.models import ModelEntry, eligible_weights
 
 TARGET = "meta-llama/Llama-3.2-1B-Instruct"
 GUARD_LAYERS = 2          # a guard-shaped judge: Llama-Guard-3-8B's width, two of its layers
@@ -86,6 +85,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="tokens per example")
     ap.add_argument("--set-steps", type=int, default=20)
     args = ap.parse_args()
+    start = time.perf_counter()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     b = 4 if dtype == torch.float32 else 2
@@ -117,7 +117,7 @@ def main() -> None:
         out["parts"][name] = row
         print(name, row, flush=True)
 
-    batches = list(snip.chat.response_batches(tok, prompts, responses, 4, T_))
+    batches = list(chat.response_batches(tok, prompts, responses, 4, T_))
     n_tok = sum(int(bt["attention_mask"].sum()) for bt in batches)
     with Meter(device) as m:
         snip.snip_scores(model, batches, progress=False)
@@ -147,8 +147,10 @@ def main() -> None:
         train.train(model, opt, examples, args.set_steps, 1, tok.pad_token_id)
     k = int(0.01 * s.params)
     est = memory.masked_arm(memory.resident(s, b, "set"), s, b, T_, k)
-    record("set", m, sum(est.totals(True)[0].values()), args.set_steps * sum(len(e.input_ids) for e in examples[:1]),
-           6)
+    mean_len = sum(len(e.input_ids) for e in examples) / len(examples)
+    record("set", m, sum(est.totals(True)[0].values()), args.set_steps * mean_len, 6)
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"total {out['seconds']} s on {out['device']}")
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "gpu_check.json"
         path.write_text(json.dumps(out, indent=2) + "\n")

@@ -163,7 +163,7 @@ def build(params: str | Path, limits: Limits, models_root: str | Path = "models"
 
 def default_limits(cfg, gpu_gb: float | None, host_gb: float | None) -> Limits:
     """--gpu-gb defaults to the params' device (cpu: no GPU, plan against host RAM only; cuda: this machine's
-    GPU); --host-gb to this machine's RAM."""
+    GPU); given, it plans a GPU run of that size. --host-gb defaults to this machine's RAM."""
     import psutil
     host = host_gb if host_gb is not None else psutil.virtual_memory().total / GB
     device = cfg.run.device
@@ -173,7 +173,7 @@ def default_limits(cfg, gpu_gb: float | None, host_gb: float | None) -> Limits:
         if not torch.cuda.is_available():
             raise SystemExit("plan: run.device is cuda but no GPU is visible here; give --gpu-gb")
         gpu_gb = torch.cuda.get_device_properties(0).total_memory / GB
-    return Limits(gpu_gb=gpu_gb if device == "cuda" else None, host_gb=host)
+    return Limits(gpu_gb=gpu_gb, host_gb=host)
 
 
 def main(argv: list[str] | None = None) -> int:
