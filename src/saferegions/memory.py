@@ -217,9 +217,7 @@ def tune_parts(stage: str, cfg, s, b: int, on_gpu: bool) -> list[dict]:
         p = resident(s, b, arm).add("masks", host=packed(s.esi, 3))
         if arm == "full":
             full_arm(p, s, b, T)
-            rows.append(row(stage, f"{t.model} {arm}", [*phases, p], on_gpu))
-            continue
-        if arm == "lora":
+        elif arm == "lora":
             lora = t.lora_r * s.linear_io
             p.add("optimizer", device=lora * 3 * FP32).add("grads", device=lora * FP32).add("activations", device=acts)
         else:
