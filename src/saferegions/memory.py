@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 CATEGORIES = ("weights", "grads", "optimizer", "scores", "activations", "masks", "judge")
 PROMPT_TOKENS = 256      # longest rendered prompt assumed for generation (chat template + system + request)
 GUARD_TEMPLATE = 320     # Llama Guard's instruction around the response, in tokens
-INDEX_BYTES = 4          # int32 flat index of a masked entry (every tensor has < 2**31 entries)
+INDEX_BYTES = 8          # int64 flat index of a masked entry (optim.MaskedAdamW's default index dtype)
+MASK_BYTES = 1           # a bool mask entry, where a tensor's state is kept dense
 FP32 = 4
 GB = 1e9
 
@@ -124,9 +125,10 @@ def backward(p: Phase, s, b: int, activations: float, grads: float) -> Phase:
 
 
 def full_arm(p: Phase, s, b: int, tokens: int) -> Phase:
-    """Full fine-tuning: every gradient alive at the step and two fp32 AdamW moments of every weight."""
+    """Full fine-tuning: every gradient alive at the step, two fp32 AdamW moments of every weight and, under a
+    16-bit dtype, its fp32 master copy."""
     backward(p, s, b, train_activations(s, tokens, tokens, b), s.params * b)
-    return p.add("optimizer", device=2 * FP32 * s.params)
+    return p.add("optimizer", device=s.params * ((FP32 if b < FP32 else 0) + 2 * FP32))
 
 
 def identify_parts(cfg, role: str, s, b: int, on_gpu: bool) -> list[dict]:
@@ -177,12 +179,13 @@ def esi_phase(p: Phase, s, guard, b: int, new_tokens: int, prompt: int = PROMPT_
 
 
 def masked_arm(p: Phase, s, b: int, tokens: int, trainable: int) -> Phase:
-    """A masked arm: fp32 master copies (under a 16-bit dtype) and two fp32 moments of the trainable entries with
-    their int32 indices (or a bit mask where that is smaller); each gradient freed once its masked entries are
-    taken."""
-    master = FP32 if b < FP32 else 0
-    p.add("optimizer", device=trainable * (master + 2 * FP32) + min(trainable * INDEX_BYTES, s.params / 8))
-    return backward(p, s, b, train_activations(s, tokens, tokens, b), trainable * FP32)
+    """A masked arm as `optim.MaskedAdamW` keeps it under a 16-bit dtype: an fp32 master copy and two fp32 moments
+    per trainable entry with its int64 index, or the same state dense plus a bool mask where that is smaller
+    (trainable density above 0.6). Every trained tensor's gradient is alive at the step: the global gradient-norm
+    clip needs the whole summed gradient."""
+    state = (FP32 if b < FP32 else 0) + 2 * FP32
+    p.add("optimizer", device=min(trainable * (state + INDEX_BYTES), s.params * (state + MASK_BYTES)))
+    return backward(p, s, b, train_activations(s, tokens, tokens, b), s.params * b)
 
 
 def esi_parts(cfg, shapes: dict, b: int, on_gpu: bool) -> list[dict]:
