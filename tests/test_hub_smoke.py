@@ -126,15 +126,23 @@ def test_paper_smoke_pipeline_runs_through_the_hub_path(tmp_path, mirror):
     run("dvc", "repro")
 
     cfg = config.load(work / "params.yaml")
+    assert cfg.run.device == "cpu" and cfg.run.dtype == "bfloat16"
     described = json.loads((work / "results/models/metrics.json").read_text())["models"]
     assert set(described) == set(cfg.models) and all(r["source"] == "hub" for r in described.values())
     assert all(r["resolved_revision"] == commits[r["id"]] for r in described.values())
-    base = json.loads((work / "results/baseline/metrics.json").read_text())
-    assert set(base["models"]) == set(cfg.baseline.models)
-    for stage in ("models", "baseline", "validate", "overlap", "esi", "set", "spa", "report"):
+    assert {r["family"] for r in described.values()} >= {"llama", "qwen2", "gemma2", "mistral", "olmoe", "bert"}
+    stages = ["models", "baseline", "validate", "overlap", "esi", "set", "spa", "report"]
+    stages += [f"identify/{m}-{method}" for m in cfg.identify.models for method in cfg.identify.methods]
+    for stage in stages:
         nb = json.loads((work / "results" / stage / "notebook.ipynb").read_text())
         assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"], stage
+    base = json.loads((work / "results/baseline/metrics.json").read_text())
+    assert set(base["models"]) == set(cfg.baseline.models)   # every family generated, loaded by hub id in bf16
     esi = json.loads((work / "results/esi/metrics.json").read_text())
-    assert set(esi) == set(cfg.esi.models) and cfg.esi.judges[0] == "guard"
+    assert set(esi) == set(cfg.esi.models)
+    assert all(m["judge"] == "guard" and m["model_id"] == cfg.models[role].id for role, m in esi.items())
+    assert set(json.loads((work / "results/set/metrics.json").read_text())) >= set(cfg.set.arms)
+    assert set(json.loads((work / "results/spa/metrics.json").read_text())) >= set(cfg.spa.tasks)
     prov = json.loads((work / "results/report/provenance.json").read_text())["models"]
     assert prov["judges.llama_guard"]["revision"] == commits[cfg.judges.llama_guard.id]
+    assert all(prov[role]["revision"] == commits[m.id] for role, m in cfg.models.items())

@@ -133,3 +133,44 @@ def test_models_stage_records_every_role_of_the_smoke_profile(tmp_path):
     assert by["encoder"]["family"] == "bert"
     assert all(r["mirror"] == cfg.models[r["role"]].offline and len(r["weights_sha256"]) == 64 for r in rows)
     assert all(r["params_millions"] >= 0 and r["source"] for r in rows)
+
+
+def test_meta_built_counts_equal_the_recorded_embedded_default():
+    """The models stage counts parameters on a meta-device build of the config (no weights). For the embedded
+    default's three configs the count is the hand-computed one, and equals what results/models records (counted
+    as loaded before): embeddings + per-layer q/k/v(+bias)/o, MLP and norms, + untied lm_head where untied."""
+    import transformers as T
+
+    from saferegions.stages import models as stage
+
+    qwen = T.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False)
+    smollm = T.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    minilm = T.BertConfig(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                          num_attention_heads=12, max_position_embeddings=512, type_vocab_size=2)
+    qwen_layer = (896 * 896 + 896) + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896
+    smollm_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    bert_layer = 4 * (384 * 384 + 384) + 2 * 768 + (384 * 1536 + 1536) + (1536 * 384 + 384)
+    expected = {
+        "aligned": (qwen, 2 * 151936 * 896 + 24 * qwen_layer + 896),
+        "unaligned": (smollm, 49152 * 576 + 30 * smollm_layer + 576),
+        "encoder": (minilm, (30522 + 512 + 2) * 384 + 768 + 6 * bert_layer + 384 * 384 + 384),
+    }
+    recorded = json.loads((ROOT / "results/models/metrics.json").read_text())["models"]
+    for role, (cfg, count) in expected.items():
+        model = stage.meta_model(cfg)
+        assert all(p.is_meta for p in model.parameters())
+        assert models.param_count(model) == count, role
+        assert round(count / 1e6, 1) == recorded[role]["params_millions"], role
+    assert models.is_encoder(minilm) and not models.is_encoder(qwen)
+
+
+def test_meta_count_equals_the_loaded_count_for_every_tiny_family():
+    from saferegions.stages import models as stage
+
+    for family in DENSE + MOE:
+        model, _ = tiny.tiny_model(family)
+        assert models.param_count(stage.meta_model(model.config)) == models.param_count(model), family
+    encoder, _ = tiny.tiny_encoder()
+    assert models.param_count(stage.meta_model(encoder.config)) == models.param_count(encoder)

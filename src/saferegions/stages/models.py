@@ -22,6 +22,7 @@ def materialize(cfg, root: Path = ROOT) -> list[dict]:
     """Materialize every offline mirror (one process per model) and verify it against its manifest: one row
     per model role with its source and hashes (hub models: no mirror, nothing to hash)."""
     offline = [entry.offline for entry in cfg.models.values() if entry.offline]
+    root.mkdir(parents=True, exist_ok=True)   # the stage's output, also when every model is a hub id
     folders = dict(zip(offline, materialize_all(offline, root)))
     rows = []
     for role, entry in cfg.models.items():
