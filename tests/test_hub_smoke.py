@@ -88,8 +88,6 @@ def test_models_stage_describes_hub_models_from_their_config(offline_cache, monk
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral", "olmoe", "mixtral", "qwen3", "qwen3_moe"])
 def test_every_family_loads_by_hub_id(offline_cache, family):
     repo = next(r for r, f in hub_cache.HUB_FAMILIES.items() if f == family)
-    if family not in models.SUPPORTED_FAMILIES:
-        pytest.xfail(f"{family} has no family adapter in models.SUPPORTED_FAMILIES yet")
     hub_cache.build(offline_cache, {repo: "main"})
     model, tok = models.load(models.ModelEntry(repo, None, "main"), dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16 and model.config.model_type == family
@@ -99,8 +97,6 @@ def test_every_family_loads_by_hub_id(offline_cache, family):
 def test_paper_smoke_profile_has_the_evaluation_judge():
     """Llama Guard judges the evaluations of the paper profile (and so of its smoke copy)."""
     raw = yaml.safe_load((ROOT / "profiles" / "paper-smoke.yaml").read_text())
-    if "evaluation" not in config.SECTIONS:
-        pytest.skip("config has no `evaluation` section (the judge factory) in this branch")
     assert raw["evaluation"]["judge"] == "llama_guard"
 
 

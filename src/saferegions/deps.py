@@ -33,7 +33,7 @@ import yaml
 PACKAGE = "saferegions"
 REGISTRY = f"{PACKAGE}.methods"   # its "module:attribute" strings count where a stage declares RESOLVES
 ITEM = "${item.method}"
-_DATA = re.compile(r"registry/[\w.-]+\.json")
+_DATA = re.compile(r"registry/[\w.-]+\.json|registry/[\w-]+(?=/)")   # a file, or a folder of files
 _REF = re.compile(rf"({PACKAGE}(?:\.\w+)+):\w+")
 
 
@@ -136,7 +136,7 @@ class Graph:
         raise DepsError(f"{PACKAGE}/stage.py defines no NOTEBOOKS")
 
     def files(self, modules: set[str]) -> set[str]:
-        """Repository paths of the modules and of the package data files (`registry/*.json`) they read."""
+        """Repository paths of the modules and of the package data files (`registry/*.json`, or a `registry/<folder>/` of them) they read."""
         paths = {self.file(m) for m in modules}
         data = {self.root / "src" / PACKAGE / d for p in paths for d in _DATA.findall(p.read_text())}
         return {str(p.relative_to(self.root)) for p in paths | data if p.exists()}
