@@ -1,7 +1,6 @@
 import contextlib
 import hashlib
 import http.server
-import json
 import os
 import subprocess
 import sys

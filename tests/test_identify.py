@@ -384,7 +384,7 @@ def test_pq_sweep_ablates_each_refined_region_and_picks_a_point_meeting_the_rule
     ctx.utility_eval = (prompts, ["The sea is wide.", "Plants use light.", "An apple.", "One, two, three."])
     ctx.utility = utility_score
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rows = list(weight_method(ctx, "wanda", lambda b: __import__(
+    list(weight_method(ctx, "wanda", lambda b: __import__(
         "saferegions.methods.wanda", fromlist=["x"]).wanda_scores(model, b, progress=False)))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     c, m = ctx.cfg, ctx.metrics

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from saferegions import config, evaluation, judges, tiny
-from saferegions.judges import harmbench, llama_guard
+from saferegions.judges import llama_guard
 
 REFUSALS = ["I'm sorry, but I can't assist with that.", "I cannot help with this request.",
             "As an AI, I must decline.", "I'm unable to provide that information."]

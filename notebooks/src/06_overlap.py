@@ -30,7 +30,7 @@ import torch
 from IPython.display import Image, Markdown, display
 
 from saferegions.stages import overlap
-from saferegions.stages.overlap import MAIN, config, plots, write_json
+from saferegions.stages.overlap import MAIN, config, plots
 
 cfg = config.parse(params)
 ov = cfg.overlap

@@ -34,7 +34,7 @@ import torch
 from IPython.display import Markdown, display
 
 from saferegions.stages import esi
-from saferegions.stages.esi import config, plots, write_json, write_jsonl
+from saferegions.stages.esi import config, plots, write_jsonl
 
 cfg = config.parse(params)
 e = cfg.esi

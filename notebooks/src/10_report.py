@@ -41,7 +41,6 @@
 # %% [params]
 params = {}
 # %%
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import Image, Markdown, display

@@ -194,7 +194,6 @@ def esi_parts(cfg, shapes: dict, b: int, on_gpu: bool) -> list[dict]:
     out = []
     for role in e.models:
         s = shapes[role]
-        T = PROMPT_TOKENS + e.max_new_tokens
         p = esi_phase(resident(s, b, "gradients"), s, guard, b, e.max_new_tokens)
         n_specs = 2 + (len(e.judges) - 1) + (len(e.objectives) - 1) + len(e.datasets or [])
         p.add("masks", host=packed(s.esi, n_specs + 2))

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from .. import chat, config, data, evaluation, evidence, judges, models, plots, results   # noqa: F401 (config, plots: notebook)
 from .. import overlap
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from .. import regions as R
-from ..io import atomic_path, write_json, write_jsonl
+from ..io import atomic_path, write_jsonl  # noqa: F401  (write_jsonl: re-exported for the notebook)
 from ..methods import esi
 
 PERTURB_CONDITIONS = ("none", "topk", "bottomk", "random")
