@@ -169,7 +169,7 @@ def test_meta_built_counts_equal_the_recorded_embedded_default():
 def test_meta_count_equals_the_loaded_count_for_every_tiny_family():
     from saferegions.stages import models as stage
 
-    for family in DENSE + MOE:
+    for family in arch.FAMILIES:
         model, _ = tiny.tiny_model(family)
         assert models.param_count(stage.meta_model(model.config)) == models.param_count(model), family
     encoder, _ = tiny.tiny_encoder()
