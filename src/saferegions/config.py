@@ -294,19 +294,21 @@ SECTIONS = {"run": RunCfg, "models": dict[str, ModelCfg], "data": DataCfg, "judg
             "evaluation": EvaluationCfg,
             "baseline": BaselineCfg, "calibrate": CalibrateCfg, "identify": _identify_cls(),
             "validate": ValidateCfg, "overlap": OverlapCfg, "esi": EsiCfg, "set": SetCfg, "spa": SpaCfg}
-# A "section.key" entry passes one sub-section only (dvc.yaml lists the same key). Every evaluating stage reads
-# `evaluation` and the whole `judges` section: its judge may be any of `EVALUATION_JUDGES`, and DVC cannot list a
-# sub-section a params file leaves out (judges.llama_guard in the embedded default).
+# A "section.key" entry passes one sub-section only (dvc.yaml lists the same key).
+# What an evaluating stage reads of `judges`: every judge `evaluation.judge` may name, but not the learned judge
+# (the baseline stage's own), so retraining it re-runs only the stages that use it. DVC lists the same keys, so
+# every params file names each of them (`llama_guard: null` where there is none).
+EVALUATION = ["judges.keyword", "judges.llama_guard", "judges.harmbench", "evaluation"]
 STAGE_SECTIONS = {
     "data": ["run", "data"],
     "models": ["models"],
     "baseline": ["run", "models", "judges", "evaluation", "baseline"],
-    "calibrate": ["run", "models", "judges", "evaluation", "calibrate"],
-    "identify": ["run", "models", "judges", "evaluation", "calibrate", "identify"],
-    "validate": ["run", "models", "judges", "evaluation", "calibrate", "identify", "validate"],
+    "calibrate": ["run", "models", *EVALUATION, "calibrate"],
+    "identify": ["run", "models", *EVALUATION, "calibrate", "identify"],
+    "validate": ["run", "models", *EVALUATION, "calibrate", "identify", "validate"],
     "esi": ["run", "models", "judges", "evaluation", "esi"],
-    "set": ["run", "models", "judges", "evaluation", "set"],
-    "spa": ["run", "models", "judges", "evaluation", "spa"],
+    "set": ["run", "models", *EVALUATION, "set"],
+    "spa": ["run", "models", *EVALUATION, "spa"],
     "overlap": ["run", "models", "calibrate", "identify", "overlap"],
 }
 # The report prints every section's deviations from the paper-scale defaults, so it reads them all; sections
