@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import evidence
 from .. import regions as R
 from ..chat import render
 from ..judges.transfer import coverage_counts, transfer_matrix
@@ -433,3 +434,15 @@ def perturb(model, region: R.Region, noise_ratio: float = 0.38, seed: int = 0):
         with torch.no_grad():
             for flat, idx, values in saved:
                 flat[idx] = values
+
+
+DENSE_COMPONENTS = ("v", "gate", "up", "down")   # the paper's dense-model finding: value projections and MLPs
+
+
+def dense_components(masses: list[dict], numel: dict[str, int], seed: int = 0) -> dict | None:
+    """Per-prompt share of the ESI mass in V + MLP matrices minus their share of the eligible entries, its mean
+    over the primary's prompts with a bootstrap 95% interval (> 0: ESI concentrates there beyond their size).
+    None without per-prompt masses."""
+    if not masses:
+        return None
+    return evidence.mean(enrichment(masses, numel, DENSE_COMPONENTS), seed).as_dict()

@@ -31,15 +31,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import chat, config, data, evaluation, evidence, judges, models, plots, results   # noqa: F401 (config, plots: notebook)
-from .. import overlap
+from .. import config, data, evaluation, evidence, judges, models, overlap, plots, results   # noqa: F401 (config, plots: notebook)
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from .. import regions as R
 from ..io import atomic_path, write_jsonl  # noqa: F401  (write_jsonl: re-exported for the notebook)
 from ..methods import esi
-
-PERTURB_CONDITIONS = ("none", "topk", "bottomk", "random")
-CONDITION_KEYS = {"none": "none", "topk": "top", "bottomk": "bottom", "random": "random"}   # metrics.json names
+from ..perturbation import PERTURB_CONDITIONS, perturbation, perturbation_metrics  # noqa: F401  (the notebook)
 
 
 class Purpose(enum.Enum):
@@ -245,56 +242,6 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
         yield spec, top, grads, scores, (records, masses)
 
 
-def perturbation(model, tok, top: R.Region, bottom: R.Region, prompts: list[str], judge, e, role: str = "",
-                 progress: bool = True) -> tuple[list[dict], list[dict], dict]:
-    """Outcomes of sampled responses to the same `prompts` with noise on no weights, the top-k, the bottom-k and a
-    random region of the top-k's per-matrix counts (`e.perturb_conditions`), for each seed (noise, random region
-    and sampling share the seed). Returns (rows per seed × condition, generations, {condition: Evaluation pooled
-    over seeds, in the same (seed, prompt) order for every condition: paired})."""
-    rows, gens, pooled = [], [], {}
-    for seed in range(e.perturb_seeds):
-        regions = {"none": None, "topk": top, "bottomk": bottom, "random": esi.random_region(top, seed, e.random_mode)}
-        for cond in e.perturb_conditions:
-            region = regions[cond]
-            ctx = esi.perturb(model, region, e.noise_ratio, seed) if region is not None else contextlib.nullcontext()
-            with ctx:
-                responses = chat.generate(model, tok, prompts, e.perturb_max_new_tokens, e.perturb_batch_size,
-                                          e.system_prompt, do_sample=True, seed=seed, desc=f"{role} {cond}",
-                                          temperature=e.temperature, top_p=e.top_p)
-            ev = evaluation.Evaluation(list(prompts), responses, evaluation.outcomes(responses, judge, prompts))
-            rows.append({"model": role, "seed": seed, "condition": cond, "asr": float(ev.complied.mean()),
-                         "degenerate_rate": float(ev.degenerate.mean()),
-                         "size": region.size if region is not None else 0, "n": len(prompts)})
-            gens += [{"model": role, "seed": seed, "condition": cond, "prompt": p, "response": r,
-                      "outcome": o.value, "complied": o == evaluation.Outcome.COMPLIED}
-                     for p, r, o in zip(prompts, responses, ev.outcomes)]
-            prev = pooled.get(cond)
-            pooled[cond] = ev if prev is None else evaluation.Evaluation(
-                prev.prompts + ev.prompts, prev.responses + ev.responses, prev.outcomes + ev.outcomes)
-    return rows, gens, pooled
-
-
-def perturbation_metrics(pooled: dict) -> dict:
-    """{condition: rate_record} and "top_vs_random": ASR(top) − ASR(random), paired on (seed, prompt), McNemar."""
-    out = {CONDITION_KEYS[c]: evaluation.rate_record(ev) for c, ev in pooled.items()}
-    if "topk" in pooled and "random" in pooled:
-        out["top_vs_random"] = evidence.paired_proportions(pooled["topk"].complied,
-                                                           pooled["random"].complied).as_dict()
-    return out
-
-
-DENSE_COMPONENTS = ("v", "gate", "up", "down")   # the paper's dense-model finding: value projections and MLPs
-
-
-def dense_components(masses: list[dict], numel: dict[str, int], seed: int = 0) -> dict | None:
-    """Per-prompt share of the ESI mass in V + MLP matrices minus their share of the eligible entries, its mean
-    over the primary's prompts with a bootstrap 95% interval (> 0: ESI concentrates there beyond their size).
-    None without per-prompt masses."""
-    if not masses:
-        return None
-    return evidence.mean(esi.enrichment(masses, numel, DENSE_COMPONENTS), seed).as_dict()
-
-
 def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_judge,
              prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True) -> RoleResult:
     """Everything the stage computes for one model (module docstring); regions come back packed."""
@@ -382,8 +329,8 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
         # per condition: pooled over seeds (None where the condition or the role's perturbation did not run)
         **{f"asr_{c}": float(asr[c]) if c in asr else None for c in PERTURB_CONDITIONS},
         "perturbation": result.perturbation_summary or None,
-        "dense_components": dense_components(result.masses, result.numel),
-        "dense_components_def": "per ident prompt: share of Σ|g|·σ_W in " + "+".join(DENSE_COMPONENTS)
+        "dense_components": esi.dense_components(result.masses, result.numel),
+        "dense_components_def": "per ident prompt: share of Σ|g|·σ_W in " + "+".join(esi.DENSE_COMPONENTS)
                                 + " minus their share of eligible entries; mean, bootstrap 95% CI",
         "component_share": component_shares(result.profile, "region_count"),
         "faithful_vs_fixed_iou": comps[other]["iou"],
