@@ -34,6 +34,7 @@ from . import chat, config, data, evaluation, evidence, models, optim, resume
 from . import regions as R
 from .evaluation import gsm8k_exact_match, sst2_accuracy
 from .io import atomic_path, write_json, write_jsonl
+from .methods import removal
 from .models import param_count
 
 MASKED_ARMS = ("set", "spa", "random", "bottom")
@@ -392,7 +393,7 @@ def load_tuning(cfg, s, esi_dir: Path, top_arm: str, bottom: bool = False):
     top = R.load(esi_dir / "topk.safetensors")
     check_fraction(top, model, s.top_frac, str(esi_dir / "topk.safetensors"))
     print("top-k provenance (esi stage):", provenance(top))
-    arms = {top_arm: top, "random": R.random_control(model, top, cfg.run.seed, s.random_mode)}
+    arms = {top_arm: top, "random": removal.random_control(model, top, cfg.run.seed, s.random_mode)}
     if bottom:
         arms["bottom"] = R.load(esi_dir / "bottomk.safetensors")
     return model, tok, arms
