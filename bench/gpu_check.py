@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from saferegions import chat, memory, optim, plan, tiny, train
+from saferegions import chat, judges, memory, optim, plan, tiny, train
 from saferegions.methods import esi, snip, wanda
 
 TARGET = "meta-llama/Llama-3.2-1B-Instruct"
@@ -129,7 +129,7 @@ def main() -> None:
 
     guard_model = build(guard_cfg, device, dtype, 1)
     word = next(w for w in ("safe", "I", "the") if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
-    guard = esi.GuardSoftJudge(guard_model, tok, safe_word=word)   # the tiny tokenizer may split "safe"
+    guard = judges.GuardSoftJudge(guard_model, tok, safe_word=word)   # the tiny tokenizer may split "safe"
     g = plan.shape_of(guard_model)
     new = T_ // 4
     with Meter(device) as m:
