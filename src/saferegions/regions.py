@@ -179,7 +179,7 @@ def top_fraction_sharded(scores: dict[str, torch.Tensor], frac: float, group: st
                          largest: bool = True, meta: dict | None = None) -> Region:
     """`top_fraction` of scores held as local shards by the ranks of a process group (each rank passes its own
     dim-0 shards, `distributed.local`), selecting the same entries with the same tie rule without gathering a
-    score tensor (`topk.select`); every rank gets the Region of its shards' masks. k counts whole
+    score tensor (`topk.select_sharded`); every rank gets the Region of its shards' masks. k counts whole
     tensors (matrix) or all tensors (global); a row never straddles ranks, so "row" is local."""
     from .distributed import all_reduce
     if not 0.0 <= frac <= 1.0:
@@ -187,9 +187,9 @@ def top_fraction_sharded(scores: dict[str, torch.Tensor], frac: float, group: st
     xs = {n: topk.fp32(n, s) for n, s in scores.items()}
     numel = all_reduce(torch.tensor([x.numel() for x in xs.values()], dtype=torch.int64)).tolist()
     if group == "global":
-        masks = topk.select(xs, int(frac * sum(numel)), largest)
+        masks = topk.select_sharded(xs, int(frac * sum(numel)), largest)
     elif group == "matrix":
-        masks = {n: topk.select({n: x}, int(frac * total), largest)[n]
+        masks = {n: topk.select_sharded({n: x}, int(frac * total), largest)[n]
                  for (n, x), total in zip(xs.items(), numel)}
     elif group == "row":
         masks = {n: topk.top_per_row(x, frac, largest) for n, x in xs.items()}

@@ -43,6 +43,38 @@ def _key_chunks(xs: dict[str, torch.Tensor], largest: bool):
             yield name, a, _keys(flat[a:a + _CHUNK], largest)
 
 
+def select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
+    """Exact top-k over several tensors by 16+16-bit radix select: two histogram passes, no concat or sort.
+
+    Ties at the threshold go to the earliest entries (tensor order, then flat index), so |result| == k.
+    """
+    masks = {n: torch.zeros(x.shape, dtype=torch.bool) for n, x in xs.items()}
+    if k == 0:
+        return masks
+    hist = torch.zeros(65536, dtype=torch.int64)
+    for _, _, key in _key_chunks(xs, largest):
+        hist += torch.bincount((key >> 16) + 32768, minlength=65536)
+    hi, above = _walk(hist, k)
+    hist.zero_()
+    for _, _, key in _key_chunks(xs, largest):
+        hist += torch.bincount(key[(key >> 16) == hi - 32768] & 0xFFFF, minlength=65536)
+    lo, above_lo = _walk(hist, k - above)
+    thr, need = (hi - 32768) * 65536 + lo, k - above - above_lo
+    for name, a, key in _key_chunks(xs, largest):
+        m = masks[name].view(-1)[a:a + key.numel()]
+        torch.gt(key, thr, out=m)
+        if need:
+            eq = key == thr
+            c = int(eq.sum())
+            if c <= need:
+                m |= eq
+                need -= c
+            else:
+                m[torch.nonzero(eq).view(-1)[:need]] = True
+                need = 0
+    return masks
+
+
 def select_sampled(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor] | None:
     """The same masks as `select`, fast for a small k of many entries: a threshold from a seeded random sample of
     all entries keeps a few percent of them as candidates (one vectorised pass per tensor), then the exact k-th
@@ -109,16 +141,12 @@ def top_per_row(x: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
     return m.view(x.shape)
 
 
-def select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
-    """Exact top-k over several tensors by 16+16-bit radix select: two histogram passes, no concat or sort.
-
-    Ties at the threshold go to the earliest entries (tensor order, then flat index), so |result| == k. Inside a
-    process group the tensors may be split across ranks and no score tensor is ever gathered: `xs` holds this
-    rank's fp32 CPU shards, each the rank's contiguous piece of its tensor's flat order with the ranks in order
-    (FSDP2's dim-0 chunks, `distributed.shard`); the histograms are all-reduced, ties go to the earliest global
-    flat index from the all-gathered per-tensor counts of tied entries, and each rank gets its own masks (k counts
-    all ranks). Outside a process group every collective is the identity.
-    """
+def select_sharded(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
+    """`select` over tensors split across ranks, never gathering a score tensor: `xs` holds this rank's fp32 CPU
+    shards, each the rank's contiguous piece of its tensor's flat order with the ranks in order (FSDP2's dim-0
+    chunks, `distributed.shard`). The two 65536-bin histograms are all-reduced, and ties at the threshold go to
+    the earliest entries as in `select` (tensor order, then rank, then local flat index, i.e. global flat index)
+    from the all-gathered per-tensor counts of tied entries. Returns this rank's masks; k counts all ranks."""
     from .distributed import all_gather, all_reduce, rank
     masks = {n: torch.zeros(x.shape, dtype=torch.bool) for n, x in xs.items()}
     if k == 0:
