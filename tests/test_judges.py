@@ -131,8 +131,12 @@ def test_evaluation_judge_is_checked_before_anything_loads(raw, fragment):
 
 def test_every_evaluating_stage_reads_its_judge_from_params():
     from conftest import ROOT
+    judges_it_may_use = {f"judges.{k.value}" for k in config.JudgeKind if k.value in config.EVALUATION_JUDGES}
     for stage in ("baseline", "calibrate", "identify", "validate", "esi", "set", "spa"):
-        assert {"judges", "evaluation"} <= set(config.STAGE_SECTIONS[stage]), stage
+        sections = set(config.STAGE_SECTIONS[stage])
+        assert "evaluation" in sections and ("judges" in sections or judges_it_may_use <= sections), stage
+    for stage in ("calibrate", "identify", "validate", "set", "spa"):   # the learned judge is the baseline's own
+        assert "judges" not in config.STAGE_SECTIONS[stage] and "judges.learned" not in config.STAGE_SECTIONS[stage]
     for path, judge in (("params.yaml", "keyword"), ("profiles/smoke.yaml", "keyword"),
                         ("profiles/paper.yaml", "llama_guard")):
         assert config.load(ROOT / path).evaluation.judge == judge, path

@@ -131,31 +131,43 @@ def full_arm(p: Phase, s, b: int, tokens: int) -> Phase:
     return p.add("optimizer", device=s.params * ((FP32 if b < FP32 else 0) + 2 * FP32))
 
 
+def _snip_phase(p: Phase, cfg, s, b: int) -> None:
+    snip(p, s, b, cfg.identify.max_length)
+
+
+def _wanda_phase(p: Phase, cfg, s, b: int) -> None:
+    c = cfg.identify
+    p.add("scores", host=s.eligible * FP32).add("scores", device=s.largest * FP32)
+    p.add("activations", device=forward_activations(s, c.batch_size * c.max_length, c.batch_size, b))
+
+
+def _nlsr_phase(p: Phase, cfg, s, b: int) -> None:
+    n = cfg.identify.nlsr
+    lora = n.lora_r * s.linear_io
+    p.add("optimizer", device=lora * 3 * FP32).add("grads", device=lora * FP32)
+    p.add("activations", device=train_activations(s, n.batch_size * n.max_length, n.batch_size * n.max_length, b))
+
+
+def _hooked_forwards(p: Phase, cfg, s, b: int) -> None:
+    """Safety neurons and SafeLayer: forward passes with hooks, and short generations."""
+    c = cfg.identify
+    p.add("activations", device=max(forward_activations(s, c.batch_size * c.max_length, c.batch_size, b),
+                                    generation(s, cfg.calibrate.batch_size, cfg.calibrate.max_new_tokens, b)))
+
+
+# What each identification method holds at its peak, beyond the loaded model (others: `_hooked_forwards`).
+IDENTIFY_PHASES = {"snip": _snip_phase, "wanda": _wanda_phase, "nlsr": _nlsr_phase}
+
+
 def identify_parts(cfg, role: str, s, b: int, on_gpu: bool) -> list[dict]:
     c = cfg.identify
-    T = c.max_length
     held = 3 + len(c.pq_grid_p or []) + len(c.pq_grid_q or [])   # utility, raw, refined + the p/q sweep's regions
     masks = packed(s.eligible, held)
     out = []
     for method in c.methods:
-        phases = [loaded(s, b, on_gpu)]
         p = resident(s, b, method).add("masks", host=masks)
-        if method == "snip":
-            snip(p, s, b, T)
-        elif method == "wanda":
-            p.add("scores", host=s.eligible * FP32).add("scores", device=s.largest * FP32)
-            p.add("activations", device=forward_activations(s, c.batch_size * T, c.batch_size, b))
-        elif method == "nlsr":
-            n = c.nlsr
-            lora = n.lora_r * s.linear_io
-            p.add("optimizer", device=lora * 3 * FP32).add("grads", device=lora * FP32)
-            p.add("activations", device=train_activations(s, n.batch_size * n.max_length,
-                                                          n.batch_size * n.max_length, b))
-        else:                  # neuron, layer: forward passes with hooks, and short generations
-            p.add("activations", device=max(forward_activations(s, c.batch_size * T, c.batch_size, b),
-                                            generation(s, cfg.calibrate.batch_size, cfg.calibrate.max_new_tokens, b)))
-        phases.append(p)
-        out.append(row("identify", f"{role} {method}", phases, on_gpu))
+        IDENTIFY_PHASES.get(method, _hooked_forwards)(p, cfg, s, b)
+        out.append(row("identify", f"{role} {method}", [loaded(s, b, on_gpu), p], on_gpu))
     return out
 
 
