@@ -1,11 +1,7 @@
 """The hub code path, offline: tiny random checkpoints under the paper profile's hub ids in a Hugging Face cache
 (hub_cache.py), loaded by id and pinned revision; and `dvc repro` of profiles/paper-smoke.yaml over that cache."""
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
@@ -14,11 +10,8 @@ import torch
 import yaml
 
 import hub_cache
-from conftest import ROOT
+from conftest import ROOT, repro_in_copy
 from saferegions import config, models
-
-IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "artifacts", "cache", "tmp", "results",
-                                "__pycache__", ".pytest_cache", "*.egg-info")
 
 
 @pytest.fixture
@@ -105,21 +98,9 @@ def test_paper_smoke_pipeline_runs_through_the_hub_path(tmp_path, mirror):
     """`dvc repro` of profiles/paper-smoke.yaml, every model loaded by hub id from an offline HF cache."""
     cache = tmp_path / "hf"
     commits = hub_cache.build(cache / "hub", _hub_revisions(ROOT / "profiles" / "paper-smoke.yaml"))
-    work = tmp_path / "repo"
-    shutil.copytree(ROOT, work, ignore=IGNORE)
-    shutil.copy(work / "profiles" / "paper-smoke.yaml", work / "params.yaml")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HOME": str(cache),
-           "HF_HUB_CACHE": str(cache / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-    def run(*cmd):
-        done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-        return done.stdout
-
-    run("dvc", "config", "--local", "core.no_scm", "true")
-    run(sys.executable, "-m", "saferegions.data", "fetch", "--mirror", str(mirror))
-    run("dvc", "commit", "-f", "-q", "data.dvc")
-    run("dvc", "repro")
+    work, _ = repro_in_copy(tmp_path / "repo", "paper-smoke.yaml", mirror,
+                            {"HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub"), "HF_HUB_OFFLINE": "1",
+                             "TRANSFORMERS_OFFLINE": "1"})
 
     cfg = config.load(work / "params.yaml")
     assert cfg.run.device == "cpu" and cfg.run.dtype == "bfloat16"

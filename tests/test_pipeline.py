@@ -1,36 +1,14 @@
 """`dvc repro` of the whole pipeline on profiles/smoke.yaml (tiny random models) in a temp copy."""
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
-IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "artifacts", "cache", "tmp", "results",
-                                "__pycache__", ".pytest_cache", "*.egg-info")
+from conftest import repro_in_copy
 
 
 @pytest.mark.slow
 def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
-    work = tmp_path / "repo"
-    shutil.copytree(ROOT, work, ignore=IGNORE)
-    shutil.copy(work / "profiles" / "smoke.yaml", work / "params.yaml")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-
-    def run(*cmd):
-        done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-        return done.stdout
-
-    run("dvc", "config", "--local", "core.no_scm", "true")
-    run(sys.executable, "-m", "saferegions.data", "fetch", "--mirror", str(mirror))
-    run("dvc", "commit", "-f", "-q", "data.dvc")
-    assert "up to date" in run("dvc", "status", "data.dvc")
-    run("dvc", "repro")
+    work, run = repro_in_copy(tmp_path / "repo", "smoke.yaml", mirror)
 
     methods = ("snip", "wanda", "neuron", "layer", "nlsr")
     executed = ["data", "models", "baseline", "calibrate/aligned", "validate"]
