@@ -196,7 +196,7 @@ def test_llama_guard_is_an_evaluation_judge(tmp_path, vocab_size):
                         "evaluation": {"judge": "llama_guard"}})
     judge = judges.get(cfg.evaluation.judge, cfg)
     assert isinstance(judge, judges.LlamaGuardJudge)
-    assert (judge.safe_id, judge.unsafe_id) == tuple(tok.convert_tokens_to_ids(["safe", "unsafe"]))
+    assert (judge.no_id, judge.yes_id) == tuple(tok.convert_tokens_to_ids(["safe", "unsafe"]))
 
     batched = judge.judge(PROMPTS, RESPONSES).score        # random weights: left padding must not move a score
     alone = np.concatenate([judge.judge([p], [r]).score for p, r in zip(PROMPTS, RESPONSES)])

@@ -43,6 +43,21 @@ def _key_chunks(xs: dict[str, torch.Tensor], largest: bool):
             yield name, a, _keys(flat[a:a + _CHUNK], largest)
 
 
+def _threshold(xs: dict[str, torch.Tensor], k: int, largest: bool, reduce=lambda hist: hist) -> tuple[int, int]:
+    """The k-th key by two 65536-bin histogram passes (high 16 bits, then low 16 bits within the k-th's high bin),
+    and how many entries equal to it the selection still needs. `reduce` sums the histograms over ranks for
+    sharded selection; it is the identity for one process, which must not enter a collective."""
+    hist = torch.zeros(65536, dtype=torch.int64)
+    for _, _, key in _key_chunks(xs, largest):
+        hist += torch.bincount((key >> 16) + 32768, minlength=65536)
+    hi, above = _walk(reduce(hist), k)
+    hist = torch.zeros(65536, dtype=torch.int64)
+    for _, _, key in _key_chunks(xs, largest):
+        hist += torch.bincount(key[(key >> 16) == hi - 32768] & 0xFFFF, minlength=65536)
+    lo, above_lo = _walk(reduce(hist), k - above)
+    return (hi - 32768) * 65536 + lo, k - above - above_lo
+
+
 def select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torch.Tensor]:
     """Exact top-k over several tensors by 16+16-bit radix select: two histogram passes, no concat or sort.
 
@@ -51,15 +66,7 @@ def select(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[str, torc
     masks = {n: torch.zeros(x.shape, dtype=torch.bool) for n, x in xs.items()}
     if k == 0:
         return masks
-    hist = torch.zeros(65536, dtype=torch.int64)
-    for _, _, key in _key_chunks(xs, largest):
-        hist += torch.bincount((key >> 16) + 32768, minlength=65536)
-    hi, above = _walk(hist, k)
-    hist.zero_()
-    for _, _, key in _key_chunks(xs, largest):
-        hist += torch.bincount(key[(key >> 16) == hi - 32768] & 0xFFFF, minlength=65536)
-    lo, above_lo = _walk(hist, k - above)
-    thr, need = (hi - 32768) * 65536 + lo, k - above - above_lo
+    thr, need = _threshold(xs, k, largest)
     for name, a, key in _key_chunks(xs, largest):
         m = masks[name].view(-1)[a:a + key.numel()]
         torch.gt(key, thr, out=m)
@@ -151,17 +158,7 @@ def select_sharded(xs: dict[str, torch.Tensor], k: int, largest: bool) -> dict[s
     masks = {n: torch.zeros(x.shape, dtype=torch.bool) for n, x in xs.items()}
     if k == 0:
         return masks
-    hist = torch.zeros(65536, dtype=torch.int64)
-    for _, _, key in _key_chunks(xs, largest):
-        hist += torch.bincount((key >> 16) + 32768, minlength=65536)
-    hist = all_reduce(hist)
-    hi, above = _walk(hist, k)
-    hist.zero_()
-    for _, _, key in _key_chunks(xs, largest):
-        hist += torch.bincount(key[(key >> 16) == hi - 32768] & 0xFFFF, minlength=65536)
-    hist = all_reduce(hist)
-    lo, above_lo = _walk(hist, k - above)
-    thr, need = (hi - 32768) * 65536 + lo, k - above - above_lo
+    thr, need = _threshold(xs, k, largest, reduce=all_reduce)
     names = list(xs)
     ties = torch.zeros(len(names), dtype=torch.int64)
     for name, _, key in _key_chunks(xs, largest):
