@@ -314,7 +314,7 @@ def test_overlap_metrics_carry_dataset_intervals_refinement_and_split_half(tmp_p
     assert m["raw"]["n_pairs"] == 6 and m["raw"]["n_datasets"] == 4 and m["raw"]["mean_iou"] == pytest.approx(off.mean())
     lo, hi = m["raw"]["mean_iou_ci"]
     assert off.min() - 1e-12 <= lo <= off.mean() <= hi <= off.max() + 1e-12 and m["raw"]["iou"]["ci"] == [lo, hi]
-    assert full["low_overlap"] == {"m/snip": m["raw"]["iou"]} and m["raw"]["iou"]["null"] == S.LOW_OVERLAP
+    assert m["raw"]["iou"]["null"] == S.LOW_OVERLAP
     diff = [r["refined_iou"] - r["raw_iou"] for r in a["refinement"]]
     assert m["refined_minus_raw"]["n"] == 4 and m["refined_minus_raw"]["effect"] == pytest.approx(np.mean(diff))
     assert m["refined_minus_raw"]["test"] == "dataset bootstrap (percentile)"
@@ -459,11 +459,14 @@ def test_no_overlap_interval_is_nan(tmp_path):
     assert metrics["m"]["wanda"]["raw"]["iou"]["ci"] is not None
     assert metrics["m"]["snip"]["raw"]["iou"]["reason"].startswith("every resample with a pair repeats")
     assert metrics["m"]["layer"]["raw"]["iou"]["reason"].startswith("undefined")
-    assert set(metrics["low_overlap"]) == {"m/wanda", "m/snip", "m/layer"}
     record = RS.OverlapMetrics.parse(json.loads(text))
-    snip = record.low_overlap["m/snip"].estimate()
-    assert evidence.verdict(snip, 0.5, "<") == evidence.Verdict.INCONCLUSIVE
-    assert record.low_overlap["m/layer"].estimate() is None
+    parts = dict(record.per_method("raw"))
+    assert list(parts) == ["m/wanda", "m/snip", "m/layer"] and parts["m/wanda"].ci == metrics["m"]["wanda"]["raw"]["iou"]["ci"]
+    assert evidence.verdict(parts["m/snip"].estimate(), 0.5, "<") == evidence.Verdict.INCONCLUSIVE
+    assert parts["m/layer"].estimate() is None
+    drops = dict(record.per_method("refined_minus_raw_corrected"))
+    assert drops["m/wanda"].effect == metrics["m"]["wanda"]["refined_minus_raw_corrected"]["effect"]
+    assert dict(record.per_method("refined.corrected"))["m/snip"].reason.startswith("every resample")
     shown = tables.table(S.metrics_table(metrics), index=False).to_html()
     verdict = S.verdict(summary, S.plateau(S.convergence(res)), pd.DataFrame(), S.refinement(res), ["raw", "refined"],
                         metrics)

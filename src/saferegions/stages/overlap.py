@@ -342,18 +342,15 @@ def split_half(ident: Path, keys) -> dict:
 def metrics(summary_table: pd.DataFrame, estimates: dict | None = None, halves: dict | None = None) -> dict:
     """results/overlap/metrics.json: {MODEL: {METHOD: {variant: {mean_iou, chance_iou, mean_iou_ci, n_pairs,
     n_datasets, iou, corrected}, refined_minus_raw, refined_minus_raw_corrected, split_half_iou, split_half: {dataset:
-    IoU}, between_half_iou, between_half: {"d1|d2": IoU}}}, low_overlap: {"MODEL/METHOD": the raw mean IoU's
-    estimate}}; `iou`, `corrected` and the two drops are `dataset_estimates` (n = datasets; an interval that
-    cannot be formed is null with its `reason`), the last four from `split_half`; null = undefined or not
-    measured."""
-    out, low = {}, {}
+    IoU}, between_half_iou, between_half: {"d1|d2": IoU}}}}; `iou`, `corrected` and the two drops are
+    `dataset_estimates` (n = datasets; an interval that cannot be formed is null with its `reason`), the last four
+    from `split_half`; null = undefined or not measured."""
+    out = {}
     for r in summary_table[summary_table.scope == MAIN].itertuples():
         entry = {"mean_iou": nan_none(r.mean_iou), "chance_iou": nan_none(r.chance_iou)}
         est = (estimates or {}).get((r.model, r.method), {}).get(r.variant)
         if est is not None:
             entry.update(mean_iou_ci=est["iou"]["ci"], n_datasets=est["iou"]["n"], **est)
-            if r.variant == "raw":
-                low[f"{r.model}/{r.method}"] = est["iou"]
         out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = entry
     for (role, method), per in [((m, k), v) for m, ms in out.items() for k, v in ms.items()]:
         found = (estimates or {}).get((role, method), {})
@@ -362,7 +359,7 @@ def metrics(summary_table: pd.DataFrame, estimates: dict | None = None, halves: 
         found = (halves or {}).get((role, method)) or {"within": {}, "between": {}}
         per.update(split_half_iou=_mean_defined(found["within"]), split_half=found["within"],
                    between_half_iou=_mean_defined(found["between"]), between_half=found["between"])
-    return {**out, "low_overlap": low} if low else out
+    return out
 
 
 def _mean_defined(ious: dict) -> float | None:
@@ -390,8 +387,8 @@ def noise_ceiling(metrics_: dict) -> pd.DataFrame:
 
 
 def _methods(metrics_: dict) -> list[tuple[str, str, dict]]:
-    """(model, method, its metrics) of metrics.json (the top-level `low_overlap` is not a model)."""
-    return [(m, k, per) for m, methods in metrics_.items() if m != "low_overlap" for k, per in methods.items()]
+    """(model, method, its metrics) of metrics.json."""
+    return [(m, k, per) for m, methods in metrics_.items() for k, per in methods.items()]
 
 
 def error_bars(table: pd.DataFrame, title: str):
