@@ -80,7 +80,6 @@ def estimate(matrix: np.ndarray, seed: int = 0, null: float = 0.0,
     return {**out, "ci": [float(lo), float(hi)], "p": _p_value(dist, null)}
 
 
-
 def analysis_estimates(analysis: dict, scope: str, seed: int, null_iou: float) -> dict:
     """The dataset-bootstrap estimates of one `overlap.analyze` result: {variant: {"iou": mean IoU (p against
     `null_iou`), "corrected": mean chance-corrected IoU, "n_pairs": defined pairs}, "refined_minus_raw",
