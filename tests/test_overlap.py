@@ -4,6 +4,7 @@ convergence, profiles, and the prompt bootstrap on a tiny model."""
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -282,16 +283,18 @@ def test_stage_aggregates_average_over_dataset_pairs():
     assert stage.cross_method_means(cross).loc[("m", "a", "b"), ("iou", "raw")] == pytest.approx(0.2)
 
 
-def test_overlap_metrics_carry_intervals_paired_refinement_and_split_half(tmp_path):
-    """Issue 14: mean IoU with n_pairs and a bootstrap CI over dataset pairs, refined − raw paired over the pairs,
-    and the split-half IoU of <dataset>.half0/.half1.raw where identify wrote them (null where not)."""
+def test_overlap_metrics_carry_dataset_intervals_refinement_and_split_half(tmp_path):
+    """Mean IoU with n = datasets and a dataset-bootstrap CI, refined − raw in raw and chance-corrected form,
+    the per-method low-overlap parts, and the split-half IoU of <dataset>.half0/.half1.raw where identify wrote
+    them (null where not); the record in `results` reads it back."""
+    from saferegions import results as RS
     from saferegions.stages import overlap as S
     core = rand_region(100, 0.1)
     raw = {f"d{k}": R.union(core, rand_region(k, 0.02)) for k in range(4)}
     util = rand_region(50, 0.05)
     refined = {d: R.difference(r, util) for d, r in raw.items()}
     results = {("m", "snip"): O.analyze(raw, refined, util, ["raw", "refined"], ["global"], 2, 0, 100)}
-    est = S.pair_estimates(results)
+    est = S.dataset_estimates(results)
     folder = tmp_path / "m" / "snip"
     folder.mkdir(parents=True)
     R.save(raw["d0"], R.region_path(folder, "d0", "half0.raw"))
@@ -304,21 +307,168 @@ def test_overlap_metrics_carry_intervals_paired_refinement_and_split_half(tmp_pa
     assert halves == {("m", "snip"): {"within": {"d0": pytest.approx(O.iou(raw["d0"], raw["d1"])),
                                                  "d3": pytest.approx(O.iou(raw["d2"], raw["d3"]))},
                                       "between": {"d0|d3": pytest.approx(between)}}}
-    m = S.metrics(S.summary(results, tmp_path), est, halves)["m"]["snip"]
-    off = O.off_diagonal(results["m", "snip"]["matrix"]["raw", "global"])
-    assert m["raw"]["n_pairs"] == 6 and m["raw"]["mean_iou"] == pytest.approx(off.mean())
+    full = S.metrics(S.summary(results, tmp_path), est, halves)
+    m = full["m"]["snip"]
+    a = results["m", "snip"]
+    off = O.off_diagonal(a["matrix"]["raw", "global"])
+    assert m["raw"]["n_pairs"] == 6 and m["raw"]["n_datasets"] == 4 and m["raw"]["mean_iou"] == pytest.approx(off.mean())
     lo, hi = m["raw"]["mean_iou_ci"]
-    assert off.min() <= lo <= off.mean() <= hi <= off.max()
-    diff = [r["refined_iou"] - r["raw_iou"] for r in results["m", "snip"]["refinement"]]
-    assert m["refined_minus_raw"]["n"] == 6 and m["refined_minus_raw"]["effect"] == pytest.approx(np.mean(diff))
-    assert m["refined_minus_raw"]["test"] == "paired permutation"
+    assert off.min() - 1e-12 <= lo <= off.mean() <= hi <= off.max() + 1e-12 and m["raw"]["iou"]["ci"] == [lo, hi]
+    assert m["raw"]["iou"]["null"] == S.LOW_OVERLAP
+    diff = [r["refined_iou"] - r["raw_iou"] for r in a["refinement"]]
+    assert m["refined_minus_raw"]["n"] == 4 and m["refined_minus_raw"]["effect"] == pytest.approx(np.mean(diff))
+    assert m["refined_minus_raw"]["test"] == "dataset bootstrap (percentile)"
+    corr = lambda v: [(x - c) / (1 - c) for x, c in zip(O.off_diagonal(a["matrix"][v, "global"]),  # noqa: E731
+                                                        O.off_diagonal(a["chance"][v, "global"]))]
+    assert m["raw"]["corrected"]["effect"] == pytest.approx(np.mean(corr("raw")))
+    assert m["refined_minus_raw_corrected"]["effect"] == pytest.approx(np.mean(corr("refined")) - np.mean(corr("raw")))
+    record = RS.OverlapMetrics.parse(json.loads(json.dumps(full)))
+    assert record.to_dict() == json.loads(json.dumps(full))
+    got = record.models["m"]["snip"].raw.estimate()
+    assert (got.n, got.effect, got.ci) == (4, m["raw"]["mean_iou"], (lo, hi))
     assert m["split_half_iou"] == pytest.approx(np.mean(list(halves["m", "snip"]["within"].values())))
     assert m["between_half_iou"] == pytest.approx(between) and m["between_half"] == {"d0|d3": pytest.approx(between)}
     json.dumps(m, allow_nan=False)
     assert S.split_half(tmp_path / "none", results) == {("m", "snip"): {"within": {}, "between": {}}}
     empty = S.metrics(S.summary(results, tmp_path), est, {})["m"]["snip"]
     assert empty["split_half_iou"] is None and empty["between_half_iou"] is None
-    table = S.noise_ceiling({"m": {"snip": m}})
+    table = S.noise_ceiling(full)
     assert set(table.measure) == {"between datasets", "split-half (same dataset)",
                                   "between datasets, half-size regions"}
     assert S.error_bars(table, "t").axes
+
+
+def _brute_pair_mean(m, draws):
+    """The dataset-bootstrap statistic written out: mean of m over the pairs of positions p < q of a resample
+    whose datasets differ; None where there is none."""
+    vals = [m[draws[p], draws[q]] for p, q in itertools.combinations(range(len(draws)), 2) if draws[p] != draws[q]]
+    return float(np.mean(vals)) if vals else None
+
+
+def test_dataset_bootstrap_against_every_resample_of_a_planted_matrix():
+    """5 datasets, 5^5 equally likely resamples enumerated: the vectorized statistic equals the brute-force one
+    on each, the Monte-Carlo interval sits at the exact bootstrap quantiles, a seed gives one result, and no
+    pair of a dataset with itself enters (its IoU 1 would pull the mean up)."""
+    from saferegions import dataset_bootstrap as B
+    rng = np.random.default_rng(3)
+    m = rng.uniform(0.05, 0.6, (5, 5))
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 1.0)
+    every = np.array(list(itertools.product(range(5), repeat=5)))
+    fast = B.pair_mean(m, every)
+    brute = [_brute_pair_mean(m, t) for t in every]
+    assert [x is None for x in brute] == list(np.isnan(fast)) and sum(x is None for x in brute) == 5
+    defined = np.array([x for x in brute if x is not None])
+    assert np.allclose(fast[~np.isnan(fast)], defined)
+    est = B.estimate(m, seed=7, n_resamples=20000)
+    lo, hi = est["ci"]
+    assert 0.015 <= (defined <= lo).mean() and (defined < lo).mean() <= 0.035
+    assert 0.965 <= (defined <= hi).mean() and (defined < hi).mean() <= 0.985
+    assert est["n"] == 5 and est["effect"] == pytest.approx(O.off_diagonal(m).mean())
+    assert B.estimate(m, seed=7) == B.estimate(m, seed=7)
+    assert 0 < est["p"] < 0.01 and B.estimate(m, 7, null=est["effect"])["p"] > 0.5
+    flat = np.full((5, 5), 0.3)
+    np.fill_diagonal(flat, 1.0)
+    assert B.estimate(flat)["ci"] == pytest.approx([0.3, 0.3])      # self-pairs never enter
+    two = B.estimate(m[:2, :2])
+    assert two["ci"] is None and two["p"] is None and "needs at least 3 datasets" in two["reason"]
+    assert two["effect"] == m[0, 1] and two["n"] == 2
+    gone = m.copy()
+    gone[4, :4] = gone[:4, 4] = np.nan                              # dataset 4's region is empty
+    assert B.estimate(gone)["n"] == 4 and B.estimate(gone)["effect"] == pytest.approx(O.off_diagonal(m[:4, :4]).mean())
+    assert B.estimate(np.full((3, 3), np.nan))["reason"].startswith("undefined")
+
+
+def test_dataset_bootstrap_is_wider_than_resampling_pairs_when_datasets_differ():
+    """Planted dataset effects (IoU_ij = 0.2 + a_i + a_j): the pairs share datasets, so resampling the 45 pairs
+    as independent draws understates the spread the dataset bootstrap sees."""
+    from saferegions import dataset_bootstrap as B, evidence
+    a = np.random.default_rng(0).uniform(0, 0.2, 10)
+    m = 0.2 + a[:, None] + a[None, :]
+    np.fill_diagonal(m, 1.0)
+    by_dataset, by_pair = B.estimate(m)["ci"], evidence.mean(O.off_diagonal(m)).ci
+    assert by_dataset[1] - by_dataset[0] > 1.5 * (by_pair[1] - by_pair[0])
+
+
+def test_chance_correction_against_random_masks():
+    """The chance of analyze() is the mean IoU of random regions with the planted regions' per-matrix sizes
+    (raw: anywhere; refined: outside U), so their chance-corrected IoU averages 0 (Monte-Carlo, 300 draws),
+    while the global-density formula f / (2 − f) misses it where the sizes differ by matrix."""
+    from saferegions import dataset_bootstrap as B
+    shapes = {"model.layers.0.mlp.up_proj.weight": (60, 100), "model.layers.1.mlp.up_proj.weight": (60, 100)}
+    dense = lambda k, f0, f1: R.Region({n: torch.rand(s, generator=torch.Generator().manual_seed(k + i))  # noqa: E731
+                                        < (f0, f1)[i] for i, (n, s) in enumerate(shapes.items())}, {})
+    raw = {"a": dense(0, 0.4, 0.02), "b": dense(10, 0.3, 0.05), "c": dense(20, 0.35, 0.01)}
+    util = dense(30, 0.3, 0.3)
+    refined = {d: R.difference(r, util) for d, r in raw.items()}
+    res = O.analyze(raw, refined, util, ["raw", "refined"], ["global"], n_orders=1, seed=0, draws=10)
+    g = torch.Generator().manual_seed(1)
+
+    def draw(region, outside):   # the region's per-matrix count at random entries (outside U where given)
+        masks = {}
+        for n, m in region.masks.items():
+            free = torch.nonzero(~outside.masks[n].flatten() if outside else torch.ones(m.numel(), dtype=torch.bool)).flatten()
+            pick = free[torch.randperm(free.numel(), generator=g)[:int(m.sum())]]
+            masks[n] = torch.zeros(m.numel(), dtype=torch.bool).index_fill_(0, pick, True).view(m.shape)
+        return R.Region(masks, {})
+
+    for v, regs, outside in (("raw", raw, None), ("refined", refined, util)):
+        chance = res["chance"][v, "global"][0, 1]
+        sims = np.array([O.iou(draw(regs["a"], outside), draw(regs["b"], outside)) for _ in range(300)])
+        corr = O.corrected(sims, chance)
+        assert abs(corr.mean()) < 3 * corr.std() / math.sqrt(len(corr)) + 1e-3, (v, corr.mean())
+    f = raw["a"].density, raw["b"].density
+    assert abs(O.chance_iou(*f) - res["chance"]["raw", "global"][0, 1]) > 0.05
+    observed = res["matrix"]["raw", "global"][0, 1]
+    c = res["chance"]["raw", "global"][0, 1]
+    assert O.corrected(observed, c) == pytest.approx((observed - c) / (1 - c))
+    assert O.corrected(c, c) == 0 and O.corrected(1.0, c) == 1 and math.isnan(O.corrected(0.5, 1.0))
+    est = B.analysis_estimates(res, "global", 0, 0.5)
+    pairs = lambda v: O.corrected(O.off_diagonal(res["matrix"][v, "global"]),  # noqa: E731
+                                  O.off_diagonal(res["chance"][v, "global"]))
+    assert est["raw"]["corrected"]["effect"] == pytest.approx(pairs("raw").mean())
+    assert est["refined_minus_raw_corrected"]["effect"] == pytest.approx(pairs("refined").mean() - pairs("raw").mean())
+
+
+def test_no_overlap_interval_is_nan(tmp_path):
+    """Methods with 3 datasets, 2 datasets and empty regions: metrics.json is strict JSON, every interval is a
+    finite [low, high] or null with a reason, the record reads it back, the notebook's tables and verdict never
+    print nan, and a missing interval decides nothing (inconclusive)."""
+    from saferegions import evidence, results as RS, tables
+    from saferegions.stages import overlap as S
+    core = rand_region(100, 0.1)
+    util = rand_region(50, 0.05)
+    empty = R.Region({n: torch.zeros(s, dtype=torch.bool) for n, s in SHAPES.items()}, {})
+    res = {}
+    for method, k in (("wanda", 3), ("snip", 2)):
+        raw = {f"d{j}": R.union(core, rand_region(j + 10 * k, 0.02)) for j in range(k)}
+        res["m", method] = O.analyze(raw, {d: R.difference(r, util) for d, r in raw.items()}, util,
+                                     ["raw", "refined"], ["global"], 2, 0, 100)
+    res["m", "layer"] = O.analyze({"d0": empty, "d1": empty, "d2": empty}, {"d0": empty, "d1": empty, "d2": empty},
+                                  util, ["raw", "refined"], ["global"], 2, 0, 100)
+    summary = S.summary(res, tmp_path)
+    metrics = S.metrics(summary, S.dataset_estimates(res), {})
+    text = json.dumps(metrics, allow_nan=False)
+    assert not re.search(r"\bnan\b", text, re.I)
+    estimates = [e for m, k, per in S._methods(metrics) for v, key, _ in S.MEASURES
+                 if (e := (per.get(v) or {}).get(key) if v else per.get(key))]
+    assert len(estimates) == 18
+    for e in estimates:
+        assert (e["ci"] is None) == (e["reason"] is not None)
+        assert e["ci"] is None or all(math.isfinite(x) for x in e["ci"])
+    assert metrics["m"]["wanda"]["raw"]["iou"]["ci"] is not None
+    assert metrics["m"]["snip"]["raw"]["iou"]["reason"].startswith("every resample with a pair repeats")
+    assert metrics["m"]["layer"]["raw"]["iou"]["reason"].startswith("undefined")
+    record = RS.OverlapMetrics.parse(json.loads(text))
+    parts = dict(record.per_method("raw"))
+    assert list(parts) == ["m/wanda", "m/snip", "m/layer"] and parts["m/wanda"].ci == metrics["m"]["wanda"]["raw"]["iou"]["ci"]
+    assert evidence.verdict(parts["m/snip"].estimate(), 0.5, "<") == evidence.Verdict.INCONCLUSIVE
+    assert parts["m/layer"].estimate() is None
+    drops = dict(record.per_method("refined_minus_raw_corrected"))
+    assert drops["m/wanda"].effect == metrics["m"]["wanda"]["refined_minus_raw_corrected"]["effect"]
+    assert dict(record.per_method("refined.corrected"))["m/snip"].reason.startswith("every resample")
+    shown = tables.table(S.metrics_table(metrics), index=False).to_html()
+    verdict = S.verdict(summary, S.plateau(S.convergence(res)), pd.DataFrame(), S.refinement(res), ["raw", "refined"],
+                        metrics)
+    assert "needs at least 3 datasets" in shown and "needs at least 3 datasets" in verdict
+    assert not re.search(r"\bnan\b", shown, re.I) and not re.search(r"\bnan\b", verdict, re.I)

@@ -78,7 +78,7 @@ print("cross-check with overlap.iou: identical")
 # One matrix per model × method (global scope; per-matrix tables are in `results/overlap/tables/`). Off the
 # diagonal, each cell is the IoU of the regions found from two datasets. The summary gives mean ± sd of the
 # off-diagonal IoU beside the chance IoU of random regions with the same per-matrix counts, their ratio and the
-# chance-corrected overlap.
+# mean chance-corrected overlap (pair by pair); their intervals over datasets are in the metrics section.
 # %%
 summary = overlap.summary(results, TAB)
 summary.to_csv(TAB / "summary.csv", index=False)
@@ -208,22 +208,26 @@ else:
     print("bootstrap off (overlap.bootstrap.n_resamples = 0 or no bootstrap method identified)")
 # %% [md]
 # ## Metrics, intervals and the noise ceiling
-# `results/overlap/metrics.json`: per model and method, mean off-diagonal IoU (global scope) with its 95%
-# percentile-bootstrap interval over dataset pairs (`mean_iou_ci`, `n_pairs`) and its chance value, raw and
-# refined; `refined_minus_raw`: refined − raw IoU paired over dataset pairs (bootstrap CI, permutation p);
+# `results/overlap/metrics.json`, per model and method (global scope): the mean off-diagonal IoU and its chance
+# value, raw and refined; the mean chance-corrected IoU (IoU − chance) / (1 − chance), pair by pair; and the
+# refinement drop refined − raw in both forms. Every interval resamples the **datasets**, not the pairs (the
+# pairs share datasets, so they are not independent draws): a resample draws the datasets with replacement and
+# averages over the pairs of two different drawn datasets, each as often as it was drawn (docs/methods.md §3.6).
+# n is the number of datasets; a method with fewer than three has no interval, and the table says why in its
+# place. The mean raw IoU's p is against the low-overlap threshold, the others' against 0.
 # `split_half_iou`: the IoU of the regions found from the two halves of one dataset's calibration pairs
 # (`<dataset>.half0.raw` / `.half1.raw`, written by identify for `identify.split_half_datasets`; null where
 # absent). The split-half IoU is the noise ceiling: between-dataset IoU near it means the datasets agree as
 # well as one dataset agrees with itself. Regions from half the examples overlap less than full-size ones, so
 # the ceiling is compared with `between_half_iou`, the IoU between the half-size regions of two different
-# datasets: far below the split-half IoU means the datasets' regions differ beyond sampling noise. Pairs share datasets, so the pair bootstrap understates the
-# interval somewhat. Every matrix is in `results/overlap/tables/`.
+# datasets: far below the split-half IoU means the datasets' regions differ beyond sampling noise. Every matrix
+# is in `results/overlap/tables/`.
 # %%
-estimates = overlap.pair_estimates(results, ov.seed)
+estimates = overlap.dataset_estimates(results, ov.seed)
 halves = overlap.split_half(IDENT, results)
 metrics = overlap.metrics(summary, estimates, halves)
 overlap.save_metrics(RESULTS / "metrics.json", metrics)
-display(overlap.table(overlap.metrics_table(metrics)))
+display(overlap.table(overlap.metrics_table(metrics), index=False))
 ceiling = overlap.noise_ceiling(metrics)
 if ceiling.empty:
     print("no defined IoU: no noise-ceiling figure")
@@ -236,4 +240,4 @@ else:
 # Computed from the numbers above; read it with the CPU reductions at the top in mind (few calibration examples
 # per dataset, some methods on a subset of datasets, an NLSR LoRA trained for a few steps).
 # %%
-display(Markdown(overlap.verdict(summary, plateau, ci, refinement, VARIANTS)))
+display(Markdown(overlap.verdict(summary, plateau, ci, refinement, VARIANTS, metrics)))

@@ -1,12 +1,11 @@
 """Overlap of identified regions (stage `overlap`, docs/methods.md §3.3-3.5): pairwise, multi-way, chance,
-refinement, cross-method and cross-size (the prompt bootstrap is in methods/resample.py).
+refinement, cross-method and cross-size (the prompt bootstrap is in methods/resample.py, the dataset bootstrap
+in dataset_bootstrap.py).
 
-Every count comes from one streaming pass per set of regions (`count`): the analyses first *plan* the
-intersections and unions they need (every pair, every prefix of the random orderings, the same with the
-utility region subtracted), then one pass over the tensors popcounts all of them on packed bits, with only one
-tensor's bits of each region in memory (a few hundred KB for a 0.5B model, cache-resident, so the hundreds of
-queries of a 10-dataset analysis cost one read of the regions, not hundreds). Per-tensor counts are kept, so
-global and per-matrix scopes and per-layer/component profiles need no second pass. `iou`, `multiway_iou` and
+Every count comes from one streaming pass per set of regions (`count`): the analyses *plan* the intersections
+and unions they need, then one pass popcounts all of them on packed bits, one tensor at a time (cache-resident,
+so the hundreds of queries of a 10-dataset analysis cost one read of the regions). Per-tensor counts are kept,
+so global and per-matrix scopes and per-layer/component profiles need no second pass. `iou`, `multiway_iou` and
 `refined_iou` are the one-query forms of the same count.
 """
 from __future__ import annotations
@@ -196,9 +195,8 @@ class _Tensor:
 
 
 def count(regs: Sequence[Region | PackedRegion], names: Sequence[str], queries: Sequence[Query]) -> Counts:
-    """Popcount every query, one tensor at a time: only that tensor's packed bits of each region exist
-    (cache-sized, so the many queries of a 10-dataset analysis re-read cached words, not RAM); see `_Tensor`
-    for the set algebra that keeps the passes few."""
+    """Popcount every query, one tensor at a time (only that tensor's packed bits of each region exist); see
+    `_Tensor` for the set algebra that keeps the passes few."""
     regs, names = list(regs), list(names)
     if not regs or len(names) != len(regs) or len(set(names)) != len(names):
         raise ValueError("count needs >= 1 region and one distinct name per region")
@@ -310,9 +308,12 @@ def _chance_layers(counts: tuple, weights: tuple, draws: int, seed: int) -> floa
     return float((inter[ok] / uni[ok]).mean()) if ok.any() else math.nan
 
 
-def corrected(observed: float, chance: float) -> float:
-    """Chance-corrected overlap (observed − chance) / (1 − chance): 0 = chance, 1 = identical regions."""
-    return (observed - chance) / (1 - chance) if chance < 1 else math.nan
+def corrected(observed, chance):
+    """Chance-corrected overlap (observed − chance) / (1 − chance): 0 = chance, 1 = identical regions; entrywise
+    for arrays (pair matrices), NaN where chance is 1 (no room above it) or either is undefined."""
+    o, c = np.asarray(observed, dtype=float), np.asarray(chance, dtype=float)
+    out = np.where(c < 1, (o - c) / np.where(c < 1, 1 - c, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 # ---------------------------------------------------------------- analyses built on the histogram
@@ -392,13 +393,11 @@ def refinement_terms(m: Counts, a, b, u) -> dict:
             "u_frac_of_union": uni_u / uni if uni else math.nan}
 
 
-def interval(values, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of bootstrap values (NaN-free)."""
+def interval(values, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of the defined bootstrap values; None where none is defined."""
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
-    if not v.size:
-        return math.nan, math.nan
     lo = (1 - level) / 2
-    return float(np.quantile(v, lo)), float(np.quantile(v, 1 - lo))
+    return (float(np.quantile(v, lo)), float(np.quantile(v, 1 - lo))) if v.size else None
 
 
 # ---------------------------------------------------------------- one method's whole analysis

@@ -282,14 +282,40 @@ class ValidateMetrics(Record):
 
 
 @dataclass(kw_only=True)
+class DatasetEstimate(Record):
+    """A `dataset_bootstrap.estimate`: a mean over dataset pairs, n = datasets, its dataset-bootstrap 95% ci and
+    p against `null`; ci and p are null where no interval can be formed, and `reason` says why."""
+    n: int
+    effect: float | None = field(metadata={"lo": None})
+    ci: Interval | None = optional()
+    test: str
+    p: float | None = rate(None)
+    null: float | None = optional(lo=None)
+    reason: str | None = optional()
+
+    def estimate(self) -> evidence.Estimate | None:
+        """The Estimate (ci NaN where there is none, so `evidence.verdict` reads it inconclusive); None where
+        the mean is undefined."""
+        if self.effect is None:
+            return None
+        ci = (math.nan, math.nan) if self.ci is None else tuple(math.nan if c is None else float(c) for c in self.ci)
+        return evidence.Estimate(self.n, float(self.effect), ci, self.test, self.p)
+
+
+@dataclass(kw_only=True)
 class MeanIou(Record):
     mean_iou: float | None = rate()
     chance_iou: float | None = rate()
-    mean_iou_ci: Interval | None = optional()
+    mean_iou_ci: Interval | None = optional()    # = iou.ci
     n_pairs: int | None = optional()
+    n_datasets: int | None = optional()
+    iou: DatasetEstimate | None = optional()     # the mean IoU over dataset pairs, dataset bootstrap
+    corrected: DatasetEstimate | None = optional()   # the same for (IoU − chance) / (1 − chance), pair by pair
 
     def estimate(self) -> evidence.Estimate | None:
-        """Mean IoU over dataset pairs as an Estimate (None where undefined or without its pairs)."""
+        """Mean IoU over dataset pairs as an Estimate (n = datasets); None where undefined."""
+        if self.iou is not None:
+            return self.iou.estimate()
         if self.mean_iou is None or not self.n_pairs:
             return None
         return EstimateRecord(n=self.n_pairs, effect=self.mean_iou, ci=self.mean_iou_ci or [None, None],
@@ -300,7 +326,8 @@ class MeanIou(Record):
 class OverlapMethod(Record):
     raw: MeanIou
     refined: MeanIou
-    refined_minus_raw: EstimateRecord | None = optional()
+    refined_minus_raw: DatasetEstimate | None = optional()
+    refined_minus_raw_corrected: DatasetEstimate | None = optional()
     split_half_iou: float | None = rate(None)
     between_half_iou: float | None = rate(None)
 
@@ -310,6 +337,17 @@ class OverlapMetrics(Record):
     """{MODEL: {METHOD: overlap of its regions across datasets}}."""
     models: dict[str, dict[str, OverlapMethod]]
     REST: ClassVar[str] = "models"
+
+    def per_method(self, measure: str) -> list[tuple[str, DatasetEstimate | None]]:
+        """("MODEL/METHOD", its dataset-bootstrap estimate) of every model × method, for the parts of a claim
+        decided over every method. `measure`: "raw" / "refined" (mean IoU), "raw.corrected" /
+        "refined.corrected" (mean chance-corrected IoU), "refined_minus_raw", "refined_minus_raw_corrected"."""
+        def pick(v: OverlapMethod):
+            variant, _, corrected = measure.partition(".")
+            if variant in ("raw", "refined"):
+                return getattr(getattr(v, variant), corrected or "iou")
+            return getattr(v, measure)
+        return [(f"{m}/{k}", pick(v)) for m, methods in self.models.items() for k, v in methods.items()]
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import config, evidence, models, overlap, plots, regions, results   # noqa: F401 (config: for the notebook)
+from .. import config, dataset_bootstrap, evidence, models, overlap, plots, regions, results   # noqa: F401 (config: for the notebook)
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..io import write_json   # noqa: F401 (for the notebook)
 from ..methods.context import load_calibration
@@ -20,6 +20,7 @@ from ..regions import RegionKind
 
 MAIN = "global"   # scope of the summary numbers and metrics.json
 VARIANT_KEYS = ("raw", "refined")
+LOW_OVERLAP = evidence.THRESHOLDS["p1_low_overlap"][0]   # the p of a mean raw IoU is against this threshold
 
 
 def nan_none(x):
@@ -97,7 +98,7 @@ def summary(results: dict, tab: Path) -> pd.DataFrame:
             rows.append({"model": role, "method": method, "variant": v, "scope": scope, "datasets": len(ds),
                          "mean_iou": mean, "sd_iou": float(np.nanstd(off, ddof=1)) if off.size > 1 else math.nan,
                          "chance_iou": chance, "ratio": mean / chance if chance else math.nan,
-                         "corrected": overlap.corrected(mean, chance)})
+                         "corrected": _nanmean(overlap.off_diagonal(overlap.corrected(m, a["chance"][v, scope])))})
     return pd.DataFrame(rows)
 
 
@@ -302,24 +303,18 @@ def bootstrap_intervals(boot: pd.DataFrame, results: dict, role: str, variants) 
         res = results[role, m]
         i, j = res["datasets"].index(a), res["datasets"].index(b)
         for v in [x for x in variants if x in g]:
-            lo, hi = overlap.interval(g[v])
+            ci = overlap.interval(g[v])
             rows.append({"method": m, "pair": pair, "variant": v, "observed": res["matrix"][v, MAIN][i, j],
-                         "bootstrap mean": g[v].mean(), "low": lo, "high": hi, "chance": res["chance"][v, MAIN][i, j],
-                         "resamples": len(g)})
+                         "bootstrap mean": g[v].mean(), "low": ci and ci[0], "high": ci and ci[1],
+                         "reason": None if ci else "no resample has a defined IoU (empty regions)",
+                         "chance": res["chance"][v, MAIN][i, j], "resamples": len(g)})
     return pd.DataFrame(rows)
 
 
-def pair_estimates(results: dict, seed: int = 0) -> dict:
-    """{(role, method): {variant: Estimate of the mean IoU over dataset pairs (global scope)}, "refined_minus_raw":
-    refined − raw IoU paired over dataset pairs}, from `evidence` (bootstrap CI; permutation p)."""
-    out = {}
-    for key, a in results.items():
-        out[key] = {v: evidence.mean(overlap.off_diagonal(m), seed) for (v, scope), m in a["matrix"].items()
-                    if scope == MAIN}
-        rows = a["refinement"]
-        out[key]["refined_minus_raw"] = evidence.paired_mean_difference(
-            [r["refined_iou"] for r in rows], [r["raw_iou"] for r in rows], seed) if rows else None
-    return out
+def dataset_estimates(results: dict, seed: int = 0) -> dict:
+    """{(role, method): `dataset_bootstrap.analysis_estimates`} (global scope), the mean IoU's p against the
+    low-overlap threshold."""
+    return {key: dataset_bootstrap.analysis_estimates(a, MAIN, seed, LOW_OVERLAP) for key, a in results.items()}
 
 
 def split_half(ident: Path, keys) -> dict:
@@ -345,20 +340,22 @@ def split_half(ident: Path, keys) -> dict:
 
 
 def metrics(summary_table: pd.DataFrame, estimates: dict | None = None, halves: dict | None = None) -> dict:
-    """results/overlap/metrics.json: {MODEL: {METHOD: {variant: {mean_iou, chance_iou, mean_iou_ci, n_pairs},
-    refined_minus_raw: Estimate dict, split_half_iou: mean over datasets, split_half: {dataset: IoU},
-    between_half_iou: mean over dataset pairs, between_half: {"d1|d2": IoU}}}} (the last four from
-    `split_half`); null = undefined or not measured."""
+    """results/overlap/metrics.json: {MODEL: {METHOD: {variant: {mean_iou, chance_iou, mean_iou_ci, n_pairs,
+    n_datasets, iou, corrected}, refined_minus_raw, refined_minus_raw_corrected, split_half_iou, split_half: {dataset:
+    IoU}, between_half_iou, between_half: {"d1|d2": IoU}}}}; `iou`, `corrected` and the two drops are
+    `dataset_estimates` (n = datasets; an interval that cannot be formed is null with its `reason`), the last four
+    from `split_half`; null = undefined or not measured."""
     out = {}
     for r in summary_table[summary_table.scope == MAIN].itertuples():
         entry = {"mean_iou": nan_none(r.mean_iou), "chance_iou": nan_none(r.chance_iou)}
         est = (estimates or {}).get((r.model, r.method), {}).get(r.variant)
         if est is not None:
-            entry.update(mean_iou_ci=[nan_none(c) for c in est.ci], n_pairs=est.n)
+            entry.update(mean_iou_ci=est["iou"]["ci"], n_datasets=est["iou"]["n"], **est)
         out.setdefault(r.model, {}).setdefault(r.method, {})[r.variant] = entry
     for (role, method), per in [((m, k), v) for m, ms in out.items() for k, v in ms.items()]:
-        diff = (estimates or {}).get((role, method), {}).get("refined_minus_raw")
-        per["refined_minus_raw"] = _plain(diff.as_dict()) if diff is not None else None
+        found = (estimates or {}).get((role, method), {})
+        for k in ("refined_minus_raw", "refined_minus_raw_corrected"):
+            per[k] = found.get(k)
         found = (halves or {}).get((role, method)) or {"within": {}, "between": {}}
         per.update(split_half_iou=_mean_defined(found["within"]), split_half=found["within"],
                    between_half_iou=_mean_defined(found["between"]), between_half=found["between"])
@@ -371,29 +368,27 @@ def _mean_defined(ious: dict) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def _plain(d: dict) -> dict:
-    """An Estimate dict with NaN as null (metrics.json is strict JSON)."""
-    return {k: (nan_none(v) if isinstance(v, float) else [nan_none(c) for c in v] if k == "ci" else v)
-            for k, v in d.items()}
-
-
 def noise_ceiling(metrics_: dict) -> pd.DataFrame:
     """Between-dataset mean IoU with its 95% CI beside the within-dataset split-half IoU and the between-dataset
     IoU of the same half-size regions, one row per model × method × variant and measure (the error-bar figure)."""
     rows = []
-    for model, methods in metrics_.items():
-        for method, per in methods.items():
-            for v in VARIANT_KEYS:
-                if v in per and per[v].get("mean_iou") is not None:
-                    lo, hi = per[v].get("mean_iou_ci") or [None, None]
-                    rows.append({"condition": f"{model} · {method} · {v}", "measure": "between datasets",
-                                 "IoU": per[v]["mean_iou"], "low": lo, "high": hi, "n": per[v].get("n_pairs")})
-            for key, measure, n in (("between_half_iou", "between datasets, half-size regions", "between_half"),
-                                    ("split_half_iou", "split-half (same dataset)", "split_half")):
-                if per.get(key) is not None:
-                    rows.append({"condition": f"{model} · {method} · raw", "measure": measure, "IoU": per[key],
-                                 "low": None, "high": None, "n": len(per[n])})
+    for model, method, per in _methods(metrics_):
+        for v in VARIANT_KEYS:
+            if v in per and per[v].get("mean_iou") is not None:
+                lo, hi = per[v].get("mean_iou_ci") or [None, None]
+                rows.append({"condition": f"{model} · {method} · {v}", "measure": "between datasets",
+                             "IoU": per[v]["mean_iou"], "low": lo, "high": hi, "n": per[v].get("n_datasets")})
+        for key, measure, n in (("between_half_iou", "between datasets, half-size regions", "between_half"),
+                                ("split_half_iou", "split-half (same dataset)", "split_half")):
+            if per.get(key) is not None:
+                rows.append({"condition": f"{model} · {method} · raw", "measure": measure, "IoU": per[key],
+                             "low": None, "high": None, "n": len(per[n])})
     return pd.DataFrame(rows)
+
+
+def _methods(metrics_: dict) -> list[tuple[str, str, dict]]:
+    """(model, method, its metrics) of metrics.json."""
+    return [(m, k, per) for m, methods in metrics_.items() for k, per in methods.items()]
 
 
 def error_bars(table: pd.DataFrame, title: str):
@@ -414,14 +409,28 @@ def error_bars(table: pd.DataFrame, title: str):
     return fig
 
 
+MEASURES = (("raw", "iou", "mean IoU, raw"), ("refined", "iou", "mean IoU, refined"),
+            ("raw", "corrected", "chance-corrected IoU, raw"), ("refined", "corrected", "chance-corrected IoU, refined"),
+            (None, "refined_minus_raw", "refined − raw IoU"),
+            (None, "refined_minus_raw_corrected", "refined − raw, chance-corrected"))
+
+
 def metrics_table(metrics_: dict) -> pd.DataFrame:
-    """metrics.json as one row per model × method, one column per variant × number."""
-    return pd.DataFrame({(m, meth): {f"{v} {k}": x for v, d in per.items() if v in VARIANT_KEYS
-                                      for k, x in d.items()}
-                          | {"refined − raw": (per.get("refined_minus_raw") or {}).get("effect"),
-                             "split-half IoU": per.get("split_half_iou"),
-                             "between, half size": per.get("between_half_iou")}
-                         for m, methods in metrics_.items() for meth, per in methods.items()}).T
+    """metrics.json's dataset-bootstrap estimates, one row per model × method × measure (n = datasets); where
+    no interval could be formed, the reason stands in its place."""
+    return pd.DataFrame([{"model": model, "method": method, "measure": name, "n datasets": e["n"],
+                          "effect": e["effect"], "effect_ci": e["ci"], "p": e["p"], "no interval because": e["reason"]}
+                         for model, method, per in _methods(metrics_) for v, key, name in MEASURES
+                         if (e := (per.get(v) or {}).get(key) if v else per.get(key))])
+
+
+def _with_ci(e: dict | None, why: bool = True) -> str:
+    """'0.234 [0.044, 0.449] over 5 datasets' or '0.620 over 2 datasets (no interval: reason)'."""
+    if not e or e["effect"] is None:
+        return "undefined (empty regions)"
+    if e["ci"] is None:
+        return f"{e['effect']:.3f} over {e['n']} datasets (no interval" + (f": {e['reason']})" if why else ")")
+    return f"{e['effect']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}] over {e['n']} datasets"
 
 
 def _convergence_verdict(r) -> str:
@@ -437,8 +446,10 @@ def _convergence_verdict(r) -> str:
 
 
 def verdict(summary_table: pd.DataFrame, plateau_table: pd.DataFrame, ci: pd.DataFrame,
-            refinement_table: pd.DataFrame, variants) -> str:
-    """The plain-language answer to RQ1 (overlap across datasets) and RQ2 (utility refinement), with numbers."""
+            refinement_table: pd.DataFrame, variants, metrics_: dict | None = None) -> str:
+    """The plain-language answer to RQ1 (overlap across datasets) and RQ2 (utility refinement), with numbers and,
+    from `metrics_` (metrics.json), the dataset-bootstrap intervals."""
+    per = {(m, k): v for m, k, v in _methods(metrics_ or {})}
     main = summary_table[(summary_table.scope == MAIN) & summary_table.mean_iou.notna()]
     first = "raw" if "raw" in variants else variants[0]
     raw = main[main.variant == first]
@@ -447,17 +458,23 @@ def verdict(summary_table: pd.DataFrame, plateau_table: pd.DataFrame, ci: pd.Dat
              f"{first} regions from different datasets overlap well above chance "
              "(mean IoU at least twice the chance IoU and chance-corrected overlap above 0.05):"]
     for r in raw.itertuples():
-        lines.append(f"- {r.model} · {r.method}: mean IoU {r.mean_iou:.3f} ± {r.sd_iou:.3f} over {r.datasets} datasets "
-                     f"vs chance {r.chance_iou:.4f} ({r.ratio:.1f}×, chance-corrected {r.corrected:.3f}).")
+        est = per.get((r.model, r.method), {}).get(first) or {}
+        iou = _with_ci(est.get("iou")) if est else f"{r.mean_iou:.3f} over {r.datasets} datasets"
+        lines.append(f"- {r.model} · {r.method}: mean IoU {iou} vs chance {r.chance_iou:.4f} ({r.ratio:.1f}×); "
+                     f"chance-corrected {_with_ci(est.get('corrected'), False) if est else format(r.corrected, '.3f')}.")
     if not plateau_table.empty:
         for r in plateau_table[plateau_table.variant == first].itertuples():
+            if math.isnan(r.IoU_kmax):
+                lines.append(f"- convergence, {r.method}: {_convergence_verdict(r)}.")
+                continue
             lines.append(f"- convergence, {r.method}: IoU_2 {r.IoU_2:.3f} → IoU_{r.k_max} {r.IoU_kmax:.3f} (chance "
                          f"{r.chance_kmax:.1e}); {_convergence_verdict(r)}; {100 * r.survive_kmax:.1f}% of the first "
                          "dataset's region lies in every dataset's region.")
     if not ci.empty:
         for r in ci[ci.variant == first].itertuples():
-            lines.append(f"- bootstrap, {r.method} {r.pair}: observed {r.observed:.3f}, resampled range "
-                         f"[{r.low:.3f}, {r.high:.3f}] over {r.resamples} resamples (chance {r.chance:.4f}).")
+            spread = r.reason if r.reason else f"resampled range [{r.low:.3f}, {r.high:.3f}]"
+            lines.append(f"- prompt bootstrap, {r.method} {r.pair}: observed {r.observed:.3f}, {spread} over "
+                         f"{r.resamples} resamples (chance {r.chance:.4f}).")
     if {"raw", "refined"} <= set(variants) and not refinement_table.empty:
         d = refinement_table.groupby(["model", "method"])[
             ["raw_iou", "refined_iou", "u_frac_of_inter", "u_frac_of_union"]].mean()
@@ -465,10 +482,16 @@ def verdict(summary_table: pd.DataFrame, plateau_table: pd.DataFrame, ci: pd.Dat
                      f"{int((d.refined_iou < d.raw_iou).sum())} of {len(d)} model × method combinations and raises it "
                      f"for {int((d.refined_iou > d.raw_iou).sum())}:")
         for (role, method), r in d.iterrows():
+            if math.isnan(r.raw_iou):
+                lines.append(f"- {role} · {method}: undefined (the regions are empty).")
+                continue
             lines.append(f"- {role} · {method}: {r.raw_iou:.3f} → {r.refined_iou:.3f}; the utility region covers "
                          f"{100 * r.u_frac_of_inter:.1f}% of the shared part A ∩ B and {100 * r.u_frac_of_union:.1f}% "
                          f"of A ∪ B, so the shared parameters are "
                          f"{'more' if r.u_frac_of_inter > r.u_frac_of_union else 'less'} utility-critical than the rest.")
+            if (role, method) in per:
+                lines.append(f"  Refined − raw: IoU {_with_ci(per[role, method].get('refined_minus_raw'))}; "
+                             f"chance-corrected {_with_ci(per[role, method].get('refined_minus_raw_corrected'), False)}.")
     return "\n".join(lines)
 
 
