@@ -161,18 +161,38 @@ def findings(root: Path) -> str:
         body = fn(m, res) if m else [NOT_RUN]
         out += [f"**{title}**", "", *body, ""]
     claims = root / "results" / "report" / "claims.json"
-    out += ["**Each paper claim beside this run's number (report)**", ""]
-    if claims.exists():
-        rows = [[r["claim"], r.get("paper", "–"), r.get("condition") or "–", _estimate(r),
-                 _interval(r.get("ci_one_flip")), r.get("n", "–"),
-                 f"{r['direction']} {_f(r['threshold'])}" if r.get("threshold") is not None else "–",
-                 f"**{r['verdict']}**"]
-                for r in json.loads(claims.read_text()).values()]
-        out += _table(["claim", "paper", "condition", "effect [95% CI]", "one-prompt-flip interval", "n", "threshold",
-                       "verdict"], rows)
-    else:
-        out.append(NOT_RUN)
+    out += ["**Each paper claim with its parts beside this run's numbers (report)**", ""]
+    out += _claims(json.loads(claims.read_text())) if claims.exists() else [NOT_RUN]
     return "\n".join(out).rstrip("\n")
+
+
+def _threshold(p: dict) -> str:
+    return f"{p['direction']} {_f(p['threshold'])}" + (f" (margin {_f(p['margin'])})" if p.get("margin") else "")
+
+
+def _p(p) -> str:
+    return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _claims(claims: dict) -> list[str]:
+    """The claims table (each claim's row, then its parts' rows) and what each part measures."""
+    rows, metrics = [], {}
+    for cid, r in claims.items():
+        if "parts" not in r:
+            raise ValueError(f"results/report/claims.json: {cid} has no parts (written before claims had parts): "
+                             "re-run the report stage")
+        rows.append([f"**{r['claim']}**", r["paper"], r["reason"], "", "", "", "", "", f"**{r['verdict']}**"])
+        for p in r["parts"]:
+            rows.append([f"↳ {p['name']}" + (" (control)" if p["role"] == "control" else ""), "",
+                         p["condition"] or "–", _estimate(p), _interval(p["ci_one_flip"]), p["n"],
+                         _p(p["p_holm"]), _threshold(p),
+                         p["verdict"] + (f": {p['reason']}" if p["reason"] else "")])
+            if p["metric"]:
+                metrics.setdefault(p["metric"], []).append(p["name"])
+    return (_table(["claim / part", "paper", "condition", "effect [95% CI]", "one-prompt-flip interval", "n",
+                    "p (Holm)", "threshold", "verdict"], rows)
+            + ["", "What each part measures:", ""]
+            + [f"- {', '.join(dict.fromkeys(names))}: {m}" for m, names in metrics.items()])
 
 
 GENERATORS = {"timings": timings, "findings": findings}

@@ -392,18 +392,26 @@ class SpaMetrics(Record):
 
 
 @dataclass(kw_only=True)
-class ClaimNumbers(Record):
+class PartNumbers(Record):
     n: int
     effect: float | None = field(metadata={"lo": None})
     ci_low: float | None = field(metadata={"lo": None})
     ci_high: float | None = field(metadata={"lo": None})
     p: float | None = rate()
+    p_holm: float | None = rate()
     verdict: str
 
 
 @dataclass(kw_only=True)
+class ClaimNumbers(Record):
+    """A claim's verdict (the conjunction of its parts) and each part's numbers, keyed "name @ condition"."""
+    verdict: str
+    parts: dict[str, PartNumbers]
+
+
+@dataclass(kw_only=True)
 class ReportMetrics(Record):
-    """A number and a verdict per claim, the verdict counts, how many stages ran, the summed wall time."""
+    """A verdict per claim with its parts' numbers, the verdict counts, how many stages ran, the summed wall time."""
     claims: dict[str, ClaimNumbers]
     verdicts: dict[str, int]
     stages_run: int
