@@ -345,6 +345,8 @@ def _part_record(part: Part, p_holm: float | None) -> dict:
     base = est.as_dict() if est is not None else {"n": 0, "effect": None, "ci": None, "ci_one_flip": None,
                                                   "test": None, "p": None}
     reason = part.reason
+    if reason is None and est is not None and est.n and any(math.isnan(c) for c in est.ci):
+        reason = f"no 95% interval at n={est.n}"
     if part.guard and v != verdict(est, s.threshold, s.direction):
         reason = "; ".join(filter(None, [reason, f"{v.value} because {part.guard}"]))
     elif v is Verdict.INCONCLUSIVE and s.margin is None and verdict(est, s.threshold, s.direction) != v:

@@ -99,7 +99,8 @@ def _estimate(e) -> str:
         e = {"effect": e.effect, "ci": e.ci}
     if not e or e.get("effect") is None:
         return "–"
-    return f"{_f(e['effect'])} {_interval(e.get('ci') or [None, None])}"
+    ci = e.get("ci") or [None, None]
+    return f"{_f(e['effect'])} " + ("(no interval)" if None in ci else _interval(ci))
 
 
 def _interval(ci) -> str:

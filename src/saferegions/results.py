@@ -275,9 +275,11 @@ class ValidateCondition(Record):
 
 @dataclass(kw_only=True)
 class ValidateMetrics(Record):
-    """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference."""
+    """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference; "positive_control":
+    {MODEL: Estimate of ASR(refusal direction ablated) − ASR(intact)}."""
     models: dict[str, dict[str, dict[str, ValidateCondition]]]
     intact: dict[str, Rates] | None = optional()
+    positive_control: dict[str, EstimateRecord] | None = optional()
     REST: ClassVar[str] = "models"
 
 
@@ -385,9 +387,11 @@ class SpaTask(Record):
 
 @dataclass(kw_only=True)
 class SpaMetrics(Record):
-    """{TASK: {ARM: before/after}}, "drift": {TASK: {ARM: Estimate of ASR after − before}}."""
+    """{TASK: {ARM: before/after}}, "drift": {TASK: {ARM: Estimate of ASR after − before}}, "comparison":
+    {TASK: {name: Estimate}} (spa_vs_full, spa_vs_random: ASR after, paired; task_gain_full: task score gain)."""
     tasks: dict[str, SpaTask]
     drift: dict[str, dict[str, EstimateRecord]] | None = optional()
+    comparison: dict[str, dict[str, EstimateRecord]] | None = optional()
     REST: ClassVar[str] = "tasks"
 
 

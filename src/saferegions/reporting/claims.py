@@ -95,23 +95,33 @@ def _missing(stage: str, key: str, what: str = "") -> str:
 
 
 def generated(cfg, section: str, tokens_key: str = "max_new_tokens", system=...) -> str:
-    """How a stage's responses are judged: judge, tokens, decoding and system prompt, from its params."""
-    judge = _param(cfg, "evaluation", "judge")
+    """Which tokens of a stage's responses are judged: how many, decoding and system prompt, from its params."""
     n = _param(cfg, section, tokens_key)
     system = _param(cfg, section, "system_prompt") if system is ... else system
     sampled = section == "esi" and tokens_key == "perturb_max_new_tokens"
     decoding = (f"sampled (temperature {_param(cfg, 'esi', 'temperature')}, top-p {_param(cfg, 'esi', 'top_p')})"
                 if sampled else "greedy")
-    rule = "no refusal phrase in" if judge == config.JudgeKind.KEYWORD.value else f"{judge} judge: unsafe in"
     prompt = f"system prompt {system!r}" if system else "the model's default system prompt"
-    return f"{rule} the first {n} {decoding} tokens, {prompt}"
+    return f"the first {n} {decoding} tokens, {prompt}"
+
+
+def _keyword(cfg) -> bool:
+    return _param(cfg, "evaluation", "judge") == config.JudgeKind.KEYWORD.value
+
+
+def refusal_metric(cfg, section: str, what: str = "refusal rate") -> str:
+    """A refusal rate under its real name: the judge and the tokens it reads."""
+    judge = _param(cfg, "evaluation", "judge")
+    rule = "a refusal phrase in" if _keyword(cfg) else "judged a refusal in"
+    return f"{what}: {judge} judge, {rule} {generated(cfg, section)}"
 
 
 def asr_metric(cfg, section: str, tokens_key: str = "max_new_tokens", system=...) -> str:
     """The real name of what the stages call ASR."""
     judge = _param(cfg, "evaluation", "judge")
-    name = "refusal-onset rate" if judge == config.JudgeKind.KEYWORD.value else "unsafe-response rate"
-    return f"{name} (printed as ASR): {judge} judge, {generated(cfg, section, tokens_key, system)}"
+    name, rule = (("refusal-onset rate", "no refusal phrase in") if _keyword(cfg) else
+                  ("unsafe-response rate", "judged unsafe in"))
+    return f"{name} (printed as ASR): {judge} judge, {rule} {generated(cfg, section, tokens_key, system)}"
 
 
 def fmt(est: evidence.Estimate | None) -> str:
@@ -134,7 +144,7 @@ def _or_dash(x, spec: str = ".2f"):
 def _setup(results: dict, cfg) -> tuple[list[Part], str]:
     c = "setup_aligned_vs_unaligned"
     base = results.get("baseline")
-    metric = f"refusal rate: {_param(cfg, 'evaluation', 'judge')} judge, {generated(cfg, 'baseline')}"
+    metric = refusal_metric(cfg, "baseline")
     if not base:
         return [Part(c, "refusal_gap", None, metric, reason="baseline not run")], NOT_RUN
     from ..data import SAFETY_SETS
@@ -241,8 +251,10 @@ def _overlap(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
     return parts, {c: t if keys else NOT_RUN for c, t in text.items()}
 
 
-ESI_SHARES = {"v_share": "v_share_vs_null", "mlp_share": "mlp_share_vs_null",
-              "middle_third_share": "middle_third_share_vs_null"}   # part: key of results/esi/metrics.json
+# part: (key of results/esi/metrics.json, what it counts)
+ESI_SHARES = {"v_share": ("v_share_vs_null", "V (value matrices)"),
+              "mlp_share": ("mlp_share_vs_null", "MLP (gate, up, down)"),
+              "middle_third_share": ("middle_third_share_vs_null", "the middle third of layers")}
 
 
 def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
@@ -259,9 +271,9 @@ def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
                               None if est else _missing("esi", f"{m}.perturbation.top_vs_random")))
     n_mass = _param(cfg, "esi", "n_mass_prompts") or _param(cfg, "esi", "n_prompts") or "all"
     for m in dense:
-        for name, key in ESI_SHARES.items():
+        for name, (key, what) in ESI_SHARES.items():
             est = _est(_extra(esi[m], key))
-            metric = (f"{name.replace('_share', '').replace('_', ' ')} share of ESI mass − its share of entries, "
+            metric = (f"{what}: share of ESI mass − share of entries, "
                       f"over the blocks' matrices (lm_head and embeddings excluded), per prompt over {n_mass} "
                       "prompts; safety ESI minus a benign LM-loss ESI")
             parts.append(Part("p2_esi_dense_components", name, est, metric, m,
@@ -293,8 +305,7 @@ def _set(results: dict, cfg) -> tuple[list[Part], str]:
     comp, s = st.comparison or {}, st.arms["set"]
     benign = _param(cfg, "set", "benign_sets")
     metrics = {"asr_halved": asr_metric(cfg, "set"),
-               "benign_over_refusal": f"benign refusal rate on {', '.join(benign)}: {_param(cfg, 'evaluation', 'judge')} "
-                                      f"judge, refusal phrase in {generated(cfg, 'set')}",
+               "benign_over_refusal": refusal_metric(cfg, "set", f"benign refusal rate on {', '.join(benign)}"),
                "utility_ratio": "utility after / before: likelihood (1/perplexity) of the untuned model's greedy answers "
                                 "to held-out Alpaca prompts"}
     points = {"benign_over_refusal": f"point values {_or_dash(s.benign_refusal_before)} → "
