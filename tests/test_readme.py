@@ -123,7 +123,8 @@ def test_generator_on_a_tiny_results_dir(tmp_path):
     assert "| **a \\| b** | p | not testable here: ctl |  |  |  |  |  | **not run** |" in out      # claim, pipes
     assert "| ↳ gap |  | m/snip | 0.25 [0.125, 0.375] | [0.11, 0.39] | 96 | < 0.001 | > 0.10 | supported |" in out
     assert "| ↳ ratio |  | – | 0.95 [0.91, 0.99] | – | 32 | 0.040 | > 0.90 (margin 0.10) | supported |" in out
-    assert "| ↳ ctl (control) |  | – | – | – | 0 | – | < 0.50 | not run: results/x/metrics.json has no y |" in out
+    assert "| ↳ ctl (control) |  | – | – | – | 0 | – | < 0.50 | not run: results/x/metrics.json has no y |" \
+        in out
     assert "| **c** | p | not testable here: low |" in out and "| ↳ low |" in out
     assert "- gap: refusal-onset rate (printed as ASR): keyword judge\n- ratio: utility ratio" in out
     assert _check_tables(out) == []

@@ -228,11 +228,12 @@ def _overlap(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
     for model, method in keys:
         v, where = ov[model][method], f"{model}/{method}"
         raw = v.raw.estimate()
+        no_ci = raw is None or None in (v.raw.mean_iou_ci or [None])
         why = ("undefined (empty regions)" if v.raw.mean_iou is None else
-               f"no interval: {v.raw.n_pairs or 0} dataset pair(s)" if raw is None or None in (v.raw.mean_iou_ci or [None])
-               else None)
+               f"no interval: {v.raw.n_pairs or 0} dataset pair(s)" if no_ci else None)
         parts.append(Part("p1_low_overlap", "low_overlap", raw,
-                          f"IoU of {method}'s raw regions between datasets (chance {_or_dash(v.raw.chance_iou, '.3f')})",
+                          f"IoU of {method}'s raw regions between datasets "
+                          f"(chance {_or_dash(v.raw.chance_iou, '.3f')})",
                           where, why))
         drop = estimate(v.refined_minus_raw)
         parts.append(Part("p1_refined_overlap_drops", "refined_drop", drop,
@@ -290,8 +291,9 @@ def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
                 f"{m} " + "/".join(rate(v.perturbation, k) for k in ("none", "top", "random", "bottom"))
                 for m, v in esi.items()),
             "p2_esi_dense_components": "; ".join(
-                f"{m}: earlier V + MLP estimate with lm_head in the denominator {fmt(estimate(esi[m].dense_components))}"
-                " (not a part)" for m in dense) or f"{NOT_RUN} (no dense model in this run)",
+                f"{m}: earlier V + MLP estimate with lm_head in the denominator "
+                f"{fmt(estimate(esi[m].dense_components))} (not a part)" for m in dense)
+            or f"{NOT_RUN} (no dense model in this run)",
             "p2_esi_moe_late_mlp": "; ".join(f"{m} {fmt(estimate(esi[m].moe_late_mlp))}" for m in moe)
             or f"{NOT_RUN} (no MoE model in this run)"}
     return parts, {c: t if esi else NOT_RUN for c, t in text.items()}
@@ -306,8 +308,8 @@ def _set(results: dict, cfg) -> tuple[list[Part], str]:
     benign = _param(cfg, "set", "benign_sets")
     metrics = {"asr_halved": asr_metric(cfg, "set"),
                "benign_over_refusal": refusal_metric(cfg, "set", f"benign refusal rate on {', '.join(benign)}"),
-               "utility_ratio": "utility after / before: likelihood (1/perplexity) of the untuned model's greedy answers "
-                                "to held-out Alpaca prompts"}
+               "utility_ratio": "utility after / before: likelihood (1/perplexity) of the untuned model's greedy "
+                                "answers to held-out Alpaca prompts"}
     points = {"benign_over_refusal": f"point values {_or_dash(s.benign_refusal_before)} → "
                                      f"{_or_dash(s.benign_refusal_after)}",
               "utility_ratio": f"point values {_or_dash(s.utility_before, '.3f')} → {s.utility_after:.3f}"}
@@ -320,7 +322,8 @@ def _set(results: dict, cfg) -> tuple[list[Part], str]:
                           None if est else "; ".join(filter(None, [_missing("set", f"comparison.{key}"),
                                                                    points.get(name)]))))
     steps = _param(cfg, "set", "max_steps")
-    text = (f"ASR {s.asr_before:.2f} → {s.asr_after:.2f}, trainable {100 * s.trainable_fraction:.2f}%, {steps} steps; "
+    text = (f"ASR {s.asr_before:.2f} → {s.asr_after:.2f}, trainable {100 * s.trainable_fraction:.2f}%, "
+            f"{steps} steps; "
             f"set − random after {fmt(estimate(comp.get('set_vs_random')))}; other arms: "
             + ", ".join(f"{a} ASR {v.asr_before:.2f} → {v.asr_after:.2f}, benign refusal "
                         f"{_or_dash(v.benign_refusal_before)} → {_or_dash(v.benign_refusal_after)}"
