@@ -86,7 +86,7 @@ def _fake_results(root):
                                "p_holm": None, "threshold": 0.5, "direction": "<", "margin": None,
                                "verdict": "not run", "reason": None, **kw}
     put("report/claims.json", {
-        "c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "verdict": "not run",
+        "c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "verdict": "not run", "stage": "validate",
                "reason": "not testable here: ctl", "parts": [
                    part("gap", condition="m/snip", metric="refusal-onset rate (printed as ASR): keyword judge", n=96,
                         effect=0.25, ci=[0.125, 0.375], ci_one_flip=[0.11, 0.39], test="exact McNemar", p=0.0001,
@@ -127,6 +127,7 @@ def test_generator_on_a_tiny_results_dir(tmp_path):
         in out
     assert "| **c** | p | not testable here: low |" in out and "| ↳ low |" in out
     assert "- gap: refusal-onset rate (printed as ASR): keyword judge\n- ratio: utility ratio" in out
+    assert "| 0.95 | 96 |\n\nASR here: refusal-onset rate — keyword judge.\n" in out      # named under the table
     assert _check_tables(out) == []
     (tmp_path / "results/set/metrics.json").unlink()                              # results changed: stale
     assert readme.main(["--root", str(tmp_path), "--check"]) == 1

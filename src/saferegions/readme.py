@@ -156,15 +156,26 @@ SECTIONS = [("Baseline refusal (baseline)", "baseline", _baseline),
 def findings(root: Path) -> str:
     """Headline numbers per stage, then the claims table of results/report/claims.json."""
     res = load_results(root)
+    path = root / "results" / "report" / "claims.json"
+    claims = json.loads(path.read_text()) if path.exists() else None
     out = []
     for title, stage, fn in SECTIONS:
         m = res.get(stage)
         body = fn(m, res) if m else [NOT_RUN]
-        out += [f"**{title}**", "", *body, ""]
-    claims = root / "results" / "report" / "claims.json"
+        asr = _asr_metric(claims or {}, stage) if m else None
+        out += [f"**{title}**", "", *body, *([f"\nASR here: {asr}."] if asr else []), ""]
     out += ["**Each paper claim with its parts beside this run's numbers (report)**", ""]
-    out += _claims(json.loads(claims.read_text())) if claims.exists() else [NOT_RUN]
+    out += _claims(claims) if claims is not None else [NOT_RUN]
     return "\n".join(out).rstrip("\n")
+
+
+def _asr_metric(claims: dict, stage: str) -> str | None:
+    """What a stage's "ASR" is, under its real name, from the first of its claims' parts that measures it."""
+    for r in claims.values():
+        for p in r.get("parts", []) if r.get("stage") == stage else []:
+            if "(printed as ASR):" in p["metric"]:
+                return p["metric"].replace(" (printed as ASR):", " —")
+    return None
 
 
 def _threshold(p: dict) -> str:
