@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import config, plots, results  # noqa: F401  (config, plots: the notebook parses params and draws)
-from ..evidence import PARTS, THRESHOLDS  # noqa: F401  (the notebook prints them)
+from ..evidence import PARTS  # noqa: F401  (the claims' pre-registered parts)
 from ..io import write_json
 from ..reporting.claims import claims, part_rows, preregistered, summary, verdict_counts  # noqa: F401
 from ..reporting.figures import figures, forest  # noqa: F401
