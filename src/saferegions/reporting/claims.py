@@ -81,9 +81,7 @@ def families(results: dict) -> dict[str, str]:
 
 def _est(x) -> evidence.Estimate | None:
     """An Estimate from a typed record, or from a raw dict a stage wrote beside the typed keys."""
-    if isinstance(x, dict):
-        x = EstimateRecord.parse(x)
-    return estimate(x) if isinstance(x, EstimateRecord) or x is None else None
+    return estimate(EstimateRecord.parse(x) if isinstance(x, dict) else x)
 
 
 def _extra(record: Record | None, key: str):
@@ -309,7 +307,7 @@ def _set(results: dict, cfg) -> tuple[list[Part], str]:
     metrics = {"asr_halved": asr_metric(cfg, "set"),
                "benign_over_refusal": refusal_metric(cfg, "set", f"benign refusal rate on {', '.join(benign)}"),
                "utility_ratio": "utility after / before: likelihood (1/perplexity) of the untuned model's greedy "
-                                "answers to held-out Alpaca prompts"}
+                                f"answers to {_param(cfg, 'set', 'n_benign')} held-out Alpaca prompts"}
     points = {"benign_over_refusal": f"point values {_or_dash(s.benign_refusal_before)} → "
                                      f"{_or_dash(s.benign_refusal_after)}",
               "utility_ratio": f"point values {_or_dash(s.utility_before, '.3f')} → {s.utility_after:.3f}"}
