@@ -167,12 +167,9 @@ def test_verdict_is_decided_by_the_interval_against_the_threshold(ci, direction,
     assert E.verdict(est, 0.10, direction) == expected
 
 
-def test_no_estimate_is_not_run_and_a_claim_records_everything():
+def test_no_estimate_is_not_run():
     assert E.verdict(None, 0.1) == E.Verdict.NOT_RUN
-    record = E.claim(E.proportion([True] * 90 + [False] * 6), 0.5)
-    assert set(record) == {"n", "effect", "ci", "ci_one_flip", "test", "p", "threshold", "direction", "verdict"}
-    assert record["verdict"] == "supported" and record["n"] == 96 and len(record["ci"]) == 2
-    assert E.claim(None, 0.5)["verdict"] == "not run"
+    assert E.verdict(E.Estimate(0, math.nan, (math.nan, math.nan), "t"), 0.1) == E.Verdict.NOT_RUN
 
 
 def test_a_failed_guard_leaves_only_a_supporting_interval_inconclusive():
@@ -182,4 +179,131 @@ def test_a_failed_guard_leaves_only_a_supporting_interval_inconclusive():
     assert E.verdict(above, 0.1) == E.Verdict.SUPPORTED
     assert E.verdict(below, 0.1, guard="control failed") == E.Verdict.CONTRADICTED
     assert E.verdict(None, 0.1, guard="control failed") == E.Verdict.NOT_RUN
-    assert E.claim(above, 0.1, ">", "control failed")["verdict"] == "inconclusive"
+
+
+# ---------------------------------------------------------------- claims with parts
+
+
+def _brute_force_holm(ps):
+    """Holm (1979) written out: sort ascending, multiply the i-th smallest (0-based) by m − i, carry the running
+    maximum forward, cap at 1; None stays None and is not counted in m."""
+    idx = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    m, out, running = len(idx), [None] * len(ps), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+@pytest.mark.parametrize("ps", [
+    [0.01, 0.04, 0.03, 0.005, None, 0.5],
+    [0.001, 0.001, 0.2, None, None],
+    [0.9],
+    [None, None],
+    list(np.random.default_rng(3).uniform(0, 0.1, 25)),
+])
+def test_holm_matches_a_brute_force_step_down(ps):
+    got = E.holm(ps)
+    want = _brute_force_holm(ps)
+    assert [g is None for g in got] == [w is None for w in want]
+    assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], abs=1e-12)
+
+
+def test_holm_is_neither_raw_nor_bonferroni():
+    ps = [0.01, 0.02, 0.03]
+    assert E.holm(ps) == pytest.approx([0.03, 0.04, 0.04])          # raw would be 0.01…, Bonferroni 0.03, 0.06, 0.09
+
+
+S, C, I, N = E.Verdict.SUPPORTED, E.Verdict.CONTRADICTED, E.Verdict.INCONCLUSIVE, E.Verdict.NOT_RUN
+PART, CONTROL = E.Role.PART, E.Role.CONTROL
+
+
+@pytest.mark.parametrize("parts, controls, expected", [
+    ([S, S], [S], S),
+    ([S, C], [S], C),           # one part contradicted: the claim is
+    ([C, N], [N], C),           # ... even where other parts or controls were not run
+    ([C, I], [C], C),           # ... and whatever the controls say
+    ([S, N], [S], N),           # a part not run: not testable
+    ([S, S], [C], N),           # a failed control: not testable
+    ([S, S], [N], N),
+    ([I, S], [S], I),
+    ([S, S], [I], I),           # a control that cannot be told: undecided
+    ([I, I], [C], N),
+    ([], [], N),
+])
+def test_a_claim_is_the_conjunction_of_its_parts(parts, controls, expected):
+    assert E.conjunction([(PART, v) for v in parts] + [(CONTROL, v) for v in controls]) == expected
+
+
+def test_the_conjunction_rule_over_every_combination():
+    import itertools
+    for combo in itertools.product([S, C, I, N], repeat=3):
+        for roles in itertools.product([PART, CONTROL], repeat=3):
+            pairs = list(zip(roles, combo))
+            got = E.conjunction(pairs)
+            if any(r is PART and v is C for r, v in pairs):
+                assert got == C
+            elif any(v is N or (r is CONTROL and v is C) for r, v in pairs):
+                assert got == N
+            else:
+                assert got == (S if all(v is S for v in combo) else I)
+
+
+def _est(lo, hi, p=None, n=96):
+    return E.Estimate(n, (lo + hi) / 2, (lo, hi), "t", p)
+
+
+def test_decide_records_every_preregistered_part_and_its_claim():
+    out = E.decide([E.Part("p2_set_halves_asr", "asr_halved", _est(0.6, 0.8, 1e-6), "refusal-onset rate", "set")])
+    assert set(out) == set(E.PARTS)
+    for cid, rec in out.items():
+        assert [p["name"] for p in rec["parts"]] == list(E.PARTS[cid])
+        for p in rec["parts"]:
+            assert set(p) == {"name", "role", "condition", "metric", "n", "effect", "ci", "ci_one_flip", "test", "p",
+                              "p_holm", "threshold", "direction", "margin", "verdict", "reason"}
+    s = out["p2_set_halves_asr"]
+    assert [p["verdict"] for p in s["parts"]] == ["supported", "not run", "not run"]
+    assert s["verdict"] == "not run" and "benign_over_refusal" in s["reason"] and "utility_ratio" in s["reason"]
+    assert s["parts"][0]["p_holm"] == pytest.approx(1e-6) and s["parts"][1]["reason"]
+    assert s["parts"][2]["margin"] == 0.10 and s["parts"][2]["threshold"] == 0.9
+
+
+def test_holm_over_the_family_can_stop_a_superiority_part_but_not_a_non_inferiority_one():
+    """Three parts at p = 0.02: Holm gives 0.06 to each, so the superiority part's interval above its threshold
+    is not enough; the non-inferiority part (utility ratio, margin 0.1) is decided at its interval's bound."""
+    parts = [E.Part("p1_region_affects_safety", "region_vs_random", _est(0.2, 0.4, 0.02), "m", "a"),
+             E.Part("p2_set_halves_asr", "utility_ratio", _est(0.95, 1.05, 0.02), "m"),
+             E.Part("p2_set_halves_asr", "asr_halved", _est(0.6, 0.8, 0.02), "m")]
+    out = E.decide(parts)
+    region, = [p for p in out["p1_region_affects_safety"]["parts"] if p["name"] == "region_vs_random"]
+    utility, = [p for p in out["p2_set_halves_asr"]["parts"] if p["name"] == "utility_ratio"]
+    assert region["p_holm"] == pytest.approx(0.06) and region["verdict"] == "inconclusive"
+    assert "Holm" in region["reason"]
+    assert utility["p_holm"] == pytest.approx(0.06) and utility["verdict"] == "supported"
+    alone = E.decide(parts[:1])["p1_region_affects_safety"]["parts"][0]
+    assert alone["p_holm"] == pytest.approx(0.02) and alone["verdict"] == "supported"
+
+
+def test_a_part_must_be_preregistered():
+    with pytest.raises(KeyError, match="evidence.PARTS"):
+        E.Part("p2_set_halves_asr", "asr_quartered", None, "m")
+    with pytest.raises(KeyError):
+        E.Part("no_such_claim", "asr_halved", None, "m")
+
+
+def test_conditions_of_one_part_each_count_and_a_guard_is_explained():
+    parts = [E.Part("p1_low_overlap", "low_overlap", _est(0.1, 0.3), "IoU", "m/snip"),
+             E.Part("p1_low_overlap", "low_overlap", _est(0.6, 0.7), "IoU", "m/wanda"),
+             E.Part("p2_esi_perturbation", "top_vs_random", _est(0.2, 0.4), "r", "m", guard="outputs broke")]
+    out = E.decide(parts)
+    assert [p["verdict"] for p in out["p1_low_overlap"]["parts"]] == ["supported", "contradicted"]
+    assert out["p1_low_overlap"]["verdict"] == "contradicted" and "m/wanda" in out["p1_low_overlap"]["reason"]
+    pert = out["p2_esi_perturbation"]
+    assert pert["verdict"] == "inconclusive" and "outputs broke" in pert["parts"][0]["reason"]
+
+
+@pytest.mark.parametrize("deg, control, effect, fires", [
+    (0.0, 0.0, 0.2, False), (0.3, 0.0, 0.2, True), (0.15, 0.05, 0.2, False), (None, 0.0, 0.2, True),
+])
+def test_degenerate_guard(deg, control, effect, fires):
+    assert (E.degenerate_guard(deg, control, effect) is not None) == fires

@@ -132,19 +132,22 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert (work / "results/report/notebook.html").exists()
     rep = json.loads((work / "results/report/metrics.json").read_text())
     table = json.loads((work / "results/report/claims.json").read_text())
+    from saferegions.stages.report import part_key
     assert set(table) == set(rep["claims"])
     for k, v in table.items():
-        assert rep["claims"][k]["verdict"] == v["verdict"] and rep["claims"][k]["effect"] == v["effect"]
+        assert rep["claims"][k]["verdict"] == v["verdict"]
+        assert {key: p["verdict"] for key, p in rep["claims"][k]["parts"].items()} == {
+            part_key(p): p["verdict"] for p in v["parts"]}
     assert set(rep["claims"]) == {"setup_aligned_vs_unaligned", "setup_paper1_scale", "p1_region_affects_safety",
                                   "p1_low_overlap", "p1_refined_overlap_drops", "p2_esi_perturbation",
                                   "p2_esi_dense_components", "p2_esi_moe_late_mlp", "p2_set_halves_asr",
                                   "p2_spa_within_1pct"}
     for cid, c in table.items():
-        assert {"paper", "claim", "this_run", "n", "effect", "ci", "test", "p", "threshold", "verdict",
-                "stage"} <= set(c), cid
+        assert {"paper", "claim", "this_run", "verdict", "reason", "parts", "stage"} <= set(c), cid
         assert c["verdict"] in ("supported", "contradicted", "inconclusive", "not run"), cid
+        assert all(p["verdict"] == "not run" or p["metric"] for p in c["parts"]), cid
         if (work / "results" / c["stage"]).is_dir() and cid not in ("p2_esi_moe_late_mlp", "setup_paper1_scale"):
-            assert c["n"] > 0 and c["test"], cid   # smoke has no MoE model; every other ran stage is read
+            assert any(p["n"] > 0 and p["test"] for p in c["parts"]), cid   # every ran stage is read
     assert rep["stages_run"] >= 6 and rep["wall_seconds_total"] > 0
     assert json.loads((work / "results/report/provenance.json").read_text())["packages"]["torch"]
     assert (work / "results/report/figures/wall_time.png").stat().st_size > 1000

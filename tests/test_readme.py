@@ -81,13 +81,21 @@ def _fake_results(root):
                                                 "refined": {"mean_iou": None, "chance_iou": None}}}})
     put("set/metrics.json", {"set": {"asr_before": 0.875, "asr_after": 0.375, "utility_after": 0.5,
                                      "trainable_fraction": 0.01}})
-    put("report/claims.json", {"c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "condition": "m/snip",
-                                      "n": 96, "effect": 0.25, "ci": [0.125, 0.375], "ci_one_flip": [0.11, 0.39],
-                                      "test": "exact McNemar", "p": 0.001, "threshold": 0.1, "direction": ">",
-                                      "verdict": "supported"},
-                               "c2": {"claim": "c", "paper": "p", "this_run": "not run", "condition": None, "n": 0,
-                                      "effect": None, "ci": None, "test": None, "p": None, "threshold": 0.5,
-                                      "direction": "<", "verdict": "not run"}})
+    part = lambda name, **kw: {"name": name, "role": "part", "condition": None, "metric": "", "n": 0,  # noqa: E731
+                               "effect": None, "ci": None, "ci_one_flip": None, "test": None, "p": None,
+                               "p_holm": None, "threshold": 0.5, "direction": "<", "margin": None,
+                               "verdict": "not run", "reason": None, **kw}
+    put("report/claims.json", {
+        "c1": {"claim": "a | b", "paper": "p", "this_run": "x → y", "verdict": "not run", "stage": "validate",
+               "reason": "not testable here: ctl", "parts": [
+                   part("gap", condition="m/snip", metric="refusal-onset rate (printed as ASR): keyword judge", n=96,
+                        effect=0.25, ci=[0.125, 0.375], ci_one_flip=[0.11, 0.39], test="exact McNemar", p=0.0001,
+                        p_holm=0.0002, threshold=0.1, direction=">", verdict="supported"),
+                   part("ratio", metric="utility ratio", n=32, effect=0.95, ci=[0.91, 0.99], p=0.02, p_holm=0.04,
+                        threshold=0.9, direction=">", margin=0.1, verdict="supported"),
+                   part("ctl", role="control", reason="results/x/metrics.json has no y")]},
+        "c2": {"claim": "c", "paper": "p", "this_run": "not run", "verdict": "not run",
+               "reason": "not testable here: low", "parts": [part("low")]}})
     put("validate/metrics.json", {"m": {"snip": {"advbench": {
         "region": {"asr": 0.5, "degenerate_rate": 0.0}, "random": {"asr": 0.25, "degenerate_rate": 0.0},
         "n": 96, "n_utility": 32, "utility_ratio": 0.95,
@@ -112,11 +120,24 @@ def test_generator_on_a_tiny_results_dir(tmp_path):
     assert "| m/snip | 2 | 0.300 (0.010) | – (–) |" in out                         # undefined IoU, datasets
     assert "| set | 1.00% | 0.875 → 0.375 |" in out
     assert "| m/snip | advbench | 0.50 | 0.25 | 0.25 [0.125, 0.375] | 0.95 | 96 |" in out    # paired, CI, n
-    assert "| a \\| b | p | m/snip | 0.25 [0.125, 0.375] | [0.11, 0.39] | 96 | > 0.10 | **supported** |" in out  # pipes
-    assert "| c | p | – | – | – | 0 | < 0.50 | **not run** |" in out
+    assert "| **a \\| b** | p | not testable here: ctl |  |  |  |  |  | **not run** |" in out      # claim, pipes
+    assert "| ↳ gap |  | m/snip | 0.25 [0.125, 0.375] | [0.11, 0.39] | 96 | < 0.001 | > 0.10 | supported |" in out
+    assert "| ↳ ratio |  | – | 0.95 [0.91, 0.99] | – | 32 | 0.040 | > 0.90 (margin 0.10) | supported |" in out
+    assert "| ↳ ctl (control) |  | – | – | – | 0 | – | < 0.50 | not run: results/x/metrics.json has no y |" \
+        in out
+    assert "| **c** | p | not testable here: low |" in out and "| ↳ low |" in out
+    assert "- gap: refusal-onset rate (printed as ASR): keyword judge\n- ratio: utility ratio" in out
+    assert "| 0.95 | 96 |\n\nASR here: refusal-onset rate — keyword judge.\n" in out      # named under the table
     assert _check_tables(out) == []
     (tmp_path / "results/set/metrics.json").unlink()                              # results changed: stale
     assert readme.main(["--root", str(tmp_path), "--check"]) == 1
+
+
+def test_a_claims_file_without_parts_is_an_error(tmp_path):
+    _fake_results(tmp_path)
+    (tmp_path / "results/report/claims.json").write_text(json.dumps({"c1": {"claim": "a", "verdict": "supported"}}))
+    with pytest.raises(ValueError, match="c1 has no parts"):
+        readme.findings(tmp_path)
 
 
 def test_a_missing_block_is_an_error(tmp_path):

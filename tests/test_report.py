@@ -19,7 +19,7 @@ def _write(root, rel, obj):
     return path
 
 
-def _est(n, effect, lo, hi, test="exact McNemar", p=0.01):
+def _est(n, effect, lo, hi, test="exact McNemar", p=1e-6):
     return {"n": n, "effect": effect, "ci": [lo, hi], "test": test, "p": p}
 
 
@@ -90,137 +90,253 @@ def _fixture(root, moe_family=None):
     _write(root, "baseline/figures/.tmp.abc.refusal_heatmap.png", "")      # an interrupted atomic write
 
 
+def _complete(root):
+    """`_fixture` plus every metric the claims' other parts and controls read, numbers chosen so each part's
+    verdict is known (all supported)."""
+    def edit(rel, fn):
+        path = root / "results" / rel
+        m = json.loads(path.read_text())
+        fn(m)
+        path.write_text(json.dumps(m))
+
+    def validate(m):
+        for sets in m["aligned"].values():
+            sets["advbench"].update(random_draws=_est(96, 0.3, 0.2, 0.4, p=0.001),
+                                    importance_matched=_est(96, 0.25, 0.15, 0.35, p=0.001),
+                                    utility_ratio_ci=[0.92, 0.98])
+        m["positive_control"] = {"aligned": _est(96, 0.6, 0.5, 0.7, p=1e-6)}
+
+    def overlap(m):
+        for v in m["aligned"].values():
+            v["refined_minus_raw_chance_corrected"] = _est(45, -0.2, -0.25, -0.15, "paired bootstrap", None)
+
+    def esi(m):
+        m["aligned"].update({k: _est(8, 0.1, 0.05, 0.15, "bootstrap over prompts", None)
+                             for k in ("v_share_vs_null", "mlp_share_vs_null", "middle_third_share_vs_null")})
+
+    def set_(m):
+        m["comparison"].update(benign_refusal_rise=_est(96, 0.0, -0.05, 0.05),
+                               utility_ratio=_est(32, 1.0, 0.95, 1.05, "paired bootstrap", 0.9))
+
+    def spa(m):
+        m["comparison"] = {t: {"spa_vs_full": _est(96, -0.2, -0.3, -0.1), "spa_vs_random": _est(96, -0.05, -0.1, 0.0),
+                               "task_gain_full": _est(32, 0.3, 0.2, 0.4, p=0.001)} for t in ("gsm8k", "sst2")}
+    for rel, fn in (("validate", validate), ("overlap", overlap), ("esi", esi), ("set", set_), ("spa", spa)):
+        edit(f"{rel}/metrics.json", fn)
+
+
 def _by_id(rows):
     return {r["id"]: r for r in rows}
+
+
+def _parts(record, name):
+    return [p for p in record["parts"] if p["name"] == name]
 
 
 CFG = types.SimpleNamespace(identify=types.SimpleNamespace(methods=["snip", "wanda"]),
                             validate=types.SimpleNamespace(datasets=["advbench"]))
 VERDICTS = {"supported", "contradicted", "inconclusive", "not run"}
+PART_KEYS = {"name", "role", "condition", "metric", "n", "effect", "ci", "ci_one_flip", "test", "p", "p_holm",
+             "threshold", "direction", "margin", "verdict", "reason"}
 
 
 def _claims(root, cfg=CFG):
     return _by_id(report.claims(report.load_results(root), cfg))
 
 
-def test_every_claim_row_records_the_evidence_and_a_known_verdict(tmp_path):
+def _edit(root, rel, fn):
+    path = root / "results" / rel
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_every_claim_is_one_record_with_all_its_parts_and_a_known_verdict(tmp_path):
     _fixture(tmp_path)
+    _complete(tmp_path)
     results = report.load_results(tmp_path)
     assert all(s["status"] == "ran" for s in report.stage_status(results))
     c = _claims(tmp_path)
-    for r in c.values():
-        assert {"n", "effect", "ci", "test", "p", "threshold", "direction", "verdict"} <= set(r)
-        assert r["verdict"] in VERDICTS
+    assert list(c) == list(report.PARTS)
+    for cid, r in c.items():
+        assert {"paper", "claim", "paper_value", "stage", "this_run", "verdict", "reason", "parts"} <= set(r)
+        assert r["verdict"] in VERDICTS and {p["name"] for p in r["parts"]} == set(report.PARTS[cid])
+        for p in r["parts"]:
+            assert set(p) == PART_KEYS and p["verdict"] in VERDICTS, (cid, p["name"])
+            assert p["p_holm"] is None or p["p_holm"] >= p["p"]
     want = {"setup_aligned_vs_unaligned": "supported", "setup_paper1_scale": "not run",   # reduced scale
-            "p1_region_affects_safety": "supported", "p1_low_overlap": "supported",
-            "p1_refined_overlap_drops": "supported", "p2_esi_perturbation": "supported",
-            "p2_esi_dense_components": "inconclusive",    # CI [-0.02, 0.2] reaches 0
+            "p1_region_affects_safety": "inconclusive",   # wanda/advbench: [-0.1, 0.1] reaches 0.10
+            "p1_low_overlap": "inconclusive",             # wanda: [0.3, 0.6] reaches 0.5
+            "p1_refined_overlap_drops": "inconclusive",   # wanda: [-0.3, 0.05] reaches 0
+            "p2_esi_perturbation": "supported", "p2_esi_dense_components": "supported",
             "p2_esi_moe_late_mlp": "not run", "p2_set_halves_asr": "supported",
-            "p2_spa_within_1pct": "supported"}             # gsm8k (first task): [-0.02, 0.005] < 0.01
+            "p2_spa_within_1pct": "inconclusive"}         # sst2's SPA drift [0.01, 0.09] touches 0.01
     assert {k: r["verdict"] for k, r in c.items()} == want
-    s = c["setup_aligned_vs_unaligned"]
+    s = c["setup_aligned_vs_unaligned"]["parts"][0]
     assert (s["n"], s["effect"], s["ci"], s["threshold"], s["direction"]) == (96, 0.5, [0.38, 0.62], 0.10, ">")
-    assert c["p1_low_overlap"]["condition"] == "aligned/snip, raw" and c["p1_low_overlap"]["n"] == 45
-    assert c["p1_low_overlap"]["ci"] == [0.25, 0.35] and c["p1_low_overlap"]["direction"] == "<"
-    assert c["p1_region_affects_safety"]["condition"] == "aligned/snip/advbench"
-    assert "aligned/wanda/advbench" in c["p1_region_affects_safety"]["this_run"]     # other conditions shown
-    assert c["p2_set_halves_asr"]["effect"] == pytest.approx(0.625)
-    assert "sst2" in c["p2_spa_within_1pct"]["this_run"]
+    assert [p["verdict"] for p in _parts(c["p1_region_affects_safety"], "region_vs_random")] == [
+        "supported", "inconclusive"]
+    assert [p["condition"] for p in _parts(c["p1_region_affects_safety"], "region_vs_random")] == [
+        "aligned/snip/advbench", "aligned/wanda/advbench"]
+    assert "aligned/wanda/advbench" in c["p1_region_affects_safety"]["reason"]
+    low = _parts(c["p1_low_overlap"], "low_overlap")
+    assert [(p["condition"], p["verdict"], p["n"]) for p in low] == [("aligned/snip", "supported", 45),
+                                                                     ("aligned/wanda", "inconclusive", 45)]
+    assert [p["verdict"] for p in _parts(c["p2_spa_within_1pct"], "drift_within_1pt")] == ["supported",
+                                                                                          "inconclusive"]
+    assert c["p2_spa_within_1pct"]["reason"] == "undecided: drift_within_1pt (sst2)"
+    assert _parts(c["p2_set_halves_asr"], "asr_halved")[0]["effect"] == pytest.approx(0.625)
+    assert _parts(c["p2_set_halves_asr"], "utility_ratio")[0]["margin"] == 0.10
     json.dumps(list(c.values()), allow_nan=False)                                    # plain JSON
     assert {r["method"] for r in report.region_summary(results)} == {"snip", "wanda"}
 
 
-def test_primary_condition_follows_the_params_order(tmp_path):
-    """metrics.json keys are sorted on disk; the primary method is the first in identify.methods."""
+def test_each_part_names_its_metric_from_the_stage_params(tmp_path):
+    """What the stages print as ASR is named for what it is, with the judge, tokens, decoding and system prompt
+    of the stage that measured it, read from params (not fixed prose)."""
     _fixture(tmp_path)
-    cfg = types.SimpleNamespace(identify=types.SimpleNamespace(methods=["wanda", "snip"]),
-                                validate=types.SimpleNamespace(datasets=["advbench"]))
+    cfg = config.parse({"validate": {"max_new_tokens": 8}, "calibrate": {"system_prompt": "Be brief."},
+                        "set": {"max_new_tokens": 12}, "esi": {"perturb_max_new_tokens": 8, "temperature": 0.9}})
     c = _claims(tmp_path, cfg)
-    assert c["p1_region_affects_safety"]["condition"] == "aligned/wanda/advbench"
-    assert c["p1_region_affects_safety"]["verdict"] == "inconclusive"               # [-0.1, 0.1] reaches 0.10
-    assert c["p1_low_overlap"]["verdict"] == "inconclusive"                        # [0.3, 0.6] reaches 0.5
-    assert c["p1_refined_overlap_drops"]["verdict"] == "inconclusive"              # [-0.3, 0.05] reaches 0
+    region = _parts(c["p1_region_affects_safety"], "region_vs_random")[0]["metric"]
+    assert region == ("refusal-onset rate (printed as ASR): keyword judge, no refusal phrase in the first 8 greedy "
+                      "tokens, system prompt 'Be brief.'")
+    assert "first 12 greedy tokens" in _parts(c["p2_set_halves_asr"], "asr_halved")[0]["metric"]
+    assert "sampled (temperature 0.9" in c["p2_esi_perturbation"]["parts"][0]["metric"]
+    cfg = config.parse({"validate": {"max_new_tokens": 32}, "evaluation": {"judge": "harmbench"}})
+    region = _parts(_claims(tmp_path, cfg)["p1_region_affects_safety"], "region_vs_random")[0]["metric"]
+    assert region.startswith("unsafe-response rate (printed as ASR): harmbench judge") and "first 32" in region
+
+
+def test_a_part_without_its_metric_is_not_run_and_says_which_key_is_missing(tmp_path):
+    """Without the new metrics (today's committed shape) the parts are "not run" with the missing key, never a
+    number from elsewhere; the point values the stage did write are quoted in the reason."""
+    _fixture(tmp_path)
+    c = _claims(tmp_path)
+    st = c["p2_set_halves_asr"]
+    over, = _parts(st, "benign_over_refusal")
+    assert over["verdict"] == "not run" and over["effect"] is None and over["n"] == 0
+    assert "comparison.benign_refusal_rise" in over["reason"]
+    assert st["verdict"] == "not run" and _parts(st, "asr_halved")[0]["verdict"] == "supported"
+    pos, = _parts(c["p1_region_affects_safety"], "positive_control_detected")
+    assert pos["role"] == "control" and "positive_control.aligned" in pos["reason"]
+    assert c["p1_region_affects_safety"]["verdict"] == "not run"
+    assert "v_share_vs_null" in _parts(c["p2_esi_dense_components"], "v_share")[0]["reason"]
+    assert "not a part" in c["p2_esi_dense_components"]["this_run"]          # the old V + MLP estimate is shown
+    assert _parts(c["p2_esi_moe_late_mlp"], "late_mlp_share")[0]["reason"] == "no MoE model in this run"
 
 
 def test_moe_claim_reads_the_model_family(tmp_path):
     _fixture(tmp_path, moe_family="mixtral")
     c = _claims(tmp_path)
-    assert c["p2_esi_moe_late_mlp"]["verdict"] == "supported" and c["p2_esi_moe_late_mlp"]["condition"] == "moe"
-    assert "moe" not in c["p2_esi_dense_components"]["this_run"]
+    late, = c["p2_esi_moe_late_mlp"]["parts"]
+    assert c["p2_esi_moe_late_mlp"]["verdict"] == "supported" and late["condition"] == "moe"
+    assert all(p["condition"] != "moe" for p in c["p2_esi_dense_components"]["parts"])
 
 
 def test_contradicted_verdicts(tmp_path):
     _fixture(tmp_path)
-    m = json.loads((tmp_path / "results/set/metrics.json").read_text())
-    m["comparison"]["set_relative_reduction"] = _est(96, 0.2, 0.05, 0.35)
-    _write(tmp_path, "set/metrics.json", m)
-    m = json.loads((tmp_path / "results/overlap/metrics.json").read_text())
-    m["aligned"]["snip"]["raw"].update(mean_iou=0.7, mean_iou_ci=[0.6, 0.8])
-    m["aligned"]["snip"]["refined_minus_raw"] = _est(45, 0.1, 0.05, 0.15, "paired permutation", 0.01)
-    _write(tmp_path, "overlap/metrics.json", m)
-    m = json.loads((tmp_path / "results/baseline/metrics.json").read_text())
-    m["comparison"]["aligned_vs_unaligned"] = _est(96, -0.02, -0.08, 0.04)
-    _write(tmp_path, "baseline/metrics.json", m)
+    _complete(tmp_path)
+    _edit(tmp_path, "set/metrics.json",
+          lambda m: m["comparison"].update(set_relative_reduction=_est(96, 0.2, 0.05, 0.35)))
+
+    def overlap(m):
+        m["aligned"]["snip"]["raw"].update(mean_iou=0.7, mean_iou_ci=[0.6, 0.8])
+        m["aligned"]["snip"]["refined_minus_raw"] = _est(45, 0.1, 0.05, 0.15, "paired permutation", 0.01)
+    _edit(tmp_path, "overlap/metrics.json", overlap)
+    _edit(tmp_path, "baseline/metrics.json",
+          lambda m: m["comparison"].update(aligned_vs_unaligned=_est(96, -0.02, -0.08, 0.04)))
     c = _claims(tmp_path)
     for cid in ("p2_set_halves_asr", "p1_low_overlap", "p1_refined_overlap_drops", "setup_aligned_vs_unaligned"):
         assert c[cid]["verdict"] == "contradicted", cid
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"utility_ratio": 0.8}, "utility fell to 0.80"),
-    ({"n_utility": 16}, "16 < 32 prompts"),
-    ({"region": _rates(0.8, deg=0.4)}, "degenerate rate exceeds"),
-])
-def test_region_claim_guard_utility_and_degenerate(tmp_path, change, reason):
-    """An interval wholly above 0.10 supports the region claim only with utility >= 0.9 (n >= 32) and extra
-    degenerate responses fewer than the ASR effect; otherwise inconclusive, the reason in this_run."""
+def test_set_that_halves_asr_but_refuses_benign_prompts_is_contradicted(tmp_path):
+    """The SET claim includes "preserving performance": an ASR halved beside a benign over-refusal rise beyond
+    10 points (at the interval's bound) contradicts it."""
     _fixture(tmp_path)
-    m = json.loads((tmp_path / "results/validate/metrics.json").read_text())
-    m["aligned"]["snip"]["advbench"].update(change)
-    _write(tmp_path, "validate/metrics.json", m)
+    _complete(tmp_path)
+    _edit(tmp_path, "set/metrics.json",
+          lambda m: m["comparison"].update(benign_refusal_rise=_est(96, 0.75, 0.6, 0.85)))
+    st = _claims(tmp_path)["p2_set_halves_asr"]
+    assert _parts(st, "asr_halved")[0]["verdict"] == "supported"
+    assert _parts(st, "benign_over_refusal")[0]["verdict"] == "contradicted"
+    assert st["verdict"] == "contradicted" and "benign_over_refusal" in st["reason"]
+    _edit(tmp_path, "set/metrics.json",
+          lambda m: m["comparison"].update(benign_refusal_rise=_est(96, 0.05, -0.02, 0.12),
+                                           utility_ratio=_est(32, 0.7, 0.6, 0.8)))
+    st = _claims(tmp_path)["p2_set_halves_asr"]
+    assert _parts(st, "benign_over_refusal")[0]["verdict"] == "inconclusive"     # [−0.02, 0.12] reaches 0.10
+    assert _parts(st, "utility_ratio")[0]["verdict"] == "contradicted" and st["verdict"] == "contradicted"
+
+
+def test_region_claim_controls_and_degenerate_guard(tmp_path):
+    """The primary part needs its extra degenerate responses below its effect (guard); the utility control must
+    keep >= 0.9 at its interval's bound; a validation that cannot detect the positive control leaves the claim
+    not testable."""
+    _fixture(tmp_path)
+    _complete(tmp_path)
+    _edit(tmp_path, "validate/metrics.json", lambda m: m["aligned"].pop("wanda"))
+    assert _claims(tmp_path)["p1_region_affects_safety"]["verdict"] == "supported"
+    _edit(tmp_path, "validate/metrics.json", lambda m: m["aligned"]["snip"]["advbench"].update(
+        region=_rates(0.8, deg=0.4)))
     r = _claims(tmp_path)["p1_region_affects_safety"]
-    assert r["verdict"] == "inconclusive" and reason in r["this_run"] and r["effect"] == pytest.approx(0.3)
+    part, = _parts(r, "region_vs_random")
+    assert part["verdict"] == "inconclusive" and "degenerate rate exceeds" in part["reason"]
+    assert part["effect"] == pytest.approx(0.3) and r["verdict"] == "inconclusive"
+    _edit(tmp_path, "validate/metrics.json", lambda m: m["aligned"]["snip"]["advbench"].update(
+        region=_rates(0.8), utility_ratio=0.8, utility_ratio_ci=[0.7, 0.85]))
+    r = _claims(tmp_path)["p1_region_affects_safety"]
+    assert _parts(r, "utility_kept")[0]["verdict"] == "contradicted" and r["verdict"] == "not run"
+    _edit(tmp_path, "validate/metrics.json", lambda m: (
+        m["aligned"]["snip"]["advbench"].update(utility_ratio=0.95, utility_ratio_ci=[0.92, 0.98]),
+        m["positive_control"].update(aligned=_est(96, 0.0, -0.05, 0.05))))
+    r = _claims(tmp_path)["p1_region_affects_safety"]
+    assert _parts(r, "positive_control_detected")[0]["verdict"] == "contradicted"
+    assert r["verdict"] == "not run" and "positive_control_detected" in r["reason"]
 
 
 def test_the_one_prompt_flip_interval_written_by_a_stage_decides_the_verdict(tmp_path):
     """A region effect whose 95% CI clears 0.10 but whose one-prompt-flip interval reaches it is inconclusive,
     and claims.json carries both intervals."""
     _fixture(tmp_path)
-    m = json.loads((tmp_path / "results/validate/metrics.json").read_text())
-    m["aligned"]["snip"]["advbench"]["paired"] = {**_est(96, 0.19, 0.11, 0.27), "ci_one_flip": [0.095, 0.28]}
-    _write(tmp_path, "validate/metrics.json", m)
-    r = _claims(tmp_path)["p1_region_affects_safety"]
-    assert r["verdict"] == "inconclusive" and r["ci"] == [0.11, 0.27] and r["ci_one_flip"] == [0.095, 0.28]
-    m["aligned"]["snip"]["advbench"]["paired"]["ci_one_flip"] = [0.105, 0.28]
-    _write(tmp_path, "validate/metrics.json", m)
-    assert _claims(tmp_path)["p1_region_affects_safety"]["verdict"] == "supported"
+    _edit(tmp_path, "validate/metrics.json", lambda m: m["aligned"]["snip"]["advbench"].update(
+        paired={**_est(96, 0.19, 0.11, 0.27), "ci_one_flip": [0.095, 0.28]}))
+    part = _parts(_claims(tmp_path)["p1_region_affects_safety"], "region_vs_random")[0]
+    assert part["verdict"] == "inconclusive" and part["ci"] == [0.11, 0.27] and part["ci_one_flip"] == [0.095, 0.28]
+    _edit(tmp_path, "validate/metrics.json",
+          lambda m: m["aligned"]["snip"]["advbench"]["paired"].update(ci_one_flip=[0.105, 0.28]))
+    assert _parts(_claims(tmp_path)["p1_region_affects_safety"], "region_vs_random")[0]["verdict"] == "supported"
 
 
 def test_spa_needs_a_full_ft_arm_that_drifts(tmp_path):
     _fixture(tmp_path)
-    m = json.loads((tmp_path / "results/spa/metrics.json").read_text())
-    m["drift"]["gsm8k"]["full"] = _est(96, 0.02, -0.01, 0.05)
-    _write(tmp_path, "spa/metrics.json", m)
+    _complete(tmp_path)
+    _edit(tmp_path, "spa/metrics.json", lambda m: m["drift"]["sst2"].update(spa=_est(96, 0.0, -0.02, 0.005)))
+    assert _claims(tmp_path)["p2_spa_within_1pct"]["verdict"] == "supported"
+    _edit(tmp_path, "spa/metrics.json", lambda m: m["drift"]["gsm8k"].update(full=_est(96, 0.02, -0.01, 0.05)))
     r = _claims(tmp_path)["p2_spa_within_1pct"]
-    assert r["verdict"] == "inconclusive" and "includes zero" in r["this_run"]
-    m["drift"]["gsm8k"]["spa"] = _est(96, 0.05, 0.02, 0.08)        # a measured rise beyond 1 point stands
-    _write(tmp_path, "spa/metrics.json", m)
-    assert _claims(tmp_path)["p2_spa_within_1pct"]["verdict"] == "contradicted"
+    assert _parts(r, "full_ft_erodes_safety")[0]["verdict"] == "inconclusive" and r["verdict"] == "inconclusive"
+    _edit(tmp_path, "spa/metrics.json", lambda m: m["drift"]["gsm8k"].update(spa=_est(96, 0.05, 0.02, 0.08)))
+    assert _claims(tmp_path)["p2_spa_within_1pct"]["verdict"] == "contradicted"   # a measured rise stands
+    _edit(tmp_path, "spa/metrics.json", lambda m: (
+        m["drift"]["gsm8k"].update(spa=_est(96, 0.0, -0.02, 0.005), full=_est(96, 0.2, 0.1, 0.3)),
+        m["comparison"]["gsm8k"].update(task_gain_full=_est(32, 0.0, -0.05, 0.05))))
+    r = _claims(tmp_path)["p2_spa_within_1pct"]
+    assert _parts(r, "task_learned")[0]["verdict"] == "inconclusive" and r["verdict"] == "inconclusive"
 
 
 def test_stages_without_estimates_are_not_run(tmp_path):
-    """Metrics from before issue 14 (no Estimate dicts) give "not run", never a verdict from bare numbers."""
+    """Metrics without Estimate dicts give "not run", never a verdict from bare numbers."""
     _fixture(tmp_path)
-    m = json.loads((tmp_path / "results/baseline/metrics.json").read_text())
-    del m["comparison"]
-    _write(tmp_path, "baseline/metrics.json", m)
+    _edit(tmp_path, "baseline/metrics.json", lambda m: m.pop("comparison"))
     _write(tmp_path, "overlap/metrics.json", {"aligned": {
         "layer": {"raw": {"mean_iou": None, "chance_iou": None}, "refined": {"mean_iou": None, "chance_iou": None}}}})
     c = _claims(tmp_path)
     assert c["setup_aligned_vs_unaligned"]["verdict"] == "not run" and "aligned 0.75" in c[
         "setup_aligned_vs_unaligned"]["this_run"]
-    assert c["p1_low_overlap"]["verdict"] == "not run" and "undefined" in c["p1_low_overlap"]["this_run"]
-    assert not hasattr(report, "_all_any")
+    low, = c["p1_low_overlap"]["parts"]
+    assert c["p1_low_overlap"]["verdict"] == "not run" and low["reason"] == "undefined (empty regions)"
 
 
 def test_absent_stages_are_not_run(tmp_path):
@@ -228,8 +344,45 @@ def test_absent_stages_are_not_run(tmp_path):
     results = report.load_results(tmp_path)
     assert all(v is None for v in results.values())
     assert {s["status"] for s in report.stage_status(results)} == {report.NOT_RUN}
-    assert {r["verdict"] for r in report.claims(results)} == {report.NOT_RUN}
+    rows = report.claims(results)
+    assert {r["verdict"] for r in rows} == {report.NOT_RUN}
+    assert {p["verdict"] for r in rows for p in r["parts"]} == {report.NOT_RUN}
     assert report.figures(tmp_path) == {} and report.timings(tmp_path) == [] and report.region_summary(results) == []
+
+
+def test_claims_from_the_committed_results():
+    """claims.json as the report builds it from the committed results/*/metrics.json and params.yaml: every
+    claim one record with every pre-registered part, Holm over the family, the conjunction as its verdict."""
+    from saferegions import evidence
+    rows = report.claims(report.load_results(ROOT), config.load(ROOT / "params.yaml"))
+    assert [r["id"] for r in rows] == list(evidence.PARTS)
+    parts = report.part_rows(rows)
+    with_p = [p for p in parts if p["p"] is not None]
+    assert [p["p_holm"] for p in with_p] == pytest.approx(evidence.holm([p["p"] for p in with_p]))
+    for r in rows:
+        assert {p["name"] for p in r["parts"]} == set(evidence.PARTS[r["id"]])
+        assert all(set(p) == PART_KEYS for p in r["parts"])
+        assert r["verdict"] == evidence.conjunction([(evidence.Role(p["role"]), evidence.Verdict(p["verdict"]))
+                                                     for p in r["parts"]]).value
+        for p in r["parts"]:
+            assert (p["verdict"] == "not run") == (p["n"] == 0 or p["effect"] is None) or p["reason"], p
+            if p["verdict"] == "not run":
+                assert p["reason"], (r["id"], p["name"])
+    asr = [p for p in parts if "ASR" in p["metric"]]
+    assert asr and all("greedy tokens" in p["metric"] or "sampled" in p["metric"] for p in asr)
+    json.dumps(rows, allow_nan=False)
+
+
+def test_the_preregistered_table_in_the_methods_doc_is_evidence_parts():
+    """docs/methods.md "Pre-registered claims" prints the same parts, thresholds and margins as evidence.PARTS."""
+    text = (ROOT / "docs" / "methods.md").read_text()
+    section = text[text.index("#### Pre-registered claims"):text.index("### 5.7")]
+    header = "| claim | part | role | primary metric | threshold | margin | test |"
+    lines = section[section.index(header):].splitlines()[2:]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[:lines.index("")]]
+    want = [[r[k] for k in ("claim", "part", "role", "primary metric", "threshold", "margin", "test")]
+            for r in report.preregistered()]
+    assert rows == want
 
 
 @pytest.mark.parametrize("rel, obj, fragment", [
@@ -370,29 +523,33 @@ def test_reading_of_the_run_and_its_output_files(tmp_path):
     counts = report.verdict_counts(rows)
     assert text.startswith(f"{sum(r['verdict'] != report.NOT_RUN for r in rows)} of {len(rows)} claims")
     assert list(counts.values()) == sorted(counts.values(), reverse=True) and sum(counts.values()) == len(rows)
-    assert all(f"**{r['claim']}** ({r['paper']}): {r['verdict']}" in text for r in rows)
+    assert all(f"**{r['claim']}** ({r['paper']}): {r['verdict']} — {r['reason']}" in text for r in rows)
     assert "took 26 s in all; the slowest was `identify` (20 s)" in text and "3 params differ" in text
     assert "params differ" not in report.summary(rows, [], 0) and "took" not in report.summary(rows, [], 0)
     report.write_outputs(rows, results, totals, {"p": 1}, tmp_path / "out")
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["verdicts"] == counts and m["stages_run"] == len(report.STAGES) and m["wall_seconds_total"] == 26.0
-    assert m["claims"]["p2_set_halves_asr"] == {"n": 96, "effect": pytest.approx(0.625), "ci_low": 0.55,
-                                                "ci_high": 0.7, "p": 0.01, "verdict": "supported"}
-    assert "effect +0.625 [+0.550, +0.700], n=96 against > 0.5" in text
+    set_claim = m["claims"]["p2_set_halves_asr"]
+    assert set_claim["verdict"] == "not run" and set(set_claim["parts"]) == {
+        f"{p} @ set arm, unaligned model, paired before/after" for p in report.PARTS["p2_set_halves_asr"]}
+    halved = set_claim["parts"]["asr_halved @ set arm, unaligned model, paired before/after"]
+    assert halved == {"n": 96, "effect": pytest.approx(0.625), "ci_low": 0.55, "ci_high": 0.7, "p": 1e-6,
+                      "p_holm": pytest.approx(halved["p_holm"]), "verdict": "supported"}
+    assert halved["p_holm"] >= 1e-6
+    assert "asr_halved (set arm, unaligned model, paired before/after): supported, effect +0.625 [+0.550, +0.700], " \
+           "n=96 against > 0.5" in text
     fig = report.forest(rows)
-    assert len(fig.axes[0].get_yticklabels()) == sum(r["effect"] is not None for r in rows)
+    assert len(fig.axes[0].get_yticklabels()) == sum(p["effect"] is not None for r in rows for p in r["parts"])
     claims = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert set(claims) == {r["id"] for r in rows} and "id" not in claims["p1_low_overlap"]
     assert json.loads((tmp_path / "out" / "provenance.json").read_text()) == {"p": 1}
 
 
-def test_overlap_primary_is_the_method_with_the_most_dataset_pairs(tmp_path):
-    """A method identified on two datasets has one pair and no interval; the one run on all ten decides."""
+def test_an_overlap_mean_without_an_interval_says_why(tmp_path):
+    """A method identified on two datasets has one pair: no interval, inconclusive, and the reason says so."""
     _fixture(tmp_path)
-    path = tmp_path / "results/overlap/metrics.json"
-    ov = json.loads(path.read_text())
-    for variant in ("raw", "refined"):
-        ov["aligned"]["snip"][variant].update(n_pairs=1, mean_iou_ci=None)
-    path.write_text(json.dumps(ov))
-    c = _claims(tmp_path)
-    assert c["p1_low_overlap"]["condition"] == "aligned/wanda, raw" and c["p1_low_overlap"]["n"] == 45
+    _edit(tmp_path, "overlap/metrics.json", lambda m: [m["aligned"]["snip"][v].update(n_pairs=1, mean_iou_ci=None)
+                                                       for v in ("raw", "refined")])
+    snip = _parts(_claims(tmp_path)["p1_low_overlap"], "low_overlap")[0]
+    assert snip["condition"] == "aligned/snip" and snip["ci"] == [None, None] and snip["verdict"] == "inconclusive"
+    assert snip["reason"] == "no interval: 1 dataset pair(s)"

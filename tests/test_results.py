@@ -1,5 +1,5 @@
 """The typed result contract: every committed metrics.json reads into its stage's record and writes back as the
-same JSON, a shape error names the file and key, and no module but evidence.py produces a verdict word."""
+same JSON, a shape error names the file and key, and no module but evidence.py produces or decides a verdict."""
 import ast
 import json
 import re
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import ROOT
-from saferegions import results
+from saferegions import evidence, results
 
 COMMITTED = sorted(ROOT.glob("results/*/metrics.json")) + sorted(ROOT.glob("results/*/*/metrics.json"))
 
@@ -80,3 +80,73 @@ def test_the_scan_finds_a_planted_verdict():
                         '    return "supported" if x else f"{x}; inconclusive because y"\n')
     assert sorted(s for _, s in _verdict_strings(planted)) == ["; inconclusive because y", "supported"]
     assert _verdict_strings(ast.parse('raise ValueError("layouts are not supported")')) == []
+
+
+# An interval, effect, margin or claim threshold compared by order (<, >, <=, >=) is a verdict being decided.
+# A bare local `threshold` is allowed (a classifier's cut-off); a spec's or record's `.threshold` is not.
+DECIDING_NAME = re.compile(r"effect|margin|^ci$|^ci_|_ci$|^THRESHOLDS$|^PARTS$", re.I)
+DECIDING_FIELD = re.compile(r"effect|margin|threshold|direction|^ci$|^ci_|_ci$", re.I)
+VERDICT_MEMBERS = {m.name for m in evidence.Verdict}
+
+
+def _deciding_names(node: ast.AST):
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and DECIDING_NAME.search(n.id):
+            yield n.id
+        elif isinstance(n, ast.Attribute) and (DECIDING_FIELD.search(n.attr) or DECIDING_NAME.search(n.attr)):
+            yield n.attr
+        elif isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant) and isinstance(n.slice.value, str) \
+                and DECIDING_FIELD.search(n.slice.value):
+            yield n.slice.value
+
+
+def _is_verdict(node: ast.AST) -> bool:
+    return getattr(node, "id", None) == "Verdict" or getattr(node, "attr", None) == "Verdict"
+
+
+def _verdict_decisions(tree: ast.AST) -> list[tuple[int, str]]:
+    """Where a module decides a verdict itself: it constructs a Verdict, picks a Verdict member as a value
+    (comparing with one or keying a dict by one only reads it), or orders an effect / interval / margin /
+    claim threshold."""
+    parents = {id(c): p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and _is_verdict(n.func):
+            found.append((n.lineno, "constructs a Verdict"))
+        elif isinstance(n, ast.Attribute) and n.attr in VERDICT_MEMBERS and _is_verdict(n.value):
+            p = parents.get(id(n))
+            if not (isinstance(p, ast.Compare) or (isinstance(p, ast.Dict) and any(k is n for k in p.keys))):
+                found.append((n.lineno, f"picks Verdict.{n.attr}"))
+        elif isinstance(n, ast.Compare) and any(isinstance(o, (ast.Lt, ast.Gt, ast.LtE, ast.GtE)) for o in n.ops):
+            names = sorted(set(_deciding_names(n)))
+            if names:
+                found.append((n.lineno, f"orders {', '.join(names)}"))
+    return found
+
+
+def test_only_evidence_decides_a_verdict():
+    """`evidence.verdict` / `evidence.conjunction` decide every part and claim; a module that builds a Verdict or
+    sets an effect or interval against a threshold itself would be a second, unchecked decision."""
+    found = {}
+    for f in sorted((ROOT / "src").rglob("*.py")):
+        if f.name == "evidence.py" and f.parent.name == "saferegions":
+            continue
+        hits = _verdict_decisions(ast.parse(f.read_text()))
+        if hits:
+            found[str(f.relative_to(ROOT))] = hits
+    assert not found, f"verdicts decided outside evidence.py: {found}"
+
+
+def test_the_decision_scan_finds_planted_decisions_and_passes_readings():
+    planted = ast.parse(
+        "v = Verdict('supported')\n"                                            # 1 constructs
+        "w = evidence.Verdict.SUPPORTED if x else evidence.Verdict.NOT_RUN\n"   # 2 picks twice
+        "ok = est.ci[0] > THRESHOLDS['c'][0]\n"                                 # 3 orders ci, THRESHOLDS
+        "bad = effect >= 0.1\n"                                                 # 4 orders effect
+        "y = row['ci'][0] > row['threshold']\n"                                 # 5 orders ci, threshold
+        "guard = deg - deg_random >= est.effect\n")                             # 6 orders effect
+    assert sorted({line for line, _ in _verdict_decisions(planted)}) == [1, 2, 3, 4, 5, 6]
+    assert len([h for h in _verdict_decisions(planted) if h[0] == 2]) == 2
+    readings = ast.parse("a = v == evidence.Verdict.SUPPORTED\nb = {Verdict.SUPPORTED: 'words'}\n"
+                         "threshold = max(cuts)\nc = s > threshold\nd = len(x) < 12\n")
+    assert _verdict_decisions(readings) == []

@@ -99,7 +99,8 @@ def _estimate(e) -> str:
         e = {"effect": e.effect, "ci": e.ci}
     if not e or e.get("effect") is None:
         return "–"
-    return f"{_f(e['effect'])} {_interval(e.get('ci') or [None, None])}"
+    ci = e.get("ci") or [None, None]
+    return f"{_f(e['effect'])} " + ("(no interval)" if None in ci else _interval(ci))
 
 
 def _interval(ci) -> str:
@@ -155,24 +156,55 @@ SECTIONS = [("Baseline refusal (baseline)", "baseline", _baseline),
 def findings(root: Path) -> str:
     """Headline numbers per stage, then the claims table of results/report/claims.json."""
     res = load_results(root)
+    path = root / "results" / "report" / "claims.json"
+    claims = json.loads(path.read_text()) if path.exists() else None
     out = []
     for title, stage, fn in SECTIONS:
         m = res.get(stage)
         body = fn(m, res) if m else [NOT_RUN]
-        out += [f"**{title}**", "", *body, ""]
-    claims = root / "results" / "report" / "claims.json"
-    out += ["**Each paper claim beside this run's number (report)**", ""]
-    if claims.exists():
-        rows = [[r["claim"], r.get("paper", "–"), r.get("condition") or "–", _estimate(r),
-                 _interval(r.get("ci_one_flip")), r.get("n", "–"),
-                 f"{r['direction']} {_f(r['threshold'])}" if r.get("threshold") is not None else "–",
-                 f"**{r['verdict']}**"]
-                for r in json.loads(claims.read_text()).values()]
-        out += _table(["claim", "paper", "condition", "effect [95% CI]", "one-prompt-flip interval", "n", "threshold",
-                       "verdict"], rows)
-    else:
-        out.append(NOT_RUN)
+        asr = _asr_metric(claims or {}, stage) if m else None
+        out += [f"**{title}**", "", *body, *([f"\nASR here: {asr}."] if asr else []), ""]
+    out += ["**Each paper claim with its parts beside this run's numbers (report)**", ""]
+    out += _claims(claims) if claims is not None else [NOT_RUN]
     return "\n".join(out).rstrip("\n")
+
+
+def _asr_metric(claims: dict, stage: str) -> str | None:
+    """What a stage's "ASR" is, under its real name, from the first of its claims' parts that measures it."""
+    for r in claims.values():
+        for p in r.get("parts", []) if r.get("stage") == stage else []:
+            if "(printed as ASR):" in p["metric"]:
+                return p["metric"].replace(" (printed as ASR):", " —")
+    return None
+
+
+def _threshold(p: dict) -> str:
+    return f"{p['direction']} {_f(p['threshold'])}" + (f" (margin {_f(p['margin'])})" if p.get("margin") else "")
+
+
+def _p(p) -> str:
+    return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _claims(claims: dict) -> list[str]:
+    """The claims table (each claim's row, then its parts' rows) and what each part measures."""
+    rows, metrics = [], {}
+    for cid, r in claims.items():
+        if "parts" not in r:
+            raise ValueError(f"results/report/claims.json: {cid} has no parts (written before claims had parts): "
+                             "re-run the report stage")
+        rows.append([f"**{r['claim']}**", r["paper"], r["reason"], "", "", "", "", "", f"**{r['verdict']}**"])
+        for p in r["parts"]:
+            rows.append([f"↳ {p['name']}" + (" (control)" if p["role"] == "control" else ""), "",
+                         p["condition"] or "–", _estimate(p), _interval(p["ci_one_flip"]), p["n"],
+                         _p(p["p_holm"]), _threshold(p),
+                         p["verdict"] + (f": {p['reason']}" if p["reason"] else "")])
+            if p["metric"]:
+                metrics.setdefault(p["metric"], []).append(p["name"])
+    return (_table(["claim / part", "paper", "condition", "effect [95% CI]", "one-prompt-flip interval", "n",
+                    "p (Holm)", "threshold", "verdict"], rows)
+            + ["", "What each part measures:", ""]
+            + [f"- {', '.join(dict.fromkeys(names))}: {m}" for m, names in metrics.items()])
 
 
 GENERATORS = {"timings": timings, "findings": findings}

@@ -275,9 +275,11 @@ class ValidateCondition(Record):
 
 @dataclass(kw_only=True)
 class ValidateMetrics(Record):
-    """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference."""
+    """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference; "positive_control":
+    {MODEL: Estimate of ASR(refusal direction ablated) − ASR(intact)}."""
     models: dict[str, dict[str, dict[str, ValidateCondition]]]
     intact: dict[str, Rates] | None = optional()
+    positive_control: dict[str, EstimateRecord] | None = optional()
     REST: ClassVar[str] = "models"
 
 
@@ -423,25 +425,35 @@ class SpaTask(Record):
 
 @dataclass(kw_only=True)
 class SpaMetrics(Record):
-    """{TASK: {ARM: before/after}}, "drift": {TASK: {ARM: Estimate of ASR after − before}}."""
+    """{TASK: {ARM: before/after}}, "drift": {TASK: {ARM: Estimate of ASR after − before}}, "comparison":
+    {TASK: {name: Estimate}} (spa_vs_full, spa_vs_random: ASR after, paired; task_gain_full: task score gain)."""
     tasks: dict[str, SpaTask]
     drift: dict[str, dict[str, EstimateRecord]] | None = optional()
+    comparison: dict[str, dict[str, EstimateRecord]] | None = optional()
     REST: ClassVar[str] = "tasks"
 
 
 @dataclass(kw_only=True)
-class ClaimNumbers(Record):
+class PartNumbers(Record):
     n: int
     effect: float | None = field(metadata={"lo": None})
     ci_low: float | None = field(metadata={"lo": None})
     ci_high: float | None = field(metadata={"lo": None})
     p: float | None = rate()
+    p_holm: float | None = rate()
     verdict: str
 
 
 @dataclass(kw_only=True)
+class ClaimNumbers(Record):
+    """A claim's verdict (the conjunction of its parts) and each part's numbers, keyed "name @ condition"."""
+    verdict: str
+    parts: dict[str, PartNumbers]
+
+
+@dataclass(kw_only=True)
 class ReportMetrics(Record):
-    """A number and a verdict per claim, the verdict counts, how many stages ran, the summed wall time."""
+    """A verdict per claim with its parts' numbers, the verdict counts, how many stages ran, the summed wall time."""
     claims: dict[str, ClaimNumbers]
     verdicts: dict[str, int]
     stages_run: int

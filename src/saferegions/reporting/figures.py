@@ -9,11 +9,12 @@ from ..results import STAGES
 
 
 def forest(rows: list[dict]):
-    """One figure: each decided claim's effect with its 95% CI as an error bar, the one-prompt-flip interval that
-    decides binary claims as a grey band behind it, and its threshold as a red tick."""
+    """One figure: each measured part's effect with its 95% CI as an error bar, the one-prompt-flip interval that
+    decides binary parts as a grey band behind it, and its threshold as a red tick, grouped by claim."""
     import matplotlib.pyplot as plt
     plots.style()
-    shown = [r for r in rows if r["effect"] is not None and r["threshold"] is not None]
+    shown = [{"label": f"{r['id']} · {p['name']}" + (f" @ {p['condition']}" if p["condition"] else ""), **p}
+             for r in rows for p in r["parts"] if p["effect"] is not None and p["threshold"] is not None]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(shown) + 1.5))
     for i, r in enumerate(shown):
         if r.get("ci_one_flip"):
@@ -25,9 +26,9 @@ def forest(rows: list[dict]):
         else:
             ax.plot(r["effect"], i, "o", color="C0", fillstyle="none")
         ax.plot([r["threshold"]] * 2, [i - 0.35, i + 0.35], color="C3", lw=2)
-    ax.set_yticks(range(len(shown)), [f"{r['id']} ({r['verdict']})" for r in shown])
+    ax.set_yticks(range(len(shown)), [f"{r['label']} ({r['verdict']})" for r in shown])
     ax.invert_yaxis()
-    ax.set(title="Claims: effect with 95% CI (grey: with one prompt flipped; red: threshold)", xlabel="effect")
+    ax.set(title="Claims' parts: effect with 95% CI (grey: with one prompt flipped; red: threshold)", xlabel="effect")
     return fig
 
 

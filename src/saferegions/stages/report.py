@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import config, plots, results  # noqa: F401  (config, plots: the notebook parses params and draws)
-from ..evidence import THRESHOLDS  # noqa: F401  (the notebook prints them)
+from ..evidence import PARTS  # noqa: F401  (the claims' pre-registered parts)
 from ..io import write_json
-from ..reporting.claims import claims, summary, verdict_counts  # noqa: F401
+from ..reporting.claims import claims, part_rows, preregistered, summary, verdict_counts  # noqa: F401
 from ..reporting.figures import figures, forest  # noqa: F401
 from ..reporting.provenance import REPORT_CODE, input_files, provenance  # noqa: F401
 from ..reporting.tables import (documented_deviations, param_deviations, region_summary,  # noqa: F401
@@ -22,14 +22,21 @@ from ..tables import params_table, table  # noqa: F401  (re-exported: the notebo
 RESULTS = Path("results/report")
 
 
+def part_key(part: dict) -> str:
+    """A part's key in metrics.json: its name, and its condition where it has one."""
+    return part["name"] + (f" @ {part['condition']}" if part["condition"] else "")
+
+
 def write_outputs(rows: list[dict], results_: dict, totals: list[dict], prov: dict, out: Path = RESULTS) -> None:
-    """claims.json (the whole table, claim and paper value in words), metrics.json (what `dvc metrics show` /
-    `dvc exp show` can tabulate: a number and a verdict per claim) and provenance.json."""
+    """claims.json (one record per claim with all its parts, claim and paper value in words), metrics.json (what
+    `dvc metrics show` / `dvc exp show` can tabulate: each claim's verdict and each part's numbers) and
+    provenance.json."""
     write_json(out / "claims.json", {r["id"]: {k: v for k, v in r.items() if k != "id"} for r in rows})
     results.save("report", out / "metrics.json", {
-        "claims": {r["id"]: {"n": r["n"], "effect": r["effect"], "ci_low": (r["ci"] or [None, None])[0],
-                             "ci_high": (r["ci"] or [None, None])[1], "p": r["p"], "verdict": r["verdict"]}
-                   for r in rows},
+        "claims": {r["id"]: {"verdict": r["verdict"], "parts": {part_key(p): {
+            "n": p["n"], "effect": p["effect"], "ci_low": (p["ci"] or [None, None])[0],
+            "ci_high": (p["ci"] or [None, None])[1], "p": p["p"], "p_holm": p["p_holm"], "verdict": p["verdict"]}
+            for p in r["parts"]}} for r in rows},
         "verdicts": verdict_counts(rows),
         "stages_run": sum(s["status"] != NOT_RUN for s in stage_status(results_)),
         "wall_seconds_total": round(float(sum(t["wall_seconds"] for t in totals)), 1),
