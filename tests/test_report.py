@@ -108,7 +108,7 @@ def _complete(root):
 
     def overlap(m):
         for v in m["aligned"].values():
-            v["refined_minus_raw_chance_corrected"] = _est(45, -0.2, -0.25, -0.15, "paired bootstrap", None)
+            v["refined_minus_raw_corrected"] = _est(10, -0.2, -0.25, -0.15, "dataset bootstrap (percentile)", None)
 
     def esi(m):
         m["aligned"].update({k: _est(8, 0.1, 0.05, 0.15, "bootstrap over prompts", None)
@@ -548,8 +548,9 @@ def test_reading_of_the_run_and_its_output_files(tmp_path):
 def test_an_overlap_mean_without_an_interval_says_why(tmp_path):
     """A method identified on two datasets has one pair: no interval, inconclusive, and the reason says so."""
     _fixture(tmp_path)
-    _edit(tmp_path, "overlap/metrics.json", lambda m: [m["aligned"]["snip"][v].update(n_pairs=1, mean_iou_ci=None)
+    _edit(tmp_path, "overlap/metrics.json", lambda m: [m["aligned"]["snip"][v].update(n_pairs=1, n_datasets=2,
+                                                                                       mean_iou_ci=None)
                                                        for v in ("raw", "refined")])
     snip = _parts(_claims(tmp_path)["p1_low_overlap"], "low_overlap")[0]
     assert snip["condition"] == "aligned/snip" and snip["ci"] == [None, None] and snip["verdict"] == "inconclusive"
-    assert snip["reason"] == "no interval: 1 dataset pair(s)"
+    assert snip["reason"] == "no interval: 2 dataset(s)"

@@ -228,19 +228,20 @@ def _overlap(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
         raw = v.raw.estimate()
         no_ci = raw is None or None in (v.raw.mean_iou_ci or [None])
         why = ("undefined (empty regions)" if v.raw.mean_iou is None else
-               f"no interval: {v.raw.n_pairs or 0} dataset pair(s)" if no_ci else None)
+               (v.raw.iou.reason if v.raw.iou and v.raw.iou.reason else
+                f"no interval: {v.raw.n_datasets or 0} dataset(s)") if no_ci else None)
         parts.append(Part("p1_low_overlap", "low_overlap", raw,
                           f"IoU of {method}'s raw regions between datasets "
                           f"(chance {_or_dash(v.raw.chance_iou, '.3f')})",
                           where, why))
         drop = estimate(v.refined_minus_raw)
         parts.append(Part("p1_refined_overlap_drops", "refined_drop", drop,
-                          f"refined − raw IoU of {method}'s regions, per dataset pair", where,
+                          f"refined − raw IoU of {method}'s regions, mean over dataset pairs", where,
                           None if drop else _missing("overlap", f"{where}.refined_minus_raw")))
-        cc = _est(_extra(v, "refined_minus_raw_chance_corrected"))
+        cc = estimate(v.refined_minus_raw_corrected)
         parts.append(Part("p1_refined_overlap_drops", "refined_drop_chance_corrected", cc,
                           f"refined − raw of (IoU − chance) / (1 − chance), {method}", where,
-                          None if cc else _missing("overlap", f"{where}.refined_minus_raw_chance_corrected")))
+                          None if cc else _missing("overlap", f"{where}.refined_minus_raw_corrected")))
     iou = lambda x: "undefined" if x.mean_iou is None else f"{x.mean_iou:.3f}" + (  # noqa: E731
         f" [{x.mean_iou_ci[0]:.3f}, {x.mean_iou_ci[1]:.3f}]" if None not in (x.mean_iou_ci or [None]) else "")
     text = {"p1_low_overlap": "mean raw IoU [95% CI] (chance): " + "; ".join(
