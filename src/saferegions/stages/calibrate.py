@@ -201,7 +201,7 @@ def refusal_rates(frame: pd.DataFrame) -> pd.DataFrame:
                      "n filled": int(kept.filled.astype(bool).sum()), "n": len(kept),
                      "refusal rate": float(g.greedy_refused.astype(bool).mean()),
                      "n distinct": distinct(list(kept.response)), "n sampled": int(kept.sampled.astype(bool).sum())}
-    return pd.DataFrame.from_dict(out, orient="index")
+    return pd.DataFrame.from_dict(out, orient="index").rename_axis("dataset")
 
 
 def examples(frame: pd.DataFrame) -> pd.DataFrame:
