@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import chat, config, data, evaluation, judges, models, plots  # noqa: F401  (config, plots: re-exported for the notebook)
+from .. import chat, config, data, evaluation, judges, models, plots  # noqa: F401  (config, plots: for the notebook)
 from .. import results as results_
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..io import write_json, write_jsonl
