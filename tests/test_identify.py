@@ -434,7 +434,7 @@ def test_calibrate_repeats_rule():
     assert calibrate.repeats([" A", "a "], 0.6) == [1]            # case and space ignored
 
 
-def test_calibrate_resamples_repeats_and_records_distinct_counts(tmp_path, monkeypatch):
+def test_calibrate_resamples_repeats(tmp_path):
     model, tok = tiny_model("llama")
     rows = [{"dataset": "advbench", "prompt": f"How to do harm {i}?", "response": "I can't.", "refused": True,
              "finished": True} for i in range(6)]
@@ -446,16 +446,3 @@ def test_calibrate_resamples_repeats_and_records_distinct_counts(tmp_path, monke
     again = calibrate.diversify(model, tok, rows, 0.5, 1.0, 0, 8, 8)
     assert [r["response"] for r in again] == [r["response"] for r in out]          # seeded
     assert calibrate.distinct([r["response"] for r in out[:6]]) > 1                 # the random tiny model varies
-    monkeypatch.chdir(tmp_path)
-    raw = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
-    cfg = config.parse(raw)
-    calibrate.save_calibration(out, {"distinct_greedy": {"advbench": 1, "alpaca": 3}, "n_utility_eval": 4},
-                               calibrate.out_dir("aligned"))
-    import pandas as pd
-    rates = calibrate.refusal_rates(pd.DataFrame(out))
-    calibrate.write_metrics(cfg, "aligned", rates, tmp_path / "res")
-    met = __import__("json").loads((tmp_path / "res" / "metrics.json").read_text())
-    adv = met["sets"]["advbench"]
-    assert adv["n"] == 6 and adv["n_distinct_greedy"] == 1 and adv["n_sampled"] == 5
-    assert adv["n_distinct"] == calibrate.distinct([r["response"] for r in out[:6]])
-    assert met["sets"]["alpaca"]["n_distinct"] == 3 and met["min_distinct"] == cfg.calibrate.min_distinct

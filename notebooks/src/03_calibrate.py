@@ -3,19 +3,23 @@
 #
 # Paper 1's methods score parameters on *calibration examples*. Following Wei et al. (docs/methods.md §2, shared
 # conventions), an example is an identification prompt rendered with the model's chat template plus **the model's
-# own greedy response**: SNIP's loss, Wanda's activation norms, the neuron importances and NLSR's projections all
-# read the response tokens. Generating these responses is the expensive part of identification, so it is done
-# **once per model** here and shared by all five methods of the `identify` stage (five methods would otherwise pay
-# for the same generations five times).
+# own response**: SNIP's loss, Wanda's activation norms, the neuron importances and NLSR's projections all read
+# the response tokens. Generating these responses is the expensive part of identification, so it is done **once
+# per model** here and shared by all five methods of the `identify` stage (five methods would otherwise pay for
+# the same generations five times).
 #
 # Sets: the first `calibrate.n` identification-split prompts of each of the ten safety datasets, plus the utility
-# set (Alpaca instructions) whose regions refine the safety regions. The refusal rate below (keyword judge) says
-# what behaviour the methods see: a response that refuses makes the scores about *refusing*; one that complies
-# makes them about complying.
+# set (Alpaca instructions) whose regions refine the safety regions.
 #
-# A score built on sixteen copies of one refusal sentence sees one example, not sixteen: where fewer than
-# `calibrate.min_distinct` × n of a set's greedy responses are distinct, each repeat is re-answered once by seeded
-# sampling (`calibrate.temperature`); the table shows the distinct responses and how many were sampled. The stage
+# **Safety examples are refusals**, as Wei et al.'s safety data are. Each greedy response is judged (the
+# evaluation judge; degenerate text counts as no refusal). One that does not refuse is re-drawn by seeded sampling
+# (`calibrate.temperature`) up to `calibrate.redraws` times; a prompt with no refusal is dropped. A set left with
+# fewer than `calibrate.min_kept` refusals keeps its first non-refusals up to that count, and the table counts them
+# as *filled*. Utility examples are every greedy answer, unfiltered.
+#
+# A score built on sixteen copies of one refusal sentence sees one example, not sixteen. So, after the refusal
+# filter, where fewer than `calibrate.min_distinct` × n of a set's kept responses are distinct, each repeat is
+# re-answered once by seeded sampling. In a safety set the re-answer is used only if it refuses too. The stage
 # also answers `calibrate.n_utility_eval` held-out Alpaca prompts greedily: the intact reference for the identify
 # stage's p/q sweep.
 # %% [params]
@@ -40,13 +44,19 @@ display(calibrate.table(pd.DataFrame(calibrate.config.deviations(cfg.calibrate, 
 # %%
 frame = calibrate.run(cfg, model)
 # %% [md]
-# ## How often the model refuses its calibration prompts (keyword judge), and how varied the responses are
+# ## How often the model refuses its calibration prompts, and what was kept
+# Per set: prompts asked, refused greedily (the refusal rate below is their share), recovered by a re-draw,
+# dropped, filled and kept (`n`), then the distinct kept responses and how many of them were sampled.
 # %%
 rates = calibrate.refusal_rates(frame)
 display(calibrate.table(rates))
+short = rates[rates["n filled"] > 0]
+if len(short):
+    print(f"fewer than calibrate.min_kept = {cfg.calibrate.min_kept} refusals in {list(short.index)}: "
+          f"{int(short['n filled'].sum())} non-refusals kept to fill them")
 fig = calibrate.plots.bars(rates.reset_index(), "dataset", "refusal rate", None,
-                           f"Refusal rate on the calibration prompts ({model}, keyword judge, Wilson 95%)",
-                           "prompt set", "refusal rate", n="n")
+                           f"Greedy refusal rate on the calibration prompts ({model}, {cfg.evaluation.judge} "
+                           "judge, Wilson 95%)", "prompt set", "refusal rate", n="n asked")
 calibrate.plots.save(fig, RESULTS / "figures" / "calibration_refusal.png")
 # %% [md]
 # ## Examples

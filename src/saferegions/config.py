@@ -142,8 +142,8 @@ class BaselineCfg:
 
 @dataclass
 class CalibrateCfg:
-    """Calibration examples = (ident prompt, the model's own greedy response), generated once per model and
-    shared by every method (docs/methods.md §2, shared conventions)."""
+    """Calibration examples = (ident prompt, the model's own response: a refusal for the safety sets), generated
+    once per model and shared by every method (docs/methods.md §2, shared conventions)."""
     datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))
     utility_set: str = "alpaca"
     n: int = 128                 # examples per dataset (Wei et al.'s nsamples)
@@ -155,13 +155,22 @@ class CalibrateCfg:
     temperature: float = 1.0     # of that sampling (seeded with run.seed)
     n_utility_eval: int = 32     # held-out (eval-split) utility prompts answered greedily once: the identify
                                  # stage's p/q sweep scores utility on them (>= 32)
+    redraws: int = 4             # safety sets keep refusals only: a greedy response that does not refuse (complied
+                                 # or degenerate) is re-drawn by seeded sampling at most this many times
+    min_kept: int = 32           # a safety set with fewer refusals than this keeps its first non-refusals up to it
+                                 # (counted as filled in metrics.json), so every method has examples to score
 
     def __post_init__(self):
         _subset("calibrate.datasets", self.datasets, SAFETY_SETS)
         _choice("calibrate.utility_set", self.utility_set, BENIGN_SETS)
-        for k in ("n", "max_new_tokens", "batch_size", "temperature", "n_utility_eval"):
+        for k in ("n", "max_new_tokens", "batch_size", "temperature", "n_utility_eval", "min_kept"):
             _positive(f"calibrate.{k}", getattr(self, k))
         _fraction("calibrate.min_distinct", self.min_distinct)
+        if self.redraws < 0:
+            raise ConfigError(f"calibrate.redraws: must be >= 0, got {self.redraws!r}")
+        if self.min_kept > self.n:
+            raise ConfigError(f"calibrate.min_kept ({self.min_kept}) exceeds calibrate.n ({self.n}): a set cannot "
+                              "keep more examples than it asks")
 
 
 @dataclass

@@ -26,7 +26,7 @@ SMOKE = {
     "baseline": {"datasets": ["advbench", "xstest_unsafe", "xstest_safe", "alpaca"], "n_prompts": 2,
                  "max_new_tokens": 4, "batch_size": 8},
     "calibrate": {"datasets": ["advbench", "harmbench"], "n": 4, "max_new_tokens": 4, "batch_size": 8,
-                  "n_utility_eval": 2},
+                  "n_utility_eval": 2, "redraws": 1, "min_kept": 2},
     "identify": {"models": ["aligned"], "methods": ["snip", "wanda"], "batch_size": 4, "max_length": 64,
                  "pq_grid_q": [0.02], "pq_grid_p": [0.04], "split_half_datasets": ["advbench"],
                  "snip": {"n": 2},

@@ -232,9 +232,21 @@ class BaselineMetrics(Record):
 
 
 @dataclass(kw_only=True)
+class CalibrationSet(Rates):
+    """One set's calibration examples: n kept of n_asked prompts (refusal_rate = n_refused_greedy / n_asked);
+    n_recovered refusals drawn by a re-draw, n_dropped prompts without one, n_filled non-refusals kept to reach
+    calibrate.min_kept."""
+    n_asked: int | None = optional()
+    n_refused_greedy: int | None = optional()
+    n_recovered: int | None = optional()
+    n_dropped: int | None = optional()
+    n_filled: int | None = optional()
+
+
+@dataclass(kw_only=True)
 class CalibrateMetrics(Record):
     role: str | None = optional()
-    sets: dict[str, Rates] | None = optional()
+    sets: dict[str, CalibrationSet] | None = optional()
 
 
 @dataclass(kw_only=True)

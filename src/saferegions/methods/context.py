@@ -84,6 +84,8 @@ class Context:
     utility_eval: tuple | None = None   # (prompts, intact greedy answers): `load_utility_eval`, for the p/q sweep
     utility: object = None      # evaluation.utility_score (set by the identify stage; the library keeps out of it)
     split_half: list[str] = field(default_factory=list)   # datasets that also get half0/half1 raw regions
+    asked: dict[str, int] = field(default_factory=dict)   # ident prompts calibrate asked per set (kept or not)
+    refusals: object = None     # prompts -> the refusal rows among the model's answers (calibrate's rule), or None
 
     def __post_init__(self):
         missing = [d for d in [*self.datasets, self.utility_set] if d not in self.calib]
@@ -91,32 +93,39 @@ class Context:
             raise ValueError(f"calibration examples lack {missing}; re-run the calibrate stage")
 
     def top_up(self, names: list[str], n: int) -> None:
-        """Extend the calibration examples of `names` to n with the next ident prompts (calibrate took the first
-        calibrate.n), answered greedily with the calibrate settings in one batched pass: a method that needs more
-        examples than the others (neurons) pays for them alone. Sets with fewer ident prompts keep what exists."""
+        """Extend the calibration examples of `names` to n with the next ident prompts (those after the ones
+        calibrate asked), answered with the calibrate settings in one batched pass (a safety set keeps only the
+        refusals `refusals` finds, as calibrate does): a method that needs more examples than the others (neurons)
+        pays for them alone. Sets with fewer ident prompts or refusals keep what exists."""
         need = {}
         for name in names:
             have = self.calib[name][0]
             if len(have) >= n:
                 continue
-            found = data.prompts(self.prompts_path, name, "ident", n)
-            if found[:len(have)] != have:
-                raise ValueError(f"calibration examples of {name!r} are not the first ident prompts of "
+            asked = self.asked.get(name, len(have))
+            found = data.prompts(self.prompts_path, name, "ident", asked + n - len(have))
+            rest = iter(found[:asked])
+            if not all(p in rest for p in have):       # `have` is a subsequence of the first `asked` prompts
+                raise ValueError(f"calibration examples of {name!r} are not among the first ident prompts of "
                                  f"{self.prompts_path}; re-run the calibrate stage")
-            if len(found) > len(have):
-                need[name] = found[len(have):]
+            if len(found) > asked:
+                need[name] = found[asked:]
         if not need:
             return
-        flat = [p for ps in need.values() for p in ps]
-        answers = iter(zip(*chat.generate(self.model, self.tok, flat, self.max_new_tokens,
-                                          self.gen_batch_size, self.system, desc="calibrate (top-up)",
-                                          with_finished=True)))
+        safety = {k: ps for k, ps in need.items() if self.refusals is not None and k != self.utility_set}
+        plain = [p for k, ps in need.items() if k not in safety for p in ps]
+        answers = iter(zip(*chat.generate(self.model, self.tok, plain, self.max_new_tokens, self.gen_batch_size,
+                                          self.system, desc="calibrate (top-up)", with_finished=True))) if plain \
+            else iter(())
+        refused = {r["prompt"]: (r["response"], r["finished"])
+                   for r in self.refusals([p for ps in safety.values() for p in ps])} if safety else {}
         self.calib = dict(self.calib)                     # the caller's examples stay as they were
         for name, ps in need.items():
             prompts, responses, finished = examples(self.calib[name])
-            new = [next(answers) for _ in ps]
-            self.calib[name] = (prompts + ps, responses + [r for r, _ in new],
-                                (finished or [True] * len(prompts)) + [f for _, f in new])
+            new = [(p, *refused[p]) for p in ps if p in refused] if name in safety else \
+                [(p, *next(answers)) for p in ps]
+            self.calib[name] = (prompts + [p for p, _, _ in new], responses + [r for _, r, _ in new],
+                                (finished or [True] * len(prompts)) + [f for _, _, f in new])
 
     def batches(self, name: str, n: int | None = None, subset: list[int] | None = None) -> list[dict]:
         """Response batches of the first n examples of `name` (only positions `subset` of those, if given)."""

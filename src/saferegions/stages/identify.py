@@ -7,6 +7,7 @@ and turns the regions into the summary rows, tables and metrics.json the noteboo
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .. import config, evaluation, judges, methods, models, plots, regions  # no
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..hooks import single_thread
 from .. import results as results_
+from . import calibrate
 from ..methods.context import Context, load_calibration, load_utility_eval
 from ..methods.removal import granularity_of
 from ..models import component, layer_index
@@ -46,12 +48,18 @@ def context(cfg, role: str, method: str) -> Context:
     lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
     ds = datasets(cfg, method)[0]
     halves = cfg.identify.split_half_datasets
+    judge = judges.get(cfg.evaluation.judge, cfg)
     return Context(lm, tok, role, cfg.models[role].id, calib, ds,
                    cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
-                   judge=judges.get(cfg.evaluation.judge, cfg),
+                   judge=judge,
                    max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size,
                    utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
-                   split_half=[d for d in ds if halves is None or d in halves])
+                   split_half=[d for d in ds if halves is None or d in halves],
+                   asked=calib_meta.get("asked", {}), refusals=functools.partial(
+                       calibrate.refusal_examples, lm, tok, judge=judge, redraws=cfg.calibrate.redraws,
+                       temperature=cfg.calibrate.temperature, seed=cfg.run.seed,
+                       max_new_tokens=calib_meta["max_new_tokens"], batch_size=cfg.calibrate.batch_size,
+                       system=calib_meta["system_prompt"]))
 
 
 def profile(region: Region) -> tuple[dict[int, float], dict[str, float]]:
