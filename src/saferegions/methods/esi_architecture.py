@@ -20,6 +20,7 @@ from scipy import stats
 from .. import evidence
 from ..arch import Part, classify, layer_index
 from ..hooks import grad_only_for
+from ..models import arch_of
 from . import esi
 
 MLP_PARTS = (Part.MLP.value, Part.EXPERT.value, Part.SHARED_EXPERT.value)   # dense MLP, routed and shared experts
@@ -129,6 +130,21 @@ def prompt_masses(model, tokenizer, soft_judge, prompts: list[str], order: list[
     return np.array(rows).reshape(len(rows), len(order))
 
 
+def safety_and_null(model, tokenizer, soft_judge, harmful: list[str], benign: list[str], e, transfer_M=None,
+                    progress: bool = False) -> "Masses":
+    """The safety profile (the primary settings of `e`, an EsiCfg, on the harmful prompts) and the null profile
+    ('response_likelihood': the model's own greedy responses to the benign prompts); one generation pass."""
+    order, numel = cells(model)
+    gen = esi.respond(model, tokenizer, harmful + benign, e.max_new_tokens, e.system_prompt, e.gen_batch_size,
+                      progress)
+    common = dict(max_new_tokens=e.max_new_tokens, system=e.system_prompt, progress=False)
+    safety = prompt_masses(model, tokenizer, soft_judge, harmful, order, variant=e.variant, objective=e.objective,
+                           transfer_M=transfer_M, generated=gen[:len(harmful)], **common)
+    null = prompt_masses(model, tokenizer, None, benign, order, objective="response_likelihood",
+                         generated=gen[len(harmful):], **common)
+    return Masses(order, numel, safety, null, len(arch_of(model).blocks(model)))
+
+
 def third(layer: int, n_layers: int) -> int:
     """0, 1, 2: the third of the stack a layer's centre falls in (symmetric: 24 layers → 0-7, 8-15, 16-23)."""
     return min(2, int(3 * (layer + 0.5) / n_layers))
@@ -151,6 +167,7 @@ PART_DEFS = {
     "middle_third": "every block matrix of the middle third of the layers",
     "late_third_mlp": "MLP matrices of the last third of the layers (the MoE claim)",
 }
+NULL_OBJECTIVE = "response_likelihood: log p(the model's own greedy response | benign prompt)"
 TEST = "percentile bootstrap over prompts (safety and null resampled independently); p: bootstrap tail at 0"
 
 
@@ -249,9 +266,10 @@ class Masses:
                     "null_mass_vs_blocks": r["null"] / blocks["null"] if blocks["null"] else None}
                 for k, r in out.items()}
 
-    def metrics(self, seed: int = 0) -> dict:
+    def metrics(self, profile: pd.DataFrame | None = None, safety_objective: str = "", null_dataset: str = "",
+                seed: int = 0) -> dict:
         """The parts (each `part_estimates`, or a reason where the part has no member), the rows, the
-        component and layer shares."""
+        component and layer shares; with the primary region's `profile`, its block components' enrichment."""
         b = self.block
         safety, null, numel = self.safety[:, b], self.null[:, b], self.numel[b]
         order = [c for c in self.order if c.block]
@@ -264,6 +282,8 @@ class Masses:
             parts[name] = {"definition": PART_DEFS[name],
                            **part_estimates(safety, null, member, float(numel[member].sum() / numel.sum()), seed)}
         return {"parts": parts, "rows": self.rows(), "n_prompts": len(self.safety), "n_null_prompts": len(self.null),
+                "safety_objective": safety_objective, "null_objective": NULL_OBJECTIVE, "null_dataset": null_dataset,
+                "top_region": top_region_enrichment(profile) if profile is not None else None,
                 "n_layers": self.n_layers, "block_numel": int(numel.sum()),
                 "middle_layers": [layer for layer in range(self.n_layers) if third(layer, self.n_layers) == 1],
                 "components": self.component_table().to_dict("index"),
@@ -282,3 +302,43 @@ class Masses:
         idx = np.arange(len(safety), dtype=float)
         return _estimate(lambda i, axis=-1: _share(safety, member, i) - entry, (idx,),
                          float(_share(safety, member, idx)) - entry, seed).as_dict()
+
+
+def top_region_enrichment(profile: pd.DataFrame) -> dict[str, dict]:
+    """Per block component: share of the top-k region's block entries over share of the block entries (> 1:
+    over-represented), from the primary region; lm_head and other rows left out. A point value: the region
+    comes from the summed gradient, which a bootstrap over prompts would have to recompute."""
+    block = profile[profile.layer.notna()]
+    sums = block.groupby("component")[["region_count", "numel"]].sum()
+    shares = sums / sums.sum()
+    return {c: {"region_share": float(shares.region_count[c]), "entry_share": float(shares.numel[c]),
+                "enrichment": float(shares.region_count[c] / shares.numel[c])}
+            for c in esi.COMPONENT_ORDER if c in shares.index}
+
+
+def part_text(name: str, v: dict) -> str:
+    if v["effect"] is None:
+        return f"{name} not estimable ({v['reason']})"
+    return (f"{name} {v['effect']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}] (safety {v['safety_share']:.3f}, "
+            f"null {v['null_share']:.3f}, entries {v['entry_share']:.3f})")
+
+
+def part_table(architecture: dict) -> pd.DataFrame:
+    """One row per part of an `architecture` metrics entry: shares of the safety mass, the null mass and the
+    entries, the difference with its interval, and the safety profile against the entries."""
+    return pd.DataFrame([{"part": part, "n": v["n"], "safety share": v.get("safety_share"),
+                          "null share": v.get("null_share"), "entry share": v.get("entry_share"),
+                          "safety − null": v["effect"], "95% CI": v["ci"], "p": v.get("p"),
+                          "safety − entries": (v.get("safety_vs_entries") or {}).get("effect"),
+                          "its CI": (v.get("safety_vs_entries") or {}).get("ci")}
+                         for part, v in architecture["parts"].items()])
+
+
+def tables(roles: dict, metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per role and part, long per-layer shares per role) of the roles whose `.architecture` ran."""
+    arch = {role: res.architecture for role, res in roles.items() if res.architecture is not None}
+    parts = [part_table(metrics[role]["architecture"]).assign(model=role) for role in arch]
+    layers = [a.layer_table().reset_index().melt("layer", var_name="measure", value_name="share").assign(model=role)
+              for role, a in arch.items()]
+    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(),
+            pd.concat(layers, ignore_index=True) if layers else pd.DataFrame())

@@ -6,16 +6,12 @@ Per role (`run_role`):
    not depend on the judge or the variant, so all judge-guided regions on a set share it;
 2. the **primary** region: global top `top_frac` of the ESI score from (`variant`, `judges[0]`, `objectives[0]`)
    on `dataset`, and its bottom-k (the controls SET and SPA read from artifacts/esi/<role>/);
-3. **comparison** regions, each one setting away from the primary (`plan`): the other variant (faithful ↔
-   fixed), every further judge, every further objective (the `refusal_likelihood` ablation); IoU with the
-   primary beside its chance value (docs/methods.md §3.4);
-4. beyond the paper: one region per dataset of `datasets` (primary settings), their pairwise and multi-way IoU,
-   and their IoU with paper 1's SNIP/Wanda regions of the same dataset and model (`method_overlap`) in the
-   common tensor space (ESI may select lm_head, which paper 1's methods do not search);
-5. the layer × component profile of the primary gradient (`methods.esi.architecture_profile`), and, for the
-   roles of `architecture_models`, the architecture claim (`methods.esi_architecture`): per-prompt ESI mass per
-   layer and block matrix kind on `n_mass_prompts` harmful prompts, against the same profile of a language-model
-   objective on as many benign prompts (`null_dataset`), parts with bootstrap intervals over prompts;
+3. **comparison** regions, each one setting away from the primary (`plan`): the other variant, every further
+   judge and objective; IoU with the primary beside its chance value (docs/methods.md §3.4);
+4. beyond the paper: one region per dataset of `datasets`, their pairwise and multi-way IoU, and their IoU with
+   paper 1's SNIP/Wanda regions of the same dataset and model in paper 1's tensor space (`method_overlap`);
+5. the layer × component profile of the primary gradient (`methods.esi.architecture_profile`); for the roles
+   of `architecture_models`, the architecture claim against a null objective (`methods.esi_architecture`);
 6. perturbation (§4.5): Gaussian noise at top-k, bottom-k and random-k entries (and none), sampled responses to
    held-out harmful prompts, ASR by `evaluation.judge`; the model is restored bit-exactly after each.
 Gradients, scores and bool masks of a 0.5B model are ~2.5 GB each, so every region is packed (int32 indices at
@@ -207,23 +203,20 @@ def _timed(timings: dict, key: str):
         timings[key] = timings.get(key, 0.0) + round(time.perf_counter() - start, 2)
 
 
-def transfer_for(judge_name: str | None, soft_judges: dict, tok, model, transfers: dict, timings: dict):
+def transfer_for(name: str | None, soft_judges: dict, tok, model, transfers: dict, timings: dict):
     """The judge → target vocabulary transfer matrix, built once per judge (None without a judge)."""
-    if not judge_name:
-        return None
-    if judge_name not in transfers:
-        judge = soft_judges[judge_name]
+    if name and name not in transfers:
+        shape = (soft_judges[name].embedding_matrix.shape[0], model.get_output_embeddings().weight.shape[0])
         with _timed(timings, "transfer matrix"):
-            transfers[judge_name] = judges.transfer.transfer_matrix(
-                judge.vocab_tokenizer, tok, (judge.embedding_matrix.shape[0],
-                                             model.get_output_embeddings().weight.shape[0]))
-    return transfers[judge_name]
+            transfers[name] = judges.transfer.transfer_matrix(soft_judges[name].vocab_tokenizer, tok, shape)
+    return transfers.get(name)
 
 
 def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[str]], soft_judges: dict, e,
-                    timings: dict, progress: bool = True, transfers: dict | None = None):
+                    timings: dict, transfers: dict, progress: bool = True):
     """Yield (spec, top region, gradients, scores, records) per spec; the primary's bottom-k is made by the
-    caller from its scores. Gradients and scores are yielded for the caller to use and drop."""
+    caller from its scores. Gradients and scores are yielded for the caller to use and drop. `transfers`: the
+    vocabulary transfer matrices built so far, by judge (`transfer_for`)."""
     judged = sorted({s.dataset for s in specs if s.objective == "judge"})
     generated = {}
     if judged:   # one generation pass over every judged set
@@ -234,11 +227,9 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
         for d in judged:
             generated[d] = out[start:start + len(prompt_sets[d])]
             start += len(prompt_sets[d])
-    transfers = {} if transfers is None else transfers
     for spec in tqdm(specs, desc="esi regions", disable=not progress, leave=False):
         judge = soft_judges.get(spec.judge) if spec.judge else None
-        M = transfer_for(spec.judge, soft_judges, tok, model, transfers, timings)
-        records = []
+        M, records = transfer_for(spec.judge, soft_judges, tok, model, transfers, timings), []
         with _timed(timings, "gradients"):
             grads = esi.esi_gradients(model, tok, judge, prompt_sets[spec.dataset], e.max_new_tokens,
                                       spec.variant, system=e.system_prompt, objective=spec.objective,
@@ -262,7 +253,7 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
     prompt_sets = {d: data.prompts(prompts_path, d, "ident", e.n_prompts) for d in {s.dataset for s in specs}}
     result, transfers = None, {}
     for spec, top, grads, scores, records in compute_regions(model, tok, specs, prompt_sets, soft_judges, e, timings,
-                                                             progress, transfers):
+                                                             transfers, progress):
         if spec.purpose is Purpose.PRIMARY:
             with _timed(timings, "select"):
                 bottom = esi.bottom_region(scores, model, e.top_frac)
@@ -300,26 +291,15 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
 
 def architecture_masses(model, tok, soft_judges: dict, e, prompts_path, transfers: dict, timings: dict,
                         progress: bool = True) -> esi_architecture.Masses:
-    """Per-prompt ESI mass per cell: the primary settings on the first `n_mass_prompts` ident prompts of
-    `dataset` (the primary's own prompts among them), and the null objective (log p of the model's own greedy
-    response) on as many ident prompts of `null_dataset`. One generation pass serves both."""
+    """Per-prompt ESI mass per cell under the primary settings on the first `n_mass_prompts` ident prompts of
+    `dataset`, and of the null objective on as many ident prompts of `null_dataset`."""
     n = e.n_mass_prompts or e.n_prompts
     harmful = data.prompts(prompts_path, e.dataset, "ident", n, exact=n is not None)
     benign = data.prompts(prompts_path, e.null_dataset, "ident", len(harmful), exact=True)
-    judge_name = e.judge if e.objective == "judge" else None
-    M = transfer_for(judge_name, soft_judges, tok, model, transfers, timings)
-    order, numel = esi_architecture.cells(model)
-    with _timed(timings, "architecture generate"):
-        gen = esi.respond(model, tok, harmful + benign, e.max_new_tokens, e.system_prompt, e.gen_batch_size,
-                          progress)
-    common = dict(max_new_tokens=e.max_new_tokens, system=e.system_prompt, progress=False)
+    judge = e.judge if e.objective == "judge" else None
+    M = transfer_for(judge, soft_judges, tok, model, transfers, timings)
     with _timed(timings, "architecture"):
-        safety = esi_architecture.prompt_masses(model, tok, soft_judges.get(judge_name), harmful, order,
-                                                variant=e.variant, objective=e.objective, transfer_M=M,
-                                                generated=gen[:len(harmful)], **common)
-        null = esi_architecture.prompt_masses(model, tok, None, benign, order, objective="response_likelihood",
-                                              generated=gen[len(harmful):], **common)
-    return esi_architecture.Masses(order, numel, safety, null, len(models.arch_of(model).blocks(model)))
+        return esi_architecture.safety_and_null(model, tok, soft_judges.get(judge), harmful, benign, e, M, progress)
 
 
 def save_role(result: RoleResult, out: str | Path) -> None:
@@ -345,21 +325,6 @@ def judge_token_coverage(records: list[dict]) -> float | None:
     return sum(r["judge_tokens_reached"] for r in records) / n if n else None
 
 
-NULL_OBJECTIVE = "response_likelihood: log p(the model's own greedy response | benign prompt)"
-
-
-def top_region_enrichment(profile: pd.DataFrame) -> dict[str, dict]:
-    """Per block component: share of the top-k region's block entries over share of the block entries (> 1:
-    over-represented), from the primary region; lm_head and other rows left out. A point value: the region
-    comes from the summed gradient, which a bootstrap over prompts would have to recompute."""
-    block = profile[profile.layer.notna()]
-    sums = block.groupby("component")[["region_count", "numel"]].sum()
-    shares = sums / sums.sum()
-    return {c: {"region_share": float(shares.region_count[c]), "entry_share": float(shares.numel[c]),
-                "enrichment": float(shares.region_count[c] / shares.numel[c])}
-            for c in esi.COMPONENT_ORDER if c in shares.index}
-
-
 def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
                  dataset_summary: dict | None = None) -> dict:
     """The role's entry of results/esi/metrics.json (the keys the report reads first, then the details)."""
@@ -372,12 +337,10 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
         **{f"asr_{c}": float(asr[c]) if c in asr else None for c in PERTURB_CONDITIONS},
         "perturbation": result.perturbation_summary or None,
         "dense_components": arch.dense_components() if arch else None,
-        "dense_components_def": "share of the ESI mass Σ_prompts Σ|∂S_x/∂W|·σ_W in V + gate + up + down minus "
-                                "their share of the entries, over the blocks' matrices only; bootstrap 95% CI "
-                                "over prompts",
-        "architecture": ({**arch.metrics(), "null_objective": NULL_OBJECTIVE, "null_dataset": e.null_dataset,
-                          "safety_objective": f"{e.objective} ({e.judge}, {e.variant}) on {e.dataset}",
-                          "top_region": top_region_enrichment(result.profile)} if arch else None),
+        "dense_components_def": "share of Σ_prompts Σ|∂S_x/∂W|·σ_W in V + gate + up + down minus their share of "
+                                "the entries, blocks' matrices only; bootstrap 95% CI over prompts",
+        "architecture": arch.metrics(result.profile, f"{e.objective} ({e.judge}, {e.variant}) on {e.dataset}",
+                                     e.null_dataset) if arch else None,
         "component_share": component_shares(result.profile, "region_count"),
         "faithful_vs_fixed_iou": comps[other_variant(e.variant)]["iou"],
         "component_esi_share": component_shares(result.profile, "esi_sum"),
@@ -501,15 +464,16 @@ def reading(result: StageResult, e) -> str:
                           f"(degenerate {p[c]['degenerate_rate']:.2f})" for c in ("none", "top", "random", "bottom")
                           if c in p)
         tvr = p.get("top_vs_random")
-        d = m.get("dense_components")
+        a = m.get("architecture")
         lines.append(
             f"* **{role}** (`{m['model_id']}`): "
             + (f"ASR with noise on the region: {rates}, n = {m['n_eval']} held-out prompts × "
                f"{m['perturb_seeds']} seed(s). Top − random: {tvr['effect']:+.2f} "
                f"[{tvr['ci'][0]:+.2f}, {tvr['ci'][1]:+.2f}], McNemar p = {tvr['p']:.3g}. " if tvr else
                "perturbation not run for this role. ")
-            + (f"Dense components (V + MLP share of ESI mass minus share of entries, per prompt): "
-               f"{d['effect']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], n = {d['n']} prompts. " if d else "")
+            + (f"ESI mass share, safety − null, blocks only ({a['n_prompts']} harmful vs {a['n_null_prompts']} "
+               f"benign prompts): " + "; ".join(esi_architecture.part_text(k, v) for k, v in a["parts"].items()) + ". "
+               if a else "")
             + f"Faithful vs fixed regions overlap with IoU {m['faithful_vs_fixed_iou']:.3f} "
             f"(chance {m['iou_vs_primary'][other_variant(e.variant)]['chance']:.4f})"
             + (f"; the refusal-likelihood objective's region {m['refusal_likelihood_iou']:.3f}"
