@@ -140,6 +140,11 @@ def test_run_role_end_to_end(prompts_path, learned, tmp_path):
                          for n in names for cell, piece in esi_architecture.split(n, grads[n]) if cell == c)
             assert x == pytest.approx(direct, rel=1e-4, abs=1e-12)
     results.EsiMetrics.parse({"aligned": m}, "metrics.json")
+    parts, layers = esi_architecture.tables({"aligned": res}, {"aligned": m})
+    assert list(parts.part) == list(a["parts"]) and set(layers.layer) == {0, 1}
+    assert layers.groupby("measure").share.sum().tolist() == pytest.approx([1.0, 1.0, 1.0])
+    stage = esi_stage.StageResult({"aligned": res}, [], {"aligned": table}, {"aligned": summary}, [], {"aligned": m})
+    assert "safety − null" in esi_stage.reading(stage, cfg.esi)
     assert (tmp_path / "aligned" / "masses.csv").exists()
 
 
