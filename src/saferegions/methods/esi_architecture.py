@@ -142,7 +142,8 @@ def safety_and_null(model, tokenizer, soft_judge, harmful: list[str], benign: li
                            transfer_M=transfer_M, generated=gen[:len(harmful)], **common)
     null = prompt_masses(model, tokenizer, None, benign, order, objective="response_likelihood",
                          generated=gen[len(harmful):], **common)
-    return Masses(order, numel, safety, null, len(arch_of(model).blocks(model)))
+    a = arch_of(model)
+    return Masses(order, numel, safety, null, len(a.blocks(model)), a.lm_head_tied(model))
 
 
 def third(layer: int, n_layers: int) -> int:
@@ -178,16 +179,17 @@ def _share(x: np.ndarray, member: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _estimate(stat, samples, effect: float, seed: int) -> evidence.Estimate:
-    n = len(samples[0])
+    """Percentile-bootstrap interval over the samples' prompts (each resampled on its own) and the tail p at 0."""
+    n, test = len(samples[0]), TEST if len(samples) > 1 else "percentile bootstrap"
     if min(len(s) for s in samples) < 2:
-        return evidence.Estimate(n, effect, (float("nan"), float("nan")), TEST)
+        return evidence.Estimate(n, effect, (float("nan"), float("nan")), test)
     res = stats.bootstrap(samples, stat, paired=False, vectorized=True, confidence_level=evidence.LEVEL,
                           n_resamples=evidence.RESAMPLES, method="percentile", rng=np.random.default_rng(seed))
     d = res.bootstrap_distribution
     tail = min((d <= 0).sum(), (d >= 0).sum())
     p = min(1.0, 2 * (tail + 1) / (len(d) + 1))
     return evidence.Estimate(n, effect, (float(res.confidence_interval.low), float(res.confidence_interval.high)),
-                             TEST, p)
+                             test, p)
 
 
 def part_estimates(safety: np.ndarray, null: np.ndarray, member: np.ndarray, entry_share: float,
@@ -215,6 +217,7 @@ class Masses:
     safety: np.ndarray            # [safety prompts × cells]
     null: np.ndarray              # [null prompts × cells]
     n_layers: int
+    lm_head_tied: bool = False    # the embedding row then holds lm_head's gradient too
 
     @property
     def block(self) -> np.ndarray:
@@ -284,7 +287,7 @@ class Masses:
         return {"parts": parts, "rows": self.rows(), "n_prompts": len(self.safety), "n_null_prompts": len(self.null),
                 "safety_objective": safety_objective, "null_objective": NULL_OBJECTIVE, "null_dataset": null_dataset,
                 "top_region": top_region_enrichment(profile) if profile is not None else None,
-                "n_layers": self.n_layers, "block_numel": int(numel.sum()),
+                "n_layers": self.n_layers, "block_numel": int(numel.sum()), "lm_head_tied": self.lm_head_tied,
                 "middle_layers": [layer for layer in range(self.n_layers) if third(layer, self.n_layers) == 1],
                 "components": self.component_table().to_dict("index"),
                 "layers": {int(k): v for k, v in self.layer_table().to_dict("index").items()}}
