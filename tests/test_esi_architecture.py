@@ -110,6 +110,8 @@ def test_planted_gradients_booked_over_block_matrices_only():
     for k, G in enumerate(plants):
         for n, p in params.items():
             cell = _expected_dense(n)
+            if cell.component == "embed":   # booked from the embedding's output (next test)
+                continue
             direct = sum(float(G[m].abs().sum()) * float(params[m].detach().std()) for m in params
                          if _expected_dense(m) == cell)
             assert safety[k, index[cell]] == pytest.approx(direct, rel=1e-5)
@@ -132,6 +134,26 @@ def test_planted_gradients_booked_over_block_matrices_only():
     assert lm["safety_mass_vs_blocks"] == pytest.approx(mass("lm_head.weight") / total, rel=1e-5)
     assert lm["safety_mass_vs_blocks"] > 1e3 and lm["numel_vs_blocks"] == pytest.approx(
         params["lm_head.weight"].numel() / entries)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_embedding_row_equals_its_weight_gradient(family):
+    """Untied (llama): the embedding row, booked from the output's gradient per token, equals |∂L/∂E|·σ_E from
+    the weight's own gradient, a padding token in the input included; tied (gemma2): the weight's gradient,
+    lm_head's use included."""
+    model, tok = tiny_model(family, layers=3)
+    pad = model.get_input_embeddings().padding_idx
+    ids = torch.tensor([[5, 9, 5, 17, 9, 5] + ([pad] if pad is not None else [])])
+    order, _ = A.cells(model)
+    with A.cell_mass(model, order) as take:
+        model(input_ids=ids, labels=ids).loss.backward()
+        got = take()
+    E = model.get_input_embeddings().weight
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    expect = float(E.grad.abs().sum()) * float(E.detach().std())
+    assert got[order.index(A.Cell(None, A.ROW, "embed"))] == pytest.approx(expect, rel=1e-5)
+    model.zero_grad()
 
 
 def test_profile_follows_esi_not_weight_magnitude():

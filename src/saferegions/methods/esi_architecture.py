@@ -83,21 +83,45 @@ def cells(model) -> tuple[list[Cell], np.ndarray]:
     return order, np.array([numel[c] for c in order], dtype=np.int64)
 
 
+def _embedding_by_output(model) -> tuple[str, torch.nn.Embedding] | None:
+    """(name, module) of an untied plain nn.Embedding input embedding, whose weight gradient is cheaper to book
+    from the gradient of its output (a [positions × hidden] tensor, not a dense [vocab × hidden] one)."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not torch.nn.Embedding or arch_of(model).lm_head_tied(model):
+        return None
+    return next(n for n, p in model.named_parameters() if p is emb.weight), emb
+
+
 @contextlib.contextmanager
 def cell_mass(model, order: list[Cell]):
     """Inside: every parameter gets a gradient, which is dropped after its backward (nothing accumulates).
     Yield `take()`: the per-cell Σ|g|·σ_W (fp64 array in `order`) of the gradients backpropagated since the last
-    call. A tensor hook sees each backward's own gradient, so one backward per prompt gives that prompt's row."""
+    call. A tensor hook sees each backward's own gradient, so one backward per prompt gives that prompt's row.
+    An untied input embedding's row is booked from its output's gradient: ∂L/∂E[t] = Σ over the positions
+    holding token t (the padding index excluded, as nn.Embedding's backward does) of ∂L/∂output."""
     index = {c: i for i, c in enumerate(order)}
     current = np.zeros(len(order))
     params = dict(model.named_parameters())
     sigma = {n: esi.tensor_std(p) for n, p in params.items()}
+    by_output = _embedding_by_output(model)
 
     def mass(name):
         def hook(g):
             for cell, piece in split(name, g.detach()):
                 current[index[cell]] += float(torch.linalg.vector_norm(piece, 1, dtype=torch.float32)) * sigma[name]
         return hook
+
+    def embedding_output(module, args, out):
+        name, ids = by_output[0], args[0].reshape(-1)
+        keep = ids != module.padding_idx if module.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+        tokens, where = ids[keep].unique(return_inverse=True)
+
+        def hook(g):
+            rows = torch.zeros(len(tokens), g.shape[-1], dtype=torch.float32, device=g.device)
+            rows.index_add_(0, where, g.detach().reshape(-1, g.shape[-1])[keep].float())
+            current[index[split(name, module.weight)[0][0]]] += float(torch.linalg.vector_norm(rows, 1)) * sigma[name]
+        out.requires_grad_(True)
+        out.register_hook(hook)
 
     def drop(p):
         p.grad = None
@@ -108,10 +132,13 @@ def cell_mass(model, order: list[Cell]):
         return out
 
     handles = []
+    weights = {n: p for n, p in params.items() if by_output is None or n != by_output[0]}
     try:
-        with grad_only_for(model, params.values()):
-            for n, p in params.items():
+        with grad_only_for(model, weights.values()):
+            for n, p in weights.items():
                 handles += [p.register_hook(mass(n)), p.register_post_accumulate_grad_hook(drop)]
+            if by_output is not None:
+                handles.append(by_output[1].register_forward_hook(embedding_output))
             yield take
     finally:
         for h in handles:
