@@ -260,23 +260,20 @@ class Masses:
                          for c, k, m in zip(self.order, self.numel, row, strict=True)]
         return pd.DataFrame(rows)
 
+    def _shares(self, keys: list) -> pd.DataFrame:
+        """Per key (over the block cells): share of the entries, of the safety and of the null ESI mass."""
+        df = pd.DataFrame({"key": keys, "entry_share": self.numel, "safety_share": self.safety.sum(0),
+                           "null_share": self.null.sum(0)})[self.block]
+        out = df.groupby("key", sort=False).sum()
+        return out / out.sum()
+
     def component_table(self) -> pd.DataFrame:
         """Per block component (part:component): share of the entries, of the safety and of the null ESI mass."""
-        b = self.block
-        key = [f"{c.part}:{c.component}" for c in self.order]
-        df = pd.DataFrame({"key": key, "numel": self.numel, "safety": self.safety.sum(0), "null": self.null.sum(0)})[b]
-        out = df.groupby("key", sort=False)[["numel", "safety", "null"]].sum()
-        return (out / out.sum()).rename(columns={"numel": "entry_share", "safety": "safety_share",
-                                                 "null": "null_share"})
+        return self._shares([f"{c.part}:{c.component}" for c in self.order])
 
     def layer_table(self) -> pd.DataFrame:
         """Per layer: share of the block entries, of the safety and of the null ESI mass."""
-        b = self.block
-        df = pd.DataFrame({"layer": [c.layer for c in self.order], "numel": self.numel,
-                           "safety": self.safety.sum(0), "null": self.null.sum(0)})[b]
-        out = df.groupby("layer")[["numel", "safety", "null"]].sum()
-        return (out / out.sum()).rename(columns={"numel": "entry_share", "safety": "safety_share",
-                                                 "null": "null_share"})
+        return self._shares([c.layer for c in self.order]).rename_axis("layer")
 
     def rows(self) -> dict[str, dict]:
         """Each row outside the profile: its entries and its pooled ESI mass, both relative to the blocks'."""
