@@ -19,7 +19,8 @@
 # 2. how much the region moves when one setting changes: faithful ↔ fixed, another judge (offline: the learned
 #    MiniLM judge; paper profile: Llama-Guard-3 too), the `refusal_likelihood` objective (log p of a stock refusal,
 #    no judge) — IoU beside its chance value;
-# 3. where it sits: layer × component heatmaps and component shares (q/k/v/o, gate/up/down, lm_head);
+# 3. where it sits: layer × component heatmaps and component shares (q/k/v/o, gate/up/down, lm_head), and the
+#    paper's dense-model claim (V; the MLPs; the middle third of the layers) tested against a null objective;
 # 4. whether it matters: Gaussian noise (0.38·σ_W) on the top-k, bottom-k and a random-k region, sampled
 #    responses to held-out harmful prompts, ASR by the keyword judge;
 # 5. beyond the paper: ESI regions from several safety datasets, their pairwise IoU vs chance, and their overlap
@@ -90,6 +91,31 @@ fig = plots.bars(shares[shares.measure == "top-k entries"], "component", "share"
                  "Share of the ESI top-k region per component", "component", "share of top-k entries")
 plots.save(fig, FIG / "component_share.png")
 # %% [md]
+# ## The architecture claim: does safety ESI sit in V, the MLPs and the middle layers beyond a null objective?
+# Per prompt, the ESI mass Σ|∂S_x/∂W|·σ_W of each layer and block matrix kind, on `esi.n_mass_prompts` harmful
+# prompts (the safety objective of the primary region) and on as many benign prompts under a language-model
+# objective (log p of the model's own greedy response: the **null**). Shares are over the blocks' matrices only;
+# lm_head, embeddings, norms and biases are rows of their own. Each part's effect is its share of the safety mass
+# minus its share of the null mass, with a 95% interval from resampling each objective's prompts; beside it the
+# safety share minus the part's share of the entries (docs/methods.md §4.4).
+# %%
+parts, layers = esi.esi_architecture.tables(result.roles, metrics)
+if len(parts):
+    display(esi.table(parts, caption="Parts of the claim (blocks only)"))
+    for role, rows in layers.groupby("model"):
+        fig = plots.lines(rows, "layer", "share", "measure",
+                          f"{role}: share of the block entries and of the ESI mass per layer", "layer", "share")
+        plots.save(fig, FIG / f"architecture_layers_{role}.png")
+    for role, m in metrics.items():
+        if m["architecture"]:
+            display(esi.table(pd.DataFrame(m["architecture"]["rows"]).T,
+                              caption=f"{role}: rows outside the blocks, relative to the blocks"))
+            display(esi.table(pd.DataFrame(m["architecture"]["top_region"]).T,
+                              caption=f"{role}: the top-k region's block components (enrichment = region share / "
+                                      "entry share)"))
+else:
+    print("the architecture claim did not run for any role (esi.architecture_models)")
+# %% [md]
 # ## How stable is the region? One setting changed at a time
 # IoU with the primary region (global over all ESI-eligible weights); chance = two random regions of these sizes.
 # %%
@@ -114,8 +140,6 @@ fig = plots.bars(pert, "condition", "asr", "model",
                  "perturbed region", "ASR (held-out harmful, keyword judge)")
 plots.save(fig, FIG / "perturbation.png")
 display(esi.table(pd.DataFrame({role: m["perturbation"] for role, m in metrics.items() if m["perturbation"]})))
-display(esi.table(pd.DataFrame({role: m["dense_components"] for role, m in metrics.items()}).T,
-                  missing="n/a (not estimated)"))
 gens = result.rows("generations")
 with pd.option_context("display.max_colwidth", 90):
     display(esi.table(gens[(gens.prompt == gens.prompt.iloc[0]) & (gens.seed == 0)][["model", "condition", "response",

@@ -10,7 +10,7 @@ from .data import BENIGN_SETS, SAFETY_SETS
 # ESI (paper 2, docs/methods.md §4.1-§4.5). Defaults = the paper / reference-code values.
 ESI_VARIANTS = ("faithful", "fixed")
 ESI_JUDGES = ("learned", "guard")
-ESI_OBJECTIVES = ("judge", "refusal_likelihood")
+ESI_OBJECTIVES = ("judge", "refusal_likelihood", "response_likelihood")
 ESI_SCORES = ("esi", "grad", "grad_std_mag")
 RANDOM_MODES = ("per_matrix_matched", "global_uniform")
 
@@ -44,7 +44,10 @@ class EsiCfg:
     perturb_batch_size: int = 16
     perturb_conditions: list[str] = field(default_factory=lambda: ["none", "topk", "bottomk", "random"])
     perturb_models: list[str] | None = None   # roles whose regions are perturbed (None = all of `models`)
-    n_mass_prompts: int | None = None   # ident prompts of the per-prompt ESI mass (None = the primary's n_prompts)
+    n_mass_prompts: int | None = None   # ident prompts of the architecture claim's per-prompt ESI mass, and as
+                                        # many null prompts (None = n_prompts)
+    null_dataset: str = "alpaca"     # benign set of the null profile (log p of the model's own response)
+    architecture_models: list[str] | None = None   # roles that get the architecture claim (None = all of `models`)
     datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))   # beyond the paper: one region each
     dataset_models: list[str] | None = None   # roles that get the per-dataset regions (None = all of `models`)
     compare_methods: list[str] = field(default_factory=lambda: ["snip", "wanda"])   # paper-1 regions compared
@@ -71,6 +74,9 @@ class EsiCfg:
         _subset("esi.perturb_conditions", self.perturb_conditions, ("none", "topk", "bottomk", "random"))
         if self.perturb_models is not None:
             _subset("esi.perturb_models", self.perturb_models, self.models)
+        if self.architecture_models is not None:
+            _subset("esi.architecture_models", self.architecture_models, self.models)
+        _choice("esi.null_dataset", self.null_dataset, BENIGN_SETS)
         for k in ("max_new_tokens", "gen_batch_size", "perturb_seeds", "perturb_max_new_tokens", "temperature",
                   "perturb_batch_size"):
             _positive(f"esi.{k}", getattr(self, k))

@@ -374,6 +374,29 @@ class Perturbation(Record):
 
 
 @dataclass(kw_only=True)
+class EsiPart(EstimateRecord):
+    """One part of the ESI architecture claim (`methods.esi_architecture.part_estimates`): effect = the part's
+    share of the safety ESI mass minus its share of the null mass, blocks only; n = safety prompts; `reason`
+    where the part has no member."""
+    n_null: int | None = optional()
+    safety_share: float | None = rate(None)
+    null_share: float | None = rate(None)
+    entry_share: float | None = rate(None)
+    safety_vs_entries: EstimateRecord | None = optional()
+    null_vs_entries: EstimateRecord | None = optional()
+    reason: str | None = optional()
+
+
+@dataclass(kw_only=True)
+class EsiArchitecture(Record):
+    """Where the ESI mass sits (docs/methods.md §4.4): the claim's parts, the rows outside the blocks."""
+    parts: dict[str, EsiPart]
+    n_prompts: int
+    n_null_prompts: int
+    rows: dict[str, Any] = optional()
+
+
+@dataclass(kw_only=True)
 class EsiModel(Record):
     asr_topk: float | None = rate()    # None: that perturbation condition did not run
     asr_random: float | None = rate()
@@ -383,6 +406,7 @@ class EsiModel(Record):
     asr_none: float | None = rate(None)
     perturbation: Perturbation | None = optional()
     dense_components: EstimateRecord | None = optional()
+    architecture: EsiArchitecture | None = optional()
     moe_late_mlp: EstimateRecord | None = optional()
     judge: str | None = optional()
     judge_token_coverage: float | None = rate(None)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import evidence
 from .. import regions as R
 from ..chat import render
 from ..judges.transfer import coverage_counts, transfer_matrix
@@ -209,6 +208,68 @@ def _accumulators(params: dict[str, torch.nn.Parameter], accum_dtype: str):
             h.remove()
 
 
+OBJECTIVES = ("judge", "refusal_likelihood", "response_likelihood")
+
+
+def prompt_losses(model, tokenizer, soft_judge, prompts: list[str], max_new_tokens: int = 256,
+                  variant: str = "faithful", seed: int = 42,
+                  system: str | None = "You are a helpful assistant.", objective: str = "judge",
+                  progress: bool = True, *, transfer_M: torch.Tensor | None = None, gen_batch_size: int = 1,
+                  records: list | None = None, generated: list[tuple[torch.Tensor, int]] | None = None,
+                  **switches):
+    """Yield, per prompt, the scalar whose backward puts ±∂S_x/∂θ into the weights' gradients (None where the
+    response has no token to score); S_x per `objective`:
+
+    - 'judge': the soft judge's safe score of the greedy response (§4.2);
+    - 'refusal_likelihood': log p(stock refusal | prompt), no judge and no generation (an ablation);
+    - 'response_likelihood': log p(the model's own greedy response | prompt), no judge: the language-model
+      objective of the null profile (on benign prompts, docs/methods.md §4.4).
+
+    Responses are generated first (`respond`, `gen_batch_size` at a time) unless `generated` gives them.
+    `switches` override the variant's (`resolve_switches`). `records`: see `esi_gradients`."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    cfg = resolve_switches(variant, **switches)
+    generator = torch.Generator().manual_seed(seed)
+    if objective == "judge":
+        if transfer_M is None:
+            V_t = model.get_output_embeddings().weight.shape[0]
+            transfer_M = transfer_matrix(soft_judge.vocab_tokenizer, tokenizer,
+                                         (soft_judge.embedding_matrix.shape[0], V_t))
+        transfer_M = transfer_M.to(soft_judge.embedding_matrix.device)
+    if objective != "refusal_likelihood":
+        if generated is None:
+            generated = respond(model, tokenizer, prompts, max_new_tokens, system, gen_batch_size, progress)
+        elif len(generated) != len(prompts):
+            raise ValueError(f"generated has {len(generated)} responses for {len(prompts)} prompts")
+    for i, prompt in enumerate(tqdm(prompts, desc="esi", disable=not progress, leave=False)):
+        if objective == "refusal_likelihood":
+            yield refusal_loglik(model, tokenizer, prompt, system)
+            continue
+        ids, prompt_len = generated[i]
+        if objective == "response_likelihood":
+            yield response_loglik(model, ids, prompt_len)
+            continue
+        response = tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
+        G, safe = judge_gradient(soft_judge, response, cfg, prompt)
+        G_L = transfer(G, transfer_M)
+        if records is not None:
+            hits, n = coverage_counts(G_L, ids[prompt_len:], tokenizer.all_special_ids)
+            records.append({"prompt": prompt, "response": response, "safe": safe,
+                            "judge_tokens_reached": hits, "response_tokens": n})
+        yield target_loss(model, ids, prompt_len, G_L, cfg["gumbel"], generator)
+
+
+def response_loglik(model, ids: torch.Tensor, prompt_len: int) -> torch.Tensor | None:
+    """log p(ids[prompt_len:] | ids[:prompt_len]) summed over the response tokens; None for an empty response."""
+    if ids.shape[0] <= prompt_len:
+        return None
+    device = input_device(model)
+    positions = torch.arange(prompt_len - 1, ids.shape[0] - 1, device=device)
+    logits = model(input_ids=ids[None].to(device), logits_to_keep=positions, use_cache=False).logits[0].float()
+    return -F.cross_entropy(logits, ids[prompt_len:].to(device), reduction="sum")
+
+
 def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_tokens: int = 256,
                   variant: str = "faithful", seed: int = 42,
                   system: str | None = "You are a helpful assistant.", objective: str = "judge",
@@ -217,105 +278,28 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
                   judge_sees_prompt: bool | None = None, exclude_router: bool = True,
                   transfer_M: torch.Tensor | None = None, gen_batch_size: int = 1,
                   records: list | None = None,
-                  generated: list[tuple[torch.Tensor, int]] | None = None,
-                  masses: list | None = None) -> dict[str, torch.Tensor]:
+                  generated: list[tuple[torch.Tensor, int]] | None = None) -> dict[str, torch.Tensor]:
     """g = Σ_prompts ∂S/∂θ for every `eligible_esi` weight, {name: fp32 CPU tensor} (signed; |·| is taken by
-    `esi_scores`). S = the judge's safe score (objective 'judge', §4.2) or log p(refusal)
-    ('refusal_likelihood', an ablation without judge or generation).
+    `esi_scores`), S per `objective` (`prompt_losses`).
 
     All responses are generated first (`respond`, `gen_batch_size` prompts at a time), then one forward and
     backward per prompt. `transfer_M` (from `transfer_matrix`) is built here when not given. `records`, if a
     list, receives {prompt, response, safe, judge_tokens_reached, response_tokens} per prompt (safe = the
     judge's score of the hard response; the counts are `coverage_counts`).
     `generated` (the output of `respond` for these prompts) skips generation: greedy responses do not depend
-    on the variant or the judge, so one generation pass serves every region computed on the same prompts.
-    `masses`, if a list, receives each prompt's {component: Σ|∂S_x/∂W|·σ_W} (`component_mass`)."""
-    if objective not in ("judge", "refusal_likelihood"):
-        raise ValueError(f"objective must be 'judge' or 'refusal_likelihood', got {objective!r}")
-    cfg = resolve_switches(variant, bos_align=bos_align, guard_grad_wrt=guard_grad_wrt, gumbel=gumbel,
-                           accum_dtype=accum_dtype, judge_sees_prompt=judge_sees_prompt)
+    on the variant or the judge, so one generation pass serves every region computed on the same prompts."""
+    switches = dict(bos_align=bos_align, guard_grad_wrt=guard_grad_wrt, gumbel=gumbel, accum_dtype=accum_dtype,
+                    judge_sees_prompt=judge_sees_prompt)
+    cfg = resolve_switches(variant, **switches)
     params = eligible_esi(model, exclude_router)
-    generator = torch.Generator().manual_seed(seed)
-    if objective == "judge":
-        if transfer_M is None:
-            V_t = model.get_output_embeddings().weight.shape[0]
-            transfer_M = transfer_matrix(soft_judge.vocab_tokenizer, tokenizer,
-                                         (soft_judge.embedding_matrix.shape[0], V_t))
-        transfer_M = transfer_M.to(soft_judge.embedding_matrix.device)
-        if generated is None:
-            generated = respond(model, tokenizer, prompts, max_new_tokens, system, gen_batch_size, progress)
-        elif len(generated) != len(prompts):
-            raise ValueError(f"generated has {len(generated)} responses for {len(prompts)} prompts")
-    mass = component_mass(params) if masses is not None else contextlib.nullcontext(None)
-    with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as result, \
-            mass as take:
-        for i, prompt in enumerate(tqdm(prompts, desc="esi", disable=not progress, leave=False)):
-            if objective == "refusal_likelihood":
-                refusal_loglik(model, tokenizer, prompt, system).backward()
-                if masses is not None:
-                    masses.append(take())
-                continue
-            ids, prompt_len = generated[i]
-            response = tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
-            G, safe = judge_gradient(soft_judge, response, cfg, prompt)
-            G_L = transfer(G, transfer_M)
-            if records is not None:
-                hits, n = coverage_counts(G_L, ids[prompt_len:], tokenizer.all_special_ids)
-                records.append({"prompt": prompt, "response": response, "safe": safe,
-                                "judge_tokens_reached": hits, "response_tokens": n})
-            loss = target_loss(model, ids, prompt_len, G_L, cfg["gumbel"], generator)
+    losses = prompt_losses(model, tokenizer, soft_judge, prompts, max_new_tokens, variant, seed, system, objective,
+                           progress, transfer_M=transfer_M, gen_batch_size=gen_batch_size, records=records,
+                           generated=generated, **switches)
+    with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as result:
+        for loss in losses:
             if loss is not None:
                 loss.backward()
-            if masses is not None:
-                masses.append(take())
         return result()
-
-
-@contextlib.contextmanager
-def component_mass(params: dict[str, torch.nn.Parameter]):
-    """Yield `take()`: the {component: Σ|g|·σ_W} of the gradients backpropagated since the last call. A tensor
-    hook sees each backward's own gradient before it is added to .grad, so one backward per prompt gives that
-    prompt's ESI mass per component for the cost of an abs-sum: the per-prompt unit a bootstrap over prompts
-    needs (the region itself comes from |Σ_x g_x|, which has no per-prompt split)."""
-    sigma = {n: tensor_std(p) for n, p in params.items()}
-    current: dict[str, float] = {}
-
-    def hook_for(name):
-        def hook(g):
-            for comp, part in _parts(name, g.detach()):
-                current[comp] = current.get(comp, 0.0) + float(part.float().abs().sum()) * sigma[name]
-        return hook
-    handles = [p.register_hook(hook_for(n)) for n, p in params.items()]
-
-    def take() -> dict[str, float]:
-        out = dict(current)
-        current.clear()
-        return out
-    try:
-        yield take
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def component_numel(params: dict[str, torch.nn.Parameter]) -> dict[str, int]:
-    """{component: entries} of the ESI-eligible weights: the share a component would get by size alone."""
-    out: dict[str, int] = {}
-    for name, p in params.items():
-        for comp, part in _parts(name, p.detach()):
-            out[comp] = out.get(comp, 0) + part.numel()
-    return out
-
-
-def enrichment(masses: list[dict[str, float]], numel: dict[str, int], components) -> list[float]:
-    """Per prompt: share of its ESI mass in `components` minus their share of the eligible entries (> 0: the
-    gradient concentrates there beyond their size; the dense-model claim for V + MLP, docs/methods.md §4.4)."""
-    size = sum(numel.get(c, 0) for c in components) / sum(numel.values())
-    out = []
-    for m in masses:
-        total = sum(m.values())
-        out.append(sum(m.get(c, 0.0) for c in components) / total - size if total else float("nan"))
-    return out
 
 
 # ---------------------------------------------------------------- scores and regions
@@ -434,15 +418,3 @@ def perturb(model, region: R.Region, noise_ratio: float = 0.38, seed: int = 0):
         with torch.no_grad():
             for flat, idx, values in saved:
                 flat[idx] = values
-
-
-DENSE_COMPONENTS = ("v", "gate", "up", "down")   # the paper's dense-model finding: value projections and MLPs
-
-
-def dense_components(masses: list[dict], numel: dict[str, int], seed: int = 0) -> dict | None:
-    """Per-prompt share of the ESI mass in V + MLP matrices minus their share of the eligible entries, its mean
-    over the primary's prompts with a bootstrap 95% interval (> 0: ESI concentrates there beyond their size).
-    None without per-prompt masses."""
-    if not masses:
-        return None
-    return evidence.mean(enrichment(masses, numel, DENSE_COMPONENTS), seed).as_dict()

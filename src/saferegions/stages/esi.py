@@ -6,13 +6,12 @@ Per role (`run_role`):
    not depend on the judge or the variant, so all judge-guided regions on a set share it;
 2. the **primary** region: global top `top_frac` of the ESI score from (`variant`, `judges[0]`, `objectives[0]`)
    on `dataset`, and its bottom-k (the controls SET and SPA read from artifacts/esi/<role>/);
-3. **comparison** regions, each one setting away from the primary (`plan`): the other variant (faithful ↔
-   fixed), every further judge, every further objective (the `refusal_likelihood` ablation); IoU with the
-   primary beside its chance value (docs/methods.md §3.4);
-4. beyond the paper: one region per dataset of `datasets` (primary settings), their pairwise and multi-way IoU,
-   and their IoU with paper 1's SNIP/Wanda regions of the same dataset and model (`method_overlap`) in the
-   common tensor space (ESI may select lm_head, which paper 1's methods do not search);
-5. the layer × component profile of the primary gradient (`methods.esi.architecture_profile`);
+3. **comparison** regions, each one setting away from the primary (`plan`): the other variant, every further
+   judge and objective; IoU with the primary beside its chance value (docs/methods.md §3.4);
+4. beyond the paper: one region per dataset of `datasets`, their pairwise and multi-way IoU, and their IoU with
+   paper 1's SNIP/Wanda regions of the same dataset and model in paper 1's tensor space (`method_overlap`);
+5. the layer × component profile of the primary gradient (`methods.esi.architecture_profile`); for the roles
+   of `architecture_models`, the architecture claim against a null objective (`methods.esi_architecture`);
 6. perturbation (§4.5): Gaussian noise at top-k, bottom-k and random-k entries (and none), sampled responses to
    held-out harmful prompts, ASR by `evaluation.judge`; the model is restored bit-exactly after each.
 Gradients, scores and bool masks of a 0.5B model are ~2.5 GB each, so every region is packed (int32 indices at
@@ -35,7 +34,7 @@ from .. import config, data, evaluation, evidence, judges, models, overlap, plot
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from .. import regions as R
 from ..io import atomic_path, write_jsonl  # noqa: F401  (write_jsonl: re-exported for the notebook)
-from ..methods import esi
+from ..methods import esi, esi_architecture
 from ..perturbation import PERTURB_CONDITIONS, perturbation, perturbation_metrics  # noqa: F401  (the notebook)
 
 
@@ -191,8 +190,7 @@ class RoleResult:
     perturbation: list[dict] = field(default_factory=list)    # one row per (seed, condition)
     generations: list[dict] = field(default_factory=list)
     perturbation_summary: dict = field(default_factory=dict)   # `perturbation_metrics` ({} where not run)
-    masses: list[dict] = field(default_factory=list)          # primary objective: per ident prompt, per component
-    numel: dict[str, int] = field(default_factory=dict)       # eligible entries per component
+    architecture: esi_architecture.Masses | None = None        # roles of `esi.architecture_models`
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -205,10 +203,20 @@ def _timed(timings: dict, key: str):
         timings[key] = timings.get(key, 0.0) + round(time.perf_counter() - start, 2)
 
 
+def transfer_for(name: str | None, soft_judges: dict, tok, model, transfers: dict, timings: dict):
+    """The judge → target vocabulary transfer matrix, built once per judge (None without a judge)."""
+    if name and name not in transfers:
+        shape = (soft_judges[name].embedding_matrix.shape[0], model.get_output_embeddings().weight.shape[0])
+        with _timed(timings, "transfer matrix"):
+            transfers[name] = judges.transfer.transfer_matrix(soft_judges[name].vocab_tokenizer, tok, shape)
+    return transfers.get(name)
+
+
 def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[str]], soft_judges: dict, e,
-                    timings: dict, progress: bool = True):
+                    timings: dict, transfers: dict, progress: bool = True):
     """Yield (spec, top region, gradients, scores, records) per spec; the primary's bottom-k is made by the
-    caller from its scores. Gradients and scores are yielded for the caller to use and drop."""
+    caller from its scores. Gradients and scores are yielded for the caller to use and drop. `transfers`: the
+    vocabulary transfer matrices built so far, by judge (`transfer_for`)."""
     judged = sorted({s.dataset for s in specs if s.objective == "judge"})
     generated = {}
     if judged:   # one generation pass over every judged set
@@ -219,27 +227,21 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
         for d in judged:
             generated[d] = out[start:start + len(prompt_sets[d])]
             start += len(prompt_sets[d])
-    V_t = model.get_output_embeddings().weight.shape[0]
-    transfers = {}
     for spec in tqdm(specs, desc="esi regions", disable=not progress, leave=False):
         judge = soft_judges.get(spec.judge) if spec.judge else None
-        if spec.judge and spec.judge not in transfers:
-            with _timed(timings, "transfer matrix"):
-                transfers[spec.judge] = judges.transfer.transfer_matrix(judge.vocab_tokenizer, tok,
-                                                                        (judge.embedding_matrix.shape[0], V_t))
-        records, masses = [], [] if spec.purpose is Purpose.PRIMARY else None
+        M, records = transfer_for(spec.judge, soft_judges, tok, model, transfers, timings), []
         with _timed(timings, "gradients"):
             grads = esi.esi_gradients(model, tok, judge, prompt_sets[spec.dataset], e.max_new_tokens,
                                       spec.variant, system=e.system_prompt, objective=spec.objective,
-                                      progress=False, exclude_router=e.exclude_router,
-                                      transfer_M=transfers.get(spec.judge), gen_batch_size=e.gen_batch_size,
-                                      records=records, generated=generated.get(spec.dataset), masses=masses)
+                                      progress=False, exclude_router=e.exclude_router, transfer_M=M,
+                                      gen_batch_size=e.gen_batch_size, records=records,
+                                      generated=generated.get(spec.dataset))
         with _timed(timings, "select"):
             scores = esi.esi_scores(grads, model, e.score)
             top = esi.esi_region(scores, model, e.top_frac)
         top.meta.update({"spec": spec.name, "dataset": spec.dataset, "variant": spec.variant, "judge": spec.judge,
                          "objective": spec.objective, "score": e.score, "n_prompts": len(prompt_sets[spec.dataset])})
-        yield spec, top, grads, scores, (records, masses)
+        yield spec, top, grads, scores, records
 
 
 def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_judge,
@@ -249,9 +251,9 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
     timings: dict[str, float] = {}
     specs = plan(e, role)
     prompt_sets = {d: data.prompts(prompts_path, d, "ident", e.n_prompts) for d in {s.dataset for s in specs}}
-    result = None
-    for spec, top, grads, scores, (records, masses) in compute_regions(model, tok, specs, prompt_sets, soft_judges, e,
-                                                             timings, progress):
+    result, transfers = None, {}
+    for spec, top, grads, scores, records in compute_regions(model, tok, specs, prompt_sets, soft_judges, e, timings,
+                                                             transfers, progress):
         if spec.purpose is Purpose.PRIMARY:
             with _timed(timings, "select"):
                 bottom = esi.bottom_region(scores, model, e.top_frac)
@@ -259,8 +261,7 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
             with _timed(timings, "profile"):
                 profile = esi.architecture_profile(grads, model, top)
             result = RoleResult(role, model_id, models.param_count(model), top.meta["k"], R.pack(top),
-                                R.pack(bottom), profile, records=records, masses=masses,
-                                numel=esi.component_numel(esi.eligible_esi(model, e.exclude_router)))
+                                R.pack(bottom), profile, records=records)
             result.dataset_regions[spec.dataset] = result.top
             del bottom
         else:
@@ -274,11 +275,9 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
                     "iou_per_matrix": overlap.iou(result.top, packed, "per_matrix"),
                     "chance": overlap.chance_iou(result.top.density, packed.density), "size": packed.size})
         del top, grads, scores
-    extra = n_mass - len(prompt_sets[e.dataset]) if (n_mass := e.n_mass_prompts) is not None else 0
-    if extra > 0:   # more prompts for the per-prompt mass only (the primary's gradient is not changed)
-        more = data.prompts(prompts_path, e.dataset, "ident", n_mass)[len(prompt_sets[e.dataset]):]
-        with _timed(timings, "mass"):
-            esi_mass_pass(model, tok, more, soft_judges, e, result.masses)
+    if role in (e.models if e.architecture_models is None else e.architecture_models):
+        result.architecture = architecture_masses(model, tok, soft_judges, e, prompts_path, transfers, timings,
+                                                  progress)
     if role in (e.models if e.perturb_models is None else e.perturb_models):
         harmful = [p for s in e.eval_sets for p in data.prompts(prompts_path, s, "eval", e.n_eval)]
         with _timed(timings, "perturbation"):
@@ -290,17 +289,22 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
     return result
 
 
-def esi_mass_pass(model, tok, prompts: list[str], soft_judges: dict, e, masses: list[dict]) -> None:
-    """Append the per-prompt component masses of `prompts` under the primary settings; the gradient is dropped."""
-    judge = soft_judges.get(e.judge) if e.objective == "judge" else None
-    esi.esi_gradients(model, tok, judge, prompts, e.max_new_tokens, e.variant, system=e.system_prompt,
-                      objective=e.objective, progress=False, exclude_router=e.exclude_router,
-                      gen_batch_size=e.gen_batch_size, masses=masses)
+def architecture_masses(model, tok, soft_judges: dict, e, prompts_path, transfers: dict, timings: dict,
+                        progress: bool = True) -> esi_architecture.Masses:
+    """Per-prompt ESI mass per cell under the primary settings on the first `n_mass_prompts` ident prompts of
+    `dataset`, and of the null objective on as many ident prompts of `null_dataset`."""
+    n = e.n_mass_prompts or e.n_prompts
+    harmful = data.prompts(prompts_path, e.dataset, "ident", n, exact=n is not None)
+    benign = data.prompts(prompts_path, e.null_dataset, "ident", len(harmful), exact=True)
+    judge = e.judge if e.objective == "judge" else None
+    M = transfer_for(judge, soft_judges, tok, model, transfers, timings)
+    with _timed(timings, "architecture"):
+        return esi_architecture.safety_and_null(model, tok, soft_judges.get(judge), harmful, benign, e, M, progress)
 
 
 def save_role(result: RoleResult, out: str | Path) -> None:
     """artifacts/esi/<role>/{topk,bottomk}.safetensors (the SET/SPA contract), datasets/<set>.safetensors,
-    profile.csv."""
+    profile.csv, masses.csv (per-prompt ESI mass per cell, where the architecture claim ran)."""
     out = Path(out)
     R.save(result.top, out / "topk.safetensors")
     R.save(result.bottom, out / "bottomk.safetensors")
@@ -308,6 +312,9 @@ def save_role(result: RoleResult, out: str | Path) -> None:
         R.save(region, out / "datasets" / f"{d}.safetensors")
     with atomic_path(out / "profile.csv") as tmp:
         result.profile.to_csv(tmp, index=False)
+    if result.architecture is not None:
+        with atomic_path(out / "masses.csv") as tmp:
+            result.architecture.frame().to_csv(tmp, index=False)
 
 
 def judge_token_coverage(records: list[dict]) -> float | None:
@@ -324,16 +331,18 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
     pert = pd.DataFrame(result.perturbation, columns=["condition", "asr", "seed", "n"])
     asr = pert.groupby("condition").asr.mean()
     comps = {c["region"]: c for c in result.comparisons}
-    other = other_variant(e.variant)
+    arch = result.architecture
     out = {
         # per condition: pooled over seeds (None where the condition or the role's perturbation did not run)
         **{f"asr_{c}": float(asr[c]) if c in asr else None for c in PERTURB_CONDITIONS},
         "perturbation": result.perturbation_summary or None,
-        "dense_components": esi.dense_components(result.masses, result.numel),
-        "dense_components_def": "per ident prompt: share of Σ|g|·σ_W in " + "+".join(esi.DENSE_COMPONENTS)
-                                + " minus their share of eligible entries; mean, bootstrap 95% CI",
+        "dense_components": arch.dense_components() if arch else None,
+        "dense_components_def": "share of Σ_prompts Σ|∂S_x/∂W|·σ_W in V + gate + up + down minus their share of "
+                                "the entries, blocks' matrices only; bootstrap 95% CI over prompts",
+        "architecture": arch.metrics(result.profile, f"{e.objective} ({e.judge}, {e.variant}) on {e.dataset}",
+                                     e.null_dataset) if arch else None,
         "component_share": component_shares(result.profile, "region_count"),
-        "faithful_vs_fixed_iou": comps[other]["iou"],
+        "faithful_vs_fixed_iou": comps[other_variant(e.variant)]["iou"],
         "component_esi_share": component_shares(result.profile, "esi_sum"),
         "model_id": result.model_id, "n_params": result.n_params, "k": result.k, "top_frac": e.top_frac,
         "density": result.top.density, "variant": e.variant, "judge": e.judge, "objective": e.objective,
@@ -342,7 +351,7 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
         "judge_token_coverage": judge_token_coverage(result.records),
         "iou_vs_primary": {name: {"iou": c["iou"], "chance": c["chance"]} for name, c in comps.items()},
         "n_eval": int(pert.n.iloc[0]) if len(pert) else 0, "perturb_seeds": int(pert.seed.nunique()),
-        "n_mass_prompts": len(result.masses),
+        "n_mass_prompts": len(arch.safety) if arch else 0,
         "wall_seconds": result.timings,
     }
     if "refusal_likelihood" in comps:
@@ -455,15 +464,16 @@ def reading(result: StageResult, e) -> str:
                           f"(degenerate {p[c]['degenerate_rate']:.2f})" for c in ("none", "top", "random", "bottom")
                           if c in p)
         tvr = p.get("top_vs_random")
-        d = m.get("dense_components")
+        a = m.get("architecture")
         lines.append(
             f"* **{role}** (`{m['model_id']}`): "
             + (f"ASR with noise on the region: {rates}, n = {m['n_eval']} held-out prompts × "
                f"{m['perturb_seeds']} seed(s). Top − random: {tvr['effect']:+.2f} "
                f"[{tvr['ci'][0]:+.2f}, {tvr['ci'][1]:+.2f}], McNemar p = {tvr['p']:.3g}. " if tvr else
                "perturbation not run for this role. ")
-            + (f"Dense components (V + MLP share of ESI mass minus share of entries, per prompt): "
-               f"{d['effect']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], n = {d['n']} prompts. " if d else "")
+            + (f"ESI mass share, safety − null, blocks only ({a['n_prompts']} harmful vs {a['n_null_prompts']} "
+               f"benign prompts): " + "; ".join(esi_architecture.part_text(k, v) for k, v in a["parts"].items()) + ". "
+               if a else "")
             + f"Faithful vs fixed regions overlap with IoU {m['faithful_vs_fixed_iou']:.3f} "
             f"(chance {m['iou_vs_primary'][other_variant(e.variant)]['chance']:.4f})"
             + (f"; the refusal-likelihood objective's region {m['refusal_likelihood_iou']:.3f}"
