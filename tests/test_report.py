@@ -68,7 +68,8 @@ def _fixture(root, moe_family=None):
     if moe_family:
         esi["moe"] = {"asr_topk": 0.6, "asr_random": 0.3, "asr_bottomk": 0.2,
                       "component_share": {"q": 0.2, "gate_up": 0.3, "down": 0.5}, "faithful_vs_fixed_iou": 0.4,
-                      "moe_late_mlp": _est(64, 0.3, 0.1, 0.5, "bootstrap over prompts", None)}
+                      "architecture": _architecture({"late_third_mlp": _est(32, 0.3, 0.1, 0.5,
+                                                                            "bootstrap over prompts", None)})}
     _write(root, "esi/metrics.json", esi)
     arm = lambda before, after, frac: {"asr_before": before, "asr_after": after, "utility_after": 0.5,  # noqa: E731
                                        "trainable_fraction": frac, "n_eval": 96, "degenerate_rate_after": 0.0}
@@ -88,6 +89,11 @@ def _fixture(root, moe_family=None):
     _write(root, "baseline/figures/refusal_heatmap.png", "png")
     _write(root, "report/figures/wall_time.png", "png")
     _write(root, "baseline/figures/.tmp.abc.refusal_heatmap.png", "")      # an interrupted atomic write
+
+
+def _architecture(parts: dict) -> dict:
+    """An ESI `architecture` record with these parts (32 harmful and 32 benign prompts)."""
+    return {"parts": parts, "n_prompts": 32, "n_null_prompts": 32}
 
 
 def _complete(root):
@@ -111,8 +117,8 @@ def _complete(root):
             v["refined_minus_raw_corrected"] = _est(10, -0.2, -0.25, -0.15, "dataset bootstrap (percentile)", None)
 
     def esi(m):
-        m["aligned"].update({k: _est(8, 0.1, 0.05, 0.15, "bootstrap over prompts", None)
-                             for k in ("v_share_vs_null", "mlp_share_vs_null", "middle_third_share_vs_null")})
+        m["aligned"]["architecture"] = _architecture({k: _est(32, 0.1, 0.05, 0.15, "bootstrap over prompts", None)
+                                                      for k in ("v", "mlp", "middle_third")})
 
     def set_(m):
         m["comparison"].update(benign_refusal_rise=_est(96, 0.0, -0.05, 0.05),
@@ -221,8 +227,7 @@ def test_a_part_without_its_metric_is_not_run_and_says_which_key_is_missing(tmp_
     pos, = _parts(c["p1_region_affects_safety"], "positive_control_detected")
     assert pos["role"] == "control" and "positive_control.aligned" in pos["reason"]
     assert c["p1_region_affects_safety"]["verdict"] == "not run"
-    assert "v_share_vs_null" in _parts(c["p2_esi_dense_components"], "v_share")[0]["reason"]
-    assert "not a part" in c["p2_esi_dense_components"]["this_run"]          # the old V + MLP estimate is shown
+    assert "architecture.parts.v" in _parts(c["p2_esi_dense_components"], "v_share")[0]["reason"]
     assert _parts(c["p2_esi_moe_late_mlp"], "late_mlp_share")[0]["reason"] == "no MoE model in this run"
 
 

@@ -251,10 +251,15 @@ def _overlap(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
     return parts, {c: t if keys else NOT_RUN for c, t in text.items()}
 
 
-# part: (key of results/esi/metrics.json, what it counts)
-ESI_SHARES = {"v_share": ("v_share_vs_null", "V (value matrices)"),
-              "mlp_share": ("mlp_share_vs_null", "MLP (gate, up, down)"),
-              "middle_third_share": ("middle_third_share_vs_null", "the middle third of layers")}
+# part: (key of results/esi/metrics.json MODEL.architecture.parts, what it counts)
+ESI_SHARES = {"v_share": ("v", "V (value matrices)"),
+              "mlp_share": ("mlp", "MLP (gate, up, down)"),
+              "middle_third_share": ("middle_third", "the middle third of layers")}
+
+
+def _esi_part(v, key: str):
+    """The architecture part `key` of one model's ESI record, None where the stage did not write it."""
+    return (v.architecture.parts.get(key) if v.architecture else None)
 
 
 def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
@@ -269,20 +274,24 @@ def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
             est = estimate(v.perturbation.top_vs_random)
             parts.append(Part("p2_esi_perturbation", "top_vs_random", est, asr, f"{m}, top-k vs random perturbed",
                               None if est else _missing("esi", f"{m}.perturbation.top_vs_random")))
-    n_mass = _param(cfg, "esi", "n_mass_prompts") or _param(cfg, "esi", "n_prompts") or "all"
+    profile = lambda v, what: (  # noqa: E731
+        f"{what}: share of the safety ESI mass − share of a benign LM-loss ESI mass, over the blocks' matrices "
+        f"(lm_head and embeddings are rows of their own), {v.architecture.n_prompts} harmful and "
+        f"{v.architecture.n_null_prompts} benign prompts, resampled")
     for m in dense:
         for name, (key, what) in ESI_SHARES.items():
-            est = _est(_extra(esi[m], key))
-            metric = (f"{what}: share of ESI mass − share of entries, "
-                      f"over the blocks' matrices (lm_head and embeddings excluded), per prompt over {n_mass} "
-                      "prompts; safety ESI minus a benign LM-loss ESI")
-            parts.append(Part("p2_esi_dense_components", name, est, metric, m,
-                              None if est else _missing("esi", f"{m}.{key}", "the lm_head-free profile against the "
-                                                        "null profile")))
+            part = _esi_part(esi[m], key)
+            est = estimate(part)
+            parts.append(Part("p2_esi_dense_components", name, est,
+                              profile(esi[m], what) if esi[m].architecture else what, m,
+                              None if est else (part.reason if part and part.reason
+                                                else _missing("esi", f"{m}.architecture.parts.{key}"))))
     for m in moe:
-        est = estimate(esi[m].moe_late_mlp)
-        parts.append(Part("p2_esi_moe_late_mlp", "late_mlp_share", est, "late-layer MLP / expert share of the top-k "
-                          "ESI weights over its entry share", m, None if est else _missing("esi", f"{m}.moe_late_mlp")))
+        part = _esi_part(esi[m], "late_third_mlp")
+        est = estimate(part)
+        parts.append(Part("p2_esi_moe_late_mlp", "late_mlp_share", est,
+                          profile(esi[m], "late-third MLP / experts") if esi[m].architecture else "", m,
+                          None if est else _missing("esi", f"{m}.architecture.parts.late_third_mlp")))
     if esi and not moe:
         parts.append(Part("p2_esi_moe_late_mlp", "late_mlp_share", None, "", reason="no MoE model in this run"))
     rate = lambda p, k: "–" if p is None or getattr(p, k) is None else f"{_or_dash(getattr(p, k).asr)}"  # noqa: E731
@@ -290,10 +299,12 @@ def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
                 f"{m} " + "/".join(rate(v.perturbation, k) for k in ("none", "top", "random", "bottom"))
                 for m, v in esi.items()),
             "p2_esi_dense_components": "; ".join(
-                f"{m}: earlier V + MLP estimate with lm_head in the denominator "
-                f"{fmt(estimate(esi[m].dense_components))} (not a part)" for m in dense)
+                f"{m}: " + ", ".join(f"{key} safety {_or_dash(p.safety_share, '.3f')} / null "
+                                     f"{_or_dash(p.null_share, '.3f')} / entries {_or_dash(p.entry_share, '.3f')}"
+                                     for key, p in esi[m].architecture.parts.items())
+                for m in dense if esi[m].architecture)
             or f"{NOT_RUN} (no dense model in this run)",
-            "p2_esi_moe_late_mlp": "; ".join(f"{m} {fmt(estimate(esi[m].moe_late_mlp))}" for m in moe)
+            "p2_esi_moe_late_mlp": "; ".join(f"{m} {fmt(estimate(_esi_part(esi[m], 'late_third_mlp')))}" for m in moe)
             or f"{NOT_RUN} (no MoE model in this run)"}
     return parts, {c: t if esi else NOT_RUN for c, t in text.items()}
 
