@@ -142,19 +142,20 @@ def test_importance_matched_is_seeded_and_refuses_an_unmatchable_bin():
 # ---------------------------------------------------------------- power
 
 
-def test_mcnemar_power_matches_a_brute_force_simulation_of_the_papers_test():
-    """Simulated paired outcomes judged by the same exact McNemar p as evidence.paired_proportions."""
-    n, effect, disc, reps = 60, 0.15, 0.3, 1500
-    rng = np.random.default_rng(0)
+def test_mcnemar_power_matches_a_brute_force_simulation_of_the_exact_test():
+    """Prompt-level paired outcomes simulated, each run's discordant pairs judged by scipy's exact binomial test
+    (the McNemar p of evidence.paired_proportions), the rejection rate compared with the computed power."""
+    n, effect, disc, reps = 60, 0.15, 0.3, 2000
     p10, p01 = (disc + effect) / 2, (disc - effect) / 2
-    rejected = 0
-    for _ in range(reps):
-        u = rng.random(n)
-        a = (u < p10) | (u >= 1 - 0.2)               # p10: a only; last 0.2: both
-        b = ((u >= p10) & (u < p10 + p01)) | (u >= 1 - 0.2)
-        rejected += evidence._paired(a, b).p <= 0.05
-    sim, se = rejected / reps, np.sqrt(0.25 / reps)
-    assert power.mcnemar_power(n, effect, disc) == pytest.approx(sim, abs=3.5 * se)
+    u = np.random.default_rng(0).random((reps, n))
+    only_a, only_b = (u < p10).sum(1), ((u >= p10) & (u < p10 + p01)).sum(1)
+    pairs, counts = np.unique(np.stack([only_a, only_b], 1), axis=0, return_counts=True)
+    rejected = sum(c for (k, j), c in zip(pairs, counts) if k + j and stats.binomtest(int(k), int(k + j)).pvalue <= 0.05)
+    sim = rejected / reps
+    assert power.mcnemar_power(n, effect, disc) == pytest.approx(sim, abs=3.5 * np.sqrt(0.25 / reps))
+    a = np.array([True] * 7 + [False] * 2 + [True] * 5 + [False] * 6)   # the same p as the stage's paired test
+    b = np.array([False] * 7 + [True] * 2 + [True] * 5 + [False] * 6)
+    assert evidence._paired(a, b).p == pytest.approx(stats.binomtest(7, 9, 0.5).pvalue)
 
 
 def test_n_for_power_is_the_first_n_that_reaches_the_power_and_mde_inverts_it():

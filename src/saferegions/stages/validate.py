@@ -280,6 +280,39 @@ def methods_of(cfg) -> list[str]:
     return list(cfg.validate.methods) if cfg.validate.methods is not None else list(cfg.identify.methods)
 
 
+SUMMARY_KEYS = ("intact", "positive_control", "power")   # metrics.json keys that are not models
+
+
+def conditions(metrics: dict):
+    """(model, method, dataset, entry) for every validated region in `metrics`."""
+    return [(m, meth, d, e) for m, per in metrics.items() if m not in SUMMARY_KEYS
+            for meth, ds in per.items() for d, e in ds.items()]
+
+
+def controls_frame(metrics: dict) -> pd.DataFrame:
+    """One row per (region, control): ASR(region) − ASR(control) with its interval, p, discordance and minimal
+    detectable effect; the random draws' spread beside the first draw."""
+    rows = []
+    for m, meth, d, e in conditions(metrics):
+        arms = [*e["random_draws"].items(), *([("matched", {"paired": e["paired_matched"]})] if "matched" in e else []),
+                ("intact", {"paired": e["vs_intact"]})]
+        for tag, arm in arms:
+            p = arm["paired"]
+            rows.append({"model": m, "method": meth, "dataset": d, "control": tag, "n": p["n"], "effect": p["effect"],
+                         "effect_ci": p["ci"], "p": p["p"], "discordance": p["discordance"], "mde": p["mde"]})
+    return pd.DataFrame(rows)
+
+
+def positive_control_frame(metrics: dict) -> pd.DataFrame:
+    """One row per model: the refusal direction's layer and position, ASR ablated, its rise over the intact model,
+    whether it is detected at this n, and the degenerate rate and utility ratio beside it."""
+    return pd.DataFrame([{"model": m, "layer": c["layer"], "position": c["position"], "asr": c["arm"]["asr"],
+                          "rise": c["vs_intact"]["effect"], "rise_ci": c["vs_intact"]["ci"], "n": c["vs_intact"]["n"],
+                          "threshold": c["threshold"], "detected": c["detected"],
+                          "degenerate_rate": c["arm"]["degenerate_rate"], "utility_ratio": c["utility_ratio"]}
+                         for m, c in metrics.get("positive_control", {}).items() if c is not None])
+
+
 def bar_frame(frame: pd.DataFrame, reference: dict) -> pd.DataFrame:
     """The rows frame plus one "intact" row per model, with `condition` = method (model/method when several
     models) and the interval half-widths the error bars need: ASR and degenerate rate (Wilson), utility
