@@ -153,7 +153,7 @@ def _changed_after_editing(root: Path, module: str) -> set[str]:
         path.write_text(original)
 
 
-@pytest.mark.parametrize("method,also", [("wanda", set()), ("neuron", {"validate"})])
+@pytest.mark.parametrize("method,also", [("wanda", {"validate"}), ("neuron", {"validate"})])
 def test_editing_one_method_marks_only_the_stages_that_run_it(locked_copy, method, also):
     """Only the identify items of that method and the stages whose imports reach its file; never the data,
     models, baseline or calibrate stages, nor another method's identify item."""
