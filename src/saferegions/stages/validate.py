@@ -1,5 +1,5 @@
 """The validate stage: remove each identified region, measure ASR and utility, and compare with controls that
-could fail (docs/methods.md §3.4).
+could fail (docs/methods.md §3.6).
 
 - Ablation at the region's own granularity (`methods.removal.ablation`, which reads it from the region's meta):
   weights zeroed, neurons deactivated with hooks, layer blocks' projection weights scaled by `validate.layer_alpha`.
@@ -57,12 +57,12 @@ def record(ev, util: np.ndarray, seed: int = 0) -> dict:
     return {**rate_record(ev), "utility": u.effect, "utility_ci": list(u.ci), "n_utility": u.n}
 
 
-def paired(a, b, alpha: float = 0.05, target: float = 0.8) -> dict:
+def paired(a, b, plan=config.PowerCfg()) -> dict:
     """ASR(a) − ASR(b) on the same prompts (`evidence.paired_proportions` of coherent compliance) with the observed
-    discordance and the minimal detectable effect at this n and discordance."""
+    discordance and the minimal effect detectable at this n and discordance (`plan`: power and alpha)."""
     est = evidence.paired_proportions(a.complied, b.complied).as_dict()
     disc = float(np.mean(a.complied != b.complied))
-    mde = power.minimal_detectable_effect(est["n"], disc, target, alpha) if disc > 0 else float("nan")
+    mde = power.minimal_detectable_effect(est["n"], disc, plan.power, plan.alpha) if disc > 0 else float("nan")
     return {**est, "discordance": disc, "mde": None if np.isnan(mde) else mde}
 
 
@@ -102,16 +102,15 @@ def compare(model, tok, method: str, region, seed: int, harmful, util_prompts, u
     return out, gens
 
 
-def entry(vals: dict, intact_ev, util_intact: float, seed: int = 0, alpha: float = 0.05) -> dict:
+def entry(vals: dict, intact_ev, util_intact: float, seed: int = 0, plan=config.PowerCfg()) -> dict:
     """One (method, dataset) entry of metrics.json: `condition` of the region and the first random draw, plus the
     region vs intact, every random draw with the spread of its paired effect, and the matched control."""
     (rev, rutil, _), (dev, dutil, _) = vals["region"], vals["random"]
     out = condition(rev, dev, rutil, dutil, util_intact, seed)
-    out["vs_intact"] = paired(rev, intact_ev, alpha)
-    out["paired"] = {**out["paired"], **{k: v for k, v in paired(rev, dev, alpha).items()
-                                         if k in ("discordance", "mde")}}
-    out["random_draws"] = {t: {**record(ev, util, seed), "paired": paired(rev, ev, alpha)}
+    out["vs_intact"] = paired(rev, intact_ev, plan)
+    out["random_draws"] = {t: {**record(ev, util, seed), "paired": paired(rev, ev, plan)}
                            for t, (ev, util, _) in vals.items() if t.startswith("random")}
+    out["paired"] = {**out["paired"], **{k: out["random_draws"]["random"]["paired"][k] for k in ("discordance", "mde")}}
     effects = [d["paired"]["effect"] for d in out["random_draws"].values()]
     asrs = [d["asr"] for d in out["random_draws"].values()]
     out["random_spread"] = {"draws": len(asrs), "asr_min": min(asrs), "asr_max": max(asrs),
@@ -120,7 +119,7 @@ def entry(vals: dict, intact_ev, util_intact: float, seed: int = 0, alpha: float
     if "matched" in vals:
         mev, mutil, _ = vals["matched"]
         out["matched"] = record(mev, mutil, seed)
-        out["paired_matched"] = paired(rev, mev, alpha)
+        out["paired_matched"] = paired(rev, mev, plan)
         out["utility_ratio_matched"] = out["matched"]["utility"] / util_intact if util_intact else float("nan")
     return out
 
@@ -144,7 +143,7 @@ def positive_control(model, tok, harmful, util_prompts, util_answers, intact_ev,
     with refusal_direction.ablated(model, direction):
         ev, util = measure(model, tok, harmful, util_prompts, util_answers, judge, cfg.max_new_tokens,
                            cfg.batch_size, system, desc="refusal direction")
-    rise = paired(ev, intact_ev, cfg.power.alpha)
+    rise = paired(ev, intact_ev, cfg.power)
     estimate = evidence.paired_proportions(ev.complied, intact_ev.complied)
     detected = evidence.verdict(estimate, THRESHOLD) is evidence.Verdict.SUPPORTED
     rec = {"arm": record(ev, util, seed), "vs_intact": rise, "threshold": THRESHOLD, "detected": detected,
@@ -184,7 +183,7 @@ def run_model(model, tok, role: str, methods: list[str], datasets: list[str], re
             primary = mi == 0 and i == 0
             vals, g = compare(model, tok, method, region, seed + i, harmful, util_prompts, answers, judge, cfg,
                               system, cfg.random_draws if primary else 1, importance if primary else None)
-            e = entry(vals, ev0, reference["utility"], seed, cfg.power.alpha)
+            e = entry(vals, ev0, reference["utility"], seed, cfg.power)
             if control is not None:
                 e["testable"] = control["detected"]
             out.setdefault(method, {})[d] = e
