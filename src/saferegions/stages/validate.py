@@ -232,18 +232,19 @@ def direction_prompts(cfg) -> tuple[list[str], list[str], list[str]]:
 
 
 def utility_importance(model, tok, cfg, role: str):
-    """A callable giving the Wanda scores of the calibration utility set's examples (computed once, on first use):
-    the importance the matched control matches."""
-    from ..methods.context import load_calibration
+    """A callable giving the Wanda scores of the calibration utility set's examples, batched as the identify stage
+    batches them (computed once, on first use): the importance the matched control matches."""
+    from ..methods.context import examples, load_calibration
     from ..methods.wanda import wanda_scores
     cache = {}
 
     def scores():
         if "s" not in cache:
-            calib, _ = load_calibration(CALIBRATION / role)
-            prompts_, responses = calib[cfg.calibrate.utility_set][:2]
-            cache["s"] = wanda_scores(model, chat.response_batches(tok, prompts_, responses, cfg.validate.batch_size),
-                                      progress=False)
+            calib, meta = load_calibration(CALIBRATION / role)
+            prompts_, responses, finished = examples(calib[cfg.calibrate.utility_set])
+            batches = chat.response_batches(tok, prompts_, responses, cfg.identify.batch_size, cfg.identify.max_length,
+                                            meta["system_prompt"], finished)
+            cache["s"] = wanda_scores(model, batches, progress=False)
         return cache["s"]
     return scores
 
