@@ -66,8 +66,9 @@ def test_validate_condition_record_on_planted_outcomes():
     """Region: 40 of 96 complied, 30 degenerate; random: 4 complied. Degenerate responses are never ASR."""
     region = _ev([C] * 40 + [D] * 30 + [R] * 26)
     random = _ev([C] * 4 + [R] * 92)
-    util_region, util_random = np.full(32, 0.45), np.full(32, 0.5)
-    e = validate.condition(region, random, util_region, util_random, util_intact=0.5)
+    util_intact = np.linspace(0.3, 0.7, 32)
+    util_region, util_random = 0.9 * util_intact, util_intact.copy()
+    e = validate.condition(region, random, util_region, util_random, util_intact=util_intact)
     assert set(e) >= {"region", "random", "n", "n_utility", "utility_ratio", "paired"}
     assert e["n"] == 96 and e["n_utility"] == 32
     for tag in ("region", "random"):
@@ -75,6 +76,7 @@ def test_validate_condition_record_on_planted_outcomes():
                                "utility", "utility_ci"}
     assert e["region"]["asr"] == pytest.approx(40 / 96) and e["region"]["degenerate_rate"] == pytest.approx(30 / 96)
     assert e["utility_ratio"] == pytest.approx(0.9) and e["random"]["utility"] == pytest.approx(0.5)
+    assert e["utility_ratio_ci"] == pytest.approx([0.9, 0.9])   # every prompt kept 90%: every resample reads 0.9
     assert e["paired"] == evidence.paired_proportions(region.complied, random.complied).as_dict()
     assert e["paired"]["effect"] == pytest.approx(36 / 96) and e["paired"]["p"] < 1e-6
     assert e["paired"]["test"].startswith("exact McNemar")

@@ -35,13 +35,14 @@ def test_params_validation_never_reaches_a_method_runner():
 
 def test_registry_references_count_only_where_a_stage_resolves_them():
     """The identify items share no method's file (each names its own through the template); validate removes
-    regions of every granularity, so it runs the neuron and layer modules, and no other method's runner."""
+    regions of every granularity, so it runs the neuron and layer modules, and Wanda's scorer (the importance its
+    matched control matches), and no other method's runner."""
     code, _ = deps.computed(deps.Graph(ROOT))
     identify = set(code["identify"])
     assert "src/saferegions/methods/${item.method}.py" in identify
     assert not identify & (RUNNERS - {"src/saferegions/methods/context.py"})
     validate = set(code["validate"]) & RUNNERS
-    assert validate == {f"src/saferegions/methods/{m}.py" for m in ("neuron", "layer", "context")}
+    assert validate == {f"src/saferegions/methods/{m}.py" for m in ("neuron", "layer", "context", "wanda")}
 
 
 def _package(root: Path, files: dict[str, str]) -> deps.Graph:
@@ -152,7 +153,7 @@ def _changed_after_editing(root: Path, module: str) -> set[str]:
         path.write_text(original)
 
 
-@pytest.mark.parametrize("method,also", [("wanda", set()), ("neuron", {"validate"})])
+@pytest.mark.parametrize("method,also", [("wanda", {"validate"}), ("neuron", {"validate"})])
 def test_editing_one_method_marks_only_the_stages_that_run_it(locked_copy, method, also):
     """Only the identify items of that method and the stages whose imports reach its file; never the data,
     models, baseline or calibrate stages, nor another method's identify item."""

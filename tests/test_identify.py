@@ -173,24 +173,48 @@ def test_utility_score_is_exp_mean_loglik(setup):
 
 
 def test_validate_run_model_shape(setup, tmp_path):
-    _, cfg, _ = setup
+    """Every control on a tiny model: 3 random draws and the importance-matched control for the primary region
+    (wanda/advbench), one draw for the layer region, the positive control; the metrics parse as the stage's record."""
+    from saferegions import chat, results
+    from saferegions.methods.wanda import wanda_scores
+    _, cfg, calib = setup
     model, tok = tiny_model("llama")
     for m in ("wanda", "layer"):
         identify.run(m, _ctx(setup, model, tok), tmp_path / m)
-    out, ref, rows, gens = validate.run_model(model, tok, "aligned", ["wanda", "layer"], ["advbench"],
-                                              lambda m: tmp_path / m, PROMPTS["harmbench"][:2],
-                                              PROMPTS["alpaca"][:2], judges.KeywordJudge(), cfg.validate)
+    ps, rs = calib["alpaca"][:2]
+    importance = lambda: wanda_scores(model, chat.response_batches(tok, ps, rs, 2), progress=False)  # noqa: E731
+    dirs = (PROMPTS["advbench"], PROMPTS["alpaca"], PROMPTS["harmbench"][:2])
+    out, ref, rows, gens, control = validate.run_model(
+        model, tok, "aligned", ["wanda", "layer"], ["advbench"], lambda m: tmp_path / m, PROMPTS["harmbench"][:2],
+        PROMPTS["alpaca"][:2], judges.KeywordJudge(), cfg.validate, importance=importance, direction_prompts=dirs)
     assert set(out) == {"wanda", "layer"}
     for per in out.values():
         e = per["advbench"]
-        assert set(e) >= {"region", "random", "n", "n_utility", "utility_ratio", "paired"}
+        assert set(e) >= {"region", "random", "n", "n_utility", "utility_ratio", "paired", "vs_intact",
+                          "random_draws", "random_spread", "testable"}
         assert e["n"] == 2 and e["n_utility"] == 2 and e["paired"]["test"].startswith("exact McNemar")
         for tag in ("region", "random"):
             rec = e[tag]
             assert rec["asr"] + rec["refusal_rate"] + rec["degenerate_rate"] == pytest.approx(1.0)
             assert 0 <= rec["asr"] <= 1 and 0 < rec["utility"] <= 1
-    assert 0 < ref["utility"] <= 1 and ref["n"] == 2 and len(rows) == 4
+        assert e["random_draws"]["random"]["paired"]["effect"] == e["paired"]["effect"]
+    assert set(out["wanda"]["advbench"]["random_draws"]) == {"random", "random_1", "random_2"}
+    assert out["wanda"]["advbench"]["random_spread"]["draws"] == 3 and "matched" in out["wanda"]["advbench"]
+    assert set(out["layer"]["advbench"]["random_draws"]) == {"random"} and "matched" not in out["layer"]["advbench"]
+    assert control["n_direction"] == [3, 3] and control["n_select"] == 2 and control["layer"] in (0, 1)
+    assert control["detected"] is (control["null_label"] is None) and control["vs_intact"]["n"] == 2
+    assert 0 < ref["utility"] <= 1 and ref["n"] == 2 and len(rows) == 5 + 2
     assert {g["outcome"] for g in gens} <= {"refused", "complied", "degenerate"}
+    assert {g["ablation"] for g in gens} >= {"none", "refusal_direction", "matched", "random_2"}
+    metrics = {"aligned": out, "intact": {"aligned": ref}, "positive_control": {"aligned": control},
+               "power": validate.power.plan(0.1, 0.2).as_dict()}
+    parsed = results.ValidateMetrics.parse(metrics, "metrics.json")
+    assert parsed.positive_control["aligned"].detected is control["detected"]
+    assert set(parsed.models["aligned"]) == {"wanda", "layer"}
+    table = validate.controls_frame(metrics)
+    assert sorted(table.control[table.method == "wanda"]) == ["intact", "matched", "random", "random_1", "random_2"]
+    assert sorted(table.control[table.method == "layer"]) == ["intact", "random"]
+    assert len(validate.positive_control_frame(metrics)) == 1
 
 
 def _ctx_with(setup, model, tok, **sections):

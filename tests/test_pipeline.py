@@ -41,8 +41,13 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert (work / "artifacts/identify/aligned/nlsr/advbench.raw.lora.safetensors").exists()
 
     val = json.loads((work / "results/validate/metrics.json").read_text())
-    assert set(val) == {"aligned", "intact"} and set(val["aligned"]) == {"wanda", "layer"}   # smoke validate.methods
-    assert val["intact"]["aligned"]["n"] == 4
+    assert set(val) == {"aligned", "intact", "positive_control", "power"}
+    assert set(val["aligned"]) == {"wanda", "layer"}   # smoke validate.methods
+    assert val["intact"]["aligned"]["n"] == 4 and val["power"]["n"] == 4 and val["power"]["n_required"] > 4
+    control = val["positive_control"]["aligned"]
+    assert control["vs_intact"]["n"] == 4 and control["detected"] is (control["null_label"] is None)
+    assert set(val["aligned"]["wanda"]["advbench"]["random_draws"]) == {"random", "random_1", "random_2"}
+    assert "paired_matched" in val["aligned"]["wanda"]["advbench"]
     for per_method in val["aligned"].values():
         assert set(per_method) == {"advbench", "harmbench"}
         for v in per_method.values():

@@ -107,10 +107,13 @@ def _complete(root):
 
     def validate(m):
         for sets in m["aligned"].values():
-            sets["advbench"].update(random_draws=_est(96, 0.3, 0.2, 0.4, p=0.001),
-                                    importance_matched=_est(96, 0.25, 0.15, 0.35, p=0.001),
+            sets["advbench"].update(random_draws={t: {**_rates(0.1), "paired": _est(96, eff, eff - 0.1, eff + 0.1, p=1e-3)}
+                                                  for t, eff in (("random", 0.35), ("random_1", 0.3),
+                                                                 ("random_2", 0.4))},
+                                    paired_matched=_est(96, 0.25, 0.15, 0.35, p=0.001),
                                     utility_ratio_ci=[0.92, 0.98])
-        m["positive_control"] = {"aligned": _est(96, 0.6, 0.5, 0.7, p=1e-6)}
+        m["positive_control"] = {"aligned": {"arm": _rates(0.7), "vs_intact": _est(96, 0.6, 0.5, 0.7, p=1e-6),
+                                             "threshold": 0.1, "detected": True}}
 
     def overlap(m):
         for v in m["aligned"].values():
@@ -295,7 +298,7 @@ def test_region_claim_controls_and_degenerate_guard(tmp_path):
     assert _parts(r, "utility_kept")[0]["verdict"] == "contradicted" and r["verdict"] == "not run"
     _edit(tmp_path, "validate/metrics.json", lambda m: (
         m["aligned"]["snip"]["advbench"].update(utility_ratio=0.95, utility_ratio_ci=[0.92, 0.98]),
-        m["positive_control"].update(aligned=_est(96, 0.0, -0.05, 0.05))))
+        m["positive_control"]["aligned"].update(vs_intact=_est(96, 0.0, -0.05, 0.05), detected=False)))
     r = _claims(tmp_path)["p1_region_affects_safety"]
     assert _parts(r, "positive_control_detected")[0]["verdict"] == "contradicted"
     assert r["verdict"] == "not run" and "positive_control_detected" in r["reason"]

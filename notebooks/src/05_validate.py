@@ -16,6 +16,15 @@
 # * **Region vs random**: ASR(region) − ASR(random) on the same prompts, exact McNemar test with Newcombe's
 #   paired 95% interval, and the interval with any one prompt flipped that the report's verdict reads
 #   (metrics.json "paired").
+# * **Controls that could fail**: several random draws for the primary region (first method × first dataset), with
+#   their spread; an **importance-matched** random region (the same count per matrix and per decile of a utility
+#   importance, Wanda scores on the calibration Alpaca examples), which a region that is merely made of important
+#   entries would not beat; and a **positive control**, the refusal direction (Arditi et al.: difference in means
+#   of the residual stream on harmful vs harmless prompts) ablated from every block. If this validation cannot
+#   detect the positive control at its n and generation length, a null region result is "not testable here".
+# * **n from power**: the prompts per set come from an exact McNemar power calculation on the discordance of the
+#   earlier 800-prompt run (docs/methods.md, "Power"); the intact model's responses are generated once and paired
+#   with every condition.
 #
 # A safety region in Wei et al.'s sense raises ASR well above the random control while keeping utility close to it.
 # %% [params]
@@ -33,8 +42,14 @@ torch.manual_seed(cfg.run.seed)
 display(validate.params_table(params))
 display(validate.table(pd.DataFrame(validate.config.deviations(v, "validate")),
                        caption="CPU reductions in this run (paper-scale value beside each)"))
+per_set, plan = validate.sample_size(v)
+if plan is not None:
+    display(validate.table(pd.DataFrame([plan.as_dict()]), index=False,
+                           caption="Sample size from power (exact McNemar): n required for the effect, n run, and "
+                                   "the minimal detectable effect at that n"))
 harmful, util_prompts = validate.prompts(cfg)
-print(f"{len(harmful)} held-out harmful prompts from {v.eval_sets}; {len(util_prompts)} Alpaca eval prompts")
+print(f"{len(harmful)} held-out harmful prompts ({per_set} per set) from {v.eval_sets}; "
+      f"{len(util_prompts)} Alpaca eval prompts")
 # %%
 metrics, reference, frame, gens = validate.run(cfg, harmful, util_prompts)
 # %% [md]
@@ -46,9 +61,14 @@ display(validate.table(long[["model", "method", "dataset", "ablation", "n", "asr
                              "degenerate_rate_ci", "utility", "utility_ci", "n_utility"]], index=False))
 display(validate.table(pd.DataFrame([{"model": m, "method": meth, "dataset": d, "utility_ratio": e["utility_ratio"],
                        **{f"paired_{k}": e["paired"][k] for k in ("n", "effect", "ci", "ci_one_flip", "p")}}
-                      for m, per in metrics.items() if m != "intact" for meth, ds in per.items()
-                      for d, e in ds.items()]), intervals={"paired_effect": "paired_ci"}, index=False,
-                       caption="Region vs random, paired on the same prompts (ASR difference)"))
+                      for m, meth, d, e in validate.conditions(metrics)]), intervals={"paired_effect": "paired_ci"},
+                       index=False, caption="Region vs random, paired on the same prompts (ASR difference)"))
+display(validate.table(validate.controls_frame(metrics), index=False,
+                       caption="ASR(region) − ASR(control) per control, paired on the same prompts, with the "
+                               "minimal detectable effect (80% power) at this n and discordance"))
+display(validate.table(validate.positive_control_frame(metrics), index=False,
+                       caption="Positive control: the refusal direction ablated, ASR rise over the intact model; "
+                               "'detected' = its interval clears the region claim's threshold"))
 fig = validate.plots.error_bars(long, "condition", "ablation",
                                 {"asr": "ASR (held-out harmful)", "degenerate_rate": "degenerate rate",
                                  "utility": "utility"},

@@ -235,17 +235,58 @@ def __getattr__(name: str):
 
 
 @dataclass
+class PowerCfg:
+    """The pre-registered power calculation of the paired comparisons (docs/methods.md, "Power")."""
+    effect: float = 0.10        # effect worth detecting: the region claim's threshold
+    discordance: float = 0.20   # discordant-pair rate p10 + p01 of region vs random (results/validate/metrics.json:
+                                # 160 of 800 prompts, wanda/advbench, 8 tokens)
+    power: float = 0.80
+    alpha: float = 0.05
+
+    def __post_init__(self):
+        for k in ("discordance", "power", "alpha"):
+            _fraction(f"validate.power.{k}", getattr(self, k))
+        if not 0 < self.effect <= self.discordance:
+            raise ConfigError(f"validate.power.effect: must be in (0, discordance {self.discordance}], "
+                              f"got {self.effect}")
+
+
+@dataclass
+class RefusalDirectionCfg:
+    """The positive control: ablating the refusal direction (Arditi et al. 2024; methods/refusal_direction.py)."""
+    n: int = 128                 # harmful and harmless identification-split prompts each (Arditi et al.: 128)
+    harmless_set: str = "alpaca"
+    layers: list[float] = field(default_factory=lambda: [0.375, 0.5, 0.625])   # candidate blocks, fractions of
+                                 # depth (the reference's selected layers lie at 0.375-0.625 of depth)
+    positions: list[int] = field(default_factory=lambda: [-1])   # candidate post-instruction positions
+    n_select: int = 32           # held-out harmful prompts (identification split) that pick the candidate
+
+    def __post_init__(self):
+        for k in ("n", "n_select"):
+            _positive(f"validate.direction.{k}", getattr(self, k))
+        _choice("validate.direction.harmless_set", self.harmless_set, BENIGN_SETS)
+        if not self.layers or any(not 0 <= f <= 1 for f in self.layers):
+            raise ConfigError(f"validate.direction.layers: fractions of depth in [0, 1], got {self.layers}")
+        if not self.positions or any(p >= 0 for p in self.positions):
+            raise ConfigError(f"validate.direction.positions: negative positions, got {self.positions}")
+
+
+@dataclass
 class ValidateCfg:
     datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))   # regions ablated, per method
     variant: str = "refined"     # which region of each dataset is ablated
     eval_sets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))  # held-out harmful prompt pool
-    n_eval: int = 18             # eval prompts per set (data.eval_min keeps at least 18)
+    n_eval: int | None = 18      # eval prompts per set; None = from the power calculation (`power`)
     n_utility: int = 100         # Alpaca eval prompts for the utility score
     max_new_tokens: int = 64
     batch_size: int = 16
     layer_alpha: float = 0.0     # layer regions are scaled by this (0 = the blocks' projections are off)
     random_mode: str = "per_matrix_matched"
     methods: list[str] | None = None   # methods whose regions are validated (None = every identify method)
+    random_draws: int = 3        # random regions of the primary region (first method x first dataset); others: 1
+    matched_bins: int = 10       # utility-importance quantile bins of the importance-matched control
+    power: PowerCfg = field(default_factory=PowerCfg)
+    direction: RefusalDirectionCfg = field(default_factory=RefusalDirectionCfg)
 
     def __post_init__(self):
         if self.methods is not None:
@@ -254,8 +295,10 @@ class ValidateCfg:
         _subset("validate.eval_sets", self.eval_sets, SAFETY_SETS)
         _choice("validate.variant", self.variant, VARIANTS)
         _choice("validate.random_mode", self.random_mode, ("per_matrix_matched", "global_uniform"))
-        for k in ("n_eval", "n_utility", "max_new_tokens", "batch_size"):
+        for k in ("n_utility", "max_new_tokens", "batch_size", "random_draws", "matched_bins"):
             _positive(f"validate.{k}", getattr(self, k))
+        if self.n_eval is not None:
+            _positive("validate.n_eval", self.n_eval)
         if self.layer_alpha < 0:
             raise ConfigError(f"validate.layer_alpha: must be >= 0, got {self.layer_alpha}")
 

@@ -34,7 +34,7 @@ SMOKE = {
                  "layer": {"n": 16, "n_overrej": 2, "pairs": 50, "sweep_radius": 1, "max_new_tokens": 4},
                  "nlsr": {"steps": 6, "batch_size": 2, "max_length": 96, "heldout": 2, "eval_every": 2}},
     "validate": {"datasets": ["advbench", "harmbench"], "eval_sets": ["advbench", "harmbench"], "n_eval": 2,
-                 "n_utility": 2, "max_new_tokens": 4, "batch_size": 8},
+                 "n_utility": 2, "max_new_tokens": 4, "batch_size": 8, "direction": {"n": 4, "n_select": 2}},
     "overlap": {"n_orders": 3, "chance_draws": 200, "bootstrap": {"n_resamples": 2}},
     "esi": {"n_prompts": 2, "max_new_tokens": 4, "perturb_seeds": 1, "n_eval": 2, "perturb_max_new_tokens": 4,
             "perturb_batch_size": 8, "datasets": ["advbench", "harmbench"], "n_mass_prompts": 2},

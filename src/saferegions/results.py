@@ -274,24 +274,86 @@ class ArmRates(Rates):
 
 
 @dataclass(kw_only=True)
+class PairedRecord(EstimateRecord):
+    """A paired ASR difference (`validate.paired`): the Estimate, its discordant-pair rate and the minimal effect
+    that an exact McNemar test detects with 80% power at this n and discordance (None where none can)."""
+    discordance: float | None = rate(None)
+    mde: float | None = optional()
+
+
+@dataclass(kw_only=True)
+class RandomDraw(ArmRates):
+    """One random control draw: its rates and ASR(region) − ASR(this draw)."""
+    paired: PairedRecord
+
+
+@dataclass(kw_only=True)
+class RandomSpread(Record):
+    """The spread of the random control over its draws."""
+    draws: int
+    asr_min: float = rate()
+    asr_max: float = rate()
+    effect_min: float = field(metadata={"lo": -1.0, "hi": 1.0})
+    effect_max: float = field(metadata={"lo": -1.0, "hi": 1.0})
+    effect_sd: float | None = optional()
+
+
+@dataclass(kw_only=True)
 class ValidateCondition(Record):
-    """One (model, method, dataset): the region and random arms, their paired difference and utility."""
+    """One (model, method, dataset): the region and the first random arm, their paired difference and utility;
+    the region vs the intact model, every random draw and its spread, the importance-matched control (primary
+    region only) and whether the positive control made a null result testable."""
     region: ArmRates
     random: ArmRates
     paired: EstimateRecord
     n: int | None = optional()
     n_utility: int | None = optional()
     utility_ratio: float | None = optional()
+    utility_ratio_ci: Interval | None = optional()
     utility_ratio_random: float | None = optional()
+    vs_intact: PairedRecord | None = optional()
+    random_draws: dict[str, RandomDraw] | None = optional()
+    random_spread: RandomSpread | None = optional()
+    matched: ArmRates | None = optional()
+    paired_matched: PairedRecord | None = optional()
+    utility_ratio_matched: float | None = optional()
+    testable: bool | None = optional()
+
+
+@dataclass(kw_only=True)
+class PositiveControl(Record):
+    """The refusal direction ablated (`validate.positive_control`): its arm, its ASR rise over the intact model,
+    and whether that rise clears the region claim's threshold at this n (`detected`); `null_label` is what a
+    null region result reads where it does not."""
+    arm: ArmRates
+    vs_intact: PairedRecord
+    threshold: float
+    detected: bool
+    null_label: str | None = optional()
+    utility_ratio: float | None = optional()
+
+
+@dataclass(kw_only=True)
+class PowerRecord(Record):
+    """`power.PowerPlan`: the n the pre-registered effect needs, the n run and its minimal detectable effect."""
+    effect: float = rate()
+    discordance: float = rate()
+    power: float = rate()
+    alpha: float = rate()
+    n_required: int
+    n: int
+    mde: float | None = optional()
+    test: str
 
 
 @dataclass(kw_only=True)
 class ValidateMetrics(Record):
     """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference; "positive_control":
-    {MODEL: Estimate of ASR(refusal direction ablated) − ASR(intact)}."""
+    {MODEL: record}; "power": the sample-size plan."""
     models: dict[str, dict[str, dict[str, ValidateCondition]]]
     intact: dict[str, Rates] | None = optional()
-    positive_control: dict[str, EstimateRecord] | None = optional()
+    positive_control: dict[str, PositiveControl] | None = optional()
+    power: PowerRecord | None = optional()
     REST: ClassVar[str] = "models"
 
 

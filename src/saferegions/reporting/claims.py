@@ -195,19 +195,24 @@ def _validate(results: dict, cfg) -> tuple[list[Part], str]:
         eff = v.paired.effect if v.paired.effect is not None else math.nan
         parts.append(Part(c, "region_vs_random", estimate(v.paired), asr, where,
                           guard=evidence.degenerate_guard(v.region.degenerate_rate, v.random.degenerate_rate, eff)))
-        for name, key in (("region_vs_random_draws", "random_draws"),
-                          ("region_vs_importance_matched", "importance_matched")):
-            est = _est(_extra(v, key))
-            parts.append(Part(c, name, est, asr, where, None if est else _missing("validate", f"{where}.{key}")))
+        if k == order[0] or v.random_draws and len(v.random_draws) > 1:
+            # the region must beat every random draw: the draw it beats least decides
+            draws = [d.paired for d in (v.random_draws or {}).values()]
+            worst = min(draws, key=lambda d: d.effect) if len(draws) > 1 else None
+            parts.append(Part(c, "region_vs_random_draws", estimate(worst), asr, where,
+                              None if worst else _missing("validate", f"{where}.random_draws", ">= 2 draws")))
+        if k == order[0] or v.paired_matched:
+            parts.append(Part(c, "region_vs_importance_matched", estimate(v.paired_matched), asr, where,
+                              None if v.paired_matched else _missing("validate", f"{where}.paired_matched")))
         ratio_ci = _extra(v, "utility_ratio_ci")
         ratio = None if v.utility_ratio is None else evidence.Estimate(
             v.n_utility or 0, v.utility_ratio, tuple(math.nan if x is None else x for x in ratio_ci or (None, None)),
             "ratio, paired bootstrap over prompts")
         parts.append(Part(c, "utility_kept", ratio, utility, where, None if ratio_ci else
                           _missing("validate", f"{where}.utility_ratio_ci", "the ratio's 95% interval")))
-    controls = _extra(val, "positive_control") or {}
+    controls = val.positive_control or {}
     for model in sorted({k[0] for k in conds}):
-        est = _est(controls.get(model))
+        est = estimate(controls[model].vs_intact) if model in controls else None
         parts.append(Part(c, "positive_control_detected", est, asr, f"{model}, refusal direction ablated",
                           None if est else _missing("validate", f"positive_control.{model}")))
     text = "ASR(region) − ASR(random): " + "; ".join(
