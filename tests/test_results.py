@@ -89,8 +89,17 @@ DECIDING_FIELD = re.compile(r"effect|margin|threshold|direction|^ci$|^ci_|_ci$",
 VERDICT_MEMBERS = {m.name for m in evidence.Verdict}
 
 
+def _walk_outside_calls(node: ast.AST):
+    """ast.walk, but not into a call's arguments: `power(n, effect) < 0.8` passes an effect on, it orders none."""
+    yield node
+    for c in ast.iter_child_nodes(node):
+        if isinstance(node, ast.Call) and c is not node.func:
+            continue
+        yield from _walk_outside_calls(c)
+
+
 def _deciding_names(node: ast.AST):
-    for n in ast.walk(node):
+    for n in _walk_outside_calls(node):
         if isinstance(n, ast.Name) and DECIDING_NAME.search(n.id):
             yield n.id
         elif isinstance(n, ast.Attribute) and (DECIDING_FIELD.search(n.attr) or DECIDING_NAME.search(n.attr)):
@@ -102,6 +111,16 @@ def _deciding_names(node: ast.AST):
 
 def _is_verdict(node: ast.AST) -> bool:
     return getattr(node, "id", None) == "Verdict" or getattr(node, "attr", None) == "Verdict"
+
+
+def _checks_input(n: ast.AST, parents: dict) -> bool:
+    """The comparison is (part of) an `if` test whose whole body raises: a check of bad input, not a verdict."""
+    while id(n) in parents and not isinstance(parents[id(n)], ast.If):
+        n = parents[id(n)]
+        if isinstance(n, ast.stmt):
+            return False
+    p = parents.get(id(n))
+    return isinstance(p, ast.If) and p.test is n and all(isinstance(b, ast.Raise) for b in p.body)
 
 
 def _verdict_decisions(tree: ast.AST) -> list[tuple[int, str]]:
@@ -117,7 +136,8 @@ def _verdict_decisions(tree: ast.AST) -> list[tuple[int, str]]:
             p = parents.get(id(n))
             if not (isinstance(p, ast.Compare) or (isinstance(p, ast.Dict) and any(k is n for k in p.keys))):
                 found.append((n.lineno, f"picks Verdict.{n.attr}"))
-        elif isinstance(n, ast.Compare) and any(isinstance(o, (ast.Lt, ast.Gt, ast.LtE, ast.GtE)) for o in n.ops):
+        elif isinstance(n, ast.Compare) and any(isinstance(o, (ast.Lt, ast.Gt, ast.LtE, ast.GtE)) for o in n.ops) \
+                and not _checks_input(n, parents):
             names = sorted(set(_deciding_names(n)))
             if names:
                 found.append((n.lineno, f"orders {', '.join(names)}"))
@@ -148,5 +168,7 @@ def test_the_decision_scan_finds_planted_decisions_and_passes_readings():
     assert sorted({line for line, _ in _verdict_decisions(planted)}) == [1, 2, 3, 4, 5, 6]
     assert len([h for h in _verdict_decisions(planted) if h[0] == 2]) == 2
     readings = ast.parse("a = v == evidence.Verdict.SUPPORTED\nb = {Verdict.SUPPORTED: 'words'}\n"
-                         "threshold = max(cuts)\nc = s > threshold\nd = len(x) < 12\n")
+                         "threshold = max(cuts)\nc = s > threshold\nd = len(x) < 12\n"
+                         "e = len(effects) > 1\nf = power(n, effect) < 0.8\n"
+                         "if not 0 < effect <= 1:\n    raise ValueError('effect')\n")
     assert _verdict_decisions(readings) == []

@@ -215,18 +215,13 @@ class ModelsMetrics(Record):
 
 
 @dataclass(kw_only=True)
-class SetRates(Rates):
-    refusal_rate: float = rate()
-
-
-@dataclass(kw_only=True)
 class JudgeSummary(Record):
     heldout_accuracy: float | None = rate(None)
 
 
 @dataclass(kw_only=True)
 class BaselineMetrics(Record):
-    models: dict[str, dict[str, SetRates]]
+    models: dict[str, dict[str, Rates]]
     comparison: dict[str, EstimateRecord] | None = optional()
     judge: JudgeSummary | None = optional()
 
@@ -236,11 +231,11 @@ class CalibrationSet(Rates):
     """One set's calibration examples: n kept of n_asked prompts (refusal_rate = n_refused_greedy / n_asked);
     n_recovered refusals drawn by a re-draw, n_dropped prompts without one, n_filled non-refusals kept to reach
     calibrate.min_kept."""
-    n_asked: int | None = optional()
-    n_refused_greedy: int | None = optional()
-    n_recovered: int | None = optional()
-    n_dropped: int | None = optional()
-    n_filled: int | None = optional()
+    n_asked: int
+    n_refused_greedy: int
+    n_recovered: int
+    n_dropped: int
+    n_filled: int
 
 
 @dataclass(kw_only=True)
@@ -269,11 +264,6 @@ class IdentifyMetrics(Record):
 
 
 @dataclass(kw_only=True)
-class ArmRates(Rates):
-    asr: float = rate()
-
-
-@dataclass(kw_only=True)
 class PairedRecord(EstimateRecord):
     """A paired ASR difference (`validate.paired`): the Estimate, its discordant-pair rate and the minimal effect
     that an exact McNemar test detects with 80% power at this n and discordance (None where none can)."""
@@ -282,7 +272,7 @@ class PairedRecord(EstimateRecord):
 
 
 @dataclass(kw_only=True)
-class RandomDraw(ArmRates):
+class RandomDraw(Rates):
     """One random control draw: its rates and ASR(region) − ASR(this draw)."""
     paired: PairedRecord
 
@@ -303,8 +293,8 @@ class ValidateCondition(Record):
     """One (model, method, dataset): the region and the first random arm, their paired difference and utility;
     the region vs the intact model, every random draw and its spread, the importance-matched control (primary
     region only) and whether the positive control made a null result testable."""
-    region: ArmRates
-    random: ArmRates
+    region: Rates
+    random: Rates
     paired: EstimateRecord
     n: int | None = optional()
     n_utility: int | None = optional()
@@ -312,9 +302,10 @@ class ValidateCondition(Record):
     utility_ratio_ci: Interval | None = optional()
     utility_ratio_random: float | None = optional()
     vs_intact: PairedRecord | None = optional()
+    # controls: every random draw (the primary region has validate.random_draws, the others one), the matched one
     random_draws: dict[str, RandomDraw] | None = optional()
     random_spread: RandomSpread | None = optional()
-    matched: ArmRates | None = optional()
+    matched: Rates | None = optional()
     paired_matched: PairedRecord | None = optional()
     utility_ratio_matched: float | None = optional()
     testable: bool | None = optional()
@@ -325,7 +316,7 @@ class PositiveControl(Record):
     """The refusal direction ablated (`validate.positive_control`): its arm, its ASR rise over the intact model,
     and whether that rise clears the region claim's threshold at this n (`detected`); `null_label` is what a
     null region result reads where it does not."""
-    arm: ArmRates
+    arm: Rates
     vs_intact: PairedRecord
     threshold: float
     detected: bool
