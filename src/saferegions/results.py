@@ -419,11 +419,10 @@ class OverlapMetrics(Record):
 
 @dataclass(kw_only=True)
 class Perturbation(Record):
-    none: Rates | None = optional()
-    top: Rates | None = optional()
-    random: Rates | None = optional()
-    bottom: Rates | None = optional()
+    """Rates per perturbation condition that ran (none, top, random, bottom) and ASR(top) − ASR(random)."""
+    conditions: dict[str, Rates]
     top_vs_random: EstimateRecord | None = optional()
+    REST: ClassVar[str] = "conditions"
 
 
 @dataclass(kw_only=True)

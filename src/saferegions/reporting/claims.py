@@ -299,7 +299,7 @@ def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
                           None if est else _missing("esi", f"{m}.architecture.parts.late_third_mlp")))
     if esi and not moe:
         parts.append(Part("p2_esi_moe_late_mlp", "late_mlp_share", None, "", reason="no MoE model in this run"))
-    rate = lambda p, k: "–" if p is None or getattr(p, k) is None else f"{_or_dash(getattr(p, k).asr)}"  # noqa: E731
+    rate = lambda p, k: "–" if p is None or k not in p.conditions else _or_dash(p.conditions[k].asr)  # noqa: E731
     text = {"p2_esi_perturbation": "ASR none/top/random/bottom: " + "; ".join(
                 f"{m} " + "/".join(rate(v.perturbation, k) for k in ("none", "top", "random", "bottom"))
                 for m, v in esi.items()),
