@@ -52,11 +52,8 @@ def load(cfg):
     s = cfg.set
     model, tok, arms = train.load_tuning(cfg, s, ESI / s.model, "set", bottom=True)
     if BENIGN_ARM in s.arms:
-        prompts = data.prompts(PROMPTS, IMPORTANCE_SET, "ident", s.n_importance)
-        answers, finished = chat.generate(model, tok, prompts, s.utility_max_new_tokens, s.eval_batch_size,
-                                          s.system_prompt, desc="importance answers", with_finished=True)
-        grads = lm_loss_gradients(model, tok, prompts, answers, finished, s.batch_size, s.system_prompt)
-        arms[BENIGN_ARM] = benign_region(grads, model, s.top_frac)
+        arms[BENIGN_ARM] = importance_region(model, tok, s,
+                                             data.prompts(PROMPTS, IMPORTANCE_SET, "ident", s.n_importance))
     return model, tok, arms
 
 
@@ -93,6 +90,17 @@ def lm_loss_gradients(model, tok, prompts: list[str], answers: list[str], finish
                     total[n] += p.grad.float().cpu()
                     p.grad = None
     return total
+
+
+def importance_region(model, tok, s: config.SetCfg, prompts: list[str]) -> R.Region:
+    """`benign_region` of the LM loss on the model's own greedy answers (`s.utility_max_new_tokens` tokens) to
+    benign `prompts`, as the calibration examples are the model's own responses."""
+    answers, finished = chat.generate(model, tok, prompts, s.utility_max_new_tokens, s.eval_batch_size,
+                                      s.system_prompt, desc="importance answers", with_finished=True)
+    grads = lm_loss_gradients(model, tok, prompts, answers, finished, s.batch_size, s.system_prompt)
+    region = benign_region(grads, model, s.top_frac)
+    region.meta["n_prompts"] = len(prompts)
+    return region
 
 
 def benign_region(grads: dict[str, torch.Tensor], model, top_frac: float) -> R.Region:
