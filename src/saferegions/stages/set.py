@@ -287,6 +287,12 @@ def arm_metrics(metrics: dict) -> dict:
     return {a: m for a, m in metrics.items() if a not in SECTIONS}
 
 
+def overlap_with_set(arms: dict[str, R.Region]) -> dict[str, float]:
+    """{arm: IoU of its mask with the SET top-k}: how far a control's weights are other weights than SET's."""
+    top = arms["set"]
+    return {arm: R.intersection(r, top).size / R.union(r, top).size for arm, r in arms.items() if arm != "set"}
+
+
 def run(cfg, model, tok, arms: dict, d: Data):
     """Train and score every arm with `evaluation.judge`, then write generations, metrics.json and the loss
     curves (CSV per arm + figure). Returns (metrics, curves, generations)."""
@@ -294,6 +300,9 @@ def run(cfg, model, tok, arms: dict, d: Data):
     judge = judges.get(cfg.evaluation.judge, cfg)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.pairs, d.harmful,
                                      d.benign, d.utility_prompts, judge, cfg.run.seed)
+    for arm, iou in overlap_with_set(arms).items():
+        if arm in metrics:
+            metrics[arm]["iou_with_set"] = iou
     results.SetMetrics.parse(metrics, RESULTS / "metrics.json")   # the contract, checked before any write
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["arm"], f"SET training loss ({s.model} model)",
                        s.loss_on_prompt)
