@@ -96,7 +96,7 @@ class EsiCfg:
         return self.objectives[0]
 # ---------------------------------------------------------------- SET / SPA (paper 2, docs/methods.md §4.6)
 
-SET_ARMS = ("set", "full", "lora", "random", "bottom")
+SET_ARMS = ("set", "full", "lora", "random", "bottom", "benign_esi")   # benign_esi: top-k of a benign LM-loss ESI
 SPA_ARMS = ("spa", "full", "random")
 SPA_TASKS = ("gsm8k", "sst2")
 OPTIMIZER_MODES = ("faithful", "sparse")
@@ -154,14 +154,21 @@ class SetCfg(TuneCfg):
     lora_alpha: float = 32
     lora_dropout: float = 0.05
     benign_sets: list[str] = field(default_factory=lambda: list(BENIGN_SETS))   # over-refusal check
-    n_benign: int = 18           # eval prompts per benign set; the Alpaca ones also give the utility score
+    n_benign: int = 48           # eval prompts per benign set (2 x 48 = 96 paired: the minimum for a claim)
+    n_utility: int = 32          # Alpaca eval prompts after the benign ones: the utility score's prompts
+    utility_max_new_tokens: int = 64   # the untuned model's answers to them (and to the importance prompts)
+    n_importance: int = 32       # Alpaca ident prompts of the benign LM-loss ESI (arm benign_esi)
+    margin_over_refusal: float = 0.10   # non-inferiority: benign refusal after - before, 95% upper bound below it
+    margin_utility_ratio: float = 0.9   # non-inferiority: utility after / before, 95% lower bound above it
 
     def __post_init__(self):
         self._check("set")
         _subset("set.arms", self.arms, SET_ARMS)
         _subset("set.benign_sets", self.benign_sets, BENIGN_SETS)
-        for k in ("lora_r", "lora_alpha", "n_benign"):
+        for k in ("lora_r", "lora_alpha", "n_benign", "n_utility", "utility_max_new_tokens", "n_importance",
+                  "margin_utility_ratio"):
             _positive(f"set.{k}", getattr(self, k))
+        _fraction("set.margin_over_refusal", self.margin_over_refusal)
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"set.lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
 

@@ -483,13 +483,28 @@ class SetArm(Record):
     benign_refusal_after: float | None = rate(None)
     degenerate_rate_after: float | None = rate(None)
     n_eval: int | None = optional()
+    n_benign: int | None = optional()
+    n_utility: int | None = optional()
+
+
+@dataclass(kw_only=True)
+class Margin(Record):
+    """A pre-registered threshold of `evidence.verdict`: the claim is "effect <direction> threshold"."""
+    threshold: float = number(lo=None)
+    direction: str
 
 
 @dataclass(kw_only=True)
 class SetMetrics(Record):
-    """{ARM: before/after}, "comparison": {name: Estimate} (the SET arm's relative reduction, SET vs random)."""
+    """{ARM: before/after}, "comparison": {name: Estimate} (the SET arm's relative reduction, SET vs random),
+    "preservation": {ARM: {"over_refusal_rise" | "utility_ratio": Estimate}} (paired before/after on held-out
+    prompts), "margins": {part: Margin} (the params' non-inferiority margins), "utility_answers": the untuned
+    answers utility is scored on (n, max_new_tokens, mean_tokens, ended_early)."""
     arms: dict[str, SetArm]
     comparison: dict[str, EstimateRecord] | None = optional()
+    preservation: dict[str, dict[str, EstimateRecord]] | None = optional()
+    margins: dict[str, Margin] | None = optional()
+    utility_answers: dict[str, float] | None = optional()
     REST: ClassVar[str] = "arms"
     REQUIRED_REST: ClassVar[tuple[str, ...]] = ("set",)
 

@@ -37,7 +37,7 @@ from .io import atomic_path, write_json, write_jsonl
 from .methods import removal
 from .models import param_count
 
-MASKED_ARMS = ("set", "spa", "random", "bottom")
+MASKED_ARMS = ("set", "spa", "random", "bottom", "benign_esi")
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
 
 

@@ -1,28 +1,44 @@
 """Stage `set` (paper 2, docs/methods.md §4.6): Safety Enhancement Tuning of the unaligned model.
 
 SET trains only the ESI top-k on harmful → refusal pairs; on the same data and steps the baselines train
-every weight (`full`), a LoRA adapter (`lora`), a random mask of the same size (`random`) and the ESI
-bottom-k (`bottom`). The arms and the loop are in `train`; this module picks the data, scores each arm
-(ASR, benign refusal, utility), writes the stage's files and states the paper's claim beside the run.
+every weight (`full`), a LoRA adapter (`lora`), a random mask of the same size (`random`), the ESI bottom-k
+(`bottom`) and an importance-matched non-safety mask (`benign_esi`: the top-k of the ESI of a benign LM loss,
+`benign_region`). The arms and the loop are in `train`; this module picks the data, scores each arm (ASR,
+benign over-refusal, utility), writes the stage's files and states the paper's claim beside the run.
+
+The claim has two halves: the ASR falls by over 50%, *and* performance is preserved. The second is tested as
+non-inferiority on held-out prompts, paired before/after: the benign over-refusal rise (`over_refusal_rise`)
+below `margin_over_refusal` and the utility ratio (`utility_ratio`) above `margin_utility_ratio`, each at its
+95% interval's bound (pre-registered params; `evidence.verdict` decides).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import stats
 
-from .. import config, data, evidence, judges, plots, results, train
-from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
+from .. import chat, config, data, evidence, judges, plots, results, train
+from .. import regions as R
+from ..evaluation import utility_scores
+from ..hooks import grad_only_for
 from ..io import read_jsonl
+from ..methods import esi
+from ..models import input_device
+from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
-from ..evaluation import utility_score
 
 OUT, RESULTS = Path("artifacts/set"), Path("results/set")
 PROMPTS, PAIRS = "artifacts/data/prompts.jsonl", "artifacts/data/pairs.jsonl"
 ESI = Path("artifacts/esi")
 CHECKPOINTS = Path("artifacts/checkpoints/set")   # resume state of the arms (not a DVC output)
-UTILITY = "_utility"   # set name of the utility prompts inside one generation batch
+UTILITY = "_utility"   # set name of the utility answers in generations.jsonl
+BENIGN_ARM = "benign_esi"
+IMPORTANCE_SET = "alpaca"   # benign answers of the benign LM-loss ESI (ident split: never evaluated)
 
 
 def deviations(cfg):
@@ -31,39 +47,108 @@ def deviations(cfg):
 
 
 def load(cfg):
-    """(model, tokenizer, {arm: region}) with the ESI top-k as arm `set`, its random control and the bottom-k."""
-    return train.load_tuning(cfg, cfg.set, ESI / cfg.set.model, "set", bottom=True)
+    """(model, tokenizer, {arm: region}): the ESI top-k as arm `set`, its random control, the bottom-k and,
+    where `benign_esi` is an arm, the importance-matched non-safety region (`benign_region`)."""
+    s = cfg.set
+    model, tok, arms = train.load_tuning(cfg, s, ESI / s.model, "set", bottom=True)
+    if BENIGN_ARM in s.arms:
+        arms[BENIGN_ARM] = importance_region(model, tok, s,
+                                             data.prompts(PROMPTS, IMPORTANCE_SET, "ident", s.n_importance))
+    return model, tok, arms
+
+
+# ---------------------------------------------------------------- the importance-matched non-safety mask
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row of a left-padded `chat.response_batches` batch: the mean negative log-likelihood of its labelled
+    (answer) tokens. The vocabulary projection runs only on the columns that predict a labelled token."""
+    device = input_device(model)
+    targets = batch["labels"][:, 1:].to(device)
+    cols = (targets != -100).any(0).nonzero().squeeze(1)
+    mask = batch["attention_mask"].to(device)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=cols, use_cache=False).logits
+    t = targets[:, cols]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), t.clamp_min(0), reduction="none")
+    valid = t != -100
+    return (nll * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+def lm_loss_gradients(model, tok, prompts: list[str], answers: list[str], finished: list[bool] | None,
+                      batch_size: int, system: str | None) -> dict[str, torch.Tensor]:
+    """g = Σ_prompts ∂L_x/∂W for every ESI-eligible weight, L_x = the mean NLL of answer x given prompt x (the
+    benign LM loss), as {name: fp32 host tensor}: the benign counterpart of `esi.esi_gradients`' Σ_x ∂S_x/∂W,
+    ready for `esi.esi_scores`. Batch gradients are summed in fp32 whatever the weights' dtype."""
+    params = esi.eligible_esi(model)
+    total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    with grad_only_for(model, params.values()):
+        for batch in chat.response_batches(tok, prompts, answers, batch_size, system=system, finished=finished):
+            answer_nll(model, batch).sum().backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    total[n] += p.grad.float().cpu()
+                    p.grad = None
+    return total
+
+
+def importance_region(model, tok, s: config.SetCfg, prompts: list[str]) -> R.Region:
+    """`benign_region` of the LM loss on the model's own greedy answers (`s.utility_max_new_tokens` tokens) to
+    benign `prompts`, as the calibration examples are the model's own responses."""
+    answers, finished = chat.generate(model, tok, prompts, s.utility_max_new_tokens, s.eval_batch_size,
+                                      s.system_prompt, desc="importance answers", with_finished=True)
+    grads = lm_loss_gradients(model, tok, prompts, answers, finished, s.batch_size, s.system_prompt)
+    region = benign_region(grads, model, s.top_frac)
+    region.meta["n_prompts"] = len(prompts)
+    return region
+
+
+def benign_region(grads: dict[str, torch.Tensor], model, top_frac: float) -> R.Region:
+    """The importance-matched non-safety control: the top `top_frac` of all parameters by |g|·σ_W of the benign
+    LM loss (`esi.esi_scores` of `lm_loss_gradients`), the same k and score function as the SET top-k. It holds
+    weights that matter as much, for something other than safety; SET beating it means the ESI picked safety,
+    not just importance."""
+    region = esi.esi_region(esi.esi_scores(grads, model, "esi"), model, top_frac)
+    region.meta.update(objective="benign LM loss", dataset=IMPORTANCE_SET)
+    return region
+
+
+# ---------------------------------------------------------------- data and evaluation
 
 
 @dataclass
 class Data:
     harmful: dict[str, list[str]]   # held-out harmful prompts per set (ASR)
     benign: dict[str, list[str]]    # held-out benign prompts per set (over-refusal)
-    utility_prompts: list[str]      # held-out Alpaca prompts (utility)
+    utility_prompts: list[str]      # held-out Alpaca prompts (utility), none of them a benign prompt
     pairs: list[dict]               # training pairs, none sharing a prompt with the evaluation
 
 
 def select_data(s: config.SetCfg) -> Data:
-    """Evaluation: the first `n_eval` eval-split prompts of each harmful set, `n_benign` of each benign set and of
-    Alpaca; training: harmful → refusal pairs minus any whose prompt is an evaluation prompt."""
+    """Evaluation: the first `n_eval` eval-split prompts of each harmful set, `n_benign` of each benign set, and
+    the `n_utility` Alpaca eval prompts after those (exact counts: the claims' power rests on them); training:
+    harmful → refusal pairs minus any whose prompt is an evaluation prompt."""
     harmful = train.harmful_sets(PROMPTS, s)
-    benign = {d: data.prompts(PROMPTS, d, "eval", s.n_benign) for d in s.benign_sets}
-    utility_prompts = data.prompts(PROMPTS, "alpaca", "eval", s.n_benign)
-    held_out = [p for ps in (*harmful.values(), *benign.values()) for p in ps]
+    benign = {d: data.prompts(PROMPTS, d, "eval", s.n_benign, exact=True) for d in s.benign_sets}
+    skip = s.n_benign if "alpaca" in s.benign_sets else 0
+    utility_prompts = data.prompts(PROMPTS, "alpaca", "eval", skip + s.n_utility, exact=True)[skip:]
+    held_out = [p for ps in (*harmful.values(), *benign.values()) for p in ps] + utility_prompts
     return Data(harmful, benign, utility_prompts, train.disjoint(read_jsonl(PAIRS), held_out))
 
 
 def measure(model, tok, harmful: dict[str, list[str]], benign: dict[str, list[str]], utility_prompts,
             utility_answers, judge, cfg, desc: str, rows: list[dict] | None = None) -> tuple[dict, list[dict]]:
-    """SET evaluation: ASR (pooled over the harmful sets), benign refusal rate, utility, per-set rates.
-    `rows` = generations already made for these sets (the untuned model's), else generated here."""
+    """SET evaluation: ASR (pooled over the harmful sets), benign refusal (per prompt: not answered, i.e.
+    refused or degenerate), utility per prompt (`utility_scores` of the untuned model's answers) and per-set
+    refusal rates. `rows` = generations already made for these sets (the untuned model's), else made here."""
     if rows is None:
         rows = train.generate_sets(model, tok, {**harmful, **benign}, judge, cfg.max_new_tokens,
                                    cfg.eval_batch_size, cfg.system_prompt, desc)
     rate = train.compliance_rate
+    utility = utility_scores(model, tok, utility_prompts, utility_answers, cfg.eval_batch_size, cfg.system_prompt)
     out = {"asr": rate(rows, harmful), "benign_refusal": 1 - rate(rows, benign),
-           "utility": utility_score(model, tok, utility_prompts, utility_answers, cfg.eval_batch_size,
-                                    cfg.system_prompt),
+           "utility": float(np.nanmean(utility)), "utility_scores": utility,
+           "benign_refused": [not c for c in train.outcome_array(rows, benign)],
            "per_set_refusal": {s: 1 - rate(rows, [s]) for s in {**harmful, **benign}},
            "complied": train.outcome_array(rows, harmful)}
     return out, rows
@@ -74,41 +159,53 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: 
              seed: int = 0):
     """Every SET arm on the same data and steps. `masks` = {arm: region masks} for the masked arms.
 
-    The utility score is exp(mean log-likelihood) of the untuned model's greedy answers to `utility_prompts`
-    (`utility_score`): 1/perplexity of what the model said before, so it falls when tuning breaks it.
-    Returns (metrics {arm: {...}}, curves [{arm, step, loss, lr}], generations)."""
+    The untuned model is evaluated once, for every arm. Its greedy answers (`cfg.utility_max_new_tokens`
+    tokens) to `utility_prompts` fix the utility score: per prompt, exp(mean token log-likelihood) a model gives
+    to that answer (`utility_scores`; 1/perplexity of what the model said before, so it falls when tuning
+    breaks it or turns answers into refusals).
+    Returns (metrics {arm: {...}, "comparison", "preservation", "margins", "utility_answers"},
+    curves [{arm, step, loss, lr}], generations)."""
     examples = train.encode(tok, [r["prompt"] for r in pairs], [r["response"] for r in pairs], cfg.max_length,
                             cfg.chat_template, cfg.loss_on_prompt, cfg.system_prompt)
-    rows = train.generate_sets(model, tok, {**harmful, **benign, UTILITY: utility_prompts}, judge,
-                               cfg.max_new_tokens, cfg.eval_batch_size, cfg.system_prompt, "before")
-    answers = [r["response"] for r in rows if r["dataset"] == UTILITY]
-    rows = [r for r in rows if r["dataset"] != UTILITY]
+    rows = train.generate_sets(model, tok, {**harmful, **benign}, judge, cfg.max_new_tokens, cfg.eval_batch_size,
+                               cfg.system_prompt, "before")
+    answers, finished = chat.generate(model, tok, utility_prompts, cfg.utility_max_new_tokens, cfg.eval_batch_size,
+                                      cfg.system_prompt, desc="utility answers", with_finished=True)
     before, _ = measure(model, tok, harmful, benign, utility_prompts, answers, judge, cfg, "before", rows)
     gens = [{"arm": "before", **r} for r in rows]
-    metrics, curves, snapshot = {}, [], train.Snapshot(model)
+    gens += [{"arm": "before", "dataset": UTILITY, "prompt": p, "response": a, "finished": f}
+             for p, a, f in zip(utility_prompts, answers, finished)]
+    metrics, curves, snapshot, after = {}, [], train.Snapshot(model), {}
     first = train.first_gradients(model, examples, cfg.batch_size, tok.pad_token_id, cfg.grad_accum, seed) \
         if any(a != "lora" for a in cfg.arms) else None
     for name in cfg.arms:
         def evaluate(m, name=name):
-            after, rows = measure(m, tok, harmful, benign, utility_prompts, answers, judge, cfg, name)
+            result, rows = measure(m, tok, harmful, benign, utility_prompts, answers, judge, cfg, name)
             gens.extend({"arm": name, **r} for r in rows)
-            return after
+            return result
         curve, res = train.run_arm(model, name, cfg, examples, tok.pad_token_id, evaluate, masks.get(name),
                                    invert=False, seed=seed, snapshot=snapshot, first=first,
                                    checkpoint=CHECKPOINTS / name)
         curves += [{"arm": name, **c} for c in curve]
+        after[name] = res
         after_rows = [r for r in gens if r["arm"] == name]
         metrics[name] = {"asr_before": before["asr"], "asr_after": res["asr"],
                          **train.rate_fields(rows, harmful, "before"), **train.rate_fields(after_rows, harmful, "after"),
                          "n_eval": len(before["complied"]), "loss_first5": _mean([c["loss"] for c in curve[:5]]),
                          "loss_last5": _mean([c["loss"] for c in curve[-5:]]),
                          "benign_refusal_before": before["benign_refusal"],
-                         "benign_refusal_after": res["benign_refusal"],
+                         "benign_refusal_after": res["benign_refusal"], "n_benign": len(before["benign_refused"]),
                          "utility_before": before["utility"], "utility_after": res["utility"],
+                         "n_utility": len(utility_prompts),
                          "trainable_fraction": res["trainable_fraction"], "trainable": res["trainable"],
                          "final_loss": curve[-1]["loss"], "per_set_refusal_after": res["per_set_refusal"]}
-    metrics["comparison"] = comparison(before["complied"], {a: train.outcome_array([r for r in gens if r["arm"] == a],
-                                                                                harmful) for a in cfg.arms}, seed)
+    metrics["comparison"] = comparison(before["complied"], {a: r["complied"] for a, r in after.items()}, seed)
+    metrics["preservation"] = {a: preservation(before, r, seed) for a, r in after.items()}
+    metrics["margins"] = margins(cfg)
+    lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    metrics["utility_answers"] = {"n": len(answers), "max_new_tokens": cfg.utility_max_new_tokens,
+                                  "mean_tokens": _mean(lengths) if lengths else 0.0,
+                                  "ended_early": sum(map(bool, finished))}
     return metrics, curves, gens
 
 
@@ -127,9 +224,73 @@ def comparison(before: list[bool], after: dict[str, list[bool]], seed: int = 0) 
     return out
 
 
+# ---------------------------------------------------------------- "… while preserving performance"
+
+
+def utility_ratio(before, after, seed: int = 0) -> evidence.Estimate:
+    """mean(after) / mean(before) of per-prompt utility on the same prompts: paired percentile-bootstrap 95%
+    interval over prompts (`scipy.stats.bootstrap`, prompts resampled together in both arms); p = paired
+    permutation test of no change (`evidence.paired_mean_difference`)."""
+    b, a = np.asarray(before, float), np.asarray(after, float)
+    if b.shape != a.shape:
+        raise ValueError(f"paired utility needs equal shapes, got {b.shape} and {a.shape}")
+    keep = ~(np.isnan(b) | np.isnan(a))
+    b, a = b[keep], a[keep]
+    test = "paired percentile bootstrap; paired permutation"
+    if not len(b) or b.mean() <= 0:
+        return evidence.Estimate(len(b), math.nan, (math.nan, math.nan), test)
+    effect = float(a.mean() / b.mean())
+    p = evidence.paired_mean_difference(a, b, seed).p
+    if len(b) == 1 or np.array_equal(a, b):
+        ci = (math.nan, math.nan) if len(b) == 1 else (effect, effect)
+        return evidence.Estimate(len(b), effect, ci, test, p)
+
+    def ratio(bb, aa, axis=-1):
+        return aa.mean(axis) / bb.mean(axis)
+
+    res = stats.bootstrap((b, a), ratio, paired=True, vectorized=True, confidence_level=evidence.LEVEL,
+                          n_resamples=evidence.RESAMPLES, method="percentile", rng=np.random.default_rng(seed))
+    return evidence.Estimate(len(b), effect, (float(res.confidence_interval.low),
+                                              float(res.confidence_interval.high)), test, p)
+
+
+def preservation(before: dict, after: dict, seed: int = 0) -> dict:
+    """The two non-inferiority parts of one arm, paired on the same held-out prompts (`measure` outputs):
+    over_refusal_rise = benign refusal after − before (Newcombe 95%, exact McNemar, one-flip interval) and
+    utility_ratio = mean utility after / before (`utility_ratio`)."""
+    return {"over_refusal_rise": evidence.paired_proportions(after["benign_refused"],
+                                                             before["benign_refused"]).as_dict(),
+            "utility_ratio": utility_ratio(before["utility_scores"], after["utility_scores"], seed).as_dict()}
+
+
+def margins(s) -> dict:
+    """The pre-registered non-inferiority margins (params `set.margin_*`) as (threshold, direction) for
+    `evidence.verdict`: the rise must lie below its margin, the ratio above its margin, over the whole 95%
+    interval."""
+    return {"over_refusal_rise": {"threshold": s.margin_over_refusal, "direction": "<"},
+            "utility_ratio": {"threshold": s.margin_utility_ratio, "direction": ">"}}
+
+
+def preservation_verdicts(metrics: dict, arm: str) -> dict[str, evidence.Verdict]:
+    """{part: `evidence.verdict` of the arm's estimate against its pre-registered margin}."""
+    typed = results.SetMetrics.parse(metrics)
+    parts = (typed.preservation or {}).get(arm, {})
+    return {part: evidence.verdict(results.estimate(parts.get(part)), m.threshold, m.direction)
+            for part, m in (typed.margins or {}).items()}
+
+
+SECTIONS = ("comparison", "preservation", "margins", "utility_answers")   # metrics.json keys that are no arm
+
+
 def arm_metrics(metrics: dict) -> dict:
-    """The per-arm entries of metrics.json (without "comparison")."""
-    return {a: m for a, m in metrics.items() if a != "comparison"}
+    """The per-arm entries of metrics.json (without `SECTIONS`)."""
+    return {a: m for a, m in metrics.items() if a not in SECTIONS}
+
+
+def overlap_with_set(arms: dict[str, R.Region]) -> dict[str, float]:
+    """{arm: IoU of its mask with the SET top-k}: how far a control's weights are other weights than SET's."""
+    top = arms["set"]
+    return {arm: R.intersection(r, top).size / R.union(r, top).size for arm, r in arms.items() if arm != "set"}
 
 
 def run(cfg, model, tok, arms: dict, d: Data):
@@ -139,6 +300,9 @@ def run(cfg, model, tok, arms: dict, d: Data):
     judge = judges.get(cfg.evaluation.judge, cfg)
     metrics, curves, gens = run_arms(model, tok, s, {arm: r.masks for arm, r in arms.items()}, d.pairs, d.harmful,
                                      d.benign, d.utility_prompts, judge, cfg.run.seed)
+    for arm, iou in overlap_with_set(arms).items():
+        if arm in metrics:
+            metrics[arm]["iou_with_set"] = iou
     results.SetMetrics.parse(metrics, RESULTS / "metrics.json")   # the contract, checked before any write
     train.save_outputs(OUT, RESULTS, metrics, curves, gens, ["arm"], f"SET training loss ({s.model} model)",
                        s.loss_on_prompt)
@@ -182,37 +346,63 @@ def halving_verdict(metrics: dict, arm: str = "set") -> evidence.Verdict:
 
 
 def claims(metrics: dict) -> dict[str, dict]:
-    """{arm: the paper's claim beside this run}; "preserving performance" read as utility kept. The verdict
-    reads the 95% interval of the relative reduction (`evidence.verdict`), not the point estimate."""
+    """{arm: the paper's claim beside this run}: the ASR half (SET arm only) and the two "preserving
+    performance" parts, each with its 95% interval and `evidence.verdict` against its threshold or margin."""
     typed = results.SetMetrics.parse(metrics)
-    return {arm: {"paper claim": "ASR −50% or more (SET, 1% weights, 100 iterations)" if arm == "set"
-                  else "(baseline)",
-                  "ASR before": m.asr_before, "ASR after": m.asr_after,
-                  "relative ASR drop": relative_drop(m.to_dict()),
-                  "utility kept": m.utility_after / m.utility_before,
-                  "trainable fraction": m.trainable_fraction,
-                  "ASR −50% (95% CI)": halving_verdict(metrics, arm).value} for arm, m in typed.arms.items()}
+    rows = {}
+    for arm, m in typed.arms.items():
+        parts = {k: results.estimate(v) for k, v in ((typed.preservation or {}).get(arm) or {}).items()}
+        verdicts = preservation_verdicts(metrics, arm)
+        row = {"paper claim": "ASR −50% or more (SET, 1% weights, 100 iterations), performance preserved"
+               if arm == "set" else "(baseline)",
+               "ASR before": m.asr_before, "ASR after": m.asr_after, "relative ASR drop": relative_drop(m.to_dict()),
+               "ASR −50% (95% CI)": halving_verdict(metrics, arm).value,
+               "trainable fraction": m.trainable_fraction}
+        for part, label in (("over_refusal_rise", "benign refusal rise"), ("utility_ratio", "utility ratio")):
+            est = parts.get(part)
+            row[f"{label} [95% CI]"] = _interval(est)
+            if part in verdicts:
+                margin = typed.margins[part]
+                row[f"{label} {margin.direction} {margin.threshold:g}"] = verdicts[part].value
+        rows[arm] = row
+    return rows
+
+
+def _interval(est: evidence.Estimate | None) -> str:
+    if est is None:
+        return "not run"
+    return f"{est.effect:+.3f} [{est.ci[0]:+.3f}, {est.ci[1]:+.3f}] (n {est.n})"
 
 
 def reading(metrics: dict, s: config.SetCfg, harmful: dict[str, list[str]]) -> str:
     """Markdown bullets that read this run: SET against the claim, each baseline, ESI vs random mask."""
     metrics_all, metrics = metrics, arm_metrics(metrics)
+    typed = results.SetMetrics.parse(metrics_all)
     m = metrics.get("set")
     n_h = sum(map(len, harmful.values()))
+
+    def kept(arm: str) -> str:
+        parts = {k: results.estimate(v) for k, v in ((typed.preservation or {}).get(arm) or {}).items()}
+        verdicts = preservation_verdicts(metrics_all, arm)
+        return "; ".join(f"{label} {_interval(parts.get(part))}: {verdicts[part].value} against "
+                         f"{typed.margins[part].direction} {typed.margins[part].threshold:g}"
+                         for part, label in (("over_refusal_rise", "benign refusal rise"),
+                                             ("utility_ratio", "utility ratio")) if part in verdicts)
+
     lines = [f"* {s.max_steps} steps (paper: 100) at lr {s.lr:g}, {s.batch_size * s.grad_accum} examples per step, "
-             f"on {len(harmful)} harmful sets × {s.n_eval} prompts (keyword judge)."]
+             f"on {len(harmful)} harmful sets × {s.n_eval} prompts (keyword judge, {s.max_new_tokens} tokens)."]
     if m:
         lines.append(f"* **SET** (ESI top-k, {m['trainable_fraction']:.2%} of all parameters incl. biases and "
                      f"norms): ASR {m['asr_before']:.2f} → {m['asr_after']:.2f} "
                      f"({relative_drop(m):+.0%} relative drop; the paper claims ≥ 50%: "
-                     f"{halving_verdict(metrics_all).value} at the 95% interval), "
-                     f"benign refusal {m['benign_refusal_before']:.2f} → {m['benign_refusal_after']:.2f}, "
-                     f"utility ×{m['utility_after'] / m['utility_before']:.2f}.")
+                     f"{halving_verdict(metrics_all).value} at the 95% interval); benign refusal "
+                     f"{m['benign_refusal_before']:.2f} → {m['benign_refusal_after']:.2f}, utility "
+                     f"{m['utility_before']:.3f} → {m['utility_after']:.3f}. Preserving performance: {kept('set')}.")
     for arm in [a for a in metrics if a != "set"]:
         b = metrics[arm]
         lines.append(f"* `{arm}`: ASR {b['asr_before']:.2f} → {b['asr_after']:.2f}, benign refusal "
-                     f"{b['benign_refusal_after']:.2f}, utility ×{b['utility_after'] / b['utility_before']:.2f}.")
-    est = results.estimate((results.SetMetrics.parse(metrics_all).comparison or {}).get("set_vs_random"))
+                     f"{b['benign_refusal_before']:.2f} → {b['benign_refusal_after']:.2f}; {kept(arm)}.")
+    est = results.estimate((typed.comparison or {}).get("set_vs_random"))
     if m and est is not None:
         lines.append(f"* ESI top-k vs a random mask of the same size: ASR(set) − ASR(random) after "
                      f"{est.effect:+.2f} [{est.ci[0]:+.2f}, {est.ci[1]:+.2f}] "
