@@ -323,3 +323,11 @@ def test_ratio_of_means_against_a_brute_force_paired_bootstrap():
     assert est.ci[1] - est.ci[0] < 0.05
     with pytest.raises(ValueError, match="equal shapes"):
         E.ratio_of_means(after[:3], before)
+
+
+def test_ratio_of_means_edge_cases():
+    same = np.array([0.4, 0.5, 0.6])
+    assert E.ratio_of_means(same, same).ci == (1.0, 1.0)           # every resample reads 1
+    assert math.isnan(E.ratio_of_means([0.4], [0.5]).ci[0])         # one pair: no interval
+    assert E.ratio_of_means([], []).n == 0
+    assert E.ratio_of_means([0.5, np.nan, 0.3], [0.5, 0.2, np.nan]).n == 1   # pairs with a NaN are dropped

@@ -124,8 +124,8 @@ def _complete(root):
                                                       for k in ("v", "mlp", "middle_third")})
 
     def set_(m):
-        m["comparison"].update(benign_refusal_rise=_est(96, 0.0, -0.05, 0.05),
-                               utility_ratio=_est(32, 1.0, 0.95, 1.05, "paired bootstrap", 0.9))
+        m["preservation"] = {"set": {"over_refusal_rise": _est(96, 0.0, -0.05, 0.05),
+                                     "utility_ratio": _est(32, 1.0, 0.95, 1.05, "paired bootstrap", None)}}
 
     def spa(m):
         m["comparison"] = {t: {"spa_vs_full": _est(96, -0.2, -0.3, -0.1), "spa_vs_random": _est(96, -0.05, -0.1, 0.0),
@@ -225,7 +225,7 @@ def test_a_part_without_its_metric_is_not_run_and_says_which_key_is_missing(tmp_
     st = c["p2_set_halves_asr"]
     over, = _parts(st, "benign_over_refusal")
     assert over["verdict"] == "not run" and over["effect"] is None and over["n"] == 0
-    assert "comparison.benign_refusal_rise" in over["reason"]
+    assert "preservation.set.over_refusal_rise" in over["reason"]
     assert st["verdict"] == "not run" and _parts(st, "asr_halved")[0]["verdict"] == "supported"
     pos, = _parts(c["p1_region_affects_safety"], "positive_control_detected")
     assert pos["role"] == "control" and "positive_control.aligned" in pos["reason"]
@@ -265,14 +265,14 @@ def test_set_that_halves_asr_but_refuses_benign_prompts_is_contradicted(tmp_path
     _fixture(tmp_path)
     _complete(tmp_path)
     _edit(tmp_path, "set/metrics.json",
-          lambda m: m["comparison"].update(benign_refusal_rise=_est(96, 0.75, 0.6, 0.85)))
+          lambda m: m["preservation"]["set"].update(over_refusal_rise=_est(96, 0.75, 0.6, 0.85)))
     st = _claims(tmp_path)["p2_set_halves_asr"]
     assert _parts(st, "asr_halved")[0]["verdict"] == "supported"
     assert _parts(st, "benign_over_refusal")[0]["verdict"] == "contradicted"
     assert st["verdict"] == "contradicted" and "benign_over_refusal" in st["reason"]
     _edit(tmp_path, "set/metrics.json",
-          lambda m: m["comparison"].update(benign_refusal_rise=_est(96, 0.05, -0.02, 0.12),
-                                           utility_ratio=_est(32, 0.7, 0.6, 0.8)))
+          lambda m: m["preservation"]["set"].update(over_refusal_rise=_est(96, 0.05, -0.02, 0.12),
+                                                    utility_ratio=_est(32, 0.7, 0.6, 0.8)))
     st = _claims(tmp_path)["p2_set_halves_asr"]
     assert _parts(st, "benign_over_refusal")[0]["verdict"] == "inconclusive"     # [−0.02, 0.12] reaches 0.10
     assert _parts(st, "utility_ratio")[0]["verdict"] == "contradicted" and st["verdict"] == "contradicted"

@@ -6,10 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from scipy import stats
 
-from saferegions import chat, config, evidence, regions, train
+from saferegions import config, evidence, regions, train
 from saferegions.methods import esi
 from saferegions.models import param_count
 from saferegions.stages import set as set_stage
@@ -47,7 +45,7 @@ def test_over_refusal_rise_against_brute_force():
     assert part["n"] == 96 and part["effect"] == pytest.approx((a.sum() - b.sum()) / 96)
     assert part["p"] == pytest.approx(min(p, 1.0))
     assert part["ci"][0] < part["effect"] < part["ci"][1]
-    margin = set_stage.margins(config.SetCfg())["over_refusal_rise"]
+    margin = set_stage.margins()["over_refusal_rise"]
     rise = evidence.Estimate(part["n"], part["effect"], tuple(part["ci"]), part["test"], part["p"],
                              tuple(part["ci_one_flip"]))
     assert evidence.verdict(rise, margin["threshold"], margin["direction"]) == evidence.Verdict.CONTRADICTED
@@ -55,40 +53,6 @@ def test_over_refusal_rise_against_brute_force():
     kept = evidence.Estimate(96, same["effect"], tuple(same["ci"]), same["test"], same["p"],
                              tuple(same["ci_one_flip"]))
     assert same["effect"] == 0 and evidence.verdict(kept, 0.10, "<") == evidence.Verdict.SUPPORTED
-
-
-def _brute_ratio_ci(b, a, draws=4000, seed=1):
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(b), size=(draws, len(b)))
-    ratios = a[idx].mean(1) / b[idx].mean(1)
-    return np.percentile(ratios, [2.5, 97.5])
-
-
-@pytest.mark.parametrize("scale, want", [(0.7, evidence.Verdict.CONTRADICTED), (1.0, evidence.Verdict.SUPPORTED)])
-def test_utility_ratio_against_a_brute_force_paired_bootstrap(scale, want):
-    rng = np.random.default_rng(0)
-    b = rng.uniform(0.3, 0.6, 32)
-    a = b * scale + rng.normal(0, 0.02, 32)
-    est = set_stage.utility_ratio(b, a)
-    assert est.n == 32 and est.effect == pytest.approx(a.mean() / b.mean(), rel=1e-12)
-    low, high = _brute_ratio_ci(b, a)
-    assert est.ci[0] == pytest.approx(low, abs=0.01) and est.ci[1] == pytest.approx(high, abs=0.01)
-    # paired: resampling the two arms' prompts independently would give a much wider interval
-    unpaired = a[rng.integers(0, 32, (4000, 32))].mean(1) / b[rng.integers(0, 32, (4000, 32))].mean(1)
-    assert est.ci[1] - est.ci[0] < 0.5 * np.subtract(*np.percentile(unpaired, [97.5, 2.5]))
-    assert est.p == pytest.approx(stats.permutation_test(
-        (a, b), lambda x, y: np.mean(x - y), permutation_type="samples", n_resamples=evidence.RESAMPLES,
-        rng=np.random.default_rng(0)).pvalue)
-    assert evidence.verdict(est, 0.9, ">") == want
-
-
-def test_utility_ratio_edge_cases():
-    same = np.array([0.4, 0.5, 0.6])
-    assert set_stage.utility_ratio(same, same).ci == (1.0, 1.0)
-    assert math.isnan(set_stage.utility_ratio([0.5], [0.4]).ci[0])
-    assert set_stage.utility_ratio([], []).n == 0
-    with pytest.raises(ValueError, match="equal shapes"):
-        set_stage.utility_ratio([0.5, 0.4], [0.4])
 
 
 def test_preservation_verdicts_read_the_margins_from_metrics():
@@ -99,7 +63,7 @@ def test_preservation_verdicts_read_the_margins_from_metrics():
                "preservation": {"set": {"over_refusal_rise": est(0.6, 0.5, 0.7), "utility_ratio": est(1.0, 0.95, 1.05)},
                                 "full": {"over_refusal_rise": est(0.0, -0.04, 0.04),
                                          "utility_ratio": est(0.92, 0.85, 0.99)}},
-               "margins": set_stage.margins(config.SetCfg())}
+               "margins": set_stage.margins()}
     got = {arm: {k: v.value for k, v in set_stage.preservation_verdicts(metrics, arm).items()} for arm in ("set", "full")}
     assert got == {"set": {"over_refusal_rise": "contradicted", "utility_ratio": "supported"},
                    "full": {"over_refusal_rise": "supported", "utility_ratio": "inconclusive"}}
@@ -115,29 +79,6 @@ def test_preservation_verdicts_read_the_margins_from_metrics():
 def tiny():
     torch.manual_seed(0)
     return tiny_model("qwen2")
-
-
-def test_lm_loss_gradients_against_per_example_autograd(tiny):
-    """Σ_x ∂(mean answer NLL of x)/∂W from left-padded batches equals the sum of one-example gradients."""
-    model, tok = tiny
-    finished = [True, False, True]
-    got = set_stage.lm_loss_gradients(model, tok, PROMPTS, ANSWERS, finished, batch_size=2, system=None)
-    params = esi.eligible_esi(model)
-    assert set(got) == set(params)
-    want = {n: torch.zeros(p.shape) for n, p in params.items()}
-    for prompt, answer, end in zip(PROMPTS, ANSWERS, finished):
-        p_ids = tok(chat.render(tok, [prompt])[0], add_special_tokens=False)["input_ids"]
-        a_ids = tok(answer + (tok.eos_token if end else ""), add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([p_ids + a_ids])
-        model.zero_grad()
-        logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float()
-        F.cross_entropy(logits, ids[0, len(p_ids):]).backward()
-        for n, p in params.items():
-            want[n] += p.grad.float()
-    model.zero_grad(set_to_none=True)
-    for n in params:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
-    assert any(float(g.abs().sum()) > 0 for g in got.values())
 
 
 def test_benign_region_is_the_top_frac_of_its_score_and_sized_like_the_set_region(tiny):

@@ -286,7 +286,7 @@ def test_save_outputs_writes_one_curve_per_run(tmp_path):
 
 @pytest.mark.parametrize("section, raw, fragment", [
     ("set", {"arms": ["set", "dpo"]}, "valid choices: set, full, lora, random, bottom, benign_esi"),
-    ("set", {"margin_over_refusal": 1.5}, "set.margin_over_refusal"),
+    ("set", {"n_benign": 0}, "set.n_benign"),
     ("set", {"optimizer_mode": "dense"}, "valid choices: faithful, sparse"),
     ("set", {"top_frac": 0}, "set.top_frac"),
     ("spa", {"tasks": ["agnews"]}, "valid choices: gsm8k, sst2"),

@@ -158,17 +158,13 @@ class SetCfg(TuneCfg):
     n_utility: int = 32          # Alpaca eval prompts after the benign ones: the utility score's prompts
     utility_max_new_tokens: int = 64   # the untuned model's answers to them (and to the importance prompts)
     n_importance: int = 32       # Alpaca ident prompts of the benign LM-loss ESI (arm benign_esi)
-    margin_over_refusal: float = 0.10   # non-inferiority: benign refusal after - before, 95% upper bound below it
-    margin_utility_ratio: float = 0.9   # non-inferiority: utility after / before, 95% lower bound above it
 
     def __post_init__(self):
         self._check("set")
         _subset("set.arms", self.arms, SET_ARMS)
         _subset("set.benign_sets", self.benign_sets, BENIGN_SETS)
-        for k in ("lora_r", "lora_alpha", "n_benign", "n_utility", "utility_max_new_tokens", "n_importance",
-                  "margin_utility_ratio"):
+        for k in ("lora_r", "lora_alpha", "n_benign", "n_utility", "utility_max_new_tokens", "n_importance"):
             _positive(f"set.{k}", getattr(self, k))
-        _fraction("set.margin_over_refusal", self.margin_over_refusal)
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"set.lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
 

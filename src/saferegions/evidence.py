@@ -160,9 +160,14 @@ def ratio_of_means(after: Sequence[float], before: Sequence[float], seed: int = 
     a, b = np.asarray(after, dtype=float), np.asarray(before, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"paired values need equal shapes, got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
     test = "ratio of means, paired percentile bootstrap"
     if not len(a) or b.mean() <= 0:
         return Estimate(len(a), math.nan, (math.nan, math.nan), test)
+    if len(a) == 1 or np.all(a * b.mean() == b * a.mean()):   # one pair, or every resample gives the same ratio
+        effect = float(a.mean() / b.mean())
+        return Estimate(len(a), effect, (math.nan, math.nan) if len(a) == 1 else (effect, effect), test)
     res = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis) / np.maximum(y.mean(axis), 1e-300),
                           paired=True, vectorized=True, confidence_level=LEVEL, n_resamples=RESAMPLES,
                           method="percentile", rng=np.random.default_rng(seed))

@@ -498,7 +498,7 @@ class Margin(Record):
 class SetMetrics(Record):
     """{ARM: before/after}, "comparison": {name: Estimate} (the SET arm's relative reduction, SET vs random),
     "preservation": {ARM: {"over_refusal_rise" | "utility_ratio": Estimate}} (paired before/after on held-out
-    prompts), "margins": {part: Margin} (the params' non-inferiority margins), "utility_answers": the untuned
+    prompts), "margins": {part: Margin} (the pre-registered non-inferiority margins), "utility_answers": the untuned
     answers utility is scored on (n, max_new_tokens, mean_tokens, ended_early)."""
     arms: dict[str, SetArm]
     comparison: dict[str, EstimateRecord] | None = optional()

@@ -324,24 +324,24 @@ def _set(results: dict, cfg) -> tuple[list[Part], str]:
     metrics = {"asr_halved": asr_metric(cfg, "set"),
                "benign_over_refusal": refusal_metric(cfg, "set", f"benign refusal rate on {', '.join(benign)}"),
                "utility_ratio": "utility after / before: likelihood (1/perplexity) of the untuned model's greedy "
-                                f"answers to {_param(cfg, 'set', 'n_benign')} held-out Alpaca prompts"}
-    points = {"benign_over_refusal": f"point values {_or_dash(s.benign_refusal_before)} → "
-                                     f"{_or_dash(s.benign_refusal_after)}",
-              "utility_ratio": f"point values {_or_dash(s.utility_before, '.3f')} → {s.utility_after:.3f}"}
-    keys = {"asr_halved": "set_relative_reduction", "benign_over_refusal": "benign_refusal_rise",
-            "utility_ratio": "utility_ratio"}
+                                f"{_param(cfg, 'set', 'utility_max_new_tokens')}-token answers to "
+                                f"{_param(cfg, 'set', 'n_utility')} held-out Alpaca prompts"}
+    kept = (st.preservation or {}).get("set", {})
+    found = {"asr_halved": ("comparison.set_relative_reduction", comp.get("set_relative_reduction")),
+             "benign_over_refusal": ("preservation.set.over_refusal_rise", kept.get("over_refusal_rise")),
+             "utility_ratio": ("preservation.set.utility_ratio", kept.get("utility_ratio"))}
     parts = []
-    for name, key in keys.items():
-        est = estimate(comp.get(key))
+    for name, (key, record) in found.items():
+        est = estimate(record)
         parts.append(Part(c, name, est, metrics[name], "set arm, unaligned model, paired before/after",
-                          None if est else "; ".join(filter(None, [_missing("set", f"comparison.{key}"),
-                                                                   points.get(name)]))))
+                          None if est else _missing("set", key)))
     steps = _param(cfg, "set", "max_steps")
     text = (f"ASR {s.asr_before:.2f} → {s.asr_after:.2f}, trainable {100 * s.trainable_fraction:.2f}%, "
             f"{steps} steps; "
             f"set − random after {fmt(estimate(comp.get('set_vs_random')))}; other arms: "
-            + ", ".join(f"{a} ASR {v.asr_before:.2f} → {v.asr_after:.2f}, benign refusal "
-                        f"{_or_dash(v.benign_refusal_before)} → {_or_dash(v.benign_refusal_after)}"
+            + "; ".join(f"{a} ASR {v.asr_before:.2f} → {v.asr_after:.2f}, benign refusal "
+                        f"{_or_dash(v.benign_refusal_before)} → {_or_dash(v.benign_refusal_after)}, utility ratio "
+                        f"{fmt(estimate((st.preservation or {}).get(a, {}).get('utility_ratio')))}"
                         for a, v in st.arms.items() if a != "set"))
     return parts, text
 

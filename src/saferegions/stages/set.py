@@ -8,27 +8,22 @@ benign over-refusal, utility), writes the stage's files and states the paper's c
 
 The claim has two halves: the ASR falls by over 50%, *and* performance is preserved. The second is tested as
 non-inferiority on held-out prompts, paired before/after: the benign over-refusal rise (`over_refusal_rise`)
-below `margin_over_refusal` and the utility ratio (`utility_ratio`) above `margin_utility_ratio`, each at its
-95% interval's bound (pre-registered params; `evidence.verdict` decides).
+and the utility ratio (`utility_ratio`), each against its pre-registered margin (`evidence.PARTS`) at its 95%
+interval's bound; `evidence.verdict` decides.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import stats
 
 from .. import chat, config, data, evidence, judges, plots, results, train
 from .. import regions as R
 from ..evaluation import utility_scores
-from ..hooks import grad_only_for
 from ..io import read_jsonl
 from ..methods import esi
-from ..models import input_device
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
 
@@ -60,44 +55,12 @@ def load(cfg):
 # ---------------------------------------------------------------- the importance-matched non-safety mask
 
 
-def answer_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per row of a left-padded `chat.response_batches` batch: the mean negative log-likelihood of its labelled
-    (answer) tokens. The vocabulary projection runs only on the columns that predict a labelled token."""
-    device = input_device(model)
-    targets = batch["labels"][:, 1:].to(device)
-    cols = (targets != -100).any(0).nonzero().squeeze(1)
-    mask = batch["attention_mask"].to(device)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=cols, use_cache=False).logits
-    t = targets[:, cols]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), t.clamp_min(0), reduction="none")
-    valid = t != -100
-    return (nll * valid).sum(1) / valid.sum(1).clamp_min(1)
-
-
-def lm_loss_gradients(model, tok, prompts: list[str], answers: list[str], finished: list[bool] | None,
-                      batch_size: int, system: str | None) -> dict[str, torch.Tensor]:
-    """g = Σ_prompts ∂L_x/∂W for every ESI-eligible weight, L_x = the mean NLL of answer x given prompt x (the
-    benign LM loss), as {name: fp32 host tensor}: the benign counterpart of `esi.esi_gradients`' Σ_x ∂S_x/∂W,
-    ready for `esi.esi_scores`. Batch gradients are summed in fp32 whatever the weights' dtype."""
-    params = esi.eligible_esi(model)
-    total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
-    with grad_only_for(model, params.values()):
-        for batch in chat.response_batches(tok, prompts, answers, batch_size, system=system, finished=finished):
-            answer_nll(model, batch).sum().backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    total[n] += p.grad.float().cpu()
-                    p.grad = None
-    return total
-
-
 def importance_region(model, tok, s: config.SetCfg, prompts: list[str]) -> R.Region:
-    """`benign_region` of the LM loss on the model's own greedy answers (`s.utility_max_new_tokens` tokens) to
-    benign `prompts`, as the calibration examples are the model's own responses."""
-    answers, finished = chat.generate(model, tok, prompts, s.utility_max_new_tokens, s.eval_batch_size,
-                                      s.system_prompt, desc="importance answers", with_finished=True)
-    grads = lm_loss_gradients(model, tok, prompts, answers, finished, s.batch_size, s.system_prompt)
+    """`benign_region` of the benign LM loss: ESI's null objective (`response_likelihood`, log p of the model's own
+    greedy `s.utility_max_new_tokens`-token answers to benign `prompts`), as the calibration examples are the
+    model's own responses."""
+    grads = esi.esi_gradients(model, tok, None, prompts, s.utility_max_new_tokens, system=s.system_prompt,
+                              objective="response_likelihood", progress=False, gen_batch_size=s.eval_batch_size)
     region = benign_region(grads, model, s.top_frac)
     region.meta["n_prompts"] = len(prompts)
     return region
@@ -105,7 +68,7 @@ def importance_region(model, tok, s: config.SetCfg, prompts: list[str]) -> R.Reg
 
 def benign_region(grads: dict[str, torch.Tensor], model, top_frac: float) -> R.Region:
     """The importance-matched non-safety control: the top `top_frac` of all parameters by |g|·σ_W of the benign
-    LM loss (`esi.esi_scores` of `lm_loss_gradients`), the same k and score function as the SET top-k. It holds
+    LM loss (`esi.esi_scores` of its gradients), the same k and score function as the SET top-k. It holds
     weights that matter as much, for something other than safety; SET beating it means the ESI picked safety,
     not just importance."""
     region = esi.esi_region(esi.esi_scores(grads, model, "esi"), model, top_frac)
@@ -201,7 +164,7 @@ def run_arms(model, tok, cfg, masks: dict[str, dict[str, torch.Tensor]], pairs: 
                          "final_loss": curve[-1]["loss"], "per_set_refusal_after": res["per_set_refusal"]}
     metrics["comparison"] = comparison(before["complied"], {a: r["complied"] for a, r in after.items()}, seed)
     metrics["preservation"] = {a: preservation(before, r, seed) for a, r in after.items()}
-    metrics["margins"] = margins(cfg)
+    metrics["margins"] = margins()
     lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
     metrics["utility_answers"] = {"n": len(answers), "max_new_tokens": cfg.utility_max_new_tokens,
                                   "mean_tokens": _mean(lengths) if lengths else 0.0,
@@ -227,48 +190,26 @@ def comparison(before: list[bool], after: dict[str, list[bool]], seed: int = 0) 
 # ---------------------------------------------------------------- "… while preserving performance"
 
 
-def utility_ratio(before, after, seed: int = 0) -> evidence.Estimate:
-    """mean(after) / mean(before) of per-prompt utility on the same prompts: paired percentile-bootstrap 95%
-    interval over prompts (`scipy.stats.bootstrap`, prompts resampled together in both arms); p = paired
-    permutation test of no change (`evidence.paired_mean_difference`)."""
-    b, a = np.asarray(before, float), np.asarray(after, float)
-    if b.shape != a.shape:
-        raise ValueError(f"paired utility needs equal shapes, got {b.shape} and {a.shape}")
-    keep = ~(np.isnan(b) | np.isnan(a))
-    b, a = b[keep], a[keep]
-    test = "paired percentile bootstrap; paired permutation"
-    if not len(b) or b.mean() <= 0:
-        return evidence.Estimate(len(b), math.nan, (math.nan, math.nan), test)
-    effect = float(a.mean() / b.mean())
-    p = evidence.paired_mean_difference(a, b, seed).p
-    if len(b) == 1 or np.array_equal(a, b):
-        ci = (math.nan, math.nan) if len(b) == 1 else (effect, effect)
-        return evidence.Estimate(len(b), effect, ci, test, p)
-
-    def ratio(bb, aa, axis=-1):
-        return aa.mean(axis) / bb.mean(axis)
-
-    res = stats.bootstrap((b, a), ratio, paired=True, vectorized=True, confidence_level=evidence.LEVEL,
-                          n_resamples=evidence.RESAMPLES, method="percentile", rng=np.random.default_rng(seed))
-    return evidence.Estimate(len(b), effect, (float(res.confidence_interval.low),
-                                              float(res.confidence_interval.high)), test, p)
-
-
 def preservation(before: dict, after: dict, seed: int = 0) -> dict:
     """The two non-inferiority parts of one arm, paired on the same held-out prompts (`measure` outputs):
     over_refusal_rise = benign refusal after − before (Newcombe 95%, exact McNemar, one-flip interval) and
-    utility_ratio = mean utility after / before (`utility_ratio`)."""
+    utility_ratio = mean utility after / before (`evidence.ratio_of_means`)."""
     return {"over_refusal_rise": evidence.paired_proportions(after["benign_refused"],
                                                              before["benign_refused"]).as_dict(),
-            "utility_ratio": utility_ratio(before["utility_scores"], after["utility_scores"], seed).as_dict()}
+            "utility_ratio": evidence.ratio_of_means(after["utility_scores"], before["utility_scores"],
+                                                     seed).as_dict()}
 
 
-def margins(s) -> dict:
-    """The pre-registered non-inferiority margins (params `set.margin_*`) as (threshold, direction) for
-    `evidence.verdict`: the rise must lie below its margin, the ratio above its margin, over the whole 95%
-    interval."""
-    return {"over_refusal_rise": {"threshold": s.margin_over_refusal, "direction": "<"},
-            "utility_ratio": {"threshold": s.margin_utility_ratio, "direction": ">"}}
+PRESERVATION_PARTS = {"over_refusal_rise": "benign_over_refusal", "utility_ratio": "utility_ratio"}
+
+
+def margins() -> dict:
+    """The pre-registered non-inferiority margins of the SET claim's performance parts (`evidence.PARTS`) as
+    {part: (threshold, direction)}: the rise must lie below its margin, the ratio above its margin, over the
+    whole 95% interval."""
+    specs = evidence.PARTS["p2_set_halves_asr"]
+    return {k: {"threshold": specs[name].threshold, "direction": specs[name].direction}
+            for k, name in PRESERVATION_PARTS.items()}
 
 
 def preservation_verdicts(metrics: dict, arm: str) -> dict[str, evidence.Verdict]:
