@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from saferegions import config
+from saferegions import calibration, config
 from saferegions.io import read_jsonl, write_jsonl
 from saferegions.judges.verdicts import Verdicts
 from saferegions.methods.context import Context
@@ -73,7 +73,7 @@ def stage(tmp_path, monkeypatch):
         out = [answer(p, do_sample, seed) for p in prompts]
         return (out, [True] * len(out)) if with_finished else out
 
-    monkeypatch.setattr(calibrate.chat, "generate", generate)
+    monkeypatch.setattr(calibration.chat, "generate", generate)
     monkeypatch.setattr(calibrate.judges, "get", lambda kind, cfg: MarkerJudge())
     monkeypatch.setattr(calibrate.models, "load", lambda *a, **k: (torch.nn.Linear(1, 1), None))
     return cfg, calibrate.run(cfg, "aligned"), calls

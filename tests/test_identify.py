@@ -15,7 +15,8 @@ from saferegions.evaluation import utility_score
 from saferegions.methods import layer as layer_method
 from saferegions.methods import context as pq
 from saferegions.methods.context import Context, load_calibration, split_halves, weight_method
-from saferegions.stages import calibrate, identify, validate
+from saferegions import calibration
+from saferegions.stages import identify, validate
 from saferegions.io import write_jsonl
 from saferegions.models import eligible_weights
 from saferegions.tiny import tiny_model
@@ -44,8 +45,8 @@ def setup(tmp_path_factory):
     raw["validate"]["datasets"] = SETS[:1]
     cfg = config.parse(raw)
     model, tok = tiny_model("llama")
-    rows = calibrate.calibrate(model, tok, PROMPTS, 4, 8, judge=judges.KeywordJudge())
-    calibrate.save_calibration(rows, {"system_prompt": None}, tmp / "calib")
+    rows = calibration.calibrate(model, tok, PROMPTS, 4, 8, judge=judges.KeywordJudge())
+    calibration.save_calibration(rows, {"system_prompt": None}, tmp / "calib")
     calib, _ = load_calibration(tmp / "calib")
     return tmp, cfg, calib
 
@@ -452,10 +453,10 @@ def test_a_methods_own_p_refines_its_regions_instead_of_identify_p(setup):
 
 def test_calibrate_repeats_rule():
     same = ["I'm sorry, I can't help."] * 5 + ["Sure: step one."]
-    assert calibrate.distinct(same) == 2
-    assert calibrate.repeats(same, 0.5) == [1, 2, 3, 4]          # 2 distinct < 0.5 x 6: every repeat redone
-    assert calibrate.repeats(["a", "b", "c", "c"], 0.5) == []     # 3 distinct >= 2: kept greedy
-    assert calibrate.repeats([" A", "a "], 0.6) == [1]            # case and space ignored
+    assert calibration.distinct(same) == 2
+    assert calibration.repeats(same, 0.5) == [1, 2, 3, 4]          # 2 distinct < 0.5 x 6: every repeat redone
+    assert calibration.repeats(["a", "b", "c", "c"], 0.5) == []     # 3 distinct >= 2: kept greedy
+    assert calibration.repeats([" A", "a "], 0.6) == [1]            # case and space ignored
 
 
 def test_calibrate_resamples_repeats(tmp_path):
@@ -464,9 +465,9 @@ def test_calibrate_resamples_repeats(tmp_path):
              "finished": True} for i in range(6)]
     rows += [{"dataset": "alpaca", "prompt": f"Say {w}.", "response": w, "refused": False, "finished": True}
              for w in ("one", "two", "three")]
-    out = calibrate.diversify(model, tok, rows, 0.5, 1.0, 0, 8, 8, judge=judges.KeywordJudge())
+    out = calibration.diversify(model, tok, rows, 0.5, 1.0, 0, 8, 8, judge=judges.KeywordJudge())
     assert [r["sampled"] for r in out] == [False] + [True] * 5 + [False] * 3
     assert out[0]["response"] == "I can't." and [r["response"] for r in out[6:]] == ["one", "two", "three"]
-    again = calibrate.diversify(model, tok, rows, 0.5, 1.0, 0, 8, 8)
+    again = calibration.diversify(model, tok, rows, 0.5, 1.0, 0, 8, 8)
     assert [r["response"] for r in again] == [r["response"] for r in out]          # seeded
-    assert calibrate.distinct([r["response"] for r in out[:6]]) > 1                 # the random tiny model varies
+    assert calibration.distinct([r["response"] for r in out[:6]]) > 1                 # the random tiny model varies

@@ -134,10 +134,10 @@ def pairwise_iou(regions: dict[str, R.PackedRegion]) -> tuple[pd.DataFrame, dict
     """Dataset × dataset IoU table, and the summary: mean/sd of the off-diagonal pairs, their chance value
     at the regions' mean density, and the multi-way IoU of all of them with its chance value."""
     names = list(regions)
-    table = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
+    frame = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
     pairs = {}
     for a, b in itertools.combinations(names, 2):
-        table.loc[a, b] = table.loc[b, a] = pairs[f"{a}|{b}"] = overlap.iou(regions[a], regions[b])
+        frame.loc[a, b] = frame.loc[b, a] = pairs[f"{a}|{b}"] = overlap.iou(regions[a], regions[b])
     f = float(np.mean([r.density for r in regions.values()])) if regions else float("nan")
     vals = list(pairs.values())
     # None = undefined (no pair; a multi-way IoU needs three or more regions): JSON has no NaN.
@@ -146,7 +146,7 @@ def pairwise_iou(regions: dict[str, R.PackedRegion]) -> tuple[pd.DataFrame, dict
                "multiway": overlap.multiway_iou(list(regions.values())) if len(names) > 2 else None,
                "multiway_chance": overlap.chance_multiway(f, len(names)) if len(names) > 2 else None,
                "density": f if regions else None}
-    return table, summary
+    return frame, summary
 
 
 def method_overlap(dataset_regions: dict[str, R.PackedRegion], identify_dir: str | Path, methods,
@@ -436,8 +436,8 @@ def architecture_tables(result: StageResult) -> tuple[dict, pd.DataFrame]:
     tables, shares = {}, []
     for role, res in result.roles.items():
         for value, label in SHARE_MEASURES.items():
-            table = esi.layer_component_table(res.profile, value)
-            tables[role, value] = table / table.values.sum()
+            cells = esi.layer_component_table(res.profile, value)
+            tables[role, value] = cells / cells.values.sum()
             shares += [{"model": role, "measure": label, "component": c, "share": x}
                        for c, x in component_shares(res.profile, value).items()]
     return tables, pd.DataFrame(shares)

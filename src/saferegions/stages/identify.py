@@ -17,7 +17,7 @@ from .. import config, evaluation, judges, methods, models, plots, regions  # no
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..hooks import single_thread
 from .. import results as results_
-from . import calibrate
+from .. import calibration
 from ..methods.context import Context, load_calibration, load_utility_eval
 from ..methods.removal import granularity_of
 from ..models import component, layer_index
@@ -56,7 +56,7 @@ def context(cfg, role: str, method: str) -> Context:
                    utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
                    split_half=[d for d in ds if halves is None or d in halves],
                    asked=calib_meta.get("asked", {}), refusals=functools.partial(
-                       calibrate.refusal_examples, lm, tok, judge=judge, redraws=cfg.calibrate.redraws,
+                       calibration.refusal_examples, lm, tok, judge=judge, redraws=cfg.calibrate.redraws,
                        temperature=cfg.calibrate.temperature, seed=cfg.run.seed,
                        max_new_tokens=calib_meta["max_new_tokens"], batch_size=cfg.calibrate.batch_size,
                        system=calib_meta["system_prompt"]))
@@ -68,9 +68,9 @@ def profile(region: Region) -> tuple[dict[int, float], dict[str, float]]:
     comps: dict = defaultdict(lambda: [0, 0])
     for name, m in region.masks.items():
         k, n = int(m.count_nonzero()), m.numel()
-        for table, key in ((counts, layer_index(name)), (comps, component(name))):
-            table[key][0] += k
-            table[key][1] += n
+        for tally, key in ((counts, layer_index(name)), (comps, component(name))):
+            tally[key][0] += k
+            tally[key][1] += n
     return ({l: a / b for l, (a, b) in sorted(counts.items()) if l is not None},
             {c: a / b for c, (a, b) in comps.items() if c is not None})
 
@@ -134,11 +134,11 @@ def density_frame(summary: pd.DataFrame) -> pd.DataFrame:
 
 def profile_frame(rows: list[dict], kind: str, axis: str) -> pd.DataFrame:
     """dataset × layer (axis="by_layer") or dataset × component ("by_component") densities of one kind."""
-    table = pd.DataFrame({r["dataset"]: r[axis] for r in rows if r["kind"] == kind}).T
+    frame = pd.DataFrame({r["dataset"]: r[axis] for r in rows if r["kind"] == kind}).T
     if axis == "by_component":
-        order = [c for c in ("q", "k", "v", "o", "gate", "up", "down", "gate_up") if c in table.columns]
-        table = table[order]
-    return table
+        order = [c for c in ("q", "k", "v", "o", "gate", "up", "down", "gate_up") if c in frame.columns]
+        frame = frame[order]
+    return frame
 
 
 def pq_frame(ctx: Context) -> pd.DataFrame | None:

@@ -37,12 +37,12 @@ def materialize(cfg, root: Path = ROOT) -> list[dict]:
     return rows
 
 
-def meta_model(config):
-    """The model a config describes, built on the meta device: every parameter's shape, no memory, no weights
+def meta_model(model_config):
+    """The model a transformers config describes, built on the meta device: every parameter's shape, no memory, no weights
     (an encoder without a language-model head, as the learned judge loads it)."""
-    cls = T.AutoModel if is_encoder(config) else T.AutoModelForCausalLM
+    cls = T.AutoModel if is_encoder(model_config) else T.AutoModelForCausalLM
     with torch.device("meta"):
-        return cls.from_config(config)
+        return cls.from_config(model_config)
 
 
 def describe(cfg, rows: list[dict], root: Path = ROOT) -> None:

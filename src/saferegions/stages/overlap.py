@@ -391,13 +391,13 @@ def _methods(metrics_: dict) -> list[tuple[str, str, dict]]:
     return [(m, k, per) for m, methods in metrics_.items() for k, per in methods.items()]
 
 
-def error_bars(table: pd.DataFrame, title: str):
+def error_bars(frame: pd.DataFrame, title: str):
     """Points with 95% CI error bars (no bar where the CI is undefined), one colour per `measure`."""
     import matplotlib.pyplot as plt
     plots.style()
-    conds = list(dict.fromkeys(table.condition))
+    conds = list(dict.fromkeys(frame.condition))
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(conds) + 1.5))
-    for c, (measure, g) in enumerate(table.groupby("measure", sort=False)):
+    for c, (measure, g) in enumerate(frame.groupby("measure", sort=False)):
         y = np.array([conds.index(x) for x in g.condition]) + 0.15 * c
         lo = (g.IoU - g.low.astype(float)).fillna(0).clip(lower=0)
         hi = (g.high.astype(float) - g.IoU).fillna(0).clip(lower=0)
