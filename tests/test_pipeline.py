@@ -94,7 +94,7 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
         assert all(0 <= m[k] <= 1 for k in ("asr_topk", "asr_random", "asr_bottomk", "faithful_vs_fixed_iou"))
         pert = m["perturbation"]
         assert pert["top_vs_random"]["test"].startswith("exact McNemar") and pert["top"]["n"] == pert["random"]["n"] > 0
-        assert m["dense_components"]["test"] == "percentile bootstrap"
+        assert m["architecture"]["parts"]["v"]["n"] > 0
         assert set(m["component_share"]) <= {"q", "k", "v", "o", "gate", "up", "down", "lm_head", "other"}
         assert abs(sum(m["component_share"].values()) - 1) < 1e-6
         assert 0 <= m["refusal_likelihood_iou"] <= 1 and 0 <= m["dataset_iou"]["mean"] <= 1

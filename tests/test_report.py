@@ -63,8 +63,7 @@ def _fixture(root, moe_family=None):
     esi = {"aligned": {"asr_topk": 0.8, "asr_random": 0.3, "asr_bottomk": None,   # bottom-k not run (CPU default)
                        "component_share": {"q": 0.1, "v": 0.5, "down": 0.4}, "faithful_vs_fixed_iou": None,
                        "perturbation": {"none": _rates(0.1), "top": _rates(0.8), "random": _rates(0.3),
-                                        "bottom": _rates(0.2), "top_vs_random": _est(96, 0.5, 0.4, 0.6)},
-                       "dense_components": _est(64, 0.1, -0.02, 0.2, "bootstrap over prompts", None)}}
+                                        "bottom": _rates(0.2), "top_vs_random": _est(96, 0.5, 0.4, 0.6)}}}
     if moe_family:
         esi["moe"] = {"asr_topk": 0.6, "asr_random": 0.3, "asr_bottomk": 0.2,
                       "component_share": {"q": 0.2, "gate_up": 0.3, "down": 0.5}, "faithful_vs_fixed_iou": 0.4,

@@ -316,20 +316,6 @@ class Masses:
                 "components": self.component_table().to_dict("index"),
                 "layers": {int(k): v for k, v in self.layer_table().to_dict("index").items()}}
 
-    def dense_components(self, seed: int = 0) -> dict | None:
-        """The safety ESI mass share of V + the MLPs minus their share of the entries, blocks only (pooled over
-        prompts, bootstrap 95% interval): the dense-model claim read as one number."""
-        b = self.block
-        safety, numel = self.safety[:, b], self.numel[b]
-        if not len(safety):
-            return None
-        m = part_masks([c for c in self.order if c.block], self.n_layers)
-        member = m["v"] | m["mlp"]
-        entry = float(numel[member].sum() / numel.sum())
-        idx = np.arange(len(safety), dtype=float)
-        return _estimate(lambda i, axis=-1: _share(safety, member, i) - entry, (idx,),
-                         float(_share(safety, member, idx)) - entry, seed).as_dict()
-
 
 def top_region_enrichment(profile: pd.DataFrame) -> dict[str, dict]:
     """Per block component: share of the top-k region's block entries over share of the block entries (> 1:

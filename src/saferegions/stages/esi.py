@@ -336,9 +336,6 @@ def role_metrics(result: RoleResult, e, method_rows: list[dict] | None = None,
         # per condition: pooled over seeds (None where the condition or the role's perturbation did not run)
         **{f"asr_{c}": float(asr[c]) if c in asr else None for c in PERTURB_CONDITIONS},
         "perturbation": result.perturbation_summary or None,
-        "dense_components": arch.dense_components() if arch else None,
-        "dense_components_def": "share of Σ_prompts Σ|∂S_x/∂W|·σ_W in V + gate + up + down minus their share of "
-                                "the entries, blocks' matrices only; bootstrap 95% CI over prompts",
         "architecture": arch.metrics(result.profile, f"{e.objective} ({e.judge}, {e.variant}) on {e.dataset}",
                                      e.null_dataset) if arch else None,
         "component_share": component_shares(result.profile, "region_count"),
