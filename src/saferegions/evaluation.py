@@ -29,6 +29,13 @@ DISTINCT_MIN_WORDS = 12
 DISTINCT_WINDOW = 64
 """... counted in the first this many words: the ratio of fluent text falls with length (a 400-word answer can sit
 near 0.3), while a loop shows within its first few repeats."""
+LOOP_REPEATS = 3
+"""Degenerate when the text ends in at least this many copies of one unit (the last may be cut off) ..."""
+LOOP_SHARE = 0.5
+"""... covering more than this share of it: a loop after a coherent start, at any length (the distinct-word ratio
+needs 12 words, which 6-16 generated tokens rarely reach)."""
+LOOP_MAX_UNIT = 256
+"""The longest unit, in characters, the loop check looks for."""
 LOGLIK_QUANTILE = 0.01
 """Optional check: the floor on mean per-token log-likelihood under the intact model is this quantile of the intact
 model's own greedy answers (its 1st percentile)."""
@@ -57,8 +64,23 @@ def _char_coverage(text: str, n: int = CHAR_NGRAM) -> tuple[float, int]:
     return float(covered.mean()), count
 
 
+def _loop_share(text: str) -> float:
+    """The largest share of `text` covered by a tail that repeats one unit at least `LOOP_REPEATS` times."""
+    a = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    units = np.arange(1, min(len(a) // LOOP_REPEATS, LOOP_MAX_UNIT) + 1)
+    last = len(a) - 1
+    units = units[(a[last - units] == a[last]) & (a[last - 2 * units] == a[last])]   # the last character repeats
+    best = 0.0
+    for p in units:
+        same = a[p:] == a[:-p]
+        run = len(same) if same.all() else int(np.argmin(same[::-1]))   # trailing positions that repeat p back
+        if run + p >= LOOP_REPEATS * p:
+            best = max(best, (run + p) / len(a))
+    return best
+
+
 def is_degenerate(text: str, mean_loglik: float | None = None, floor: float | None = None) -> bool:
-    """Empty, a short unit repeated, too few distinct words, or (when both are given) a mean per-token
+    """Empty, a short unit repeated, a looping tail, too few distinct words, or (when both are given) a mean per-token
     log-likelihood under the intact model below `floor` (docs/methods.md §5.6). Whitespace is collapsed first, so
     indentation is not a repeated unit."""
     text = " ".join(text.split())
@@ -70,6 +92,8 @@ def is_degenerate(text: str, mean_loglik: float | None = None, floor: float | No
         return True
     share, count = _char_coverage(text.lower())
     if count >= REPEAT_MIN and share > REPEAT_SHARE:
+        return True
+    if _loop_share(text.lower()) > LOOP_SHARE:
         return True
     head = words[:DISTINCT_WINDOW]
     if len(head) >= DISTINCT_MIN_WORDS and len(set(head)) / len(head) < DISTINCT_RATIO:
