@@ -30,7 +30,7 @@ DISTINCT_WINDOW = 64
 """... counted in the first this many words: the ratio of fluent text falls with length (a 400-word answer can sit
 near 0.3), while a loop shows within its first few repeats."""
 LOOP_REPEATS = 3
-"""Degenerate when the text ends in at least this many copies of one unit (the last may be cut off) ..."""
+"""Degenerate when the text ends in this many copies of one unit (the last may be cut off, but not below half) ..."""
 LOOP_SHARE = 0.5
 """... covering more than this share of it: a loop after a coherent start, at any length (the distinct-word ratio
 needs 12 words, which 6-16 generated tokens rarely reach)."""
@@ -65,16 +65,17 @@ def _char_coverage(text: str, n: int = CHAR_NGRAM) -> tuple[float, int]:
 
 
 def _loop_share(text: str) -> float:
-    """The largest share of `text` covered by a tail that repeats one unit at least `LOOP_REPEATS` times."""
+    """The largest share of `text` covered by a tail that repeats one unit `LOOP_REPEATS` times (the last copy at
+    least half there: a loop cut by the token limit, or by whitespace collapsing, still counts)."""
     a = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-    units = np.arange(1, min(len(a) // LOOP_REPEATS, LOOP_MAX_UNIT) + 1)
+    units = np.arange(1, min(2 * len(a) // (2 * LOOP_REPEATS - 1), LOOP_MAX_UNIT) + 1)
     last = len(a) - 1
     units = units[(a[last - units] == a[last]) & (a[last - 2 * units] == a[last])]   # the last character repeats
     best = 0.0
     for p in units:
         same = a[p:] == a[:-p]
         run = len(same) if same.all() else int(np.argmin(same[::-1]))   # trailing positions that repeat p back
-        if run + p >= LOOP_REPEATS * p:
+        if 2 * (run + p) >= (2 * LOOP_REPEATS - 1) * p:                  # the last copy at least half there
             best = max(best, (run + p) / len(a))
     return best
 
