@@ -93,8 +93,9 @@ def empty_texts() -> list[str]:
 def build(tok, answers: list[tuple[str, str]], other_language: list[tuple[str, str]] = (),
           lengths: tuple[int, ...] = LENGTHS, per_length: int = PER_LENGTH, n_coherent: int = 40,
           seed: int = 0) -> list[Labelled]:
-    """The labelled set from (prompt, answer) pairs of coherent `answers` and `other_language` answers, with the
-    tokenizer of the model whose outputs the rule will judge. Each cut is made in tokens and decoded, as
+    """The labelled set from (prompt, answer) pairs of coherent `answers` and `other_language` answers (used as cuts
+    only: they may be generated, themselves cut at the longest length), with the tokenizer of the model whose outputs
+    the rule will judge. Each cut is made in tokens and decoded, as
     generation would emit it; each class draws its own answers (seeded) so no class repeats another's text."""
     rng = np.random.default_rng(seed)
     pairs = [(p, a.strip(), _ids(tok, a.strip())) for p, a in answers if a and a.strip()]
@@ -105,9 +106,6 @@ def build(tok, answers: list[tuple[str, str]], other_language: list[tuple[str, s
     for i in rng.permutation(len(whole))[:n_coherent]:
         p, a, _ = whole[i]
         out.append(Labelled(p, a, Kind.COHERENT, None))
-    for p, a in other_language:
-        if a and a.strip():
-            out.append(Labelled(p, a.strip(), Kind.OTHER_LANGUAGE, None))
     for length in lengths:
         long_enough = [x for x in pairs if len(x[2]) >= length]
         if not long_enough:
