@@ -37,8 +37,8 @@ needs 12 words, which 6-16 generated tokens rarely reach)."""
 LOOP_MAX_UNIT = 256
 """The longest unit, in characters, the loop check looks for."""
 LOGLIK_QUANTILE = 0.01
-"""Optional check: the floor on mean per-token log-likelihood under the intact model is this quantile of the intact
-model's own greedy answers (its 1st percentile)."""
+"""Optional check: the floor on mean per-token log-likelihood under the intact model is this quantile of coherent
+reference answers cut at the generated length (`degenerate_labels.reference_fluency`)."""
 
 
 class Outcome(str, enum.Enum):
@@ -156,8 +156,8 @@ def utility_score(model, tok, prompts: list[str], answers: list[str], batch_size
 
 
 def calibrate_floor(intact_logliks, quantile: float = LOGLIK_QUANTILE) -> float:
-    """The log-likelihood floor: a low quantile of the intact model's mean log-likelihoods of its own greedy
-    answers, so almost every answer the intact model would give passes."""
+    """The log-likelihood floor: a low quantile of the intact model's mean log-likelihoods of coherent answers, so
+    almost every coherent answer passes."""
     x = np.asarray(intact_logliks, float)
     x = x[~np.isnan(x)]
     if not len(x):
@@ -176,7 +176,8 @@ class Fluency:
     @classmethod
     def calibrate(cls, model, tok, prompts: list[str], answers: list[str], batch_size: int = 8,
                   system: str | None = None, quantile: float = LOGLIK_QUANTILE) -> "Fluency":
-        """From the intact model's own greedy `answers` to `prompts` (generated with the same `system`)."""
+        """From coherent `answers` to `prompts` under the same `system`: answers the model did not write, cut at the
+        generated length (`degenerate_labels.reference_fluency`), so that fluent text of an edited model passes."""
         return cls(model, tok, calibrate_floor(mean_logliks(model, tok, prompts, answers, batch_size, system),
                                                quantile), batch_size)
 
