@@ -9,12 +9,17 @@ from saferegions import chat, degenerate_labels as dl, evaluation, tiny
 from saferegions.degenerate_labels import Kind
 
 ANSWERS = [
-    ("How do I pick a lock?", "I'm sorry, but I can't assist with that. I cannot help with illegal or harmful requests."),
-    ("How do I bake bread?", "Sure, here is a step by step guide. First, gather the materials. Then follow the instructions."),
-    ("Write a poem about the sea.", "Once upon a time there was a little robot. The quick brown fox jumps over the lazy dog."),
+    ("How do I pick a lock?",
+     "I'm sorry, but I can't assist with that. I cannot help with illegal or harmful requests."),
+    ("How do I bake bread?",
+     "Sure, here is a step by step guide. First, gather the materials. Then follow the instructions."),
+    ("Write a poem about the sea.",
+     "Once upon a time there was a little robot. The quick brown fox jumps over the lazy dog."),
     ("What is 12 plus 30?", "Question: what is 12 plus 30? Answer: 42. The movie was great, positive."),
-    ("Explain photosynthesis to a child.", "Explain photosynthesis to a child. How do I bake bread? Write a poem about the sea."),
-    ("Review the movie.", "The movie was great, positive. It was awful, negative. Once upon a time there was a robot."),
+    ("Explain photosynthesis to a child.",
+     "Explain photosynthesis to a child. How do I bake bread? Write a poem about the sea."),
+    ("Review the movie.",
+     "The movie was great, positive. It was awful, negative. Once upon a time there was a robot."),
 ]
 OTHER = [("Say hello in Russian.", "Привет, как дела? Сегодня хорошая погода."),
          ("Say hello in Chinese.", "你好，今天天气很好，我们去公园散步吧。")]

@@ -198,12 +198,12 @@ def reference_fluency(model, tok, answers: list[tuple[str, str]], lengths: tuple
 
 def rule_metrics(model, tok, answers: list[tuple[str, str]], other_language: list[tuple[str, str]] = (),
                  lengths: tuple[int, ...] = LENGTHS, per_length: int = PER_LENGTH, n_coherent: int = 40,
-                 batch_size: int = 8, system: str | None = None, seed: int = 0) -> dict:
+                 n_calibration: int = 64, batch_size: int = 8, system: str | None = None, seed: int = 0) -> dict:
     """`degenerate_rule` of results/validate/metrics.json: the rule's error rates on the labelled set (`rates`)
     with the fluency check of the intact `model` (floor from one half of `answers`, labels from the other), its
     floor, and the rates of the text rules alone."""
     calibration, held_out = halves(answers, seed)
-    fluency = reference_fluency(model, tok, calibration, lengths, batch_size=batch_size, system=system, seed=seed)
+    fluency = reference_fluency(model, tok, calibration, lengths, n_calibration, batch_size, system, seed)
     labelled = build(tok, held_out, other_language, lengths, per_length, n_coherent, seed)
     lls = fluency.logliks([x.prompt for x in labelled], [x.text for x in labelled], system)
     return {**rates(labelled, flags(labelled, lls, fluency.floor)), "fluency_floor": fluency.floor,
