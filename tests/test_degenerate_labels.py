@@ -109,16 +109,24 @@ def test_the_rule_with_fluency_on_a_tiny_model_catches_salad_and_passes_cuts():
     assert sorted(calibration + held_out) == sorted(ANSWERS) and not set(calibration) & set(held_out)
     cuts = [(p, tok.decode(tok(a, add_special_tokens=False)["input_ids"][:n])) for n in (6, 8, 12, 16)
             for p, a in calibration]
-    floor = np.quantile(evaluation.mean_logliks(model, tok, *map(list, zip(*cuts))), 0.01)
-    assert rec["fluency_floor"] == pytest.approx(floor, abs=1e-4)
+    coherent = np.quantile(evaluation.mean_logliks(model, tok, *map(list, zip(*cuts))), 0.01)
     lab = dl.build(tok, held_out, lengths=(6, 8, 12, 16), per_length=4, n_coherent=6)   # checked on the 0.5B
     lls = evaluation.mean_logliks(model, tok, [x.prompt for x in lab], [x.text for x in lab], 8)
+    salad = [ll for x, ll in zip(lab, lls) if x.kind is Kind.SALAD]
+    assert max(salad) < rec["fluency_floor"] < coherent     # between shuffled and coherent cuts of the other half
     brute = [evaluation.is_degenerate(x.text, ll, rec["fluency_floor"]) for x, ll in zip(lab, lls)]
     assert rec == {**dl.rates(lab, brute), "fluency_floor": rec["fluency_floor"],
                    "text_rules_only": dl.rates(lab, dl.flags(lab))}
     for kind in set(Kind) - {Kind.OTHER_LANGUAGE}:
         assert rec["by_class"][kind.value]["error_rate"] == 0.0, kind
     assert rec["false_positive_rate"] == rec["false_negative_rate"] == 0.0
+
+
+def test_a_character_cut_by_the_token_limit_is_scored_without_its_stub():
+    model, tok = tiny.tiny_model("llama", seed=0)
+    fluency = evaluation.Fluency(model, tok, -5.0)
+    got = fluency.logliks(["Hi", "Hi"], ["Привет, как", "Привет, как\ufffd"])
+    assert got[0] == pytest.approx(got[1], abs=1e-5)
 
 
 def test_other_language_is_confirmed_by_its_script():

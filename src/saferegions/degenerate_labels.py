@@ -181,19 +181,26 @@ def halves(answers: list[tuple[str, str]], seed: int = 0) -> tuple[list, list]:
 def reference_fluency(model, tok, answers: list[tuple[str, str]], lengths: tuple[int, ...] = LENGTHS,
                       n: int = 64, batch_size: int = 8, system: str | None = None, seed: int = 0,
                       quantile: float = evaluation.LOGLIK_QUANTILE) -> evaluation.Fluency:
-    """The fluency check with its floor at a low quantile of the mean log-likelihood, under `model`, of coherent
-    answers it did not write, cut at the generated lengths: fluent text another model (or an edited model) writes
-    passes, as the model's own greedy answers, far likelier, would set the floor too high."""
+    """The fluency check, its floor halfway between the `quantile` of the mean log-likelihood under `model` of
+    coherent answers it did not write, cut at the generated lengths, and the 1 − `quantile` one of the same cuts
+    shuffled. Answers by others, not the model's own greedy answers (far likelier), so that fluent text an edited
+    model writes passes; halfway, because short cuts of coherent text spread widely (6 tokens of a refusal can
+    score −4.8 on the 0.5B, while salad stays below −6.8)."""
     rng = np.random.default_rng(seed)
-    prompts, cuts = [], []
+    prompts, cuts, salads = [], [], []
     for length in lengths:
         long_enough = [(p, _ids(tok, a.strip())) for p, a in answers if len(_ids(tok, a.strip())) >= length]
         for i in rng.permutation(len(long_enough))[:n]:
             prompts.append(long_enough[i][0])
             cuts.append(_decode(tok, long_enough[i][1][:length]))
+            salads.append(_decode(tok, _salad(long_enough[i][1][:length], rng)))
     if not cuts:
         raise ValueError("no reference answer is long enough to calibrate the fluency floor")
-    return evaluation.Fluency.calibrate(model, tok, prompts, cuts, batch_size, system, quantile)
+    fluency = evaluation.Fluency(model, tok, float("nan"), batch_size)
+    coherent = evaluation.calibrate_floor(fluency.logliks(prompts, cuts, system), quantile)
+    salad = -evaluation.calibrate_floor(-fluency.logliks(prompts, salads, system), quantile)
+    fluency.floor = (coherent + salad) / 2
+    return fluency
 
 
 def rule_metrics(model, tok, answers: list[tuple[str, str]], other_language: list[tuple[str, str]] = (),

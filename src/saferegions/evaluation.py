@@ -182,7 +182,10 @@ class Fluency:
                                                quantile), batch_size)
 
     def logliks(self, prompts: list[str], responses: list[str], system: str | None = None) -> np.ndarray:
-        return mean_logliks(self.model, self.tok, prompts, responses, self.batch_size, system)
+        """Mean log-likelihood of each response, a character cut in half by the token limit (decoded as U+FFFD at
+        the end) left out: that is truncation, not incoherence."""
+        return mean_logliks(self.model, self.tok, prompts, [r.rstrip("\ufffd") for r in responses],
+                            self.batch_size, system)
 
 
 def outcomes(responses: list[str], judge, prompts: list[str] | None = None, logliks=None,
