@@ -159,7 +159,7 @@ def rates(labelled: list[Labelled], flagged) -> dict:
 
     fp, fn = est(~truth, flagged), est(truth, ~flagged)
     rec = {"n": len(labelled), "false_positive_rate": fp["rate"], "false_positive_rate_ci": fp["ci"],
-           "n_coherent": fp["n"], "false_negative_rate": fn["rate"], "false_negative_rate_ci": fn["ci"],
+           "n_not_degenerate": fp["n"], "false_negative_rate": fn["rate"], "false_negative_rate_ci": fn["ci"],
            "n_degenerate": fn["n"], "by_class": {}}
     for kind in Kind:
         mask = kinds == kind.value
