@@ -15,7 +15,7 @@ import numpy as np
 from . import chat, evaluation, evidence
 
 LENGTHS = (6, 8, 12, 16)
-"""Generated tokens per response in the stages (SPA 6, validate and ESI 8, SET 12; 16 covers the longer cuts)."""
+"""Generated tokens per response in the stages (SPA 6, validate and ESI 8, SET 12, baseline 16)."""
 COHERENT_MAX_TOKENS = 96
 """Whole answers up to this many tokens form the coherent class (longer ones only give cuts)."""
 PER_LENGTH = 12
@@ -94,9 +94,9 @@ def build(tok, answers: list[tuple[str, str]], other_language: list[tuple[str, s
           lengths: tuple[int, ...] = LENGTHS, per_length: int = PER_LENGTH, n_coherent: int = 40,
           seed: int = 0) -> list[Labelled]:
     """The labelled set from (prompt, answer) pairs of coherent `answers` and `other_language` answers (used as cuts
-    only: they may be generated, themselves cut at the longest length), with the tokenizer of the model whose outputs
-    the rule will judge. Each cut is made in tokens and decoded, as
-    generation would emit it; each class draws its own answers (seeded) so no class repeats another's text."""
+    only: they may be generated, themselves cut at the longest length), with the tokenizer of the model whose
+    outputs the rule will judge. Each cut is made in tokens and decoded, as generation emits it; at each length
+    truncations, salad and loops come from different answers (seeded)."""
     rng = np.random.default_rng(seed)
     pairs = [(p, a.strip(), _ids(tok, a.strip())) for p, a in answers if a and a.strip()]
     if not pairs:
