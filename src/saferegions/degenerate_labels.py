@@ -179,7 +179,7 @@ def halves(answers: list[tuple[str, str]], seed: int = 0) -> tuple[list, list]:
 
 
 def reference_fluency(model, tok, answers: list[tuple[str, str]], lengths: tuple[int, ...] = LENGTHS,
-                      n: int = 64, batch_size: int = 8, system: str | None = None, seed: int = 0,
+                      n: int = 32, batch_size: int = 8, system: str | None = None, seed: int = 0,
                       quantile: float = evaluation.LOGLIK_QUANTILE) -> evaluation.Fluency:
     """The fluency check, its floor halfway between the `quantile` of the mean log-likelihood under `model` of
     coherent answers it did not write, cut at the generated lengths, and the 1 − `quantile` one of the same cuts
@@ -205,7 +205,7 @@ def reference_fluency(model, tok, answers: list[tuple[str, str]], lengths: tuple
 
 def rule_metrics(model, tok, answers: list[tuple[str, str]], other_language: list[tuple[str, str]] = (),
                  lengths: tuple[int, ...] = LENGTHS, per_length: int = PER_LENGTH, n_coherent: int = 40,
-                 n_calibration: int = 64, batch_size: int = 8, system: str | None = None, seed: int = 0) -> dict:
+                 n_calibration: int = 32, batch_size: int = 8, system: str | None = None, seed: int = 0) -> dict:
     """`degenerate_rule` of results/validate/metrics.json: the rule's error rates on the labelled set (`rates`)
     with the fluency check of the intact `model` (floor from one half of `answers`, labels from the other), its
     floor, and the rates of the text rules alone."""
