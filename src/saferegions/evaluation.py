@@ -29,9 +29,16 @@ DISTINCT_MIN_WORDS = 12
 DISTINCT_WINDOW = 64
 """... counted in the first this many words: the ratio of fluent text falls with length (a 400-word answer can sit
 near 0.3), while a loop shows within its first few repeats."""
+LOOP_REPEATS = 3
+"""Degenerate when the text ends in this many copies of one unit (the last may be cut off, but not below half) ..."""
+LOOP_SHARE = 0.5
+"""... covering more than this share of it: a loop after a coherent start, at any length (the distinct-word ratio
+needs 12 words, which 6-16 generated tokens rarely reach)."""
+LOOP_MAX_UNIT = 256
+"""The longest unit, in characters, the loop check looks for."""
 LOGLIK_QUANTILE = 0.01
-"""Optional check: the floor on mean per-token log-likelihood under the intact model is this quantile of the intact
-model's own greedy answers (its 1st percentile)."""
+"""Optional check: the floor on mean per-token log-likelihood under the intact model is this quantile of coherent
+reference answers cut at the generated length (`degenerate_labels.reference_fluency`)."""
 
 
 class Outcome(str, enum.Enum):
@@ -57,8 +64,24 @@ def _char_coverage(text: str, n: int = CHAR_NGRAM) -> tuple[float, int]:
     return float(covered.mean()), count
 
 
+def _loop_share(text: str) -> float:
+    """The largest share of `text` covered by a tail that repeats one unit `LOOP_REPEATS` times (the last copy at
+    least half there: a loop cut by the token limit, or by whitespace collapsing, still counts)."""
+    a = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    units = np.arange(1, min(2 * len(a) // (2 * LOOP_REPEATS - 1), LOOP_MAX_UNIT) + 1)
+    last = len(a) - 1
+    units = units[(a[last - units] == a[last]) & (a[last - 2 * units] == a[last])]   # the last character repeats
+    best = 0.0
+    for p in units:
+        same = a[p:] == a[:-p]
+        run = len(same) if same.all() else int(np.argmin(same[::-1]))   # trailing positions that repeat p back
+        if 2 * (run + p) >= (2 * LOOP_REPEATS - 1) * p:                  # the last copy at least half there
+            best = max(best, (run + p) / len(a))
+    return best
+
+
 def is_degenerate(text: str, mean_loglik: float | None = None, floor: float | None = None) -> bool:
-    """Empty, a short unit repeated, too few distinct words, or (when both are given) a mean per-token
+    """Empty, a short unit repeated, a looping tail, too few distinct words, or (when both are given) a mean per-token
     log-likelihood under the intact model below `floor` (docs/methods.md §5.6). Whitespace is collapsed first, so
     indentation is not a repeated unit."""
     text = " ".join(text.split())
@@ -70,6 +93,8 @@ def is_degenerate(text: str, mean_loglik: float | None = None, floor: float | No
         return True
     share, count = _char_coverage(text.lower())
     if count >= REPEAT_MIN and share > REPEAT_SHARE:
+        return True
+    if _loop_share(text.lower()) > LOOP_SHARE:
         return True
     head = words[:DISTINCT_WINDOW]
     if len(head) >= DISTINCT_MIN_WORDS and len(set(head)) / len(head) < DISTINCT_RATIO:
@@ -131,8 +156,8 @@ def utility_score(model, tok, prompts: list[str], answers: list[str], batch_size
 
 
 def calibrate_floor(intact_logliks, quantile: float = LOGLIK_QUANTILE) -> float:
-    """The log-likelihood floor: a low quantile of the intact model's mean log-likelihoods of its own greedy
-    answers, so almost every answer the intact model would give passes."""
+    """The log-likelihood floor: a low quantile of the intact model's mean log-likelihoods of coherent answers, so
+    almost every coherent answer passes."""
     x = np.asarray(intact_logliks, float)
     x = x[~np.isnan(x)]
     if not len(x):
@@ -151,12 +176,16 @@ class Fluency:
     @classmethod
     def calibrate(cls, model, tok, prompts: list[str], answers: list[str], batch_size: int = 8,
                   system: str | None = None, quantile: float = LOGLIK_QUANTILE) -> "Fluency":
-        """From the intact model's own greedy `answers` to `prompts` (generated with the same `system`)."""
+        """From coherent `answers` to `prompts` under the same `system`: answers the model did not write, cut at the
+        generated length (`degenerate_labels.reference_fluency`), so that fluent text of an edited model passes."""
         return cls(model, tok, calibrate_floor(mean_logliks(model, tok, prompts, answers, batch_size, system),
                                                quantile), batch_size)
 
     def logliks(self, prompts: list[str], responses: list[str], system: str | None = None) -> np.ndarray:
-        return mean_logliks(self.model, self.tok, prompts, responses, self.batch_size, system)
+        """Mean log-likelihood of each response, a character cut in half by the token limit (decoded as U+FFFD at
+        the end) left out: that is truncation, not incoherence."""
+        return mean_logliks(self.model, self.tok, prompts, [r.rstrip("\ufffd") for r in responses],
+                            self.batch_size, system)
 
 
 def outcomes(responses: list[str], judge, prompts: list[str] | None = None, logliks=None,
