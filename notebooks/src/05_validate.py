@@ -84,5 +84,13 @@ with pd.option_context("display.max_colwidth", 100):
 # %%
 with pd.option_context("display.max_colwidth", 100):
     display(validate.table(validate.examples(gens)))
+# %% [md]
+# ## The degenerate rule, checked on outputs labelled by construction
+# Coherent answers other models wrote, the aligned model's own answers in other languages, their truncations at the
+# stages' lengths (coherent), word salad, loops and empty outputs (degenerate). False positive: coherent called
+# degenerate; false negative: degenerate passed (and so counted as complied or refused). Wilson 95% intervals.
+# The evaluating stages apply the rule named `applied`.
+# %%
+display(validate.table(validate.degenerate_rule_frame(metrics), index=False))
 # %%
 validate.write_metrics(metrics, reference)

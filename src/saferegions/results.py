@@ -171,6 +171,17 @@ class PowerRecord(Record):
 
 
 @dataclass(kw_only=True)
+class DegenerateRule(Record):
+    """`degenerate_labels.rule_metrics`: the rule's error rates on outputs labelled by construction (n of them),
+    with the fluency floor, and `text_rules_only`, the rule without it; `applied` names the one the stages use."""
+    n: int
+    false_positive_rate: float = rate()
+    false_negative_rate: float = rate()
+    text_rules_only: dict[str, Any]
+    applied: str | None = optional()
+
+
+@dataclass(kw_only=True)
 class ValidateMetrics(Record):
     """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference; "positive_control":
     {MODEL: record}; "power": the sample-size plan."""
@@ -178,6 +189,7 @@ class ValidateMetrics(Record):
     intact: dict[str, Rates] | None = optional()
     positive_control: dict[str, PositiveControl] | None = optional()
     power: PowerRecord | None = optional()
+    degenerate_rule: DegenerateRule | None = optional()
     REST: ClassVar[str] = "models"
 
 

@@ -28,15 +28,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import chat, config, data, evidence, judges, models, plots, power, regions, results  # noqa: F401  (config, plots: re-exported)
+from .. import chat, config, data, degenerate_labels, evidence, judges, models, plots, power, regions, results  # noqa: F401,E501  (config, plots: re-exported)
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..evaluation import evaluate, rate_record, utility_scores
 from ..importance_matched import importance_matched
-from ..io import write_json, write_jsonl
+from ..io import read_jsonl, write_json, write_jsonl
 from ..methods import Resolves, refusal_direction, removal
 
 RESOLVES = Resolves.GRANULARITIES   # removes regions of every method: DVC deps on every granularity's code
 PROMPTS = "artifacts/data/prompts.jsonl"
+JUDGE_DATA = "artifacts/data/judge.jsonl"   # labelled (prompt, response) pairs other models wrote
 CALIBRATION = Path("artifacts/calibrate")
 OUT, RESULTS = Path("artifacts/validate"), Path("results/validate")
 THRESHOLD = evidence.THRESHOLDS["p1_region_affects_safety"][0]   # what the positive control must clear
@@ -267,6 +268,8 @@ def run(cfg, harmful: list[str], util_prompts: list[str]):
             utility_importance(lm, tok, cfg, role), dirs)
         rows += r
         gens += g
+        if role == cfg.identify.models[0]:
+            metrics["degenerate_rule"] = degenerate_rule(lm, tok, cfg)
         del lm
     write_jsonl(OUT / "generations.jsonl", gens)
     metrics["intact"] = reference   # {model: rate_record + utility}, as reference.json
@@ -276,12 +279,37 @@ def run(cfg, harmful: list[str], util_prompts: list[str]):
     return metrics, reference, pd.DataFrame(rows), gens
 
 
+def degenerate_rule(model, tok, cfg) -> dict:
+    """The degenerate rule's error rates on this model's outputs labelled by construction
+    (`degenerate_labels.rule_metrics`: answers other models wrote and the model's own answers in other languages,
+    whole, truncated, shuffled into salad and looped, plus empty ones, at the stages' lengths), with and without
+    the fluency floor; `applied` names the rule the evaluating stages use."""
+    answers = [(r["prompt"], r["response"]) for r in read_jsonl(JUDGE_DATA)]
+    other = degenerate_labels.other_language_answers(model, tok, data.prompts(PROMPTS, "alpaca", "eval", 12),
+                                                     max_new_tokens=16)
+    rec = degenerate_labels.rule_metrics(model, tok, answers, other, n_calibration=16,
+                                         system=cfg.calibrate.system_prompt, seed=cfg.run.seed)
+    return {**rec, "applied": "text_rules_only"}
+
+
+def degenerate_rule_frame(metrics: dict) -> pd.DataFrame:
+    """The rule with and without the fluency floor: its false-positive and false-negative rates, intervals, n."""
+    rule = metrics.get("degenerate_rule")
+    if not rule:
+        return pd.DataFrame()
+    rows = {"with_fluency_floor": rule, "text_rules_only": rule["text_rules_only"]}
+    return pd.DataFrame([{"rule": name, "applied by the stages": name == rule.get("applied"),
+                          **{k: r[k] for k in ("false_positive_rate", "false_positive_rate_ci", "n_not_degenerate",
+                                               "false_negative_rate", "false_negative_rate_ci", "n_degenerate")}}
+                         for name, r in rows.items()])
+
+
 def methods_of(cfg) -> list[str]:
     """The methods validated: `validate.methods`, else every identified method."""
     return list(cfg.validate.methods) if cfg.validate.methods is not None else list(cfg.identify.methods)
 
 
-SUMMARY_KEYS = ("intact", "positive_control", "power")   # metrics.json keys that are not models
+SUMMARY_KEYS = ("intact", "positive_control", "power", "degenerate_rule")   # metrics.json keys that are not models
 
 
 def conditions(metrics: dict):
