@@ -41,7 +41,9 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert (work / "artifacts/identify/aligned/nlsr/advbench.raw.lora.safetensors").exists()
 
     val = json.loads((work / "results/validate/metrics.json").read_text())
-    assert set(val) == {"aligned", "intact", "positive_control", "power"}
+    assert set(val) == {"aligned", "intact", "positive_control", "power", "degenerate_rule"}
+    rule = val["degenerate_rule"]
+    assert rule["n"] == rule["n_degenerate"] + rule["n_not_degenerate"] and rule["applied"] == "text_rules_only"
     assert set(val["aligned"]) == {"wanda", "layer"}   # smoke validate.methods
     assert val["intact"]["aligned"]["n"] == 4 and val["power"]["n"] == 4 and val["power"]["n_required"] > 4
     control = val["positive_control"]["aligned"]
@@ -108,8 +110,13 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
         nb = json.loads((work / "results" / stage / "notebook.ipynb").read_text())
         assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"], stage
     set_m = json.loads((work / "results/set/metrics.json").read_text())
-    assert set(set_m) == {"set", "full", "lora", "random", "bottom", "comparison"}
+    assert set(set_m) == {"set", "full", "lora", "random", "bottom", "comparison", "preservation", "margins",
+                          "utility_answers"}
     assert {"set_relative_reduction", "set_vs_random"} == set(set_m.pop("comparison"))
+    kept = set_m.pop("preservation")
+    assert set(kept) == {"set", "full", "lora", "random", "bottom"} and set(set_m.pop("margins")) == set(kept["set"])
+    assert all(kept[a]["over_refusal_rise"]["n"] > 0 and kept[a]["utility_ratio"]["n"] > 0 for a in kept)
+    assert set_m.pop("utility_answers")["n"] > 0
     for arm, v in set_m.items():
         assert len(v["asr_after_ci"]) == 2 and v["n_eval"] > 0
         assert {"asr_before", "asr_after", "utility_after", "trainable_fraction"} <= set(v)
