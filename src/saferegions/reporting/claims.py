@@ -283,7 +283,9 @@ def _esi(results: dict, cfg) -> tuple[list[Part], dict[str, str]]:
         f"{what}: share of the safety ESI mass − share of a benign LM-loss ESI mass, over the blocks' matrices "
         f"(lm_head and embeddings are rows of their own), {v.architecture.n_prompts} harmful and "
         f"{v.architecture.n_null_prompts} benign prompts, resampled")
-    for m in dense:
+    # the models whose architecture profile ran (esi.architecture_models); without any, the first dense model's
+    # parts say what is missing
+    for m in [m for m in dense if esi[m].architecture] or dense[:1]:
         for name, (key, what) in ESI_SHARES.items():
             part = _esi_part(esi[m], key)
             est = estimate(part)
