@@ -314,7 +314,7 @@ class Masses:
                 "n_layers": self.n_layers, "block_numel": int(numel.sum()), "lm_head_tied": self.lm_head_tied,
                 "middle_layers": [layer for layer in range(self.n_layers) if third(layer, self.n_layers) == 1],
                 "components": self.component_table().to_dict("index"),
-                "layers": {int(k): v for k, v in self.layer_table().to_dict("index").items()}}
+                "layers": {str(k): v for k, v in self.layer_table().to_dict("index").items()}}
 
 
 def top_region_enrichment(profile: pd.DataFrame) -> dict[str, dict]:
