@@ -94,3 +94,30 @@ def test_every_builtin_method_names_a_granularity_and_a_params_section():
     for name, entry in methods.REGISTRY.items():
         assert isinstance(getattr(cfg, name), entry.config)
         assert methods.granularity(entry.granularity).name == entry.granularity
+
+
+def test_method_kinds_that_params_check_come_from_the_registry(magnitude):
+    """`overlap.bootstrap.methods` takes the methods with a per-example score, `esi.compare_methods` those with
+    weight-level regions: a registered method joins (or not) by its entry alone, never by its name."""
+    assert methods.resamplable() == ("snip", "wanda")
+    assert set(methods.weight_level()) == {"snip", "wanda", "nlsr", "magnitude"}
+    config.EsiCfg(compare_methods=["magnitude", "nlsr"])
+    with pytest.raises(config.ConfigError, match="esi.compare_methods"):
+        config.EsiCfg(compare_methods=["neuron"])
+    with pytest.raises(config.ConfigError, match="overlap.bootstrap.methods"):
+        config.BootstrapCfg(methods=["magnitude"])
+    scored = methods.register(methods.Method("scored", run_magnitude, "", MagnitudeCfg, "weights",
+                                             scores="saferegions.methods.wanda:wanda_scores"))
+    try:
+        assert config.BootstrapCfg(methods=["scored"]).methods == ["scored"]
+        assert "scored" in methods.resamplable()
+    finally:
+        methods.REGISTRY.pop(scored.name)
+
+
+def test_the_memory_plan_of_a_method_is_its_registry_entry():
+    from saferegions import memory
+    for name, entry in methods.REGISTRY.items():
+        phase = methods.resolve(entry.memory_phase) if entry.memory_phase else None
+        assert phase is None or callable(phase), name
+    assert methods.resolve(methods.get("snip").memory_phase) is memory.snip_phase

@@ -217,7 +217,7 @@ def test_bootstrap_on_tiny_model():
     snip_rows = bootstrap_ious(model, tok, calib, "snip", ["advbench", "harmbench"], 1, 0.02, "matrix", None,
                                n_resamples=1, seed=0, batch_size=4, max_length=32, progress=False)
     assert len(snip_rows) == 1 and "refined" not in snip_rows[0]
-    with pytest.raises(ValueError, match="snip and wanda"):
+    with pytest.raises(ValueError, match="no per-example score to resample; resamplable: snip, wanda"):
         bootstrap_ious(model, tok, calib, "layer", ["advbench", "harmbench"], None, 0.02, "matrix", None, 1, 0)
     with pytest.raises(ValueError, match="two datasets"):
         bootstrap_ious(model, tok, calib, "wanda", ["advbench"], None, 0.02, "matrix", None, 1, 0)
@@ -460,13 +460,14 @@ def test_no_overlap_interval_is_nan(tmp_path):
     assert metrics["m"]["snip"]["raw"]["iou"]["reason"].startswith("every resample with a pair repeats")
     assert metrics["m"]["layer"]["raw"]["iou"]["reason"].startswith("undefined")
     record = RS.OverlapMetrics.parse(json.loads(text))
-    parts = dict(record.per_method("raw"))
-    assert list(parts) == ["m/wanda", "m/snip", "m/layer"] and parts["m/wanda"].ci == metrics["m"]["wanda"]["raw"]["iou"]["ci"]
-    assert evidence.verdict(parts["m/snip"].estimate(), 0.5, "<") == evidence.Verdict.INCONCLUSIVE
-    assert parts["m/layer"].estimate() is None
-    drops = dict(record.per_method("refined_minus_raw_corrected"))
-    assert drops["m/wanda"].effect == metrics["m"]["wanda"]["refined_minus_raw_corrected"]["effect"]
-    assert dict(record.per_method("refined.corrected"))["m/snip"].reason.startswith("every resample")
+    methods = record.models["m"]
+    assert list(methods) == ["wanda", "snip", "layer"]
+    assert methods["wanda"].raw.iou.ci == metrics["m"]["wanda"]["raw"]["iou"]["ci"]
+    assert evidence.verdict(methods["snip"].raw.iou.estimate(), 0.5, "<") == evidence.Verdict.INCONCLUSIVE
+    assert methods["layer"].raw.iou.estimate() is None
+    drop = methods["wanda"].refined_minus_raw_corrected
+    assert drop.effect == metrics["m"]["wanda"]["refined_minus_raw_corrected"]["effect"]
+    assert methods["snip"].refined.corrected.reason.startswith("every resample")
     shown = tables.table(S.metrics_table(metrics), index=False).to_html()
     verdict = S.verdict(summary, S.plateau(S.convergence(res)), pd.DataFrame(), S.refinement(res), ["raw", "refined"],
                         metrics)

@@ -306,13 +306,13 @@ class ValidateCfg:
 @dataclass
 class BootstrapCfg:
     """Prompt bootstrap of the IoU (resample a dataset's calibration examples, re-identify, recompute)."""
-    methods: list[str] = field(default_factory=lambda: ["snip", "wanda"])   # weight-level methods only
+    methods: list[str] = field(default_factory=lambda: list(methods.resamplable()))   # per-example scores only
     datasets: list[str] | None = None   # None = every dataset the method identified on
     n_resamples: int = 200
     seed: int = 0
 
     def __post_init__(self):
-        _subset("overlap.bootstrap.methods", self.methods, ("snip", "wanda"))
+        _subset("overlap.bootstrap.methods", self.methods, methods.resamplable())
         if self.datasets is not None:
             _subset("overlap.bootstrap.datasets", self.datasets, SAFETY_SETS)
             if len(self.datasets) < 2:

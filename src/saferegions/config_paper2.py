@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import methods
 from .checks import ConfigError, _choice, _fraction, _positive, _subset
 from .data import BENIGN_SETS, SAFETY_SETS
 
@@ -51,6 +52,7 @@ class EsiCfg:
     datasets: list[str] = field(default_factory=lambda: list(SAFETY_SETS))   # beyond the paper: one region each
     dataset_models: list[str] | None = None   # roles that get the per-dataset regions (None = all of `models`)
     compare_methods: list[str] = field(default_factory=lambda: ["snip", "wanda"])   # paper-1 regions compared
+                                                                                    # (weight-level methods)
 
     def __post_init__(self):
         if not self.models or len(set(self.models)) != len(self.models):
@@ -70,7 +72,7 @@ class EsiCfg:
         _subset("esi.datasets", self.datasets, SAFETY_SETS)
         if self.dataset_models is not None:
             _subset("esi.dataset_models", self.dataset_models, self.models)
-        _subset("esi.compare_methods", self.compare_methods, ("snip", "wanda"))
+        _subset("esi.compare_methods", self.compare_methods, methods.weight_level())
         _subset("esi.perturb_conditions", self.perturb_conditions, ("none", "topk", "bottomk", "random"))
         if self.perturb_models is not None:
             _subset("esi.perturb_models", self.perturb_models, self.models)

@@ -7,8 +7,9 @@ and lazy (in-function) imports alike, plus the `registry/*.json` files a module 
 string names code imported when first used: it counts as an import, except in the method registry
 (`methods/__init__.py`), whose runners and granularities are code of a stage only where the stage resolves
 them, as its module declares with `RESOLVES = methods.Resolves.X`: `ITEM_METHOD` (the identify stage: the
-runner, diagnostics and granularity of its matrix item's method) or `GRANULARITIES` (the validate stage: every
-granularity, as it removes the regions of every method).
+runner, diagnostics and granularity of its matrix item's method), `GRANULARITIES` (the validate stage: every
+granularity, as it removes the regions of every method) or `SCORES` (the overlap stage: every method's
+per-example score function, as its bootstrap re-identifies on resampled examples).
 
 DVC cannot interpolate a list into `deps`, so a matrix stage over methods lists the code all its items share
 and one templated path, `src/saferegions/methods/${item.method}.py`, for what only one method runs.
@@ -163,6 +164,11 @@ def granularity_modules() -> set[str]:
     return {_ref_module(r) for r in methods.GRANULARITIES.values()}
 
 
+def score_modules() -> set[str]:
+    from . import methods
+    return {_ref_module(m.scores) for m in methods.REGISTRY.values() if m.scores is not None}
+
+
 def command_roots(graph: Graph, cmd: str | list[str]) -> tuple[set[str], list[str]]:
     """(Modules, notebook paths) a stage command (or list of commands) runs: `python -m MODULE ARGS`, and for the
     notebook runner (`saferegions.stage NAME`) the notebook of NAME."""
@@ -192,6 +198,8 @@ def stage_deps(graph: Graph, name: str, spec: dict) -> tuple[list[str], list[str
                         f"{', '.join(r.name for r in methods.Resolves)}")
     if methods.Resolves.GRANULARITIES.name in declared:
         modules |= graph.closure(granularity_modules())
+    if methods.Resolves.SCORES.name in declared:
+        modules |= graph.closure(score_modules())
     shared, templated, notes = graph.files(modules), [], []
     if methods.Resolves.ITEM_METHOD.name in declared:
         if "method" not in (spec.get("matrix") or {}):

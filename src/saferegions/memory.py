@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import methods
+
 CATEGORIES = ("weights", "grads", "optimizer", "scores", "activations", "masks", "judge")
 PROMPT_TOKENS = 256      # longest rendered prompt assumed for generation (chat template + system + request)
 GUARD_TEMPLATE = 320     # Llama Guard's instruction around the response, in tokens
@@ -131,17 +133,17 @@ def full_arm(p: Phase, s, b: int, tokens: int) -> Phase:
     return p.add("optimizer", device=s.params * ((FP32 if b < FP32 else 0) + 2 * FP32))
 
 
-def _snip_phase(p: Phase, cfg, s, b: int) -> None:
+def snip_phase(p: Phase, cfg, s, b: int) -> None:
     snip(p, s, b, cfg.identify.max_length)
 
 
-def _wanda_phase(p: Phase, cfg, s, b: int) -> None:
+def wanda_phase(p: Phase, cfg, s, b: int) -> None:
     c = cfg.identify
     p.add("scores", host=s.eligible * FP32).add("scores", device=s.largest * FP32)
     p.add("activations", device=forward_activations(s, c.batch_size * c.max_length, c.batch_size, b))
 
 
-def _nlsr_phase(p: Phase, cfg, s, b: int) -> None:
+def nlsr_phase(p: Phase, cfg, s, b: int) -> None:
     n = cfg.identify.nlsr
     lora = n.lora_r * s.linear_io
     p.add("optimizer", device=lora * 3 * FP32).add("grads", device=lora * FP32)
@@ -155,10 +157,6 @@ def _hooked_forwards(p: Phase, cfg, s, b: int) -> None:
                                     generation(s, cfg.calibrate.batch_size, cfg.calibrate.max_new_tokens, b)))
 
 
-# What each identification method holds at its peak, beyond the loaded model (others: `_hooked_forwards`).
-IDENTIFY_PHASES = {"snip": _snip_phase, "wanda": _wanda_phase, "nlsr": _nlsr_phase}
-
-
 def identify_parts(cfg, role: str, s, b: int, on_gpu: bool) -> list[dict]:
     c = cfg.identify
     held = 3 + len(c.pq_grid_p or []) + len(c.pq_grid_q or [])   # utility, raw, refined + the p/q sweep's regions
@@ -166,7 +164,7 @@ def identify_parts(cfg, role: str, s, b: int, on_gpu: bool) -> list[dict]:
     out = []
     for method in c.methods:
         p = resident(s, b, method).add("masks", host=masks)
-        IDENTIFY_PHASES.get(method, _hooked_forwards)(p, cfg, s, b)
+        methods.resolve(methods.get(method).memory_phase or _hooked_forwards)(p, cfg, s, b)
         out.append(row("identify", f"{role} {method}", [loaded(s, b, on_gpu), p], on_gpu))
     return out
 

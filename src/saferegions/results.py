@@ -250,17 +250,6 @@ class OverlapMetrics(Record):
     models: dict[str, dict[str, OverlapMethod]]
     REST: ClassVar[str] = "models"
 
-    def per_method(self, measure: str) -> list[tuple[str, DatasetEstimate | None]]:
-        """("MODEL/METHOD", its dataset-bootstrap estimate) of every model × method, for the parts of a claim
-        decided over every method. `measure`: "raw" / "refined" (mean IoU), "raw.corrected" /
-        "refined.corrected" (mean chance-corrected IoU), "refined_minus_raw", "refined_minus_raw_corrected"."""
-        def pick(v: OverlapMethod):
-            variant, _, corrected = measure.partition(".")
-            if variant in ("raw", "refined"):
-                return getattr(getattr(v, variant), corrected or "iou")
-            return getattr(v, measure)
-        return [(f"{m}/{k}", pick(v)) for m, methods in self.models.items() for k, v in methods.items()]
-
 
 @dataclass(kw_only=True)
 class Perturbation(Record):

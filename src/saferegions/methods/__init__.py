@@ -34,9 +34,10 @@ class Resolves(enum.Enum):
     `saferegions.deps` makes the stage's DVC deps the code of exactly that."""
     ITEM_METHOD = "the runner, diagnostics and granularity of the stage's `method` matrix item"
     GRANULARITIES = "every granularity: the stage removes regions of any method"
+    SCORES = "every method's per-example score function: the stage re-identifies on resampled examples"
 
 
-def _resolve(ref):
+def resolve(ref):
     """A "module:attribute" reference imported now; anything else is returned as it is."""
     if not isinstance(ref, str):
         return ref
@@ -48,7 +49,7 @@ def granularity(name: str):
     """The granularity object registered under `name` (one error listing the valid names)."""
     if name not in GRANULARITIES:
         raise ValueError(f"unknown granularity {name!r}; valid: {', '.join(GRANULARITIES)}")
-    return _resolve(GRANULARITIES[name])()
+    return resolve(GRANULARITIES[name])()
 
 
 @dataclass(frozen=True)
@@ -60,19 +61,25 @@ class Method:
     config: type                 # dataclass of params `identify.<name>`; needs a `datasets` field
     granularity: str = "weights"   # key of GRANULARITIES
     diagnostics: Callable | str | None = None   # (Context, cfg) -> method-specific notebook items, see `report`
+    scores: Callable | str | None = None   # (model, batches, progress) -> {name: score}: a sum over examples, so
+                                           # the overlap bootstrap can resample them; None = not resamplable
+    memory_phase: Callable | str | None = None   # memory plan of its identify peak (None: hooked forwards only)
 
     def __post_init__(self):
         _choice(f"method {self.name!r}: granularity", self.granularity, GRANULARITIES)
 
     def run(self, ctx):
-        return _resolve(self.runner)(ctx)
+        return resolve(self.runner)(ctx)
+
+    def score(self, model, batches, progress: bool = False) -> dict:
+        return resolve(self.scores)(model, batches, progress=progress)
 
     def report(self, ctx, cfg) -> dict:
         """What the identify notebook shows beyond the regions: {"text": [str], "tables": [frame or Styler],
         "curves": [{"file", "frame", "x", "y", "hue", "title", "xlabel", "ylabel"}]} (empty for most methods)."""
         out = {"text": [], "tables": [], "curves": []}
         if self.diagnostics is not None:
-            out.update(_resolve(self.diagnostics)(ctx, cfg))
+            out.update(resolve(self.diagnostics)(ctx, cfg))
         return out
 
 
@@ -91,18 +98,30 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
+def resamplable() -> tuple[str, ...]:
+    """Methods whose scores the overlap bootstrap can recompute on resampled examples."""
+    return tuple(m.name for m in REGISTRY.values() if m.scores is not None)
+
+
+def weight_level() -> tuple[str, ...]:
+    """Methods whose regions are sets of weight entries (comparable entry by entry with ESI's)."""
+    return tuple(m.name for m in REGISTRY.values() if m.granularity == "weights")
+
+
 # ---------------------------------------------------------------- the built-in methods, in paper order
 
 register(Method(
     "snip", "saferegions.methods.snip:run",
     "**SNIP** (Wei et al. 2024): I = |W| ⊙ Σ_s |∂L_s/∂W|, L_s = cross-entropy on the response tokens of "
     "calibration example s; region = top-q per matrix; refined = top-q(safety) \\ top-p(utility).",
-    SnipCfg, "weights"))
+    SnipCfg, "weights", scores="saferegions.methods.snip:snip_scores",
+    memory_phase="saferegions.memory:snip_phase"))
 register(Method(
     "wanda", "saferegions.methods.wanda:run",
     "**Wanda** (Wei et al. 2024): I_ij = |W_ij| · ‖X_j‖₂ over response-token inputs; region = top-q per "
     "matrix; refined = top-q(safety) \\ top-p(utility).",
-    WandaCfg, "weights"))
+    WandaCfg, "weights", scores="saferegions.methods.wanda:wanda_scores",
+    memory_phase="saferegions.memory:wanda_phase"))
 register(Method(
     "neuron", "saferegions.methods.neuron:run",
     "**Safety neurons** (SN-Tune detector): per prompt, the top fraction of attention (q/k/v/o) and FFN "
@@ -120,4 +139,4 @@ register(Method(
     "**NLSR** (Yi et al. 2025): one safety LoRA (harmful → refusal), expo-rescaled; per dataset the "
     "ActSVD low-rank projection on that dataset's activations, top keep_frac |W| per LoRA matrix; "
     "refined = safety \\ utility on LoRA entries; projected to base weights by |ΔW| (§3.2).",
-    NlsrCfg, "weights", "saferegions.methods.nlsr:diagnostics"))
+    NlsrCfg, "weights", "saferegions.methods.nlsr:diagnostics", memory_phase="saferegions.memory:nlsr_phase"))

@@ -1,5 +1,5 @@
 """Prompt bootstrap of the weight-level methods' overlap (stage `overlap`, docs/methods.md §3.3): how much the
-pairwise IoU of SNIP / Wanda regions moves when each dataset's calibration examples are resampled."""
+pairwise IoU of the resamplable methods' regions (`methods.resamplable`: SNIP, Wanda) moves when each dataset's calibration examples are resampled."""
 from __future__ import annotations
 
 import itertools
@@ -11,17 +11,10 @@ from tqdm.auto import tqdm
 from .. import chat, regions
 from ..overlap import count, plan
 from ..regions import PackedRegion
-from . import snip, wanda
+from . import Resolves, get, resamplable
 from .context import examples
 
-
-def _scorer(method: str):
-    """The score function of a weight-level method (model, batches -> scores): SNIP and Wanda, the methods
-    `overlap.bootstrap.methods` accepts."""
-    scores = {"snip": snip.snip_scores, "wanda": wanda.wanda_scores}
-    if method not in scores:
-        raise ValueError(f"bootstrap supports the weight-level methods snip and wanda, got {method!r}")
-    return lambda model, batches: scores[method](model, batches, progress=False)
+RESOLVES = Resolves.SCORES   # re-identifies with every resamplable method's score: DVC deps on their code
 
 
 def bootstrap_ious(model, tok, calib: dict, method: str, datasets: Sequence[str], n: int | None, q: float,
@@ -34,10 +27,13 @@ def bootstrap_ious(model, tok, calib: dict, method: str, datasets: Sequence[str]
     datasets = list(datasets)
     if len(datasets) < 2:
         raise ValueError("bootstrap needs at least two datasets to form a pair")
+    method_entry = get(method)
+    if method_entry.scores is None:
+        raise ValueError(f"method {method!r} has no per-example score to resample; resamplable: "
+                         f"{', '.join(resamplable())}")
     missing = [d for d in datasets if d not in calib]
     if missing:
         raise ValueError(f"no calibration examples for {missing}")
-    score = _scorer(method)
     rng = np.random.default_rng(seed)
     rows = []
     for r in tqdm(range(n_resamples), desc=f"bootstrap {method}", disable=not progress):
@@ -49,7 +45,7 @@ def bootstrap_ious(model, tok, calib: dict, method: str, datasets: Sequence[str]
             ps, rs = [prompts[i] for i in pick], [responses[i] for i in pick]
             fs = [finished[i] for i in pick] if finished is not None else None
             batches = list(chat.response_batches(tok, ps, rs, batch_size, max_length, system, fs))
-            region = regions.top_fraction(score(model, batches), q, group)
+            region = regions.top_fraction(method_entry.score(model, batches), q, group)
             found.append(regions.pack(region))
             del region
         u = "_utility" if utility is not None else None
