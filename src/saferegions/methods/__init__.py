@@ -110,18 +110,24 @@ def weight_level() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- the built-in methods, in paper order
 
-register(Method(
-    "snip", "saferegions.methods.snip:run",
+def _score_based(name: str, description: str, config: type) -> Method:
+    """A weight-level method whose score is a sum over calibration examples: `methods/<name>.py` holds `run`
+    and `<name>_scores`, `memory.<name>_phase` its memory plan."""
+    return register(Method(name, f"saferegions.methods.{name}:run", description, config, "weights",
+                           scores=f"saferegions.methods.{name}:{name}_scores",
+                           memory_phase=f"saferegions.memory:{name}_phase"))
+
+
+_score_based(
+    "snip",
     "**SNIP** (Wei et al. 2024): I = |W| ⊙ Σ_s |∂L_s/∂W|, L_s = cross-entropy on the response tokens of "
     "calibration example s; region = top-q per matrix; refined = top-q(safety) \\ top-p(utility).",
-    SnipCfg, "weights", scores="saferegions.methods.snip:snip_scores",
-    memory_phase="saferegions.memory:snip_phase"))
-register(Method(
-    "wanda", "saferegions.methods.wanda:run",
+    SnipCfg)
+_score_based(
+    "wanda",
     "**Wanda** (Wei et al. 2024): I_ij = |W_ij| · ‖X_j‖₂ over response-token inputs; region = top-q per "
     "matrix; refined = top-q(safety) \\ top-p(utility).",
-    WandaCfg, "weights", scores="saferegions.methods.wanda:wanda_scores",
-    memory_phase="saferegions.memory:wanda_phase"))
+    WandaCfg)
 register(Method(
     "neuron", "saferegions.methods.neuron:run",
     "**Safety neurons** (SN-Tune detector): per prompt, the top fraction of attention (q/k/v/o) and FFN "
