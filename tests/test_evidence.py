@@ -260,7 +260,7 @@ def test_decide_records_every_preregistered_part_and_its_claim():
         assert [p["name"] for p in rec["parts"]] == list(E.PARTS[cid])
         for p in rec["parts"]:
             assert set(p) == {"name", "role", "condition", "metric", "n", "effect", "ci", "ci_one_flip", "test", "p",
-                              "p_holm", "threshold", "direction", "margin", "verdict", "reason"}
+                              "discordant", "mde", "p_holm", "threshold", "direction", "margin", "verdict", "reason"}
     s = out["p2_set_halves_asr"]
     assert [p["verdict"] for p in s["parts"]] == ["supported", "not run", "not run"]
     assert s["verdict"] == "not run" and "benign_over_refusal" in s["reason"] and "utility_ratio" in s["reason"]
@@ -331,3 +331,21 @@ def test_ratio_of_means_edge_cases():
     assert math.isnan(E.ratio_of_means([0.4], [0.5]).ci[0])         # one pair: no interval
     assert E.ratio_of_means([], []).n == 0
     assert E.ratio_of_means([0.5, np.nan, 0.3], [0.5, 0.2, np.nan]).n == 1   # pairs with a NaN are dropped
+
+
+def test_a_paired_comparison_carries_its_discordance_and_minimal_detectable_effect():
+    """A paired binary estimate counts its discordant pairs; the part record's `mde` is power's minimal
+    detectable effect at that n and discordance, and nothing for estimates without pairs of outcomes."""
+    from saferegions import power
+    a = [True] * 30 + [False] * 70 + [True] * 12 + [False] * 8
+    b = [True] * 30 + [False] * 70 + [False] * 12 + [True] * 8
+    est = E.paired_proportions(a, b)
+    assert est.discordant == 20 and est.n == 120
+    part = E.Part("p1_region_affects_safety", "region_vs_importance_matched", est, "m")
+    rec = next(r for r in E.decide([part])["p1_region_affects_safety"]["parts"]
+               if r["name"] == "region_vs_importance_matched")
+    assert rec["mde"] == pytest.approx(power.minimal_detectable_effect(120, 20 / 120))
+    assert 20 / 120 >= rec["mde"] > 0.05
+    assert E.minimal_detectable(E.mean([0.1, 0.2, 0.3])) is None
+    assert E.minimal_detectable(E.paired_proportions([True, False], [True, False])) is None
+    assert "discordant" not in E.mean([0.1, 0.2]).as_dict()

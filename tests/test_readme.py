@@ -90,7 +90,7 @@ def _fake_results(root):
                "reason": "not testable here: ctl", "parts": [
                    part("gap", condition="m/snip", metric="refusal-onset rate (printed as ASR): keyword judge", n=96,
                         effect=0.25, ci=[0.125, 0.375], ci_one_flip=[0.11, 0.39], test="exact McNemar", p=0.0001,
-                        p_holm=0.0002, threshold=0.1, direction=">", verdict="supported"),
+                        discordant=30, mde=0.1234, p_holm=0.0002, threshold=0.1, direction=">", verdict="supported"),
                    part("ratio", metric="utility ratio", n=32, effect=0.95, ci=[0.91, 0.99], p=0.02, p_holm=0.04,
                         threshold=0.9, direction=">", margin=0.1, verdict="supported"),
                    part("ctl", role="control", reason="results/x/metrics.json has no y")]},
@@ -120,10 +120,10 @@ def test_generator_on_a_tiny_results_dir(tmp_path):
     assert "| m/snip | 2 | 0.300 (0.010) | – (–) |" in out                         # undefined IoU, datasets
     assert "| set | 1.00% | 0.875 → 0.375 |" in out
     assert "| m/snip | advbench | 0.50 | 0.25 | 0.25 [0.125, 0.375] | 0.95 | 96 |" in out    # paired, CI, n
-    assert "| **a \\| b** | p | not testable here: ctl |  |  |  |  |  | **not run** |" in out      # claim, pipes
-    assert "| ↳ gap |  | m/snip | 0.25 [0.125, 0.375] | [0.11, 0.39] | 96 | < 0.001 | > 0.10 | supported |" in out
-    assert "| ↳ ratio |  | – | 0.95 [0.91, 0.99] | – | 32 | 0.040 | > 0.90 (margin 0.10) | supported |" in out
-    assert "| ↳ ctl (control) |  | – | – | – | 0 | – | < 0.50 | not run: results/x/metrics.json has no y |" \
+    assert "| **a \\| b** | p | not testable here: ctl |  |  |  |  |  |  | **not run** |" in out      # claim, pipes
+    assert "| ↳ gap |  | m/snip | 0.25 [0.125, 0.375] | [0.11, 0.39] | 96 | 0.123 | < 0.001 | > 0.10 | supported |" in out
+    assert "| ↳ ratio |  | – | 0.95 [0.91, 0.99] | – | 32 | – | 0.040 | > 0.90 (margin 0.10) | supported |" in out
+    assert "| ↳ ctl (control) |  | – | – | – | 0 | – | – | < 0.50 | not run: results/x/metrics.json has no y |" \
         in out
     assert "| **c** | p | not testable here: low |" in out and "| ↳ low |" in out
     assert "- gap: refusal-onset rate (printed as ASR): keyword judge\n- ratio: utility ratio" in out

@@ -144,7 +144,8 @@ def _parts(record, name):
 CFG = types.SimpleNamespace(identify=types.SimpleNamespace(methods=["snip", "wanda"]),
                             validate=types.SimpleNamespace(datasets=["advbench"]))
 VERDICTS = {"supported", "contradicted", "inconclusive", "not run"}
-PART_KEYS = {"name", "role", "condition", "metric", "n", "effect", "ci", "ci_one_flip", "test", "p", "p_holm",
+PART_KEYS = {"name", "role", "condition", "metric", "n", "effect", "ci", "ci_one_flip", "test", "p", "discordant",
+             "mde", "p_holm",
              "threshold", "direction", "margin", "verdict", "reason"}
 
 

@@ -55,10 +55,11 @@ claims = pd.DataFrame(rows)
 display(report.table(claims[["id", "verdict", "reason"]], index=False,
                      caption="Claims: the verdict of all their parts together, and which parts decided it"))
 parts = pd.DataFrame(report.part_rows(rows)).fillna({"condition": "–"}).set_index(["id", "name", "condition"])
-display(report.table(parts[["role", "n", "effect", "ci", "ci_one_flip", "test", "p", "p_holm", "direction",
+display(report.table(parts[["role", "n", "mde", "effect", "ci", "ci_one_flip", "test", "p", "p_holm", "direction",
                             "threshold", "margin", "verdict", "reason"]], intervals={"effect": "ci"},
-                     caption="Each claim's parts: effect [95% CI], CI with one prompt flipped, test, p, Holm p, "
-                             "threshold, margin, verdict"))
+                     caption="Each claim's parts: n and the minimal detectable effect at it (paired binary "
+                             "comparisons: 80% power, exact McNemar at the observed discordance), effect [95% CI], "
+                             "CI with one prompt flipped, test, p, Holm p, threshold, margin, verdict"))
 display(report.table(parts[["metric"]].drop_duplicates(), caption="What each part measures, under its real name"))
 display(report.table(claims[["paper", "claim", "paper_value", "this_run"]].assign(paper="arXiv:" + claims.paper),
                      index=False,

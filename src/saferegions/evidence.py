@@ -28,18 +28,23 @@ class Estimate:
 
     `ci_one_flip` (prompt-level binary outcomes only): the union of the 95% intervals over every way one
     prompt's outcome in one arm could flip. Last-bit float differences between CPUs can flip a prompt whose
-    greedy tokens are near-tied; `verdict` reads this wider interval, so no verdict hinges on one prompt."""
+    greedy tokens are near-tied; `verdict` reads this wider interval, so no verdict hinges on one prompt.
+    `discordant` (paired binary outcomes only): the pairs whose outcomes differ, from which the comparison's
+    minimal detectable effect at its n follows (`power.minimal_detectable_effect`)."""
     n: int
     effect: float
     ci: tuple[float, float]
     test: str
     p: float | None = None
     ci_one_flip: tuple[float, float] | None = None
+    discordant: int | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["ci"] = list(self.ci)
         d["ci_one_flip"] = None if self.ci_one_flip is None else list(self.ci_one_flip)
+        if self.discordant is None:
+            del d["discordant"]
         return d
 
 
@@ -111,7 +116,7 @@ def _paired(a: np.ndarray, b: np.ndarray) -> Estimate:
     high = pa - pb + math.sqrt(max((ua - pa) ** 2 - 2 * phi * (ua - pa) * (pb - lb) + (pb - lb) ** 2, 0.0))
     m = only_a + only_b
     p = float(stats.binomtest(only_a, m, 0.5).pvalue) if m else 1.0
-    return Estimate(n, (only_a - only_b) / n, (low, high), PAIRED_TEST, p)
+    return Estimate(n, (only_a - only_b) / n, (low, high), PAIRED_TEST, p, discordant=m)
 
 
 def paired_proportions(a: Sequence[bool], b: Sequence[bool]) -> Estimate:
@@ -375,8 +380,20 @@ def _part_record(part: Part, p_holm: float | None) -> dict:
     elif v is Verdict.INCONCLUSIVE and s.margin is None and verdict(est, s.threshold, s.direction) != v:
         reason = "; ".join(filter(None, [reason, f"{v.value}: Holm-adjusted p {p_holm:.3g} >= {ALPHA}"]))
     return {"name": part.name, "role": s.role.value, "condition": part.condition, "metric": part.metric,
-            **{k: _plain(x) for k, x in base.items()}, "p_holm": p_holm, "threshold": s.threshold,
-            "direction": s.direction, "margin": s.margin, "verdict": v.value, "reason": reason}
+            **{k: _plain(x) for k, x in base.items()},
+            "discordant": est.discordant if est is not None else None, "mde": _plain(minimal_detectable(est)),
+            "p_holm": p_holm,
+            "threshold": s.threshold, "direction": s.direction, "margin": s.margin, "verdict": v.value,
+            "reason": reason}
+
+
+def minimal_detectable(est: Estimate | None) -> float | None:
+    """The effect a paired binary comparison detects with 80% power at its n and observed discordance (exact
+    McNemar, α = 0.05: docs/methods.md "Power"); None for other estimates or without a discordant pair."""
+    if est is None or not est.discordant or not est.n:
+        return None
+    from .power import minimal_detectable_effect
+    return minimal_detectable_effect(est.n, est.discordant / est.n)
 
 
 def decide(parts: Sequence[Part]) -> dict[str, dict]:

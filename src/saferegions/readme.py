@@ -193,16 +193,17 @@ def _claims(claims: dict) -> list[str]:
         if "parts" not in r:
             raise ValueError(f"results/report/claims.json: {cid} has no parts (written before claims had parts): "
                              "re-run the report stage")
-        rows.append([f"**{r['claim']}**", r["paper"], r["reason"], "", "", "", "", "", f"**{r['verdict']}**"])
+        rows.append([f"**{r['claim']}**", r["paper"], r["reason"], "", "", "", "", "", "", f"**{r['verdict']}**"])
         for p in r["parts"]:
             rows.append([f"↳ {p['name']}" + (" (control)" if p["role"] == "control" else ""), "",
                          p["condition"] or "–", _estimate(p), _interval(p["ci_one_flip"]), p["n"],
+                         "–" if p.get("mde") is None else f"{p['mde']:.3f}",
                          _p(p["p_holm"]), _threshold(p),
                          p["verdict"] + (f": {p['reason']}" if p["reason"] else "")])
             if p["metric"]:
                 metrics.setdefault(p["metric"], []).append(p["name"])
     return (_table(["claim / part", "paper", "condition", "effect [95% CI]", "one-prompt-flip interval", "n",
-                    "p (Holm)", "threshold", "verdict"], rows)
+                    "minimal detectable effect", "p (Holm)", "threshold", "verdict"], rows)
             + ["", "What each part measures:", ""]
             + [f"- {', '.join(dict.fromkeys(names))}: {m}" for m, names in metrics.items()])
 

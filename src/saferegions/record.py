@@ -151,6 +151,7 @@ class EstimateRecord(Record):
     test: str | None
     p: float | None = optional()
     ci_one_flip: Interval | None = optional()
+    discordant: int | None = optional()
 
     def estimate(self) -> evidence.Estimate | None:
         """The Estimate back; None where no effect was written."""
@@ -158,7 +159,7 @@ class EstimateRecord(Record):
             return None
         floats = lambda pair: tuple(math.nan if c is None else float(c) for c in pair)  # noqa: E731
         return evidence.Estimate(self.n, float(self.effect), floats(self.ci), str(self.test), self.p,
-                                 floats(self.ci_one_flip) if self.ci_one_flip else None)
+                                 floats(self.ci_one_flip) if self.ci_one_flip else None, self.discordant)
 
 
 def estimate(record: EstimateRecord | None) -> evidence.Estimate | None:

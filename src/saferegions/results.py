@@ -377,6 +377,7 @@ class PartNumbers(Record):
     ci_high: float | None = field(metadata={"lo": None})
     p: float | None = rate()
     p_holm: float | None = rate()
+    mde: float | None = rate(None)   # minimal detectable effect (80% power) of a paired binary comparison
     verdict: str
 
 

@@ -35,7 +35,8 @@ def write_outputs(rows: list[dict], results_: dict, totals: list[dict], prov: di
     results.save("report", out / "metrics.json", {
         "claims": {r["id"]: {"verdict": r["verdict"], "parts": {part_key(p): {
             "n": p["n"], "effect": p["effect"], "ci_low": (p["ci"] or [None, None])[0],
-            "ci_high": (p["ci"] or [None, None])[1], "p": p["p"], "p_holm": p["p_holm"], "verdict": p["verdict"]}
+            "ci_high": (p["ci"] or [None, None])[1], "p": p["p"], "p_holm": p["p_holm"],
+            **({"mde": p["mde"]} if p["mde"] is not None else {}), "verdict": p["verdict"]}
             for p in r["parts"]}} for r in rows},
         "verdicts": verdict_counts(rows),
         "stages_run": sum(s["status"] != NOT_RUN for s in stage_status(results_)),
