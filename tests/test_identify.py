@@ -185,7 +185,7 @@ def test_validate_run_model_shape(setup, tmp_path):
     ps, rs = calib["alpaca"][:2]
     importance = lambda: wanda_scores(model, chat.response_batches(tok, ps, rs, 2), progress=False)  # noqa: E731
     dirs = (PROMPTS["advbench"], PROMPTS["alpaca"], PROMPTS["harmbench"][:2])
-    out, ref, rows, gens, control = validate.run_model(
+    out, ref, rows, gens, control, again = validate.run_model(
         model, tok, "aligned", ["wanda", "layer"], ["advbench"], lambda m: tmp_path / m, PROMPTS["harmbench"][:2],
         PROMPTS["alpaca"][:2], judges.KeywordJudge(), cfg.validate, importance=importance, direction_prompts=dirs)
     assert set(out) == {"wanda", "layer"}
@@ -207,8 +207,12 @@ def test_validate_run_model_shape(setup, tmp_path):
     assert 0 < ref["utility"] <= 1 and ref["n"] == 2 and len(rows) == 5 + 2
     assert {g["outcome"] for g in gens} <= {"refused", "complied", "degenerate"}
     assert {g["ablation"] for g in gens} >= {"none", "refusal_direction", "matched", "random_2"}
+    assert set(again) == {"region_vs_matched", "region_vs_random", "direction_vs_intact"}
+    for r in again.values():
+        assert r["max_new_tokens"] == cfg.validate.rejudge_max_new_tokens
+        assert (r["agreement"] or {"n": 0})["n"] == 2 * r["n_discordant"]
     metrics = {"aligned": out, "intact": {"aligned": ref}, "positive_control": {"aligned": control},
-               "power": validate.power.plan(0.1, 0.2).as_dict()}
+               "power": validate.power.plan(0.1, 0.2).as_dict(), "rejudged": {"aligned": again}}
     parsed = results.ValidateMetrics.parse(metrics, "metrics.json")
     assert parsed.positive_control["aligned"].detected is control["detected"]
     assert set(parsed.models["aligned"]) == {"wanda", "layer"}

@@ -285,6 +285,8 @@ class ValidateCfg:
     methods: list[str] | None = None   # methods whose regions are validated (None = every identify method)
     random_draws: int = 3        # random regions of the primary region (first method x first dataset); others: 1
     matched_bins: int = 10       # utility-importance quantile bins of the importance-matched control
+    rejudge_max_new_tokens: int = 128   # the primary comparisons' discordant pairs generated again at this length
+                                        # and judged again (`rejudge`); 0 = off
     power: PowerCfg = field(default_factory=PowerCfg)
     direction: RefusalDirectionCfg = field(default_factory=RefusalDirectionCfg)
 
@@ -301,6 +303,9 @@ class ValidateCfg:
             _positive("validate.n_eval", self.n_eval)
         if self.layer_alpha < 0:
             raise ConfigError(f"validate.layer_alpha: must be >= 0, got {self.layer_alpha}")
+        if self.rejudge_max_new_tokens and self.rejudge_max_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"validate.rejudge_max_new_tokens: {self.rejudge_max_new_tokens} must exceed "
+                              f"validate.max_new_tokens ({self.max_new_tokens}), or be 0 (off)")
 
 
 @dataclass

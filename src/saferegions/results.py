@@ -182,14 +182,26 @@ class DegenerateRule(Record):
 
 
 @dataclass(kw_only=True)
+class Rejudged(Record):
+    """`rejudge.rejudge`: one comparison's discordant pairs judged again at a longer length."""
+    arms: list[str]
+    max_new_tokens: int
+    n_discordant: int
+    agreement: EstimateRecord | None = optional()
+    effect_short: EstimateRecord
+    effect_rejudged: EstimateRecord
+
+
+@dataclass(kw_only=True)
 class ValidateMetrics(Record):
     """{MODEL: {METHOD: {DATASET: condition}}}; "intact": {MODEL: rates} is the reference; "positive_control":
-    {MODEL: record}; "power": the sample-size plan."""
+    {MODEL: record}; "power": the sample-size plan; "rejudged": {MODEL: {comparison: Rejudged}}."""
     models: dict[str, dict[str, dict[str, ValidateCondition]]]
     intact: dict[str, Rates] | None = optional()
     positive_control: dict[str, PositiveControl] | None = optional()
     power: PowerRecord | None = optional()
     degenerate_rule: DegenerateRule | None = optional()
+    rejudged: dict[str, dict[str, Rejudged]] | None = optional()
     REST: ClassVar[str] = "models"
 
 

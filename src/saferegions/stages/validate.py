@@ -23,14 +23,17 @@ Every ablation restores the model bit-exactly on exit, so one loaded model serve
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .. import chat, config, data, degenerate_labels, evidence, judges, models, plots, power, regions, results  # noqa: F401,E501  (config, plots: re-exported)
+from .. import chat, config, data, degenerate_labels, evidence, judges, models, plots, power, regions, rejudge, results  # noqa: F401,E501  (config, plots: re-exported)
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
-from ..evaluation import evaluate, rate_record, utility_scores
+from ..evaluation import Evaluation, evaluate, rate_record, utility_scores
 from ..importance_matched import importance_matched
 from ..io import read_jsonl, write_json, write_jsonl
 from ..methods import Resolves, refusal_direction, removal
@@ -89,9 +92,9 @@ def controls(model, region, seed: int, draws: int, mode: str, importance=None, b
 
 
 def compare(model, tok, method: str, region, seed: int, harmful, util_prompts, util_answers, judge,
-            cfg, system: str | None = None, draws: int = 1, importance=None) -> tuple[dict, list[dict]]:
-    """{tag: (Evaluation, utility values, size)} for the region and each of its `controls`, and the generations
-    behind them; `method` only labels the progress bars."""
+            cfg, system: str | None = None, draws: int = 1, importance=None) -> tuple[dict, list[dict], dict]:
+    """{tag: (Evaluation, utility values, size)} for the region and each of its `controls`, the generations
+    behind them, and {tag: Region} (the arms); `method` only labels the progress bars."""
     out, gens = {}, []
     arms = {"region": region, **controls(model, region, seed, draws, cfg.random_mode, importance, cfg.matched_bins)}
     for tag, r in arms.items():
@@ -101,7 +104,7 @@ def compare(model, tok, method: str, region, seed: int, harmful, util_prompts, u
         out[tag] = (ev, util, r.size)
         gens += [{"ablation": tag, "prompt": p, "response": s, "outcome": o.value}
                  for p, s, o in zip(harmful, ev.responses, ev.outcomes)]
-    return out, gens
+    return out, gens, arms
 
 
 def entry(vals: dict, intact_ev, util_intact: np.ndarray, seed: int = 0, plan=config.PowerCfg()) -> dict:
@@ -128,8 +131,9 @@ def entry(vals: dict, intact_ev, util_intact: np.ndarray, seed: int = 0, plan=co
 
 def positive_control(model, tok, harmful, util_prompts, util_answers, intact_ev, util_intact: float, judge, cfg,
                      direction_prompts: tuple[list[str], list[str], list[str]], system: str | None = None,
-                     seed: int = 0) -> tuple[dict, list[dict]]:
-    """Ablate the refusal direction and judge it on the same prompts: (record, generations). The direction is the
+                     seed: int = 0) -> tuple[dict, list[dict], Evaluation, torch.Tensor]:
+    """Ablate the refusal direction and judge it on the same prompts: (record, generations, its evaluation, the
+    direction). The direction is the
     difference in means of harmful vs harmless identification prompts (`direction_prompts` = harmful, harmless,
     selection prompts) at the candidate (layer, position) whose ablation complies most on the selection prompts.
     `detected`: its ASR rise over the intact model clears the region claim's threshold (`evidence.verdict`)."""
@@ -155,14 +159,40 @@ def positive_control(model, tok, harmful, util_prompts, util_answers, intact_ev,
            "utility_ratio": float(np.mean(util)) / util_intact if util_intact else float("nan")}
     gens = [{"ablation": "refusal_direction", "prompt": p, "response": s, "outcome": o.value}
             for p, s, o in zip(harmful, ev.responses, ev.outcomes)]
-    return rec, gens
+    return rec, gens, ev, direction
+
+
+def rejudged(model, tok, harmful, intact_ev, primary: tuple[dict, dict] | None, direction, judge, cfg,
+             system: str | None = None) -> dict:
+    """The headline comparisons' discordant pairs re-judged at `cfg.rejudge_max_new_tokens` (`rejudge`): the
+    primary region against its importance-matched control and its first random draw, and the positive control
+    against the intact model; {} when off."""
+    if not cfg.rejudge_max_new_tokens:
+        return {}
+    evals, edits, comparisons = {"intact": intact_ev}, {"intact": contextlib.nullcontext}, []
+    if primary is not None:
+        vals, arms = primary
+        for tag in ("matched", "random"):
+            if tag in vals:
+                comparisons.append(rejudge.Comparison(f"region_vs_{tag}", "region", tag))
+        for tag in ("region", "matched", "random"):
+            if tag in vals:
+                evals[tag] = vals[tag][0]
+                edits[tag] = functools.partial(removal.ablation, model, arms[tag], cfg.layer_alpha)
+    if direction is not None:
+        evals["direction"], direction_vector = direction
+        edits["direction"] = functools.partial(refusal_direction.ablated, model, direction_vector)
+        comparisons.append(rejudge.Comparison("direction_vs_intact", "direction", "intact"))
+    return rejudge.rejudge(model, tok, comparisons, evals, edits, judge, cfg.rejudge_max_new_tokens,
+                           cfg.batch_size, system)
 
 
 def run_model(model, tok, role: str, methods: list[str], datasets: list[str], region_dir, harmful: list[str],
               util_prompts: list[str], judge, cfg, seed: int = 0, system: str | None = None, importance=None,
               direction_prompts=None):
     """Every (method, dataset) condition for one model: ({method: {dataset: `entry`}}, intact reference
-    (rate_record + utility), rows, generations, positive control record or None). `region_dir(method)` is the
+    (rate_record + utility), rows, generations, positive control record or None, `rejudged` records).
+    `region_dir(method)` is the
     folder of that method's regions; the unablated model's greedy answers to `util_prompts` define the utility
     reference. The primary region (first method x first dataset) gets `cfg.random_draws` random draws and, with
     `importance`, the matched control; the others one draw. With `direction_prompts`, the positive control."""
@@ -173,18 +203,22 @@ def run_model(model, tok, role: str, methods: list[str], datasets: list[str], re
     reference = record(ev0, util0, seed)
     gens = [{"model": role, "method": None, "dataset": None, "ablation": "none", "prompt": p, "response": r,
              "outcome": o.value} for p, r, o in zip(harmful, ev0.responses, ev0.outcomes)]
-    control = None
+    control = direction = primary = None
     if direction_prompts is not None:
-        control, g = positive_control(model, tok, harmful, util_prompts, answers, ev0, reference["utility"], judge,
-                                      cfg, direction_prompts, system, seed)
+        control, g, dev, dvec = positive_control(model, tok, harmful, util_prompts, answers, ev0,
+                                                 reference["utility"], judge, cfg, direction_prompts, system, seed)
+        direction = (dev, dvec)
         gens += [{"model": role, "method": None, "dataset": None, **x} for x in g]
     out, rows = {}, []
     for mi, method in enumerate(methods):
         for i, d in enumerate(datasets):
             region = regions.load(regions.region_path(region_dir(method), d, cfg.variant))
-            primary = mi == 0 and i == 0
-            vals, g = compare(model, tok, method, region, seed + i, harmful, util_prompts, answers, judge, cfg,
-                              system, cfg.random_draws if primary else 1, importance if primary else None)
+            is_primary = mi == 0 and i == 0
+            vals, g, arms = compare(model, tok, method, region, seed + i, harmful, util_prompts, answers, judge,
+                                    cfg, system, cfg.random_draws if is_primary else 1,
+                                    importance if is_primary else None)
+            if is_primary:
+                primary = (vals, arms)
             e = entry(vals, ev0, util0, seed, cfg.power)
             if control is not None:
                 e["testable"] = control["detected"]
@@ -193,7 +227,8 @@ def run_model(model, tok, role: str, methods: list[str], datasets: list[str], re
                 rows.append({"model": role, "method": method, "dataset": d, "density": region.density,
                              "ablation": tag, "size": size, **record(ev, util, seed)})
             gens += [{"model": role, "method": method, "dataset": d, **x} for x in g]
-    return out, reference, rows, gens, control
+    return out, reference, rows, gens, control, rejudged(model, tok, harmful, ev0, primary, direction, judge, cfg,
+                                                         system)
 
 
 # ---------------------------------------------------------------- the stage, as the notebook calls it
@@ -259,10 +294,10 @@ def run(cfg, harmful: list[str], util_prompts: list[str]):
     judge = judges.get(cfg.evaluation.judge, cfg)
     plan = sample_size(v)[1]
     dirs = direction_prompts(cfg)
-    metrics, reference, rows, gens, control = {}, {}, [], [], {}
+    metrics, reference, rows, gens, control, again = {}, {}, [], [], {}, {}
     for role in cfg.identify.models:
         lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-        metrics[role], reference[role], r, g, control[role] = run_model(
+        metrics[role], reference[role], r, g, control[role], again[role] = run_model(
             lm, tok, role, methods_of(cfg), v.datasets, lambda m: Path("artifacts/identify") / role / m,
             harmful, util_prompts, judge, v, cfg.run.seed, cfg.calibrate.system_prompt,
             utility_importance(lm, tok, cfg, role), dirs)
@@ -274,6 +309,7 @@ def run(cfg, harmful: list[str], util_prompts: list[str]):
     write_jsonl(OUT / "generations.jsonl", gens)
     metrics["intact"] = reference   # {model: rate_record + utility}, as reference.json
     metrics["positive_control"] = control
+    metrics["rejudged"] = again
     if plan is not None:
         metrics["power"] = {**plan.as_dict(), "n_per_set": len(harmful) // len(v.eval_sets)}
     return metrics, reference, pd.DataFrame(rows), gens
@@ -309,7 +345,7 @@ def methods_of(cfg) -> list[str]:
     return list(cfg.validate.methods) if cfg.validate.methods is not None else list(cfg.identify.methods)
 
 
-SUMMARY_KEYS = ("intact", "positive_control", "power", "degenerate_rule")   # metrics.json keys that are not models
+SUMMARY_KEYS = ("intact", "positive_control", "power", "degenerate_rule", "rejudged")   # metrics.json keys that are not models
 
 
 def conditions(metrics: dict):
