@@ -1,0 +1,114 @@
+"""Resume of the long non-training stages: identify (a unit per dataset) and ESI's gradient sums. A run killed after
+k units (or prompts) and re-run ends with files byte-identical to an uninterrupted run and recomputes only what was
+left; a checkpoint of another run is ignored; the value codec round-trips what the runners store."""
+import pytest
+import torch
+
+from saferegions import checkpoints, regions
+from saferegions.checkpoints import Checkpoints
+from saferegions.evaluation import utility_score
+from saferegions.stages import identify
+from saferegions.tiny import tiny_model
+
+from test_identify import SETS, _ctx_with, setup  # noqa: F401  (the fixture)
+
+
+class Killed(Exception):
+    pass
+
+
+class Counting(Checkpoints):
+    """Checkpoints that count the units computed and read, and raise Killed once `kill_after` units are saved."""
+
+    def __init__(self, root, key, kill_after=None):
+        super().__init__(root, key)
+        self.kill_after, self.saved, self.read = kill_after, [], []
+
+    def save(self, name, value):
+        super().save(name, value)
+        self.saved.append(name)
+        if self.kill_after is not None and len(self.saved) >= self.kill_after:
+            raise Killed(name)
+
+    def load(self, name):
+        value = super().load(name)
+        if value is not None:
+            self.read.append(name)
+        return value
+
+
+def test_codec_round_trips_the_runners_values(tmp_path):
+    region = regions.Region({"w": torch.tensor([[True, False], [False, True]])}, {"kind": "raw", "n": 2},
+                            {"layers": [1, 3]})
+    value = {"region": region, "scores": {"a.weight": torch.arange(6.0).reshape(2, 3)},
+             "curve": {1: 0.5, 2: 0.25}, "pair": (0.1, [{"q": 0.01, "p": 0.04}]), "units": {0: {"ffn": [1, 2]}},
+             "none": None, "nan": float("nan")}
+    store = Checkpoints(tmp_path, {"run": 1})
+    store.save("u.raw", value)
+    back = store.load("u.raw")
+    assert back["curve"] == {1: 0.5, 2: 0.25} and list(back["curve"])[0] == 1     # int keys stay ints
+    assert back["pair"][0] == 0.1 and isinstance(back["pair"], tuple) and back["units"] == {0: {"ffn": [1, 2]}}
+    assert torch.equal(back["scores"]["a.weight"], value["scores"]["a.weight"]) and back["none"] is None
+    assert back["nan"] != back["nan"]
+    assert torch.equal(back["region"].masks["w"], region.masks["w"]) and back["region"].meta == region.meta
+    assert back["region"].units == region.units
+    assert store.load("u.refined") is None
+    with pytest.raises(ValueError, match="unit names"):
+        store.save("../x", 1)
+
+
+def test_a_checkpoint_of_another_run_is_ignored_and_replaced(tmp_path, capsys):
+    Checkpoints(tmp_path / "c", {"method": "snip", "q": 0.02}).save("advbench.raw", {"x": 1})
+    assert Checkpoints(tmp_path / "c", {"method": "snip", "q": 0.02}).load("advbench.raw") == {"x": 1}
+    other = Checkpoints(tmp_path / "c", {"method": "snip", "q": 0.05})
+    assert "another run" in capsys.readouterr().out
+    assert other.load("advbench.raw") is None
+    assert Checkpoints(tmp_path / "c", {"method": "snip", "q": 0.05}).key == {"method": "snip", "q": 0.05}
+    assert checkpoints.unit(None, "any", lambda: 7) == 7
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+IDENTIFY_CASES = {   # method: (identify sub-sections, units of the killed run)
+    "snip": ({}, 3),               # the utility region and advbench's two halves
+    "wanda": ({}, 3),              # the utility region, advbench's raw region and its p/q sweep
+    "neuron": ({"neuron": {"n": 4, "min_prompt_frac": 0.5}}, 2),   # the top-up and the utility neurons
+    "layer": ({}, 2),
+    "nlsr": ({}, 3),               # the safety LoRA, the utility and advbench projections
+}
+
+
+@pytest.mark.parametrize("method", list(IDENTIFY_CASES))
+def test_killed_identify_resumes_to_the_uninterrupted_result(setup, tmp_path, method):  # noqa: F811
+    """An uninterrupted run, a run killed after k units, and its re-run: the re-run reads the k units, computes
+    only the others, writes byte-identical region files and the same metrics, and removes its checkpoints."""
+    sections, k = IDENTIFY_CASES[method]
+
+    def ctx_for(store_kill=None, resume=False):
+        model, tok = tiny_model("llama")
+        ctx = _ctx_with(setup, model, tok, **sections)
+        if method in ("snip", "wanda"):      # with the p/q sweep, itself a unit
+            ctx.utility_eval = (["Write a poem about the sea.", "Name a fruit."], ["The sea is wide.", "An apple."])
+            ctx.utility = utility_score
+            ctx.split_half = ["advbench"] if method == "snip" else []
+        if store_kill is not None or resume:
+            ctx.checkpoints = Counting(tmp_path / "ckpt", identify.run_key(ctx, method, {}), store_kill)
+        return ctx
+
+    ref = ctx_for()
+    identify.run(method, ref, tmp_path / "ref")
+    killed = ctx_for(store_kill=k)
+    with pytest.raises(Killed):
+        identify.run(method, killed, tmp_path / "out")
+    assert len(killed.checkpoints.saved) == k
+    again = ctx_for(resume=True)
+    rows = identify.run(method, again, tmp_path / "out")
+    assert again.checkpoints.read == killed.checkpoints.saved
+    assert not set(again.checkpoints.saved) & set(killed.checkpoints.saved) and again.checkpoints.saved
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    assert identify.metrics(rows, method, "aligned", "tiny/llama", again.details, again.metrics) == \
+        identify.metrics(rows, method, "aligned", "tiny/llama", ref.details, ref.metrics)
+    assert again.details == ref.details
+    assert not (tmp_path / "ckpt").exists()
