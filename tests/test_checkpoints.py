@@ -10,7 +10,8 @@ from saferegions.evaluation import utility_score
 from saferegions.stages import identify
 from saferegions.tiny import tiny_model
 
-from test_identify import SETS, _ctx_with, setup  # noqa: F401  (the fixture)
+from test_esi import judge  # noqa: F401  (a fixture)
+from test_identify import _ctx_with, setup  # noqa: F401  (a fixture)
 
 
 class Killed(Exception):
@@ -112,3 +113,50 @@ def test_killed_identify_resumes_to_the_uninterrupted_result(setup, tmp_path, me
         identify.metrics(rows, method, "aligned", "tiny/llama", ref.details, ref.metrics)
     assert again.details == ref.details
     assert not (tmp_path / "ckpt").exists()
+
+
+ESI_PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Name a fruit.", "Count to three.",
+               "Explain rain."]
+
+
+@pytest.mark.parametrize("variant, objective", [("faithful", "judge"), ("fixed", "judge"),
+                                                ("fixed", "response_likelihood")])
+def test_killed_esi_gradients_resume_to_the_uninterrupted_sums(judge, tmp_path, monkeypatch, variant, objective):  # noqa: F811
+    """Checkpoints every 2 of 5 prompts, killed at the second save (responses, then the sums after prompt 2): the
+    re-run reads both, runs prompts 3-5 only, and its sums (Gumbel noise included), records and responses equal
+    those of a run never interrupted, which equal those of a run without checkpoints."""
+    from saferegions.methods import esi
+    model, tok = tiny_model("llama")
+    kw = dict(max_new_tokens=5, variant=variant, objective=objective, progress=False, every=2)
+    plain_records, ckpt_records, records = [], [], []
+    plain = esi.esi_gradients(model, tok, judge, ESI_PROMPTS, records=plain_records,
+                              **{k: v for k, v in kw.items() if k != "every"})
+    ref = esi.esi_gradients(model, tok, judge, ESI_PROMPTS, records=ckpt_records, checkpoint=tmp_path / "ref", **kw)
+    assert all(torch.equal(plain[n], ref[n]) for n in plain) and plain_records == ckpt_records
+    assert not (tmp_path / "ref").exists()
+    stores = []
+
+    def counting(root, key):
+        stores.append(Counting(root, key, kill_after=None if len(stores) else 2))
+        return stores[-1]
+    monkeypatch.setattr(esi, "Checkpoints", counting)
+    with pytest.raises(Killed):
+        esi.esi_gradients(model, tok, judge, ESI_PROMPTS, records=[], checkpoint=tmp_path / "c", **kw)
+    assert stores[0].saved == ["responses", "sums"]
+    backwards = []
+    model.lm_head.register_full_backward_hook(lambda *a: backwards.append(1))
+    again = esi.esi_gradients(model, tok, judge, ESI_PROMPTS, records=records, checkpoint=tmp_path / "c", **kw)
+    assert stores[1].read == ["responses", "sums"] and stores[1].saved == ["sums"]    # after prompt 4
+    assert len(backwards) == 3 and records == ckpt_records and len(records) == (5 if objective == "judge" else 0)
+    assert all(torch.equal(again[n], ref[n]) for n in ref) and not (tmp_path / "c").exists()
+
+
+def test_esi_checkpoint_of_other_prompts_is_not_resumed(judge, tmp_path, capsys):  # noqa: F811
+    from saferegions.methods import esi
+    model, tok = tiny_model("llama")
+    kw = dict(max_new_tokens=5, variant="fixed", progress=False, every=1)
+    Checkpoints(tmp_path / "c", {"stale": True}).save("sums", {"done": 4})
+    got = esi.esi_gradients(model, tok, judge, ESI_PROMPTS[:2], checkpoint=tmp_path / "c", **kw)
+    assert "another run" in capsys.readouterr().out
+    ref = esi.esi_gradients(model, tok, judge, ESI_PROMPTS[:2], **kw)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)

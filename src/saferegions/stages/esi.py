@@ -33,9 +33,13 @@ from tqdm.auto import tqdm
 from .. import config, data, evaluation, evidence, judges, models, overlap, plots, results   # noqa: F401 (config, plots: notebook)
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from .. import regions as R
+from ..checkpoints import Checkpoints, digest, unit, weights_fingerprint
 from ..io import atomic_path, write_jsonl  # noqa: F401  (write_jsonl: re-exported for the notebook)
 from ..methods import esi, esi_architecture
 from ..perturbation import PERTURB_CONDITIONS, perturbation, perturbation_metrics  # noqa: F401  (the notebook)
+
+
+CHECKPOINTS = Path("artifacts/checkpoints/esi")   # resume state of the gradient passes (not a DVC output)
 
 
 class Purpose(enum.Enum):
@@ -213,16 +217,26 @@ def transfer_for(name: str | None, soft_judges: dict, tok, model, transfers: dic
 
 
 def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[str]], soft_judges: dict, e,
-                    timings: dict, transfers: dict, progress: bool = True):
+                    timings: dict, transfers: dict, progress: bool = True, checkpoints: Path | None = None,
+                    model_id: str = ""):
     """Yield (spec, top region, gradients, scores, records) per spec; the primary's bottom-k is made by the
     caller from its scores. Gradients and scores are yielded for the caller to use and drop. `transfers`: the
-    vocabulary transfer matrices built so far, by judge (`transfer_for`)."""
+    vocabulary transfer matrices built so far, by judge (`transfer_for`). `checkpoints`: a directory for the
+    resume state of the generation pass (kept until every spec is done) and of each spec's gradient pass
+    (`esi.esi_gradients`, every `e.checkpoint_every` prompts; removed when that pass ends); None = none."""
     judged = sorted({s.dataset for s in specs if s.objective == "judge"})
-    generated = {}
+    generated, store = {}, None
     if judged:   # one generation pass over every judged set
         flat = [p for d in judged for p in prompt_sets[d]]
-        with _timed(timings, "generate"):
-            out = esi.respond(model, tok, flat, e.max_new_tokens, e.system_prompt, e.gen_batch_size, progress)
+        if checkpoints is not None:
+            store = Checkpoints(checkpoints / "responses", {
+                "model": model_id, "prompts": digest(flat), "max_new_tokens": e.max_new_tokens,
+                "system": e.system_prompt, "gen_batch_size": e.gen_batch_size, "weights": weights_fingerprint(model)})
+
+        def generate():
+            with _timed(timings, "generate"):
+                return esi.respond(model, tok, flat, e.max_new_tokens, e.system_prompt, e.gen_batch_size, progress)
+        out = unit(store, "responses", generate)
         start = 0
         for d in judged:
             generated[d] = out[start:start + len(prompt_sets[d])]
@@ -235,25 +249,32 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
                                       spec.variant, system=e.system_prompt, objective=spec.objective,
                                       progress=False, exclude_router=e.exclude_router, transfer_M=M,
                                       gen_batch_size=e.gen_batch_size, records=records,
-                                      generated=generated.get(spec.dataset))
+                                      generated=generated.get(spec.dataset),
+                                      checkpoint=checkpoints and checkpoints / spec.name, every=e.checkpoint_every,
+                                      key={"model": model_id, "spec": spec.name, "judge": spec.judge,
+                                           "dataset": spec.dataset, "guard_score": e.guard_score})
         with _timed(timings, "select"):
             scores = esi.esi_scores(grads, model, e.score)
             top = esi.esi_region(scores, model, e.top_frac)
         top.meta.update({"spec": spec.name, "dataset": spec.dataset, "variant": spec.variant, "judge": spec.judge,
                          "objective": spec.objective, "score": e.score, "n_prompts": len(prompt_sets[spec.dataset])})
         yield spec, top, grads, scores, records
+    if store is not None:
+        store.remove()
 
 
 def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_judge,
-             prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True) -> RoleResult:
-    """Everything the stage computes for one model (module docstring); regions come back packed."""
+             prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True,
+             checkpoints: Path | None = None) -> RoleResult:
+    """Everything the stage computes for one model (module docstring); regions come back packed. `checkpoints`:
+    the role's resume directory (`compute_regions`)."""
     e = cfg.esi
     timings: dict[str, float] = {}
     specs = plan(e, role)
     prompt_sets = {d: data.prompts(prompts_path, d, "ident", e.n_prompts) for d in {s.dataset for s in specs}}
     result, transfers = None, {}
     for spec, top, grads, scores, records in compute_regions(model, tok, specs, prompt_sets, soft_judges, e, timings,
-                                                             transfers, progress):
+                                                             transfers, progress, checkpoints, model_id):
         if spec.purpose is Purpose.PRIMARY:
             with _timed(timings, "select"):
                 bottom = esi.bottom_region(scores, model, e.top_frac)
@@ -391,7 +412,8 @@ def run(cfg, soft_judges: dict, out: str | Path = "artifacts/esi", identify_root
     for role in e.models:
         start = time.time()
         lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-        res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, eval_judge, prompts_path)
+        res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, eval_judge, prompts_path,
+                       checkpoints=CHECKPOINTS / role)
         save_role(res, Path(out) / role)
         del lm
         if len(res.dataset_regions) > 1:
