@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,6 +416,7 @@ def run(cfg, soft_judges: dict, out: str | Path = "artifacts/esi", identify_root
         res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, eval_judge, prompts_path,
                        checkpoints=CHECKPOINTS / role)
         save_role(res, Path(out) / role)
+        shutil.rmtree(CHECKPOINTS / role, ignore_errors=True)   # its regions are saved: nothing left to resume
         del lm
         if len(res.dataset_regions) > 1:
             dataset_tables[role], dataset_summaries[role] = pairwise_iou(res.dataset_regions)
