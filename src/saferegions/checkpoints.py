@@ -36,11 +36,12 @@ def digest(*items) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(model) -> float:
-    """fp64 sum of every loaded weight: any change of weights alters it in practice (as `resume.run_key`);
-    weights offloaded to the meta device are named by the model id and revision alone."""
-    return sum(float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters()
-               if p.device.type != "meta")
+def model_identity(model) -> dict:
+    """The model's name or path and the fp64 sum of every loaded weight, which any change of weights alters in
+    practice (as `resume.run_key`); weights offloaded to the meta device are named by the model's name alone."""
+    return {"model": getattr(getattr(model, "config", None), "_name_or_path", None),
+            "weights": sum(float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters()
+                           if p.device.type != "meta")}
 
 
 def _canonical(key: dict) -> dict:

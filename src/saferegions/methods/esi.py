@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import regions as R
-from ..checkpoints import Checkpoints, digest, weights_fingerprint
+from ..checkpoints import Checkpoints, digest, model_identity, unit
 from ..chat import render
 from ..judges.transfer import coverage_counts, transfer_matrix
 from ..models import arch_of, component, input_device, is_expert, layer_index, param_count
@@ -106,6 +106,22 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int, system: s
             end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
             out.append((torch.cat([prompt, torch.tensor(new[:end], dtype=row.dtype)]), len(prompt)))
     return out
+
+
+def respond_sets(model, tokenizer, sets: dict[str, list[str]], max_new_tokens: int, system: str | None,
+                 batch_size: int = 1, progress: bool = True, *, checkpoint: str | Path | None = None,
+                 key: dict | None = None) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """`respond` to every set's prompts in one pass, split back by set. `checkpoint`: a directory where the
+    responses are kept (keyed by `key`, the model and the arguments), so a re-run after a kill does not generate again."""
+    flat = [p for ps in sets.values() for p in ps]
+    if not flat:
+        return {name: [] for name in sets}
+    store = checkpoint and Checkpoints(checkpoint, {**(key or {}), **model_identity(model), "prompts": digest(flat),
+                                                    "system": system, "settings": [max_new_tokens, batch_size]})
+    out = unit(store, "responses", lambda: respond(model, tokenizer, flat, max_new_tokens, system, batch_size,
+                                                   progress))
+    ends = np.cumsum([0] + [len(ps) for ps in sets.values()])
+    return {name: out[a:b] for name, a, b in zip(sets, ends[:-1], ends[1:])}
 
 
 def judge_gradient(soft_judge, response: str, cfg: dict,
@@ -313,7 +329,8 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
     on the variant or the judge, so one generation pass serves every region computed on the same prompts.
     `checkpoint`: a directory where the responses and, every `every` prompts (0 = never), the running sums, the
     Gumbel generator's state and the records so far are kept, so a re-run after a kill resumes there and ends as
-    an uninterrupted run; `key` names what the arguments do not (model, judge). It is removed on completion."""
+    an uninterrupted run; `key` names what the arguments and the model do not (the judge). It is removed on
+    completion."""
     switches = dict(bos_align=bos_align, guard_grad_wrt=guard_grad_wrt, gumbel=gumbel, accum_dtype=accum_dtype,
                     judge_sees_prompt=judge_sees_prompt)
     cfg = resolve_switches(variant, **switches)
@@ -323,7 +340,7 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
         store = Checkpoints(checkpoint, {**(key or {}), "prompts": digest(prompts), "objective": objective,
                                          "switches": cfg, "seed": seed, "max_new_tokens": max_new_tokens,
                                          "system": system, "exclude_router": exclude_router,
-                                         "gen_batch_size": gen_batch_size, "weights": weights_fingerprint(model)})
+                                         "gen_batch_size": gen_batch_size, **model_identity(model)})
         if generated is None and objective != "refusal_likelihood":
             generated = store.unit("responses", lambda: respond(model, tokenizer, prompts, max_new_tokens, system,
                                                                 gen_batch_size, progress))

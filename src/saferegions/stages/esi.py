@@ -34,13 +34,11 @@ from tqdm.auto import tqdm
 from .. import config, data, evaluation, evidence, judges, models, overlap, plots, results   # noqa: F401 (config, plots: notebook)
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from .. import regions as R
-from ..checkpoints import Checkpoints, digest, unit, weights_fingerprint
 from ..io import atomic_path, write_jsonl  # noqa: F401  (write_jsonl: re-exported for the notebook)
 from ..methods import esi, esi_architecture
 from ..perturbation import PERTURB_CONDITIONS, perturbation, perturbation_metrics  # noqa: F401  (the notebook)
 
-
-CHECKPOINTS = Path("artifacts/checkpoints/esi")   # resume state of the gradient passes (not a DVC output)
+CHECKPOINTS = Path("artifacts/checkpoints/esi")   # resume state of each role's passes (not a DVC output)
 
 
 class Purpose(enum.Enum):
@@ -218,30 +216,15 @@ def transfer_for(name: str | None, soft_judges: dict, tok, model, transfers: dic
 
 
 def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[str]], soft_judges: dict, e,
-                    timings: dict, transfers: dict, progress: bool = True, checkpoints: Path | None = None,
-                    model_id: str = ""):
+                    timings: dict, transfers: dict, progress: bool = True, checkpoints: Path | None = None):
     """Yield (spec, top region, gradients, scores, records) per spec; the primary's bottom-k is made by the
     caller from its scores. Gradients and scores are yielded for the caller to use and drop. `transfers`: the
-    vocabulary transfer matrices built so far, by judge (`transfer_for`). `checkpoints`: a directory for the
-    resume state of the generation pass (kept until every spec is done) and of each spec's gradient pass
-    (`esi.esi_gradients`, every `e.checkpoint_every` prompts; removed when that pass ends); None = none."""
+    vocabulary transfer matrices built so far, by judge (`transfer_for`). `checkpoints`: resume state (or None)."""
     judged = sorted({s.dataset for s in specs if s.objective == "judge"})
-    generated, store = {}, None
-    if judged:   # one generation pass over every judged set
-        flat = [p for d in judged for p in prompt_sets[d]]
-        if checkpoints is not None:
-            store = Checkpoints(checkpoints / "responses", {
-                "model": model_id, "prompts": digest(flat), "max_new_tokens": e.max_new_tokens,
-                "system": e.system_prompt, "gen_batch_size": e.gen_batch_size, "weights": weights_fingerprint(model)})
-
-        def generate():
-            with _timed(timings, "generate"):
-                return esi.respond(model, tok, flat, e.max_new_tokens, e.system_prompt, e.gen_batch_size, progress)
-        out = unit(store, "responses", generate)
-        start = 0
-        for d in judged:
-            generated[d] = out[start:start + len(prompt_sets[d])]
-            start += len(prompt_sets[d])
+    with _timed(timings, "generate") if judged else contextlib.nullcontext():   # one pass over every judged set
+        generated = esi.respond_sets(model, tok, {d: prompt_sets[d] for d in judged}, e.max_new_tokens,
+                                     e.system_prompt, e.gen_batch_size, progress,
+                                     checkpoint=checkpoints and checkpoints / "responses")
     for spec in tqdm(specs, desc="esi regions", disable=not progress, leave=False):
         judge = soft_judges.get(spec.judge) if spec.judge else None
         M, records = transfer_for(spec.judge, soft_judges, tok, model, transfers, timings), []
@@ -250,32 +233,28 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
                                       spec.variant, system=e.system_prompt, objective=spec.objective,
                                       progress=False, exclude_router=e.exclude_router, transfer_M=M,
                                       gen_batch_size=e.gen_batch_size, records=records,
-                                      generated=generated.get(spec.dataset),
-                                      checkpoint=checkpoints and checkpoints / spec.name, every=e.checkpoint_every,
-                                      key={"model": model_id, "spec": spec.name, "judge": spec.judge,
-                                           "dataset": spec.dataset, "guard_score": e.guard_score})
+                                      generated=generated.get(spec.dataset), every=e.checkpoint_every,
+                                      checkpoint=checkpoints and checkpoints / spec.name,
+                                      key={"judge": spec.judge, "guard_score": e.guard_score})
         with _timed(timings, "select"):
             scores = esi.esi_scores(grads, model, e.score)
             top = esi.esi_region(scores, model, e.top_frac)
         top.meta.update({"spec": spec.name, "dataset": spec.dataset, "variant": spec.variant, "judge": spec.judge,
                          "objective": spec.objective, "score": e.score, "n_prompts": len(prompt_sets[spec.dataset])})
         yield spec, top, grads, scores, records
-    if store is not None:
-        store.remove()
 
 
 def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_judge,
              prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True,
              checkpoints: Path | None = None) -> RoleResult:
-    """Everything the stage computes for one model (module docstring); regions come back packed. `checkpoints`:
-    the role's resume directory (`compute_regions`)."""
+    """Everything the stage computes for one model (module docstring); regions come back packed."""
     e = cfg.esi
     timings: dict[str, float] = {}
     specs = plan(e, role)
     prompt_sets = {d: data.prompts(prompts_path, d, "ident", e.n_prompts) for d in {s.dataset for s in specs}}
     result, transfers = None, {}
     for spec, top, grads, scores, records in compute_regions(model, tok, specs, prompt_sets, soft_judges, e, timings,
-                                                             transfers, progress, checkpoints, model_id):
+                                                             transfers, progress, checkpoints):
         if spec.purpose is Purpose.PRIMARY:
             with _timed(timings, "select"):
                 bottom = esi.bottom_region(scores, model, e.top_frac)

@@ -19,7 +19,7 @@ from ..tables import params_table, table  # noqa: F401  (re-exported: the notebo
 from ..hooks import single_thread
 from .. import results as results_
 from .. import calibration
-from ..checkpoints import Checkpoints, digest, weights_fingerprint
+from ..checkpoints import Checkpoints, digest, model_identity
 from ..methods.context import Context, load_calibration, load_utility_eval
 from ..methods.removal import granularity_of
 from ..models import component, layer_index
@@ -72,7 +72,7 @@ def run_key(ctx: Context, method: str, settings: dict) -> dict:
     """What makes two identifications the same (`checkpoints`): the method and its params, the model and its
     weights, the calibration examples, the prompt and pair files and the stage's `settings` beyond the Context."""
     files = [Path(f) for f in (ctx.prompts_path, ctx.pairs_path) if Path(f).exists()]
-    return {"method": method, "role": ctx.role, "model": ctx.model_id, "weights": weights_fingerprint(ctx.model),
+    return {"method": method, "role": ctx.role, "model_id": ctx.model_id, **model_identity(ctx.model),
             "params": dataclasses.asdict(ctx.cfg), "calibration": digest(ctx.calib), "files": digest(*files),
             "utility_eval": digest(ctx.utility_eval), "datasets": ctx.datasets, "utility_set": ctx.utility_set,
             "split_half": ctx.split_half, "asked": ctx.asked, "seed": ctx.seed, "system": ctx.system,
