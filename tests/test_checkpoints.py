@@ -11,6 +11,7 @@ from saferegions.stages import identify
 from saferegions.tiny import tiny_model
 
 from test_esi import judge  # noqa: F401  (a fixture)
+from test_esi_stage import PROMPTS as ESI_SETS, _cfg, _peaked, learned  # noqa: F401  (learned: a fixture)
 from test_identify import _ctx_with, setup  # noqa: F401  (a fixture)
 
 
@@ -19,16 +20,20 @@ class Killed(Exception):
 
 
 class Counting(Checkpoints):
-    """Checkpoints that count the units computed and read, and raise Killed once `kill_after` units are saved."""
+    """Checkpoints that count the units computed and read, and raise Killed once `kill_after` units are saved
+    (counted over every store sharing the list `saves`)."""
 
-    def __init__(self, root, key, kill_after=None):
+    def __init__(self, root, key, kill_after=None, saves=None):
         super().__init__(root, key)
         self.kill_after, self.saved, self.read = kill_after, [], []
+        self.saves = self.saved if saves is None else saves
 
     def save(self, name, value):
         super().save(name, value)
         self.saved.append(name)
-        if self.kill_after is not None and len(self.saved) >= self.kill_after:
+        if self.saves is not self.saved:
+            self.saves.append(name)
+        if self.kill_after is not None and len(self.saves) >= self.kill_after:
             raise Killed(name)
 
     def load(self, name):
@@ -160,3 +165,36 @@ def test_esi_checkpoint_of_other_prompts_is_not_resumed(judge, tmp_path, capsys)
     assert "another run" in capsys.readouterr().out
     ref = esi.esi_gradients(model, tok, judge, ESI_PROMPTS[:2], **kw)
     assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_killed_esi_stage_resumes_its_generation_and_the_spec_it_was_in(learned, tmp_path, monkeypatch):  # noqa: F811
+    """compute_regions with checkpoints, killed in its second spec (after 1 of 2 prompts): the re-run reads the
+    shared responses and that spec's sums, and every spec's gradients and region equal an uninterrupted run's."""
+    from saferegions.methods import esi
+    from saferegions.stages import esi as esi_stage
+    e = _cfg(checkpoint_every=1).esi
+    model, tok = _peaked()
+    specs = esi_stage.plan(e, "aligned")
+    prompt_sets = {d: ESI_SETS[d][:e.n_prompts] for d in {s.dataset for s in specs}}
+
+    def regions_of(checkpoints=None):
+        return {s.name: (grads, top) for s, top, grads, _, _ in esi_stage.compute_regions(
+            model, tok, specs, prompt_sets, {"learned": learned}, e, {}, {}, False, checkpoints)}
+    ref = regions_of()
+    stores, saves, kill = [], [], {"after": 3}
+
+    def counting(root, key):
+        stores.append(Counting(root, key, kill["after"], saves))
+        return stores[-1]
+    monkeypatch.setattr(esi, "Checkpoints", counting)
+    with pytest.raises(Killed):
+        regions_of(tmp_path / "ckpt")
+    assert saves == ["responses", "sums", "sums"] and stores[-1].root.name == specs[1].name
+    stores.clear()
+    kill["after"] = None
+    got = regions_of(tmp_path / "ckpt")
+    assert stores[0].read == ["responses"] and stores[2].read == ["sums"] and stores[1].read == []
+    for name, (grads, top) in ref.items():
+        assert all(torch.equal(got[name][0][n], grads[n]) for n in grads)
+        assert all(torch.equal(got[name][1].masks[n], top.masks[n]) for n in top.masks)
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"responses"}   # `run` removes it with the role
