@@ -126,7 +126,8 @@ ESI_PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Name a fr
 
 @pytest.mark.parametrize("variant, objective", [("faithful", "judge"), ("fixed", "judge"),
                                                 ("fixed", "response_likelihood")])
-def test_killed_esi_gradients_resume_to_the_uninterrupted_sums(judge, tmp_path, monkeypatch, variant, objective):  # noqa: F811
+def test_killed_esi_gradients_resume_to_the_uninterrupted_sums(judge, tmp_path, monkeypatch, variant,  # noqa: F811
+                                                               objective):
     """Checkpoints every 2 of 5 prompts, killed at the second save (responses, then the sums after prompt 2): the
     re-run reads both, runs prompts 3-5 only, and its sums (Gumbel noise included), records and responses equal
     those of a run never interrupted, which equal those of a run without checkpoints."""

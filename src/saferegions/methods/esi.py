@@ -112,7 +112,7 @@ def respond_sets(model, tokenizer, sets: dict[str, list[str]], max_new_tokens: i
                  batch_size: int = 1, progress: bool = True, *, checkpoint: str | Path | None = None,
                  key: dict | None = None) -> dict[str, list[tuple[torch.Tensor, int]]]:
     """`respond` to every set's prompts in one pass, split back by set. `checkpoint`: a directory where the
-    responses are kept (keyed by `key`, the model and the arguments), so a re-run after a kill does not generate again."""
+    responses are kept (keyed by `key`, the model and the arguments), so a re-run after a kill skips generation."""
     flat = [p for ps in sets.values() for p in ps]
     if not flat:
         return {name: [] for name in sets}

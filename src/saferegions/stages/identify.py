@@ -53,16 +53,16 @@ def context(cfg, role: str, method: str) -> Context:
     halves = cfg.identify.split_half_datasets
     judge = judges.get(cfg.evaluation.judge, cfg)
     ctx = Context(lm, tok, role, cfg.models[role].id, calib, ds,
-                   cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
-                   judge=judge,
-                   max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size,
-                   utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
-                   split_half=[d for d in ds if halves is None or d in halves],
-                   asked=calib_meta.get("asked", {}), refusals=functools.partial(
-                       calibration.refusal_examples, lm, tok, judge=judge, redraws=cfg.calibrate.redraws,
-                       temperature=cfg.calibrate.temperature, seed=cfg.run.seed,
-                       max_new_tokens=calib_meta["max_new_tokens"], batch_size=cfg.calibrate.batch_size,
-                       system=calib_meta["system_prompt"]))
+                  cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
+                  judge=judge,
+                  max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size,
+                  utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
+                  split_half=[d for d in ds if halves is None or d in halves],
+                  asked=calib_meta.get("asked", {}), refusals=functools.partial(
+                      calibration.refusal_examples, lm, tok, judge=judge, redraws=cfg.calibrate.redraws,
+                      temperature=cfg.calibrate.temperature, seed=cfg.run.seed,
+                      max_new_tokens=calib_meta["max_new_tokens"], batch_size=cfg.calibrate.batch_size,
+                      system=calib_meta["system_prompt"]))
     ctx.checkpoints = Checkpoints(CHECKPOINTS / role / method, run_key(ctx, method, {
         "judge": cfg.evaluation.judge, "redraws": cfg.calibrate.redraws, "temperature": cfg.calibrate.temperature}))
     return ctx
