@@ -73,6 +73,20 @@ def test_a_checkpoint_of_another_run_is_ignored_and_replaced(tmp_path, capsys):
     assert checkpoints.unit(None, "any", lambda: 7) == 7
 
 
+def test_identify_run_key_names_the_method_params_model_and_data(setup):  # noqa: F811
+    model, tok = tiny_model("llama")
+    key = identify.run_key(_ctx_with(setup, model, tok), "snip", {})
+    assert identify.run_key(_ctx_with(setup, *tiny_model("llama")), "snip", {}) == key
+    assert identify.run_key(_ctx_with(setup, model, tok), "wanda", {}) != key
+    assert identify.run_key(_ctx_with(setup, model, tok, snip={"n": 1}), "snip", {}) != key
+    other = _ctx_with(setup, model, tok)
+    other.calib = {**other.calib, "advbench": (["x"], ["y"], [True])}
+    assert identify.run_key(other, "snip", {}) != key
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    assert identify.run_key(_ctx_with(setup, model, tok), "snip", {}) != key
+
+
 def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
