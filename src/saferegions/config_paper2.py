@@ -53,12 +53,15 @@ class EsiCfg:
     dataset_models: list[str] | None = None   # roles that get the per-dataset regions (None = all of `models`)
     compare_methods: list[str] = field(default_factory=lambda: ["snip", "wanda"])   # paper-1 regions compared
                                                                                     # (weight-level methods)
+    checkpoint_every: int = 16       # prompts between resume checkpoints of a gradient pass's running sums; 0 = none
 
     def __post_init__(self):
         if not self.models or len(set(self.models)) != len(self.models):
             raise ConfigError(f"esi.models: needs distinct model roles, got {self.models!r}")
         _choice("esi.dataset", self.dataset, SAFETY_SETS)
         _choice("esi.variant", self.variant, ESI_VARIANTS)
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(f"esi.checkpoint_every: must be an integer >= 0, got {self.checkpoint_every!r}")
         for key, valid in (("judges", ESI_JUDGES), ("objectives", ESI_OBJECTIVES)):
             values = getattr(self, key)
             if not values:

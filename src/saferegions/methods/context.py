@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import chat, data, regions
+from ..checkpoints import unit
 from ..io import read_jsonl
 from ..regions import Region, RegionKind
 from .removal import ablation
@@ -86,6 +87,7 @@ class Context:
     split_half: list[str] = field(default_factory=list)   # datasets that also get half0/half1 raw regions
     asked: dict[str, int] = field(default_factory=dict)   # ident prompts calibrate asked per set (kept or not)
     refusals: object = None     # prompts -> the refusal rows among the model's answers (calibrate's rule), or None
+    checkpoints: object = None  # `checkpoints.Checkpoints` of this run (the identify stage's), or None: no resume
 
     def __post_init__(self):
         missing = [d for d in [*self.datasets, self.utility_set] if d not in self.calib]
@@ -127,6 +129,12 @@ class Context:
             self.calib[name] = (prompts + [p for p, _, _ in new], responses + [r for _, r, _ in new],
                                 (finished or [True] * len(prompts)) + [f for _, _, f in new])
 
+    def unit(self, name: str, compute):
+        """`compute()`, or its value saved by an earlier, killed run of the same identification (`checkpoints`).
+        A runner wraps each dataset's expensive work in one unit that returns all it produces (regions, details,
+        metrics), so a resumed run ends as an uninterrupted one."""
+        return unit(self.checkpoints, name, compute)
+
     def batches(self, name: str, n: int | None = None, subset: list[int] | None = None) -> list[dict]:
         """Response batches of the first n examples of `name` (only positions `subset` of those, if given)."""
         prompts, responses, finished = examples(self.calib[name])
@@ -165,30 +173,40 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None,
     p = c.p if p is None else p
     sel = {"q": c.q, "p": p, "group": c.group}
     do_sweep = bool(c.pq_grid_q and c.pq_grid_p and ctx.utility_eval and ctx.utility and c.pq_dataset in ctx.datasets)
-    scores = score(ctx.batches(ctx.utility_set, n))
-    util_meta = ctx.meta(method, ctx.utility_set, RegionKind.UTILITY, n, **sel)
-    util = regions.top_fraction(scores, p, c.group, meta=util_meta)
-    utils = {pp: regions.top_fraction(scores, pp, c.group) for pp in c.pq_grid_p} if do_sweep else {}
-    del scores
+
+    def utility_unit():
+        scores = score(ctx.batches(ctx.utility_set, n))
+        util_meta = ctx.meta(method, ctx.utility_set, RegionKind.UTILITY, n, **sel)
+        return {"util": regions.top_fraction(scores, p, c.group, meta=util_meta),
+                "utils": {pp: regions.top_fraction(scores, pp, c.group) for pp in c.pq_grid_p} if do_sweep else {}}
+
+    def half_unit(d, i, half):
+        return regions.top_fraction(score(ctx.batches(d, n, half)), c.q, c.group,
+                                    meta=ctx.meta(method, d, RegionKind.half(i), len(half), half=i, **sel))
+
+    def raw_unit(d):
+        scores = score(ctx.batches(d, n))
+        return {"raw": regions.top_fraction(scores, c.q, c.group, meta=ctx.meta(method, d, RegionKind.RAW, n, **sel)),
+                "raws": {q: regions.top_fraction(scores, q, c.group) for q in c.pq_grid_q}
+                if do_sweep and d == c.pq_dataset else {}}
+
+    first = ctx.unit(f"{ctx.utility_set}.utility", utility_unit)
+    util, utils = first["util"], first["utils"]
     yield ctx.utility_set, RegionKind.UTILITY, util
     for d in ctx.datasets:
         if d in ctx.split_half:
             for i, half in enumerate(ctx.halves(d, n)):
-                r = regions.top_fraction(score(ctx.batches(d, n, half)), c.q, c.group,
-                                         meta=ctx.meta(method, d, RegionKind.half(i), len(half), half=i, **sel))
-                yield d, RegionKind.half(i), r
-        scores = score(ctx.batches(d, n))
-        raw = regions.top_fraction(scores, c.q, c.group, meta=ctx.meta(method, d, RegionKind.RAW, n, **sel))
-        raws = {q: regions.top_fraction(scores, q, c.group) for q in c.pq_grid_q} if do_sweep and d == c.pq_dataset \
-            else {}
-        del scores
+                yield d, RegionKind.half(i), ctx.unit(f"{d}.half{i}", lambda: half_unit(d, i, half))
+        found = ctx.unit(f"{d}.raw", lambda: raw_unit(d))
+        raw, raws = found["raw"], found["raws"]
         refined = regions.difference(raw, util)
         refined.meta = refined_meta(raw, util, p=p, q=c.q, rule="top_q(safety) \\ top_p(utility)")
         yield d, RegionKind.RAW, raw
         yield d, RegionKind.REFINED, refined
         if raws:
             prompts, answers = ctx.utility_eval
-            intact, points = pq_sweep(ctx.model, ctx.tok, ctx.utility, raws, utils, prompts, answers, c.batch_size, ctx.system)
+            intact, points = ctx.unit(f"{d}.pq_sweep", lambda: pq_sweep(
+                ctx.model, ctx.tok, ctx.utility, raws, utils, prompts, answers, c.batch_size, ctx.system))
             best = pq_pick(points, c.min_utility_ratio)
             ctx.metrics.update({"pq_sweep": points, "pq_sweep_dataset": d, "pq_intact_utility": intact,
                                 "pq_n_prompts": len(prompts), "pq_min_utility_ratio": c.min_utility_ratio,

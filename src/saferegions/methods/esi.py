@@ -17,6 +17,7 @@ The soft judges (step 1's S) are in `judges.soft`, the vocabulary transfer (step
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import regions as R
+from ..checkpoints import Checkpoints, digest, model_identity, unit
 from ..chat import render
 from ..judges.transfer import coverage_counts, transfer_matrix
 from ..models import arch_of, component, input_device, is_expert, layer_index, param_count
@@ -40,6 +42,7 @@ VARIANTS = {
                   judge_sees_prompt=False),
 }
 COMPONENT_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "router", "other")
+CHECKPOINT_EVERY = 16   # prompts between resume checkpoints of the running gradient sums (`esi_gradients`)
 
 
 # ---------------------------------------------------------------- the gradient
@@ -103,6 +106,22 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int, system: s
             end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
             out.append((torch.cat([prompt, torch.tensor(new[:end], dtype=row.dtype)]), len(prompt)))
     return out
+
+
+def respond_sets(model, tokenizer, sets: dict[str, list[str]], max_new_tokens: int, system: str | None,
+                 batch_size: int = 1, progress: bool = True, *, checkpoint: str | Path | None = None,
+                 key: dict | None = None) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """`respond` to every set's prompts in one pass, split back by set. `checkpoint`: a directory where the
+    responses are kept (keyed by `key`, the model and the arguments), so a re-run after a kill skips generation."""
+    flat = [p for ps in sets.values() for p in ps]
+    if not flat:
+        return {name: [] for name in sets}
+    store = checkpoint and Checkpoints(checkpoint, {**(key or {}), **model_identity(model), "prompts": digest(flat),
+                                                    "system": system, "settings": [max_new_tokens, batch_size]})
+    out = unit(store, "responses", lambda: respond(model, tokenizer, flat, max_new_tokens, system, batch_size,
+                                                   progress))
+    ends = np.cumsum([0] + [len(ps) for ps in sets.values()])
+    return {name: out[a:b] for name, a, b in zip(sets, ends[:-1], ends[1:])}
 
 
 def judge_gradient(soft_judge, response: str, cfg: dict,
@@ -196,13 +215,28 @@ def _accumulators(params: dict[str, torch.nn.Parameter], accum_dtype: str):
             return hook
         handles = [p.register_post_accumulate_grad_hook(hook_for(acc[n])) for n, p in params.items()]
 
-    def result():
-        if accum_dtype == "fp32":
-            return {n: acc[n].cpu() for n in params}
-        return {n: p.grad.float().cpu() if p.grad is not None else torch.zeros(p.shape)
-                for n, p in params.items()}
+    class Sums:
+        def __call__(self):
+            if accum_dtype == "fp32":
+                return {n: acc[n].cpu() for n in params}
+            return {n: p.grad.float().cpu() if p.grad is not None else torch.zeros(p.shape)
+                    for n, p in params.items()}
+
+        def state(self) -> dict[str, torch.Tensor]:
+            """The running sums as they are (fp32 buffers, or the `.grad`s that exist), for a checkpoint."""
+            if accum_dtype == "fp32":
+                return acc
+            return {n: p.grad for n, p in params.items() if p.grad is not None}
+
+        @torch.no_grad()
+        def restore(self, state: dict[str, torch.Tensor]) -> None:
+            for n, t in state.items():
+                if accum_dtype == "fp32":
+                    acc[n].copy_(t)
+                else:
+                    params[n].grad = t.to(params[n].device, params[n].dtype)
     try:
-        yield result
+        yield Sums()
     finally:
         for h in handles:
             h.remove()
@@ -216,7 +250,7 @@ def prompt_losses(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
                   system: str | None = "You are a helpful assistant.", objective: str = "judge",
                   progress: bool = True, *, transfer_M: torch.Tensor | None = None, gen_batch_size: int = 1,
                   records: list | None = None, generated: list[tuple[torch.Tensor, int]] | None = None,
-                  **switches):
+                  generator: torch.Generator | None = None, start: int = 0, **switches):
     """Yield, per prompt, the scalar whose backward puts ±∂S_x/∂θ into the weights' gradients (None where the
     response has no token to score); S_x per `objective`:
 
@@ -226,11 +260,12 @@ def prompt_losses(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
       objective of the null profile (on benign prompts, docs/methods.md §4.4).
 
     Responses are generated first (`respond`, `gen_batch_size` at a time) unless `generated` gives them.
-    `switches` override the variant's (`resolve_switches`). `records`: see `esi_gradients`."""
+    `switches` override the variant's (`resolve_switches`). `records`: see `esi_gradients`. `generator` (the
+    Gumbel noise; default: seeded with `seed`) and `start` (prompts before it are skipped) resume a run."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     cfg = resolve_switches(variant, **switches)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if generator is None else generator
     if objective == "judge":
         if transfer_M is None:
             V_t = model.get_output_embeddings().weight.shape[0]
@@ -243,6 +278,8 @@ def prompt_losses(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
         elif len(generated) != len(prompts):
             raise ValueError(f"generated has {len(generated)} responses for {len(prompts)} prompts")
     for i, prompt in enumerate(tqdm(prompts, desc="esi", disable=not progress, leave=False)):
+        if i < start:
+            continue
         if objective == "refusal_likelihood":
             yield refusal_loglik(model, tokenizer, prompt, system)
             continue
@@ -278,7 +315,9 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
                   judge_sees_prompt: bool | None = None, exclude_router: bool = True,
                   transfer_M: torch.Tensor | None = None, gen_batch_size: int = 1,
                   records: list | None = None,
-                  generated: list[tuple[torch.Tensor, int]] | None = None) -> dict[str, torch.Tensor]:
+                  generated: list[tuple[torch.Tensor, int]] | None = None,
+                  checkpoint: str | Path | None = None, every: int = CHECKPOINT_EVERY,
+                  key: dict | None = None) -> dict[str, torch.Tensor]:
     """g = Σ_prompts ∂S/∂θ for every `eligible_esi` weight, {name: fp32 CPU tensor} (signed; |·| is taken by
     `esi_scores`), S per `objective` (`prompt_losses`).
 
@@ -287,19 +326,47 @@ def esi_gradients(model, tokenizer, soft_judge, prompts: list[str], max_new_toke
     list, receives {prompt, response, safe, judge_tokens_reached, response_tokens} per prompt (safe = the
     judge's score of the hard response; the counts are `coverage_counts`).
     `generated` (the output of `respond` for these prompts) skips generation: greedy responses do not depend
-    on the variant or the judge, so one generation pass serves every region computed on the same prompts."""
+    on the variant or the judge, so one generation pass serves every region computed on the same prompts.
+    `checkpoint`: a directory where the responses and, every `every` prompts (0 = never), the running sums, the
+    Gumbel generator's state and the records so far are kept, so a re-run after a kill resumes there and ends as
+    an uninterrupted run; `key` names what the arguments and the model do not (the judge). It is removed on
+    completion."""
     switches = dict(bos_align=bos_align, guard_grad_wrt=guard_grad_wrt, gumbel=gumbel, accum_dtype=accum_dtype,
                     judge_sees_prompt=judge_sees_prompt)
     cfg = resolve_switches(variant, **switches)
     params = eligible_esi(model, exclude_router)
+    store = saved = None
+    if checkpoint is not None:
+        store = Checkpoints(checkpoint, {**(key or {}), "prompts": digest(prompts), "objective": objective,
+                                         "switches": cfg, "seed": seed, "max_new_tokens": max_new_tokens,
+                                         "system": system, "exclude_router": exclude_router,
+                                         "gen_batch_size": gen_batch_size, **model_identity(model)})
+        if generated is None and objective != "refusal_likelihood":
+            generated = store.unit("responses", lambda: respond(model, tokenizer, prompts, max_new_tokens, system,
+                                                                gen_batch_size, progress))
+        saved = store.load("sums")
+    generator = torch.Generator().manual_seed(seed)
+    start = saved["done"] if saved else 0
     losses = prompt_losses(model, tokenizer, soft_judge, prompts, max_new_tokens, variant, seed, system, objective,
                            progress, transfer_M=transfer_M, gen_batch_size=gen_batch_size, records=records,
-                           generated=generated, **switches)
-    with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as result:
-        for loss in losses:
+                           generated=generated, generator=generator, start=start, **switches)
+    with grad_only_for(model, params.values()), _accumulators(params, cfg["accum_dtype"]) as sums:
+        if saved:
+            print(f"resuming ESI gradients from {checkpoint} after {start} of {len(prompts)} prompts")
+            sums.restore(saved["sums"])
+            generator.set_state(saved["rng"])
+            if records is not None:
+                records.extend(saved["records"])
+        for i, loss in enumerate(losses, start):
             if loss is not None:
                 loss.backward()
-        return result()
+            if store and every and (i + 1) % every == 0 and i + 1 < len(prompts):
+                store.save("sums", {"done": i + 1, "sums": sums.state(), "rng": generator.get_state(),
+                                    "records": list(records or [])})
+        grads = sums()
+    if store:
+        store.remove()
+    return grads
 
 
 # ---------------------------------------------------------------- scores and regions

@@ -187,7 +187,6 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
     the normal side the *last* n of `normal_set`, disjoint from the utility side (its first n) when the two sets
     coincide and hold >= 2n prompts, so the utility run compares two samples of the same distribution."""
     c = ctx.cfg.layer
-    sizes: list[int] = []
 
     def side(name: str, last: bool = False) -> list[str]:
         ps = data.prompts(ctx.prompts_path, name, "ident")
@@ -195,10 +194,10 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         if len(ps) < LAYER_MIN_PROMPTS:
             raise ValueError(f"SafeLayer needs >= {LAYER_MIN_PROMPTS} distinct prompts per side; {name!r} has "
                              f"{len(ps)} ident prompts")
-        sizes.append(len(ps))
         return ps
 
     normal = side(c.normal_set, last=True)
+    sizes = [len(normal)]
     overrej = data.prompts(ctx.prompts_path, c.overrej_set, "ident", c.n_overrej)
     states = lambda ps: last_token_states(ctx.model, ctx.tok, ps, ctx.cfg.batch_size)  # noqa: E731
     xn = states(normal)
@@ -206,25 +205,33 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
     sel = {"normal_set": c.normal_set, "overrej_set": c.overrej_set, "n_overrej": len(overrej),
            "alpha": c.alpha, "jump": c.jump, "grow": c.grow, "sweep_radius": c.sweep_radius, "pairs": c.pairs}
 
-    def find(name: str) -> list[int]:
-        stats = cosine_stats(xn, states(side(name)), c.pairs, ctx.seed)
-        ctx.metrics["prompts_per_side"] = min(sizes)
+    def layers(name: str) -> dict:
+        """{"ids": the layers found on set `name`, "details": the notebook's record of how, "size": prompts}."""
+        ps = side(name)
+        stats = cosine_stats(xn, states(ps), c.pairs, ctx.seed)
         info = {"gap": [(a + b) / 2 - m for a, b, m in zip(stats["nn_mean"], stats["mm_mean"], stats["nm_mean"])]}
+        found = {"size": len(ps)}
         try:
             s, e = gap_range(stats, c.jump, c.grow)
         except ValueError as err:           # the rule found no range: an empty region, reported as such
-            ctx.details[name] = {**info, "step1": None, "best": None, "note": str(err)}
-            return []
+            return {**found, "ids": [], "details": {**info, "step1": None, "best": None, "note": str(err)}}
         if c.sweep_radius == 0:             # step 1 only: the single candidate needs no generations
-            ctx.details[name] = {**info, "step1": [s, e], "best": [s, e], "note": "step 1 only (sweep_radius 0)"}
-            return list(range(s, e))
+            return {**found, "ids": list(range(s, e)),
+                    "details": {**info, "step1": [s, e], "best": [s, e], "note": "step 1 only (sweep_radius 0)"}}
         sweep = overrejection_sweep(ctx.model, ctx.tok, overrej, s, e, judge=_refusals(ctx.judge, overrej),
                                            alpha=c.alpha, radius=c.sweep_radius, max_new_tokens=c.max_new_tokens,
                                            scale_o_proj=c.scale_o_proj, batch_size=ctx.cfg.batch_size,
                                            cache=cache)
-        ctx.details[name] = {**info, "step1": [s, e], "best": list(sweep["best"]), "table": sweep["table"],
-                             "baseline_refusals": sweep["baseline"]}
-        return list(range(*sweep["best"]))
+        return {**found, "ids": list(range(*sweep["best"])),
+                "details": {**info, "step1": [s, e], "best": list(sweep["best"]), "table": sweep["table"],
+                            "baseline_refusals": sweep["baseline"]}}
+
+    def find(name: str) -> list[int]:
+        found = ctx.unit(f"{name}.layers", lambda: layers(name))
+        sizes.append(found["size"])
+        ctx.metrics["prompts_per_side"] = min(sizes)
+        ctx.details[name] = found["details"]
+        return found["ids"]
 
     u_ids = find(ctx.utility_set)
     util = _layer_region(ctx, u_ids, {**ctx.meta("layer", ctx.utility_set, RegionKind.UTILITY, **sel), "n": sizes[-1]})

@@ -386,19 +386,28 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
     c = ctx.cfg.neuron
     names = [ctx.utility_set, *ctx.datasets]
     if c.n:
-        ctx.top_up(names, c.n)
+        def topped_up():
+            ctx.top_up(names, c.n)
+            return {name: ctx.calib[name] for name in names}
+        ctx.calib = {**ctx.calib, **ctx.unit("top_up", topped_up)}
     sel = {"attn_frac": c.attn_frac, "ffn_frac": c.ffn_frac, "min_prompt_frac": c.min_prompt_frac,
            "qk_mode": c.qk_mode, "attn_rank": c.attn_rank}
     curves = ctx.metrics.setdefault("neuron_density_vs_n", {})
 
-    def units(name):
+    def select(name):
         scores = neuron_scores(ctx.model, ctx.batches(name, c.n), c.qk_mode, c.chunk)
         n = next(iter(scores.values()))["q"].shape[0]
         ks = sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
-        curves[name] = {k: density_after(ctx.model, scores, k, c.attn_frac, c.ffn_frac, c.min_prompt_frac,
-                                                 c.attn_rank) for k in ks}
-        ctx.metrics["calibration_n"] = min(n, ctx.metrics.get("calibration_n", n))
-        return select_neurons(scores, c.attn_frac, c.ffn_frac, c.min_prompt_frac, c.attn_rank)
+        curve = {k: density_after(ctx.model, scores, k, c.attn_frac, c.ffn_frac, c.min_prompt_frac, c.attn_rank)
+                 for k in ks}
+        return {"n": n, "curve": curve,
+                "units": select_neurons(scores, c.attn_frac, c.ffn_frac, c.min_prompt_frac, c.attn_rank)}
+
+    def units(name):
+        found = ctx.unit(f"{name}.neurons", lambda: select(name))
+        curves[name] = found["curve"]
+        ctx.metrics["calibration_n"] = min(found["n"], ctx.metrics.get("calibration_n", found["n"]))
+        return found["units"]
 
     u_units = units(ctx.utility_set)
     util = _neuron_region(ctx, u_units, ctx.meta("neuron", ctx.utility_set, RegionKind.UTILITY, c.n, **sel))

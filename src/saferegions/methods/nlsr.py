@@ -55,6 +55,21 @@ def lora_weights(peft_model) -> dict[str, tuple[torch.nn.Linear, torch.nn.Parame
     return out
 
 
+def lora_model(model, r: int, alpha: float, dropout: float, weights: dict[str, torch.Tensor] | None = None):
+    """peft's LoRA on every `TARGET_MODULES` projection of `model` (injected into it), with the LoRA matrices
+    set to `weights` ({`lora_weights` name: tensor}, as a checkpoint holds them) when given, in eval mode."""
+    from peft import LoraConfig, get_peft_model   # imported here: peft takes ~3 s to import
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGET_MODULES,
+                     bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    if weights is not None:
+        peft_model.eval()
+        with torch.no_grad():
+            for name, (_, w) in lora_weights(peft_model).items():
+                w.copy_(weights[name])
+    return peft_model
+
+
 def base_name(lora_name: str) -> str:
     """`base_model.model.<base module>.lora_A.<adapter>.weight` -> `<base module>.weight`."""
     if not _LORA.search(lora_name):
@@ -92,11 +107,8 @@ def train_safety_lora(model, tokenizer, prompts: list[str], responses: list[str]
         raise ValueError("need as many responses as prompts, and at least one pair")
     if patience and heldout is None:
         raise ValueError("early stopping (patience > 0) needs a held-out batch")
-    from peft import LoraConfig, get_peft_model   # imported here: peft takes ~3 s to import
     torch.manual_seed(seed if init_seed is None else init_seed)  # lora_A init and dropout
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGET_MODULES,
-                     bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
+    peft_model = lora_model(model, r, alpha, dropout)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = input_device(peft_model)
@@ -343,8 +355,17 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
             heldout=([r["prompt"] for r in held], [r["response"] for r in held]), eval_every=c.eval_every,
             patience=c.patience, min_delta=c.min_delta, init_seed=init_seed)
 
-    peft_model, hist = train(ctx.seed)
-    expo_rescale(peft_model, c.expo_alpha)
+    made = {}
+
+    def trained():
+        made["model"], hist = train(ctx.seed)
+        expo_rescale(made["model"], c.expo_alpha)
+        return {"weights": {n: w for n, (_, w) in lora_weights(made["model"]).items()}, "history": hist}
+
+    safety_lora = ctx.unit("lora", trained)
+    hist = safety_lora["history"]
+    peft_model = made["model"] if made else \
+        lora_model(ctx.model, c.lora_r, c.lora_alpha, c.dropout, safety_lora["weights"])
     ctx.details["lora_loss"], ctx.details["lora_heldout"] = hist["train_loss"], hist["heldout"]
     ctx.metrics.update({"train_steps": hist["steps"], "best_step": hist["best_step"], "heldout_n": len(held),
                         "heldout_loss_before": hist["heldout_loss_before"],
@@ -355,10 +376,26 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
     def base(lora: Region, projected, meta) -> Region:
         return Region(to_base_masks(peft_model, lora, projected), {**meta, "space": "eligible"})
 
-    def find(name: str, kind: str):
+    def project(name: str, kind: str):
         lora, projected = identify(peft_model, ctx.batches(name), c.rank_ratio, c.keep_frac, progress=False)
         lora.meta = {**ctx.meta("nlsr", name, kind, **sel), "space": "lora", "selection": lora.meta["selection"]}
         return lora, projected
+
+    def find(name: str, kind: str):
+        return ctx.unit(f"{name}.{kind}.lora", lambda: project(name, kind))
+
+    def seed_check(d: str, raw: Region, lora: Region) -> dict:
+        """A second LoRA from init seed + 1 (same pairs, same order): its raw region on `d` against the first's."""
+        other, hist2 = train(ctx.seed + 1)
+        expo_rescale(other, c.expo_alpha)
+        lora2, proj2 = identify(other, ctx.batches(d), c.rank_ratio, c.keep_frac, progress=False)
+        raw2 = Region(to_base_masks(other, lora2, proj2), {})
+        other.unload()
+        return {"seed_iou_dataset": d, "seed_iou_seeds": [ctx.seed, ctx.seed + 1],
+                "seed_iou": overlap.iou(raw, raw2), "seed_iou_chance": overlap.chance_iou(raw.density, raw2.density),
+                "seed_iou_lora": overlap.iou(lora, lora2),
+                "seed_iou_lora_chance": overlap.chance_iou(lora.density, lora2.density),
+                "seed2_train_steps": hist2["steps"], "seed2_heldout_loss_after": hist2["heldout_loss_after"]}
 
     u_lora, u_proj = find(ctx.utility_set, RegionKind.UTILITY)
     yield ctx.utility_set, RegionKind.UTILITY, base(u_lora, u_proj, u_lora.meta)
@@ -376,19 +413,7 @@ def run(ctx: Context) -> Iterator[tuple[str, str, Region]]:
         yield d, RegionKind.REFINED_LORA, r_lora
     peft_model.unload()                                  # the base model back, for the second LoRA
     if c.seed_check and first:
-        d, raw, lora = first
-        other, hist2 = train(ctx.seed + 1)
-        expo_rescale(other, c.expo_alpha)
-        lora2, proj2 = identify(other, ctx.batches(d), c.rank_ratio, c.keep_frac, progress=False)
-        raw2 = Region(to_base_masks(other, lora2, proj2), {})
-        other.unload()
-        ctx.metrics.update({"seed_iou_dataset": d, "seed_iou_seeds": [ctx.seed, ctx.seed + 1],
-                            "seed_iou": overlap.iou(raw, raw2),
-                            "seed_iou_chance": overlap.chance_iou(raw.density, raw2.density),
-                            "seed_iou_lora": overlap.iou(lora, lora2),
-                            "seed_iou_lora_chance": overlap.chance_iou(lora.density, lora2.density),
-                            "seed2_train_steps": hist2["steps"],
-                            "seed2_heldout_loss_after": hist2["heldout_loss_after"]})
+        ctx.metrics.update(ctx.unit("seed_check", lambda: seed_check(*first)))
 
 
 def diagnostics(ctx: Context, cfg) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from .. import regions as R
 from ..io import atomic_path, write_jsonl  # noqa: F401  (write_jsonl: re-exported for the notebook)
 from ..methods import esi, esi_architecture
 from ..perturbation import PERTURB_CONDITIONS, perturbation, perturbation_metrics  # noqa: F401  (the notebook)
+
+CHECKPOINTS = Path("artifacts/checkpoints/esi")   # resume state of each role's passes (not a DVC output)
 
 
 class Purpose(enum.Enum):
@@ -213,20 +216,15 @@ def transfer_for(name: str | None, soft_judges: dict, tok, model, transfers: dic
 
 
 def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[str]], soft_judges: dict, e,
-                    timings: dict, transfers: dict, progress: bool = True):
+                    timings: dict, transfers: dict, progress: bool = True, checkpoints: Path | None = None):
     """Yield (spec, top region, gradients, scores, records) per spec; the primary's bottom-k is made by the
     caller from its scores. Gradients and scores are yielded for the caller to use and drop. `transfers`: the
-    vocabulary transfer matrices built so far, by judge (`transfer_for`)."""
+    vocabulary transfer matrices built so far, by judge (`transfer_for`). `checkpoints`: resume state (or None)."""
     judged = sorted({s.dataset for s in specs if s.objective == "judge"})
-    generated = {}
-    if judged:   # one generation pass over every judged set
-        flat = [p for d in judged for p in prompt_sets[d]]
-        with _timed(timings, "generate"):
-            out = esi.respond(model, tok, flat, e.max_new_tokens, e.system_prompt, e.gen_batch_size, progress)
-        start = 0
-        for d in judged:
-            generated[d] = out[start:start + len(prompt_sets[d])]
-            start += len(prompt_sets[d])
+    with _timed(timings, "generate") if judged else contextlib.nullcontext():   # one pass over every judged set
+        generated = esi.respond_sets(model, tok, {d: prompt_sets[d] for d in judged}, e.max_new_tokens,
+                                     e.system_prompt, e.gen_batch_size, progress,
+                                     checkpoint=checkpoints and checkpoints / "responses")
     for spec in tqdm(specs, desc="esi regions", disable=not progress, leave=False):
         judge = soft_judges.get(spec.judge) if spec.judge else None
         M, records = transfer_for(spec.judge, soft_judges, tok, model, transfers, timings), []
@@ -235,7 +233,9 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
                                       spec.variant, system=e.system_prompt, objective=spec.objective,
                                       progress=False, exclude_router=e.exclude_router, transfer_M=M,
                                       gen_batch_size=e.gen_batch_size, records=records,
-                                      generated=generated.get(spec.dataset))
+                                      generated=generated.get(spec.dataset), every=e.checkpoint_every,
+                                      checkpoint=checkpoints and checkpoints / spec.name,
+                                      key={"judge": spec.judge, "guard_score": e.guard_score})
         with _timed(timings, "select"):
             scores = esi.esi_scores(grads, model, e.score)
             top = esi.esi_region(scores, model, e.top_frac)
@@ -245,7 +245,8 @@ def compute_regions(model, tok, specs: list[Spec], prompt_sets: dict[str, list[s
 
 
 def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_judge,
-             prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True) -> RoleResult:
+             prompts_path: str | Path = "artifacts/data/prompts.jsonl", progress: bool = True,
+             checkpoints: Path | None = None) -> RoleResult:
     """Everything the stage computes for one model (module docstring); regions come back packed."""
     e = cfg.esi
     timings: dict[str, float] = {}
@@ -253,7 +254,7 @@ def run_role(model, tok, role: str, model_id: str, cfg, soft_judges: dict, eval_
     prompt_sets = {d: data.prompts(prompts_path, d, "ident", e.n_prompts) for d in {s.dataset for s in specs}}
     result, transfers = None, {}
     for spec, top, grads, scores, records in compute_regions(model, tok, specs, prompt_sets, soft_judges, e, timings,
-                                                             transfers, progress):
+                                                             transfers, progress, checkpoints):
         if spec.purpose is Purpose.PRIMARY:
             with _timed(timings, "select"):
                 bottom = esi.bottom_region(scores, model, e.top_frac)
@@ -391,8 +392,10 @@ def run(cfg, soft_judges: dict, out: str | Path = "artifacts/esi", identify_root
     for role in e.models:
         start = time.time()
         lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
-        res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, eval_judge, prompts_path)
+        res = run_role(lm, tok, role, cfg.models[role].id, cfg, soft_judges, eval_judge, prompts_path,
+                       checkpoints=CHECKPOINTS / role)
         save_role(res, Path(out) / role)
+        shutil.rmtree(CHECKPOINTS / role, ignore_errors=True)   # its regions are saved: nothing left to resume
         del lm
         if len(res.dataset_regions) > 1:
             dataset_tables[role], dataset_summaries[role] = pairwise_iou(res.dataset_regions)

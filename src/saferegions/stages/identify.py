@@ -7,6 +7,7 @@ and turns the regions into the summary rows, tables and metrics.json the noteboo
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import defaultdict
 from pathlib import Path
@@ -18,12 +19,14 @@ from ..tables import params_table, table  # noqa: F401  (re-exported: the notebo
 from ..hooks import single_thread
 from .. import results as results_
 from .. import calibration
+from ..checkpoints import Checkpoints, digest, model_identity
 from ..methods.context import Context, load_calibration, load_utility_eval
 from ..methods.removal import granularity_of
 from ..models import component, layer_index
 from ..regions import Region, RegionKind
 
 RESOLVES = methods.Resolves.ITEM_METHOD   # runs its matrix item's method: DVC deps on that method's code only
+CHECKPOINTS = Path("artifacts/checkpoints/identify")   # finished units of a run (not a DVC output; see `run`)
 
 
 def out_dir(role: str, method: str) -> Path:
@@ -49,17 +52,31 @@ def context(cfg, role: str, method: str) -> Context:
     ds = datasets(cfg, method)[0]
     halves = cfg.identify.split_half_datasets
     judge = judges.get(cfg.evaluation.judge, cfg)
-    return Context(lm, tok, role, cfg.models[role].id, calib, ds,
-                   cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
-                   judge=judge,
-                   max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size,
-                   utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
-                   split_half=[d for d in ds if halves is None or d in halves],
-                   asked=calib_meta.get("asked", {}), refusals=functools.partial(
-                       calibration.refusal_examples, lm, tok, judge=judge, redraws=cfg.calibrate.redraws,
-                       temperature=cfg.calibrate.temperature, seed=cfg.run.seed,
-                       max_new_tokens=calib_meta["max_new_tokens"], batch_size=cfg.calibrate.batch_size,
-                       system=calib_meta["system_prompt"]))
+    ctx = Context(lm, tok, role, cfg.models[role].id, calib, ds,
+                  cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
+                  judge=judge,
+                  max_new_tokens=calib_meta["max_new_tokens"], gen_batch_size=cfg.calibrate.batch_size,
+                  utility_eval=load_utility_eval(folder), utility=evaluation.utility_score,
+                  split_half=[d for d in ds if halves is None or d in halves],
+                  asked=calib_meta.get("asked", {}), refusals=functools.partial(
+                      calibration.refusal_examples, lm, tok, judge=judge, redraws=cfg.calibrate.redraws,
+                      temperature=cfg.calibrate.temperature, seed=cfg.run.seed,
+                      max_new_tokens=calib_meta["max_new_tokens"], batch_size=cfg.calibrate.batch_size,
+                      system=calib_meta["system_prompt"]))
+    ctx.checkpoints = Checkpoints(CHECKPOINTS / role / method, run_key(ctx, method, {
+        "judge": cfg.evaluation.judge, "redraws": cfg.calibrate.redraws, "temperature": cfg.calibrate.temperature}))
+    return ctx
+
+
+def run_key(ctx: Context, method: str, settings: dict) -> dict:
+    """What makes two identifications the same (`checkpoints`): the method and its params, the model and its
+    weights, the calibration examples, the prompt and pair files and the stage's `settings` beyond the Context."""
+    files = [Path(f) for f in (ctx.prompts_path, ctx.pairs_path) if Path(f).exists()]
+    return {"method": method, "role": ctx.role, "model_id": ctx.model_id, **model_identity(ctx.model),
+            "params": dataclasses.asdict(ctx.cfg), "calibration": digest(ctx.calib), "files": digest(*files),
+            "utility_eval": digest(ctx.utility_eval), "datasets": ctx.datasets, "utility_set": ctx.utility_set,
+            "split_half": ctx.split_half, "asked": ctx.asked, "seed": ctx.seed, "system": ctx.system,
+            "max_new_tokens": ctx.max_new_tokens, "gen_batch_size": ctx.gen_batch_size, **settings}
 
 
 def profile(region: Region) -> tuple[dict[int, float], dict[str, float]]:
@@ -78,7 +95,9 @@ def profile(region: Region) -> tuple[dict[int, float], dict[str, float]]:
 def run(method: str, ctx: Context, out: str | Path) -> list[dict]:
     """Run one method, save every region as it is produced (bool masks are dropped right after packing), each
     carrying the method's granularity in its meta, and return one summary row per region: size, density,
-    per-layer and per-component density, native units."""
+    per-layer and per-component density, native units. With `ctx.checkpoints` (set by `context`) every finished
+    unit of the runner (one dataset's work) is kept there until all regions are saved, so a re-run after a kill
+    skips it and ends as an uninterrupted run."""
     entry = methods.get(method)
     rows = []
     for dataset, kind, region in entry.run(ctx):
@@ -91,6 +110,8 @@ def run(method: str, ctx: Context, out: str | Path) -> list[dict]:
             if not kind.endswith(".lora"):
                 row["by_layer"], row["by_component"] = profile(region)
         rows.append(row)
+    if ctx.checkpoints is not None:
+        ctx.checkpoints.remove()
     return rows
 
 
