@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 
 from .io import atomic_path
 
@@ -51,7 +52,8 @@ class Decoding:
     sample: dict = field(default_factory=dict)       # sampling kwargs (temperature, top_p, ...)
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
+    """sha256 of `obj` as sorted JSON (a name for what an edit did)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -69,7 +71,7 @@ def model_identity(model) -> str:
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         digests = list(pool.map(lambda nt: _tensor_digest(nt[1]), tensors))
-    return _digest([type(model).__name__, config, gen,
+    return digest([type(model).__name__, config, gen,
                     [(n, str(t.dtype), list(t.shape), d) for (n, t), d in zip(tensors, digests)]])
 
 
@@ -137,13 +139,14 @@ class Lookup:
         self.stop = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
         settings = asdict(decoding)
         if decoding.do_sample:      # the whole call is one entry
-            settings["prompts"] = _digest(prompt_ids)
+            settings["prompts"] = digest(prompt_ids)
             self.keys = [str(i) for i in range(len(prompt_ids))]
         else:                       # one entry per prompt, any length
             settings.pop("max_new_tokens")
-            self.keys = [_digest(p) for p in prompt_ids]
-        condition = {"model": model_identity(model), "edits": list(edits), "decoding": settings}
-        self.file = _Condition(Path(path) / f"{_digest(condition)}.json", condition)
+            self.keys = [digest(p) for p in prompt_ids]
+        condition = {"model": model_identity(model), "edits": list(edits), "decoding": settings,
+                     "software": {"torch": torch.__version__, "transformers": transformers.__version__}}
+        self.file = _Condition(Path(path) / f"{digest(condition)}.json", condition)
         self.pending = {}
 
     def get(self, batch: list[int]) -> list[list[int] | None]:
