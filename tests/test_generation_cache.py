@@ -178,3 +178,14 @@ def test_an_interrupted_stage_keeps_finished_batches_and_no_half_written_file(co
     with use(tmp_path):
         chat.generate(model, tok, PROMPTS, 6, 4)
     assert calls[0] == 3 and len(stored(tmp_path)) == len(PROMPTS)   # only the missing batch was generated
+
+
+def test_every_generating_stage_declares_its_store_as_a_persistent_out():
+    import yaml
+
+    from saferegions import stage
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    for name in stage.GENERATING:
+        path = str(stage.generations_dir(name, {k: "${item.%s}" % k for k in stage.MATRIX.get(name, ())}))
+        declared = [o for o in stages[name]["outs"] if isinstance(o, dict) and path in o]
+        assert declared and declared[0][path] == {"persist": True}, name
