@@ -189,3 +189,23 @@ def test_every_generating_stage_declares_its_store_as_a_persistent_out():
         path = str(stage.generations_dir(name, {k: "${item.%s}" % k for k in stage.MATRIX.get(name, ())}))
         declared = [o for o in stages[name]["outs"] if isinstance(o, dict) and path in o]
         assert declared and declared[0][path] == {"persist": True}, name
+
+
+def test_hook_edits_are_cached_under_their_own_names(counted, tmp_path):
+    """The refusal-direction ablation and neuron deactivation edit with hooks: each is cached under a name of
+    exactly what it removes, so the same edit hits and another one misses."""
+    from saferegions.methods import neuron, refusal_direction
+    model, tok, calls = counted
+    hidden = model.config.hidden_size
+    a, b = torch.zeros(hidden), torch.zeros(hidden)
+    a[0], b[1] = 1.0, 1.0
+    with use(tmp_path):
+        edits = [lambda: refusal_direction.ablated(model, a), lambda: refusal_direction.ablated(model, 2 * a),
+                 lambda: refusal_direction.ablated(model, b),
+                 lambda: neuron.deactivate(model, {0: {"ffn": [1, 2]}}),
+                 lambda: neuron.deactivate(model, {0: {"ffn": [1, 2]}}),
+                 lambda: neuron.deactivate(model, {0: {"ffn": [3]}})]
+        for edit in edits:
+            with edit():
+                chat.generate(model, tok, PROMPTS, 6, 8)
+    assert calls[0] == 4      # the direction's norm and a repeated neuron set change nothing

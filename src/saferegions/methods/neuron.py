@@ -331,7 +331,7 @@ def deactivate(model, units: dict):
     a, blocks = arch_of(model), block_modules(model)
     named = {str(l): {c: [int(i) for i in idx] for c, idx in u.items()} for l, u in units.items()}
     with ExitStack() as stack:
-        stack.enter_context(generation_cache.edit(f"neurons deactivated {generation_cache.digest(named)}"))
+        stack.enter_context(generation_cache.edit(f"neurons deactivated {generation_cache.digest(named)}"))  # hooks
         for l, u in units.items():
             attn = a.attention_of(blocks[int(l)])
             for comp in ("q", "k", "v"):
