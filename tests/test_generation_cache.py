@@ -209,3 +209,19 @@ def test_hook_edits_are_cached_under_their_own_names(counted, tmp_path):
             with edit():
                 chat.generate(model, tok, PROMPTS, 6, 8)
     assert calls[0] == 4      # the direction's norm and a repeated neuron set change nothing
+
+
+def test_a_read_only_upstream_store_answers_and_stays_unchanged(counted, tmp_path, monkeypatch):
+    model, tok, calls = counted
+    upstream, own = tmp_path / "baseline", tmp_path / "validate"
+    with use(upstream):
+        longer = chat.generate(model, tok, PROMPTS, 12, 8)
+    before = {f.name: f.read_bytes() for f in upstream.iterdir()}
+    monkeypatch.setenv(generation_cache.READ_ENV, str(upstream))
+    with use(own):
+        served = chat.generate(model, tok, PROMPTS, 6, 8)
+        chat.generate(model, tok, PROMPTS[:2], 6, 8, system="You are a pirate.")
+    assert calls[0] == 2                                          # only the other system prompt generated
+    with use(None):
+        assert served == chat.generate(model, tok, PROMPTS, 6, 8) != longer
+    assert {f.name: f.read_bytes() for f in upstream.iterdir()} == before

@@ -36,6 +36,8 @@ from pathlib import Path
 from .io import atomic_path
 
 ENV = "SAFEREGIONS_GENERATIONS"
+READ_ENV = "SAFEREGIONS_GENERATIONS_READ"
+"""Other stores (os.pathsep-separated) whose entries this one may answer with, read-only: upstream stages'."""
 _UNSET = object()
 _STORE: contextvars.ContextVar = contextvars.ContextVar("generation_store", default=_UNSET)
 _EDITS: contextvars.ContextVar = contextvars.ContextVar("generation_edits", default=())
@@ -118,11 +120,16 @@ def store_path() -> Path | None:
 
 
 class _Condition:
-    """One condition's file: {"condition": what it is, "rows": {key: {"tokens", "text", "stopped"}}}."""
+    """One condition's file: {"condition": what it is, "rows": {key: {"tokens", "text", "stopped"}}}. The same
+    condition's file in a read-only store ($SAFEREGIONS_GENERATIONS_READ) fills the keys this one lacks."""
 
     def __init__(self, path: Path, condition: dict):
         self.path = path
         self.data = json.loads(path.read_text()) if path.exists() else {"condition": condition, "rows": {}}
+        for other in filter(None, os.environ.get(READ_ENV, "").split(os.pathsep)):
+            if (Path(other) / path.name).exists():
+                rows = json.loads((Path(other) / path.name).read_text())["rows"]
+                self.data["rows"] = {**rows, **self.data["rows"]}
 
     def save(self) -> None:
         with atomic_path(self.path) as tmp:
