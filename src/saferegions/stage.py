@@ -91,8 +91,9 @@ def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".", **
         parameters["results_dir"] = str(rel)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # inherited by the kernel (module docstring)
     if stage in GENERATING:   # inherited by the kernel; created now, as DVC expects its out even if nothing is stored
-        (root / generations_dir(stage, matrix)).mkdir(parents=True, exist_ok=True)
-        os.environ[generation_cache.ENV] = str(generations_dir(stage, matrix))   # relative to cwd = root
+        store = (root / generations_dir(stage, matrix)).resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        os.environ[generation_cache.ENV] = str(store)
     start = time.time()
     with atomic_path(target) as tmp:
         pm.execute_notebook(str(source), str(tmp), parameters=parameters, cwd=str(root),

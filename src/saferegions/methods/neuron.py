@@ -23,9 +23,9 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
+from .. import generation_cache
 from ..hooks import (capture_calls, capture_inputs, capture_outputs, edit_output, scale_output_dims,
                      zero_input_dims)
-from .. import generation_cache
 from ..hooks import one_thread
 from ..models import (Part, arch_of, block_modules, component, eligible_weights, input_device, layer_index,
                       part)
