@@ -1,8 +1,8 @@
 """A content-addressed store of generations, asked before every batch `chat.generate` would run.
 
-An entry's key is what determines the tokens: the model as it is now (`model_identity`: a hash of the exact bytes of every
-parameter and buffer, after any mask, ablation or perturbation, with the config and generation config), the
-names of active hook-based edits (`edit`: hooks change no weight, so their callers name them), the prompt's token
+An entry's key is what determines the tokens: the model as it is now (`model_identity`: a hash of the exact bytes
+of every parameter and buffer, after any mask, ablation or perturbation, with the config and generation config),
+the names of active hook-based edits (`edit`: hooks change no weight, so their callers name them), the prompt's token
 ids (chat template and system prompt included) and the decoding settings. A model with forward hooks and no named
 edit is never cached.
 
