@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import generation_cache
 from .models import input_device
 
 
@@ -55,26 +56,34 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     """Responses in prompt order. Prompts are batched longest-first to limit padding; greedy by default.
     A batch's shared prefix (the system turn: ~20 of ~45 tokens for Qwen) is run once and its cache reused.
     `with_finished` also returns, per response, whether the model ended it (an EOS) rather than
-    `max_new_tokens` cutting it off: only an ended response may be trained to end (`response_batches`)."""
+    `max_new_tokens` cutting it off: only an ended response may be trained to end (`response_batches`).
+    Each batch is first asked of the generation store in use (`generation_cache`), and generated only if a row
+    misses."""
     texts = render(tokenizer, prompts, system)
     order = _by_length(texts)
-    responses: list[str | None] = [None] * len(texts)
-    finished: list[bool | None] = [None] * len(texts)
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    tokens: list[list[int] | None] = [None] * len(texts)
     eos = eos_ids(model, tokenizer)
     device = input_device(model)
+    store = generation_cache.Lookup(model, tokenizer, prompt_ids, generation_cache.Decoding(
+        max_new_tokens, do_sample, seed if do_sample else None, batch_size if do_sample else None, sample_kwargs))
     if do_sample:
         torch.manual_seed(seed)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[start:start + batch_size]
-        rows = [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in idx]
-        ids, mask, cache = _prefilled_batch(model, rows, tokenizer.pad_token_id, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                             max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             pad_token_id=tokenizer.pad_token_id, **sample_kwargs)
-        new = out[:, ids.shape[1]:]
-        for i, text, row in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), new.tolist()):
-            responses[i] = text.strip()
-            finished[i] = any(t in eos for t in row)
+        found = store.get(idx)
+        if any(f is None for f in found):   # the whole batch, as without the store
+            ids, mask, cache = _prefilled_batch(model, [prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                 max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 pad_token_id=tokenizer.pad_token_id, **sample_kwargs)
+            new = out[:, ids.shape[1]:].tolist()
+            store.put(idx, new)
+            found = [f if f is not None else row for f, row in zip(found, new)]
+        for i, row in zip(idx, found):
+            tokens[i] = row
+    responses = [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    finished = [any(t in eos for t in row) for row in tokens]
     return (responses, finished) if with_finished else responses
 
 

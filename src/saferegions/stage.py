@@ -10,7 +10,8 @@ results/<stage>/<model>[-<method>]/ (the notebook gets that folder as `results_d
 
 The kernel runs with OMP_WAIT_POLICY=PASSIVE unless the caller sets it: on the shared 2-core machine, OpenMP's
 default spin-waiting threads competing with other processes ran a 0.5B forward at 25 tok/s against 39 tok/s
-passive (and 42 tok/s on one thread); an idle machine loses nothing measurable.
+passive (and 42 tok/s on one thread); an idle machine loses nothing measurable. It also names the stage's
+generation store, artifacts/generations/<stage>[/<model>[/<method>]] (`generation_cache`).
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-from . import config
+from . import config, generation_cache
 from .io import atomic_path, write_json
 
 NOTEBOOKS = {"data": "00_data", "models": "01_models", "baseline": "02_baseline", "calibrate": "03_calibrate",
              "identify": "04_identify", "validate": "05_validate", "overlap": "06_overlap", "esi": "07_esi",
              "set": "08_set", "spa": "09_spa", "report": "10_report"}
 MATRIX = {"calibrate": ("model",), "identify": ("model", "method")}   # in results-folder order
+GENERATING = ("baseline", "calibrate", "identify", "validate", "overlap", "esi", "set", "spa")
+"""Stages that load a model to generate: each has a generation store, a persistent out in dvc.yaml."""
 
 
 def _check_matrix(stage: str, params_file: Path, matrix: dict) -> None:
@@ -48,6 +51,13 @@ def results_dir(stage: str, matrix: dict | None = None) -> Path:
     matrix = matrix or {}
     parts = [matrix[k] for k in MATRIX.get(stage, ())]
     return Path("results") / stage / "-".join(parts) if parts else Path("results") / stage
+
+
+def generations_dir(stage: str, matrix: dict | None = None) -> Path:
+    """The stage's generation store (`generation_cache`), a persistent DVC out: kept across runs, so a re-run
+    generates only what a changed model, edit, prompt or setting asks for."""
+    matrix = matrix or {}
+    return Path("artifacts/generations") / stage / "/".join(matrix[k] for k in MATRIX.get(stage, ()))
 
 
 def render_html(notebook) -> str:
@@ -80,6 +90,10 @@ def run(stage: str, params_file: str = "params.yaml", root: str | Path = ".", **
     if matrix:
         parameters["results_dir"] = str(rel)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # inherited by the kernel (module docstring)
+    if stage in GENERATING:   # inherited by the kernel; created now, as DVC expects its out even if nothing is stored
+        store = (root / generations_dir(stage, matrix)).resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        os.environ[generation_cache.ENV] = str(store)
     start = time.time()
     with atomic_path(target) as tmp:
         pm.execute_notebook(str(source), str(tmp), parameters=parameters, cwd=str(root),

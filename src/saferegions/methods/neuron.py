@@ -23,6 +23,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
+from .. import generation_cache
 from ..hooks import (capture_calls, capture_inputs, capture_outputs, edit_output, scale_output_dims,
                      zero_input_dims)
 from ..hooks import one_thread
@@ -328,7 +329,9 @@ def random_units(model, units: dict, seed: int) -> dict:
 def deactivate(model, units: dict):
     """Zero the selected neurons with hooks (validation: does the behaviour change without them?)."""
     a, blocks = arch_of(model), block_modules(model)
+    named = {str(l): {c: [int(i) for i in idx] for c, idx in u.items()} for l, u in units.items()}
     with ExitStack() as stack:
+        stack.enter_context(generation_cache.edit(f"neurons deactivated {generation_cache.digest(named)}"))  # hooks
         for l, u in units.items():
             attn = a.attention_of(blocks[int(l)])
             for comp in ("q", "k", "v"):

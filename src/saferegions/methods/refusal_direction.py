@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from .. import chat
+from .. import chat, generation_cache
 from ..hooks import capture_inputs, edit_input, edit_output
 from ..models import arch_of, input_device
 
@@ -78,6 +78,8 @@ def ablated(model, direction: torch.Tensor):
     a = arch_of(model)
     fn = lambda x: project_out(x, unit)   # noqa: E731
     with ExitStack() as stack:
+        name = f"refusal direction ablated {generation_cache.digest(unit.tolist())}"
+        stack.enter_context(generation_cache.edit(name))   # hooks: the generation store keys on this name
         for block in a.blocks(model):
             stack.enter_context(edit_input(block, fn))
             stack.enter_context(edit_output(a.attention_of(block), fn))
