@@ -74,6 +74,99 @@ def test_cells_of_moe_experts_shared_experts_and_router():
     assert {c.layer for c, m in zip(block, late) if m} == {2}
 
 
+EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")
+SHARED = re.compile(r"^model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight$")
+ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight$")
+
+
+def _moe_pieces(name, t):
+    """(layer, 'part:component', piece) of a MoE model's block matrix, written out from its name alone (fused
+    gate_up [E, 2I, H]: gate rows :I, up rows I:); ('router', t) for a router; None for any other row."""
+    for pattern, part in ((ATTN, "attention"), (EXPERTS, "expert"), (SHARED, "shared_expert")):
+        m = pattern.match(name)
+        if m and m.group(2) == "gate_up":
+            half = t.shape[1] // 2
+            return [(int(m.group(1)), "expert:gate", t[:, :half]), (int(m.group(1)), "expert:up", t[:, half:])]
+        if m:
+            return [(int(m.group(1)), f"{part}:{m.group(2)}", t)]
+    return "router" if ROUTER.match(name) else None
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+def test_moe_mass_is_booked_to_experts_and_shared_expert_never_to_the_router(family):
+    """Planted gradients in one expert of a fused expert tensor, one expert's down projection, the shared expert
+    (qwen2_moe) and, 1e4 times larger, the routers; then everywhere. Per cell, per component and per layer the
+    shares equal a brute-force sum of |G|·σ_W over the named tensors' slices with the routers outside the
+    denominator; the routers' mass shows only as their own row."""
+    model, _ = tiny_model(family, layers=3)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    routers = [n for n, p in params.items() if _moe_pieces(n, p) == "router"]
+    assert len(routers) == 3 * (2 if family == "qwen2_moe" else 1)
+    sparse = {n: torch.zeros(p.shape) for n, p in params.items()}
+    for name, expert in (("model.layers.2.mlp.experts.gate_up_proj", 1), ("model.layers.0.mlp.experts.down_proj", 3)):
+        sparse[name][expert] = torch.randn(sparse[name][expert].shape, generator=gen)
+    if family == "qwen2_moe":
+        sparse["model.layers.1.mlp.shared_expert.up_proj.weight"] = torch.randn(64, 64, generator=gen)
+    dense = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    for G in (sparse, dense):
+        for n in routers:
+            G[n] = 1e4 * torch.randn(params[n].shape, generator=gen)
+    order, numel = A.cells(model)
+    with A.cell_mass(model, order) as take:
+        rows = []
+        for G in (sparse, dense):
+            _planted(model, G).backward()
+            rows.append(take())
+    safety = np.array(rows)
+
+    sigma = {n: float(p.detach().std()) for n, p in params.items()}
+    cells, entries, router = {}, {}, np.zeros(2)    # {(layer, key): mass per prompt}, {key: entries}
+    for n, p in params.items():
+        pieces = _moe_pieces(n, p.detach())
+        if pieces == "router":
+            router += [float(G[n].abs().sum()) * sigma[n] for G in (sparse, dense)]
+            continue
+        for (layer, key, piece), *grads in zip(pieces or [], *(_moe_pieces(n, G[n]) or [] for G in (sparse, dense))):
+            mass = np.array([float(g[2].abs().sum()) * sigma[n] for g in grads])
+            cells[layer, key] = cells.get((layer, key), 0) + mass
+            entries[key] = entries.get(key, 0) + piece.numel()
+    index = {c: i for i, c in enumerate(order)}
+    for (layer, key), direct in cells.items():
+        part, comp = key.split(":")
+        np.testing.assert_allclose(safety[:, index[A.Cell(layer, part, comp)]], direct, rtol=1e-5)
+
+    planted = {key for (layer, key), m in cells.items() if m[0] > 0}
+    assert planted == {"expert:gate", "expert:up", "expert:down"} | ({"shared_expert:up"} if family == "qwen2_moe"
+                                                                    else set())
+    gate_up = params["model.layers.2.mlp.experts.gate_up_proj"]
+    half = gate_up.shape[1] // 2
+    one_expert = float(sparse["model.layers.2.mlp.experts.gate_up_proj"][1, :half].abs().sum()) * sigma[
+        "model.layers.2.mlp.experts.gate_up_proj"]
+    assert safety[0, index[A.Cell(2, "expert", "gate")]] == pytest.approx(one_expert, rel=1e-5)
+
+    masses = A.Masses(order, numel, safety, np.ones_like(safety), 3)
+    total = sum(cells.values())
+    table = masses.component_table()
+    assert not [k for k in table.index if "router" in k]
+    assert set(table.index) == set(entries)
+    for key in entries:
+        mass = sum(m for (layer, k), m in cells.items() if k == key)
+        assert table.loc[key, "safety_share"] == pytest.approx(mass.sum() / total.sum(), rel=1e-5)
+        assert table.loc[key, "entry_share"] == pytest.approx(entries[key] / sum(entries.values()), rel=1e-12)
+    layers = masses.layer_table()
+    for layer in range(3):
+        mass = sum(m for (i, k), m in cells.items() if i == layer)
+        assert layers.loc[layer, "safety_share"] == pytest.approx(mass.sum() / total.sum(), rel=1e-5)
+    m = A.Masses(order, numel, safety[:1], np.ones((1, len(order))), 3).metrics()
+    assert m["block_numel"] == sum(entries.values())
+    late = sum(m_[0] for (i, k), m_ in cells.items() if i == 2 and not k.startswith("attention"))
+    assert m["parts"]["late_third_mlp"]["safety_share"] == pytest.approx(late / total[0], rel=1e-5)
+    assert m["parts"]["mlp"]["safety_share"] == pytest.approx(1.0) and m["parts"]["v"]["safety_share"] == 0.0
+    assert m["rows"]["router"]["safety_mass_vs_blocks"] == pytest.approx(router[0] / total[0], rel=1e-5)
+    assert router[0] > 1e2 * total[0]            # a router booked into the blocks would dominate every share
+
+
 def test_thirds_are_symmetric():
     def middle(n):
         return [i for i in range(n) if A.third(i, n) == 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,46 @@ def test_paper_profile_verdicts(tmp_path):
     assert not fits["set", "unaligned full"] and not fits["spa", "aligned spa"]
     full = next(r for r in result["rows"] if (r["stage"], r["part"]) == ("set", "unaligned full"))
     assert full["device"]["optimizer"] == pytest.approx(12 * 8.03, rel=0.01)   # fp32 master + 2 moments, 8.03 B
+
+
+def test_fsdp_gpu_count_of_a_hand_computed_part():
+    """A 30 B-parameter model in bf16 (root unit 1 B, blocks 1 B): its load phase holds 60 GB of weights, its
+    scoring phase adds 2 GB of gradients, 120 GB of fp32 scores, 6 GB of activations and a 16 GB judge.
+    Under FSDP2: load = 60 sharded + (2 root + 2 x 2 blocks) whole; scoring = 182 sharded + (6 + 16 + 2 root +
+    3 x 2 blocks, a backward) = 30 whole. At 80 GB: 182/2 + 30 = 121 > 80, 182/4 + 30 = 75.5 fits: 4 GPUs."""
+    s = plan.Shape(id="hand", family="llama", params=int(30e9), eligible=0, esi=0, largest=0, linear_io=0, hidden=0,
+                   layers=29, ffn=0, q_dim=0, kv_dim=0, vocab=0, block=int(1e9), root=int(1e9))
+    score = memory.resident(s, 2, "score").add("grads", device=2e9).add("scores", device=120e9)
+    score.add("scores", host=120e9, copy=True).add("activations", device=6e9).add("judge", device=16e9)
+    row = memory.row("esi", "hand", [memory.loaded(s, 2, True), score], on_gpu=True)
+    assert row["device_gb"] == 204.0 and row["fsdp"] == [[60.0, 6.0], [182.0, 30.0]]
+    expected = {210: 1, 204: 1, 203.9: 2, 121: 2, 120.9: 4, 80: 4, 75.5: 4, 75.4: 8, 52.75: 8, 52.7: None, 40: None}
+    assert {g: plan.gpus(row, g) for g in expected} == expected
+    row.update(fits=False, gpus_fsdp=plan.gpus(row, 80))
+    text = plan.table([row], plan.Limits(gpu_gb=80, host_gb=1e3))
+    assert text.splitlines()[0].endswith("| fits | GPUs (FSDP2) |") and text.splitlines()[2].endswith("| **NO** | 4 |")
+    row["gpus_fsdp"] = None
+    assert plan.table([row], plan.Limits(gpu_gb=80, host_gb=1e3)).splitlines()[2].endswith("| > 8 |")
+    assert "GPUs (FSDP2)" not in plan.table([row], plan.Limits(gpu_gb=None, host_gb=1e3))
+
+
+def test_fsdp_units_of_a_shipped_config(tmp_path):
+    """Llama-3.1-8B: the root unit is the untied embedding and lm_head plus the final norm; a block is q, k, v, o,
+    gate, up, down and its two norms."""
+    s = plan.shape_of(plan.meta_model(plan.load_config(ModelEntry("meta-llama/Llama-3.1-8B"), tmp_path)))
+    h, kv, ffn, vocab = 4096, 1024, 14336, 128256
+    assert s.root == 2 * vocab * h + h
+    assert s.block == 2 * h * h + 2 * kv * h + 3 * h * ffn + 2 * h
+    assert s.root + s.layers * s.block == s.params
+
+
+def test_paper_profile_moe_gpu_counts_match_its_comments(tmp_path):
+    """The GPU counts profiles/paper.yaml states beside paper 2's MoE models are the planner's for their esi row
+    at 80 GB; neither fits one GPU, and every part of the dense 8B's SET/SPA fits 4."""
+    text = (ROOT / "profiles/paper.yaml").read_text()
+    stated = {m.group(1): int(m.group(2)) for m in re.finditer(r"^  ([\w-]+):.*# .*esi: (\d+) x 80 GB$", text, re.M)}
+    assert set(stated) == {"mixtral-8x7b", "qwen3-30b-a3b"}
+    result = plan.build(ROOT / "profiles/paper.yaml", plan.Limits(gpu_gb=80, host_gb=32), tmp_path)
+    got = {r["part"]: r["gpus_fsdp"] for r in result["rows"] if r["stage"] == "esi"}
+    assert {role: got[role] for role in stated} == stated and min(stated.values()) > 1
+    assert all(r["gpus_fsdp"] and r["gpus_fsdp"] <= 4 for r in result["rows"] if r["stage"] in ("set", "spa"))

@@ -9,6 +9,13 @@ outputs, queries, keys/values, attention output, FFN gate/up/activation/product;
 dtype) and the vocabulary-sized logits of the loss positions (model dtype + fp32 upcast + log-softmax); the
 coefficients are checked against measured CPU peaks by tests/test_plan.py; a forward without gradients holds one
 layer's intermediates; generation adds the KV cache.
+
+Under FSDP2 full sharding (`run.distributed: fsdp`, `distributed.shard`) each phase's device bytes split in two
+(`Phase.fsdp`): what is sharded over the ranks (`SHARDED`: weights, gradients, optimizer state, fp32 score
+accumulators, masks) and what every rank holds whole (`WHOLE`: activations incl. the KV cache, the judge, which is
+replicated; plus the parameters FSDP2 all-gathers: the root unit (embeddings, final norm, lm_head), unsharded from
+forward through backward, and `GATHERED_BLOCKS` decoder blocks: the one running and the one prefetched, and in a
+phase with a backward one more for the running block's unsharded gradient before its reduce-scatter).
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ from dataclasses import dataclass, field
 from . import methods
 
 CATEGORIES = ("weights", "grads", "optimizer", "scores", "activations", "masks", "judge")
+SHARDED = ("weights", "grads", "optimizer", "scores", "masks")   # FSDP2 divides these by the ranks
+WHOLE = ("activations", "judge")                                 # every rank holds these whole
+GATHERED_BLOCKS = 2      # decoder blocks all-gathered at once (running + prefetched); +1 in a backward
 PROMPT_TOKENS = 256      # longest rendered prompt assumed for generation (chat template + system + request)
 GUARD_TEMPLATE = 320     # Llama Guard's instruction around the response, in tokens
 INDEX_BYTES = 8          # int64 flat index of a masked entry (optim.MaskedAdamW's default index dtype)
@@ -29,6 +39,8 @@ GB = 1e9
 class Phase:
     name: str
     items: list = field(default_factory=list)   # (category, device bytes, host bytes, host copy of device buffer)
+    root: float = 0.0    # bytes of the model's FSDP2 root unit (embeddings, final norm, lm_head)
+    block: float = 0.0   # bytes of its largest decoder block
 
     def add(self, category: str, device: float = 0, host: float = 0, copy: bool = False) -> "Phase":
         assert category in CATEGORIES, category
@@ -45,6 +57,13 @@ class Phase:
                 host[cat] += d + (0 if copy else h)
         return dev, host
 
+    def fsdp(self) -> tuple[float, float]:
+        """(sharded, whole) device bytes of this phase on each FSDP2 rank before dividing by the ranks (module
+        docstring): a rank holds sharded / N + whole."""
+        dev = self.totals(on_gpu=True)[0]
+        blocks = GATHERED_BLOCKS + (1 if dev["grads"] else 0)
+        return sum(dev[c] for c in SHARDED), sum(dev[c] for c in WHOLE) + self.root + blocks * self.block
+
 
 def row(stage: str, part: str, phases: list[Phase], on_gpu: bool) -> dict:
     """The peak phase's breakdown (of the GPU on a GPU run, else of the host) and both peaks, in GB."""
@@ -54,7 +73,8 @@ def row(stage: str, part: str, phases: list[Phase], on_gpu: bool) -> dict:
     return {"stage": stage, "part": part, "phase": name,
             "device": {c: round(v / GB, 3) for c, v in peak[main - 1].items()},
             "device_gb": round(max(sum(t[1].values()) for t in totals) / GB, 3) if on_gpu else 0.0,
-            "host_gb": round(max(sum(t[2].values()) for t in totals) / GB, 3)}
+            "host_gb": round(max(sum(t[2].values()) for t in totals) / GB, 3),
+            "fsdp": [[round(x / GB, 3) for x in p.fsdp()] for p in phases] if on_gpu else []}
 
 
 # ---------------------------------------------------------------- activations (bytes)
@@ -92,14 +112,14 @@ def dtype_bytes(cfg, on_gpu: bool) -> int:
 
 def loaded(s, b: int, on_gpu: bool) -> Phase:
     """from_pretrained reads the weights into host memory, then `.to(device)` moves them."""
-    p = Phase("load").add("weights", device=s.params * b)
+    p = resident(s, b, "load")
     if on_gpu:
         p.add("weights", host=s.params * b)
     return p
 
 
 def resident(s, b: int, name: str) -> Phase:
-    return Phase(name).add("weights", device=s.params * b)
+    return Phase(name, root=s.root * b, block=s.block * b).add("weights", device=s.params * b)
 
 
 def packed(numel: int, count: int = 1) -> float:

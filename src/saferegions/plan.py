@@ -7,6 +7,18 @@ memory model follows the code path each stage takes (`memory.py` holds the per-s
 training design of `train.py`/`optim.py`: masked arms keep fp32 master copies and two fp32 Adam moments of the
 masked entries only, full fine-tuning keeps fp32 moments for every weight, score accumulators are fp32 and masks
 on host are packed bits. A stage that does not fit is one clear error (exit 1) naming it and the shortfall.
+
+With a GPU size, each stage part also gets the number of such GPUs it needs under FSDP2 full sharding
+(`run.distributed: fsdp`; `gpus`): the smallest N in 1, 2, 4, 8 with
+
+    N = 1:  the part's single-GPU peak <= G
+    N > 1:  max over the part's phases of (sharded / N + whole) <= G
+
+where `sharded` is what FSDP2 divides over the ranks (weights, gradients, optimizer state, fp32 score
+accumulators, masks) and `whole` what every rank holds in full (activations and KV cache at the params' batch and
+length, the judge, replicated, and the all-gathered parameters: the root unit plus two decoder blocks, three in a
+phase with a backward; `memory.Phase.fsdp`). None of 1-8 fitting reads "> 8". The verdict (`fits`) stays the
+single-GPU one: the stages do not yet re-launch under torchrun.
 """
 from __future__ import annotations
 
@@ -43,6 +55,8 @@ class Shape:
     q_dim: int
     kv_dim: int
     vocab: int
+    block: int = 0       # the largest decoder block's parameters: one FSDP2 unit
+    root: int = 0        # parameters outside the blocks (embeddings, final norm, lm_head): FSDP2's root unit
 
 
 # ---------------------------------------------------------------- configs
@@ -84,8 +98,12 @@ def meta_model(cfg):
 
 def shape_of(model, hub_id: str = "") -> Shape:
     from .methods.esi import eligible_esi
-    from .models import component
+    from .models import component, layer_index
     named = dict(model.named_parameters())
+    per_layer: dict[int, int] = {}
+    for n, p in named.items():
+        if (i := layer_index(n)) is not None:
+            per_layer[i] = per_layer.get(i, 0) + p.numel()
     block = {n: p for n, p in named.items() if component(n) not in (None, "router")}
     c = model.config
     c = getattr(c, "text_config", None) or c
@@ -100,7 +118,9 @@ def shape_of(model, hub_id: str = "") -> Shape:
                  esi=sum(p.numel() for p in eligible_esi(model).values()) if block else 0,
                  largest=max(p.numel() for p in named.values()), linear_io=int(linear_io), hidden=c.hidden_size,
                  layers=c.num_hidden_layers, ffn=ffn, q_dim=heads * head_dim,
-                 kv_dim=getattr(c, "num_key_value_heads", heads) * head_dim, vocab=c.vocab_size)
+                 kv_dim=getattr(c, "num_key_value_heads", heads) * head_dim, vocab=c.vocab_size,
+                 block=max(per_layer.values(), default=0),
+                 root=sum(p.numel() for p in named.values()) - sum(per_layer.values()))
 
 
 def shapes(cfg, models_root: str | Path = "models") -> dict[str, Shape]:
@@ -134,16 +154,30 @@ def shortfalls(rows: list[dict], limits: Limits) -> list[str]:
     return out
 
 
+FSDP_GPUS = (1, 2, 4, 8)
+
+
+def gpus(row: dict, gpu_gb: float) -> int | None:
+    """GPUs of `gpu_gb` a stage part needs under FSDP2 full sharding: the smallest of `FSDP_GPUS` where every
+    phase's sharded / N + whole fits (module docstring); 1 where the single-GPU peak fits; None above 8."""
+    if row["device_gb"] <= gpu_gb:
+        return 1
+    return next((n for n in FSDP_GPUS[1:] if max(sh / n + wh for sh, wh in row["fsdp"]) <= gpu_gb), None)
+
+
 def table(rows: list[dict], limits: Limits) -> str:
-    """Markdown table: device breakdown of each row's peak, device and host peaks, and whether it fits."""
+    """Markdown table: device breakdown of each row's peak, device and host peaks, whether it fits, and (with a
+    GPU) the GPUs it needs under FSDP2."""
     from .memory import CATEGORIES
     gpu = limits.gpu_gb is not None
-    head = ["stage", "part", *CATEGORIES, *(["GPU peak"] if gpu else []), "host peak", "fits"]
+    head = ["stage", "part", *CATEGORIES, *(["GPU peak"] if gpu else []), "host peak", "fits",
+            *(["GPUs (FSDP2)"] if gpu else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peaks = [f"{r['device_gb']:.1f}"] if gpu else []
+        n = [str(r["gpus_fsdp"] or "> 8")] if gpu else []
         lines.append("| " + " | ".join([r["stage"], r["part"], *(f"{r['device'][c]:.1f}" for c in CATEGORIES),
-                                        *peaks, f"{r['host_gb']:.1f}", "yes" if r["fits"] else "**NO**"]) + " |")
+                                        *peaks, f"{r['host_gb']:.1f}", "yes" if r["fits"] else "**NO**", *n]) + " |")
     note = (f"GB (1e9 bytes); the breakdown is of the {'GPU' if gpu else 'host'} peak; limits: "
             + (f"GPU {limits.gpu_gb:.1f} GB, " if gpu else "") + f"host {limits.host_gb:.1f} GB")
     return "\n".join(lines) + "\n\n" + note
@@ -157,6 +191,8 @@ def build(params: str | Path, limits: Limits, models_root: str | Path = "models"
     rows = memory.rows(cfg, found, on_gpu=limits.gpu_gb is not None)
     for r in rows:
         r["fits"] = not shortfalls([r], limits)
+        if limits.gpu_gb is not None:
+            r["gpus_fsdp"] = gpus(r, limits.gpu_gb)
     return {"params": str(params), "limits": asdict(limits), "shapes": {k: asdict(v) for k, v in found.items()},
             "rows": rows, "shortfalls": shortfalls(rows, limits)}
 

@@ -36,7 +36,8 @@ SMOKE = {
     "validate": {"datasets": ["advbench", "harmbench"], "eval_sets": ["advbench", "harmbench"], "n_eval": 2,
                  "n_utility": 2, "max_new_tokens": 4, "batch_size": 8, "direction": {"n": 4, "n_select": 2}},
     "overlap": {"n_orders": 3, "chance_draws": 200, "bootstrap": {"n_resamples": 2}},
-    "esi": {"n_prompts": 2, "max_new_tokens": 4, "perturb_seeds": 1, "n_eval": 2, "perturb_max_new_tokens": 4,
+    "esi": {"models": ["aligned", "unaligned", "qwen3-30b-a3b"],   # the dense targets and one MoE (qwen3_moe)
+            "n_prompts": 2, "max_new_tokens": 4, "perturb_seeds": 1, "n_eval": 2, "perturb_max_new_tokens": 4,
             "perturb_batch_size": 8, "datasets": ["advbench", "harmbench"], "n_mass_prompts": 2},
     "set": {"max_steps": 2, "grad_accum": 1, "max_length": 256, "eval_sets": ["advbench"], "n_eval": 2,
             "max_new_tokens": 4, "eval_batch_size": 8, "benign_sets": ["xstest_safe", "alpaca"], "n_benign": 2},
