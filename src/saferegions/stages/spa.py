@@ -20,6 +20,7 @@ from scipy import optimize
 from .. import chat, config, evidence, judges, plots, power, results, train
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..io import read_jsonl
+from ..reporting import claims as report_claims
 from ..train import region_table  # noqa: F401  (re-exported: the notebook shows it)
 from ..evaluation import utility_score
 
@@ -30,7 +31,7 @@ ESI = Path("artifacts/esi")
 CHECKPOINTS = Path("artifacts/checkpoints/spa")   # resume state of the arms (not a DVC output)
 CLAIM = "p2_spa_within_1pct"
 DRIFT_BOUND = evidence.THRESHOLDS[CLAIM][0]   # "within 1%": ASR increase < 0.01 (docs/methods.md §4.6)
-POSITIVE_CONTROL = "erode"   # full fine-tuning with harmful compliant pairs mixed in: it must raise ASR
+POSITIVE_CONTROL = report_claims.SPA_POSITIVE_CONTROL_ARM   # full FT with harmful pairs mixed in: must raise ASR
 
 
 def deviations(cfg):
@@ -259,7 +260,6 @@ def claim(metrics: dict, cfg) -> dict:
     """The SPA claim's record as the report builds it (`reporting.claims`, decided by `evidence.decide`): its
     verdict, the reason and every part. Holm runs over the SPA parts only here; the report's p_holm runs over
     every claim's parts (only the superiority control `task_learned` reads it)."""
-    from ..reporting import claims as report_claims
     parts, this_run = report_claims.spa_parts(results.SpaMetrics.parse(metrics), cfg)
     return {"this_run": this_run, **evidence.decide(parts)[CLAIM]}
 
