@@ -243,15 +243,16 @@ def task_and_drift_figure(frame, s: config.SpaCfg):
                            "task", "arm", {"task score": "task score (held-out)",
                                            "task likelihood": "likelihood of reference answers",
                                            "ASR drift": "ASR after − ASR before"},
-                           f"SPA vs plain and random-freeze fine-tuning, {s.max_steps} steps", ylim=None)
+                           f"SPA vs plain, random-freeze and eroding fine-tuning, {s.max_steps} steps", ylim=None)
     plots.save(fig, RESULTS / "figures" / "task_and_drift.png")
     return fig
 
 
 def untuned(metrics: dict) -> dict[str, dict]:
-    """{task: the untuned model's task score and likelihood} (the same in every arm's metrics)."""
+    """{task: the untuned model's task score, lenient accuracy and likelihood} (the same in every arm's metrics)."""
     metrics = task_metrics(metrics)
     return {task: {"task score": next(iter(per.values()))["task_score_before"],
+                   "task accuracy (lenient)": next(iter(per.values())).get("task_accuracy_before"),
                    "task likelihood": next(iter(per.values()))["task_likelihood_before"]}
             for task, per in metrics.items()}
 
@@ -259,7 +260,7 @@ def untuned(metrics: dict) -> dict[str, dict]:
 def claim(metrics: dict, cfg) -> dict:
     """The SPA claim's record as the report builds it (`reporting.claims`, decided by `evidence.decide`): its
     verdict, the reason and every part. Holm runs over the SPA parts only here; the report's p_holm runs over
-    every claim's parts (only the superiority control `task_learned` reads it)."""
+    every claim's parts (only the superiority controls read it: `task_learned`, `ft_can_erode_safety`)."""
     parts, this_run = report_claims.spa_parts(results.SpaMetrics.parse(metrics), cfg)
     return {"this_run": this_run, **evidence.decide(parts)[CLAIM]}
 
