@@ -360,6 +360,8 @@ class SpaArm(Record):
     task_score_before: float | None = optional()
     task_likelihood: float | None = optional()
     task_likelihood_before: float | None = optional()
+    task_accuracy: float | None = rate(None)          # SST-2 lenient accuracy (first label word), not tested
+    task_accuracy_before: float | None = rate(None)
     n_eval: int | None = optional()
     n_task: int | None = optional()
 
