@@ -28,8 +28,8 @@ def test_set_halving_is_decided_on_the_interval():
 def _spa_metrics(spa_drift, gain, erode=(0.3, 0.2, 0.4)):
     arm = lambda d: {"asr_before": 0.5, "asr_after": 0.5 + d, "task_score": 0.9, "task_score_before": 0.4}  # noqa
     return {"sst2": {"spa": arm(spa_drift[0]), "full": arm(0.0), "random": arm(0.0), "erode": arm(erode[0])},
-            "drift": {"sst2": {"spa": _est(*spa_drift), "full": _est(0.0, -0.03, 0.03), "random": _est(0.0, -0.03, 0.03),
-                               "erode": {**_est(*erode), "p": 1e-4}}},
+            "drift": {"sst2": {"spa": _est(*spa_drift), "full": _est(0.0, -0.03, 0.03),
+                               "random": _est(0.0, -0.03, 0.03), "erode": {**_est(*erode), "p": 1e-4}}},
             "comparison": {"sst2": {"spa_vs_full": _est(-0.1, -0.2, -0.02), "spa_vs_random": _est(-0.1, -0.2, -0.02),
                                     "task_gain_full": {**_est(*gain), "n": 32, "p": 1e-4}}}}
 
