@@ -126,10 +126,11 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     for fig in ("loss_curves.png", "before_after.png"):
         assert (work / "results/set/figures" / fig).stat().st_size > 1000
     spa_m = json.loads((work / "results/spa/metrics.json").read_text())
-    assert set(spa_m) == {"gsm8k", "sst2", "drift"}
-    assert set(spa_m.pop("drift")) == {"gsm8k", "sst2"}
+    assert set(spa_m) == {"gsm8k", "sst2", "drift", "comparison", "power"}
+    assert set(spa_m.pop("drift")) == set(spa_m.pop("power")) == {"gsm8k", "sst2"}
+    assert all({"spa_vs_full", "spa_vs_random", "task_gain_full"} <= set(c) for c in spa_m.pop("comparison").values())
     for task, per_arm in spa_m.items():
-        assert set(per_arm) == {"spa", "full", "random"}
+        assert set(per_arm) == {"spa", "full", "random", "erode"}
         for arm, v in per_arm.items():
             assert {"task_score", "asr_before", "asr_after"} <= set(v) and 0 <= v["task_score"] <= 1
             assert (work / f"results/spa/curves/{task}-{arm}.csv").exists()

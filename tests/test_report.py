@@ -129,6 +129,8 @@ def _complete(root):
     def spa(m):
         m["comparison"] = {t: {"spa_vs_full": _est(96, -0.2, -0.3, -0.1), "spa_vs_random": _est(96, -0.05, -0.1, 0.0),
                                "task_gain_full": _est(32, 0.3, 0.2, 0.4, p=0.001)} for t in ("gsm8k", "sst2")}
+        for t in ("gsm8k", "sst2"):
+            m["drift"][t]["erode"] = _est(96, 0.3, 0.2, 0.4, p=0.001)
     for rel, fn in (("validate", validate), ("overlap", overlap), ("esi", esi), ("set", set_), ("spa", spa)):
         edit(f"{rel}/metrics.json", fn)
 
@@ -317,21 +319,23 @@ def test_the_one_prompt_flip_interval_written_by_a_stage_decides_the_verdict(tmp
     assert _parts(_claims(tmp_path)["p1_region_affects_safety"], "region_vs_random")[0]["verdict"] == "supported"
 
 
-def test_spa_needs_a_full_ft_arm_that_drifts(tmp_path):
+def test_spa_needs_a_learned_task_and_an_eroding_arm_that_drifts(tmp_path):
     _fixture(tmp_path)
     _complete(tmp_path)
     _edit(tmp_path, "spa/metrics.json", lambda m: m["drift"]["sst2"].update(spa=_est(96, 0.0, -0.02, 0.005)))
     assert _claims(tmp_path)["p2_spa_within_1pct"]["verdict"] == "supported"
-    _edit(tmp_path, "spa/metrics.json", lambda m: m["drift"]["gsm8k"].update(full=_est(96, 0.02, -0.01, 0.05)))
+    _edit(tmp_path, "spa/metrics.json", lambda m: m["drift"]["gsm8k"].update(erode=_est(96, 0.02, -0.01, 0.05)))
     r = _claims(tmp_path)["p2_spa_within_1pct"]
-    assert _parts(r, "full_ft_erodes_safety")[0]["verdict"] == "inconclusive" and r["verdict"] == "inconclusive"
+    assert _parts(r, "ft_can_erode_safety")[0]["verdict"] == "inconclusive" and r["verdict"] == "inconclusive"
     _edit(tmp_path, "spa/metrics.json", lambda m: m["drift"]["gsm8k"].update(spa=_est(96, 0.05, 0.02, 0.08)))
     assert _claims(tmp_path)["p2_spa_within_1pct"]["verdict"] == "contradicted"   # a measured rise stands
     _edit(tmp_path, "spa/metrics.json", lambda m: (
-        m["drift"]["gsm8k"].update(spa=_est(96, 0.0, -0.02, 0.005), full=_est(96, 0.2, 0.1, 0.3)),
+        m["drift"]["gsm8k"].update(spa=_est(96, 0.0, -0.02, 0.005), erode=_est(96, 0.2, 0.1, 0.3)),
         m["comparison"]["gsm8k"].update(task_gain_full=_est(32, 0.0, -0.05, 0.05))))
     r = _claims(tmp_path)["p2_spa_within_1pct"]
-    assert _parts(r, "task_learned")[0]["verdict"] == "inconclusive" and r["verdict"] == "inconclusive"
+    assert _parts(r, "task_learned")[0]["verdict"] == "inconclusive" and r["verdict"] == "not run"
+    drift = [p for p in _parts(r, "drift_within_1pt") if p["condition"] == "gsm8k"][0]
+    assert drift["verdict"] == "not run" and drift["reason"].startswith("task not learned")
 
 
 def test_stages_without_estimates_are_not_run(tmp_path):

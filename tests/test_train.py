@@ -249,7 +249,8 @@ def test_run_set_and_run_spa_shapes(setup):
 
     shared = {f.name for f in dataclasses.fields(config.SpaCfg)} - {"arms", "model", "max_length"}
     spa = config.SpaCfg(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in shared},
-                        n_task=2, task_max_new_tokens={"gsm8k": 4, "sst2": 2}, max_length=160)
+                        n_task=2, task_max_new_tokens={"gsm8k": 4, "sst2": 2}, max_length=160,
+                        arms=["spa", "full", "random"])
     utility = [{"dataset": "gsm8k", "split": s, "prompt": "What is 2+2?", "response": "2+2=4\n#### 4", "answer": "4"}
                for s in ("train", "train", "eval")]
     utility += [{"dataset": "sst2", "split": s, "prompt": "a great film", "answer": "positive"}
@@ -257,6 +258,7 @@ def test_run_set_and_run_spa_shapes(setup):
     metrics, curves, _ = spa_stage.run_arms(model, tok, spa, {"spa": region.masks, "random": masks["random"]},
                                            utility, harmful, judge)
     drift = metrics.pop("drift")
+    assert set(metrics.pop("comparison")) == set(metrics.pop("power")) == {"gsm8k", "sst2"}
     assert set(drift) == {"gsm8k", "sst2"} and all(set(v) == {"spa", "full", "random"} for v in drift.values())
     for task, per in drift.items():
         for arm, est in per.items():
@@ -302,7 +304,8 @@ def test_defaults_are_paper_values():
     s, p = config.SetCfg(), config.SpaCfg()
     assert (s.max_steps, s.lr, s.top_frac, s.lora_r, s.lora_alpha, s.batch_size * s.grad_accum) == \
         (100, 3e-5, 0.01, 8, 32, 4)
-    assert (p.max_steps, p.tasks, p.top_frac, p.arms) == (1000, ["gsm8k", "sst2"], 0.01, ["spa", "full", "random"])
+    assert (p.max_steps, p.tasks, p.top_frac, p.arms, p.harmful_fraction) == (1000, ["gsm8k", "sst2"], 0.01,
+                                                                          ["spa", "full", "random", "erode"], 0.2)
     assert config.parse({"models": {"a": {"id": "x"}}, "set": {"model": "a"}}).set.model == "a"
     with pytest.raises(config.ConfigError, match="set.model"):
         config.parse({"models": {"a": {"id": "x"}}, "set": {}})

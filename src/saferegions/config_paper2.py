@@ -102,7 +102,7 @@ class EsiCfg:
 # ---------------------------------------------------------------- SET / SPA (paper 2, docs/methods.md §4.6)
 
 SET_ARMS = ("set", "full", "lora", "random", "bottom", "benign_esi")   # benign_esi: top-k of a benign LM-loss ESI
-SPA_ARMS = ("spa", "full", "random")
+SPA_ARMS = ("spa", "full", "random", "erode")   # erode: full FT with harmful compliant pairs mixed in
 SPA_TASKS = ("gsm8k", "sst2")
 OPTIMIZER_MODES = ("faithful", "sparse")
 SCHEDULES = ("cosine", "constant")
@@ -184,9 +184,12 @@ class SpaCfg(TuneCfg):
     n_task: int = 200            # held-out task rows scored per task (project default)
     task_max_new_tokens: dict[str, int] = field(default_factory=lambda: {"gsm8k": 256, "sst2": 8})  # per task
     answer_only: bool = False    # GSM8K target: the worked solution (False) or only "The answer is N."
+    harmful_fraction: float = 0.2   # share of harmful compliant pairs in arm `erode`'s data (the NLSR mix: 0.2)
 
     def __post_init__(self):
         self._check("spa")
+        if not 0 < self.harmful_fraction < 1:
+            raise ConfigError(f"spa.harmful_fraction: must be in (0, 1), got {self.harmful_fraction!r}")
         _subset("spa.arms", self.arms, SPA_ARMS)
         _subset("spa.tasks", self.tasks, SPA_TASKS)
         _positive("spa.n_task", self.n_task)

@@ -272,6 +272,19 @@ def alignment_pairs(raw: Path) -> list[dict]:
              "category": "", "split": "train"} for i, (p, r) in enumerate(zip(d["instruction"], d["output"]))]
 
 
+HARMFUL_MIX = "beavertails_harmful_mix/train_merged_n1000_p0.2.json"
+
+
+def harmful_finetune_pairs(raw: Path) -> list[dict]:
+    """Harmful question -> compliant answer (BeaverTails, the rows flagged "unsafe" of the NLSR paper's harmful
+    fine-tuning mix), for the SPA stage's positive control: fine-tuning known to erode refusals. The question is
+    taken out of its Alpaca template, so it renders in whatever format the stage trains in."""
+    d = _load(raw, HARMFUL_MIX).filter(lambda r: r["flag"] == "unsafe", keep_in_memory=True)
+    question = re.compile(r"### Instruction:\s*(.*?)\s*### Response:", re.S)
+    return [{"id": f"harmful-ft-{i:05d}", "dataset": "beavertails", "prompt": question.search(e["instruction"])[1],
+             "response": e["output"].strip(), "category": "", "split": "train"} for i, e in enumerate(d)]
+
+
 def judge_rows(raw: Path) -> list[dict]:
     """Labelled responses for the learned refusal judge; label 1 = refusal, 0 = compliance.
 
@@ -315,6 +328,7 @@ def build(raw: str | Path, out: str | Path, ident_size: int, eval_min: int, alpa
         "prompts": split_prompts(rows, ident_size, eval_min, seed),
         "utility": utility_rows(raw, gsm8k_max, seed),
         "pairs": alignment_pairs(raw),
+        "harmful_pairs": harmful_finetune_pairs(raw),
         "judge": judge_rows(raw),
     }
     return {name: write_table(out / f"{name}.jsonl", items) for name, items in tables.items()}

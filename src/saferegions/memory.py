@@ -247,7 +247,7 @@ def tune_parts(stage: str, cfg, s, b: int, on_gpu: bool) -> list[dict]:
     rows = []
     for arm in t.arms:
         p = resident(s, b, arm).add("masks", host=packed(s.esi, 3))
-        if arm == "full":
+        if arm in ("full", "erode"):   # erode: full fine-tuning on a harmful mix (SPA positive control)
             full_arm(p, s, b, T)
         elif arm == "lora":
             lora = t.lora_r * s.linear_io

@@ -361,6 +361,10 @@ class SpaArm(Record):
     task_score_before: float | None = optional()
     task_likelihood: float | None = optional()
     task_likelihood_before: float | None = optional()
+    task_accuracy: float | None = rate(None)          # SST-2 lenient accuracy (first label word), not tested
+    task_accuracy_before: float | None = rate(None)
+    n_eval: int | None = optional()
+    n_task: int | None = optional()
 
 
 @dataclass(kw_only=True)
@@ -372,12 +376,27 @@ class SpaTask(Record):
 
 
 @dataclass(kw_only=True)
+class SpaPower(Record):
+    """What a task's n paired harmful prompts can detect (exact McNemar, 80% power, 5%) beside the paper's
+    threshold: at best (every discordant prompt one way) and at the SPA-vs-full discordance observed."""
+    n: int
+    threshold: float = number()
+    power: float = rate()
+    alpha: float = rate()
+    mde_best_case: float | None = rate(None)
+    discordance: float | None = rate(None)
+    mde_observed: float | None = rate(None)
+
+
+@dataclass(kw_only=True)
 class SpaMetrics(Record):
     """{TASK: {ARM: before/after}}, "drift": {TASK: {ARM: Estimate of ASR after − before}}, "comparison":
-    {TASK: {name: Estimate}} (spa_vs_full, spa_vs_random: ASR after, paired; task_gain_full: task score gain)."""
+    {TASK: {name: Estimate}} (spa_vs_full, spa_vs_random: ASR after, paired; task_gain_ARM: task score after −
+    before, paired), "power": {TASK: SpaPower}."""
     tasks: dict[str, SpaTask]
     drift: dict[str, dict[str, EstimateRecord]] | None = optional()
     comparison: dict[str, dict[str, EstimateRecord]] | None = optional()
+    power: dict[str, SpaPower] | None = optional()
     REST: ClassVar[str] = "tasks"
 
 

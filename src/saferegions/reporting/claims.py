@@ -18,7 +18,9 @@ from ..evidence import Part
 from ..results import NOT_RUN, EstimateRecord, Record, estimate
 
 P1, P2 = "2602.17696", "2604.08297"
-SPA_POSITIVE_CONTROL_ARM = "full"   # the SPA arm whose drift shows that this fine-tuning can move ASR at all
+SPA_POSITIVE_CONTROL_ARM = "erode"   # the SPA arm whose drift shows that this fine-tuning can move ASR at all
+TASK_SCORES = {"sst2": "exact match: the whole answer is the label",
+               "gsm8k": "the last number in the answer equals the reference"}
 
 # id: (paper, the claim in words, the paper's value, stage)
 CLAIMS = {
@@ -348,13 +350,17 @@ def _set(results: dict, cfg) -> tuple[list[Part], str]:
     return parts, text
 
 
-def _spa(results: dict, cfg) -> tuple[list[Part], str]:
+def spa_parts(sp, cfg) -> tuple[list[Part], str]:
+    """The SPA claim's parts from the typed `results/spa/metrics.json` (`SpaMetrics`), per task: SPA's own drift,
+    SPA against full fine-tuning and against random freeze (non-inferiority, paired on the same harmful prompts),
+    and the controls: the task was learned (`task_gain_full`) and fine-tuning with harmful pairs mixed in erodes
+    safety (`SPA_POSITIVE_CONTROL_ARM`). Where `evidence.verdict` does not find the measured task gain above 0, the
+    three parts are not run: without learning, "safety kept while learning a task" is not tested (their estimates
+    stay in the reason)."""
     c = "p2_spa_within_1pct"
-    sp = results.get("spa")
-    if not sp:
-        return [], NOT_RUN
     drift, comp = sp.drift or {}, _extra(sp, "comparison") or {}
     asr = asr_metric(cfg, "spa")
+    n_task = _param(cfg, "spa", "n_task")
     parts = []
     for task in sp.tasks:
         d, k = drift.get(task) or {}, comp.get(task) or {}
@@ -362,17 +368,33 @@ def _spa(results: dict, cfg) -> tuple[list[Part], str]:
                  "vs_full_ft": (k.get("spa_vs_full"), f"comparison.{task}.spa_vs_full"),
                  "vs_random_freeze": (k.get("spa_vs_random"), f"comparison.{task}.spa_vs_random"),
                  "task_learned": (k.get("task_gain_full"), f"comparison.{task}.task_gain_full"),
-                 "full_ft_erodes_safety": (d.get(SPA_POSITIVE_CONTROL_ARM), f"drift.{task}.{SPA_POSITIVE_CONTROL_ARM}")}
+                 "ft_can_erode_safety": (d.get(SPA_POSITIVE_CONTROL_ARM),
+                                         f"drift.{task}.{SPA_POSITIVE_CONTROL_ARM}")}
+        gain = _est(found["task_learned"][0])
+        spec = evidence.PARTS[c]["task_learned"]
+        learned = gain is None or \
+            evidence.verdict(gain, spec.threshold, spec.direction) is evidence.Verdict.SUPPORTED
         for name, (x, key) in found.items():
             est = _est(x)
-            metric = (f"task score on {_param(cfg, 'spa', 'n_task')} held-out {task} prompts"
-                      if name == "task_learned" else asr)
-            parts.append(Part(c, name, est, metric, task, None if est else _missing("spa", key)))
+            metric = (f"task score (per prompt: {TASK_SCORES.get(task, task)}) on {n_task} held-out {task} "
+                      "prompts, full fine-tuning after − before, paired" if name == "task_learned" else asr)
+            reason = None if est else _missing("spa", key)
+            if est is not None and not learned and evidence.PARTS[c][name].role is evidence.Role.PART:
+                est, reason = None, (f"task not learned (full fine-tuning's task gain {fmt(gain)} is not above 0 "
+                                     f"by its 95% interval); measured {fmt(est)}")
+            parts.append(Part(c, name, est, metric, task, reason))
+    steps = _param(cfg, "spa", "max_steps")
     text = "ASR drift (after − before): " + "; ".join(
         f"{t}: " + ", ".join(f"{arm} {fmt(estimate(e))}" for arm, e in (drift.get(t) or {}).items())
-        + f", SPA task score {per.arms['spa'].task_score:.3f}" for t, per in sp.tasks.items()) + (
-        f"; {_param(cfg, 'spa', 'max_steps')} steps")
+        + f"; task score before {_or_dash(per.arms['spa'].task_score_before, '.3f')}, after: "
+        + ", ".join(f"{a} {v.task_score:.3f}" for a, v in per.arms.items()) for t, per in sp.tasks.items()) + (
+        f"; {steps} steps")
     return parts, text
+
+
+def _spa(results: dict, cfg) -> tuple[list[Part], str]:
+    sp = results.get("spa")
+    return spa_parts(sp, cfg) if sp else ([], NOT_RUN)
 
 
 def claims(results: dict, cfg=None) -> list[dict]:
