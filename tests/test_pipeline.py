@@ -41,7 +41,8 @@ def test_smoke_pipeline_runs_every_notebook(tmp_path, mirror):
     assert (work / "artifacts/identify/aligned/nlsr/advbench.raw.lora.safetensors").exists()
 
     val = json.loads((work / "results/validate/metrics.json").read_text())
-    assert set(val) == {"aligned", "intact", "positive_control", "power", "degenerate_rule"}
+    assert set(val) == {"aligned", "intact", "positive_control", "power", "degenerate_rule", "rejudged"}
+    assert set(val["rejudged"]["aligned"]) == {"region_vs_matched", "region_vs_random", "direction_vs_intact"}
     rule = val["degenerate_rule"]
     assert rule["n"] == rule["n_degenerate"] + rule["n_not_degenerate"] and rule["applied"] == "text_rules_only"
     assert set(val["aligned"]) == {"wanda", "layer"}   # smoke validate.methods
