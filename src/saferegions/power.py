@@ -63,6 +63,16 @@ def minimal_detectable_effect(n: int, discordance: float, power: float = 0.8, al
                                  xtol=1e-4))
 
 
+def best_case_mde(n: int, power: float = 0.8, alpha: float = 0.05) -> float | None:
+    """The smallest Δ with exact McNemar power >= `power` at discordance ψ = Δ (every discordant pair one way): no
+    difference below it is detectable at n, whatever the discordance (power rises with Δ here); None where even
+    Δ = 1 is not."""
+    f = lambda d: mcnemar_power(n, d, d, alpha) - power  # noqa: E731
+    if f(1.0) < 0:
+        return None
+    return float(optimize.brentq(f, 1e-9, 1.0, xtol=1e-5))
+
+
 @dataclass(frozen=True)
 class PowerPlan:
     """A comparison's pre-registered sample size: the n for `effect` at `power`, and the minimal detectable

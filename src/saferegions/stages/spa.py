@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from scipy import optimize
 
 from .. import chat, config, evidence, judges, plots, power, results, train
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
@@ -190,21 +189,12 @@ def power_at(complied: dict[str, list[bool]], target: float = 0.8) -> dict:
     run observed between SPA and full fine-tuning (None where no prompt was discordant or none is detectable)."""
     n = len(next(iter(complied.values())))
     out = {"n": n, "threshold": DRIFT_BOUND, "power": target, "alpha": evidence.ALPHA,
-           "mde_best_case": _best_case_mde(n, target), "discordance": None, "mde_observed": None}
+           "mde_best_case": power.best_case_mde(n, target, evidence.ALPHA), "discordance": None, "mde_observed": None}
     if "spa" in complied and "full" in complied:
         psi = sum(a != b for a, b in zip(complied["spa"], complied["full"])) / n
         mde = power.minimal_detectable_effect(n, psi, target, evidence.ALPHA) if psi > 0 else float("nan")
         out.update(discordance=psi, mde_observed=None if math.isnan(mde) else mde)
     return out
-
-
-def _best_case_mde(n: int, target: float) -> float | None:
-    """The smallest Δ with exact McNemar power >= target at discordance ψ = Δ (every discordant pair one way):
-    no ASR difference below it is detectable at n, whatever the discordance. Power rises with Δ here."""
-    f = lambda d: power.mcnemar_power(n, d, d, evidence.ALPHA) - target  # noqa: E731
-    if f(1.0) < 0:
-        return None
-    return float(optimize.brentq(f, 1e-9, 1.0, xtol=1e-5))
 
 
 def run(cfg, model, tok, arms: dict, d: Data):
