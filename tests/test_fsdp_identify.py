@@ -1,7 +1,9 @@
 """The identify stage under `run.distributed: fsdp`: the stage's own `run` re-launches itself on 2 CPU ranks (gloo,
 torchrun as a subprocess), each scoring its FSDP2 shards of a tiny llama; the region files rank 0 writes (utility,
 raw, refined and split halves of 2 datasets, SNIP and Wanda) hold the same sets as a one-process run on the same
-model and calibration examples, with the same provenance, summary rows and p/q sweep. Methods without a sharded
+model and calibration examples, with the same provenance, summary rows and p/q sweep. The model's weights take
+four magnitudes per matrix, so Wanda's scores (|W_ij| times a per-column norm) tie in every column and the
+selections must break ties across the shard boundary as one process does. Methods without a sharded
 implementation are refused when params are checked."""
 import json
 import os
@@ -11,8 +13,9 @@ import torch
 import yaml
 
 from conftest import ROOT
-from saferegions import calibration, config, judges, models, regions
+from saferegions import calibration, config, judges, regions
 from saferegions.io import write_jsonl
+from saferegions.models import eligible_weights
 from saferegions.stages import identify
 from saferegions.tiny import tiny_model
 
@@ -27,18 +30,26 @@ def params(**run) -> dict:
     raw["run"].update(run)
     raw["calibrate"]["datasets"] = SETS
     raw["identify"]["methods"] = ["snip", "wanda"]
-    raw["identify"]["q"] = 0.1           # regions of a few hundred entries per matrix, many near the threshold
+    raw["identify"]["q"] = 0.1           # regions of a few hundred entries per matrix
+    raw["models"]["aligned"] = {"id": "tied-llama", "offline": None}      # the folder `workdir` saves
     return raw
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A project folder with the tiny llama materialized, its calibration examples and held-out utility answers."""
+    """A project folder with a tiny llama whose eligible weights take 4 magnitudes per matrix, its calibration
+    examples and held-out utility answers."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    models.materialize("tiny-llama", "models")
     model, tok = tiny_model("llama")
+    with torch.no_grad():
+        for w in eligible_weights(model).values():
+            top = w.abs().max()
+            w.copy_(w.sign() * (w.abs() / top * 4).ceil().clamp(1, 4) * top / 4)
+            assert len(w.abs().unique()) <= 4
+    model.save_pretrained(tmp_path / "tied-llama")
+    tok.save_pretrained(tmp_path / "tied-llama")
     rows = calibration.calibrate(model, tok, PROMPTS, 4, 8, judge=judges.KeywordJudge())
     folder = tmp_path / "artifacts" / "calibrate" / "aligned"
     calibration.save_calibration(rows, {"system_prompt": None, "max_new_tokens": 4}, folder)
