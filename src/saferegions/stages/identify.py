@@ -80,8 +80,10 @@ def context(cfg, role: str, method: str) -> Context:
                        cfg.run.seed, calib_meta["system_prompt"],
                        launch=Launch(plain_params(cfg), role, method, cfg.run.nproc))
     device, dtype = cfg.run.device, cfg.run.dtype
-    if in_group and models.pick_device(device) != "cpu":     # this rank's own GPU
-        device, dtype = str(distributed.device()), "bfloat16" if dtype == "auto" else dtype
+    if in_group:     # loaded on the CPU: `distributed.shard` moves each rank's shards to its device
+        if dtype == "auto" and distributed.device().type == "cuda":
+            dtype = "bfloat16"     # what "auto" means on the rank's GPU
+        device = "cpu"
     lm, tok = models.load(cfg.models[role].entry(), dtype=dtype, device=device)
     halves = cfg.identify.split_half_datasets
     judge = judges.get(cfg.evaluation.judge, cfg)
