@@ -136,8 +136,15 @@ class Context:
     def unit(self, name: str, compute):
         """`compute()`, or its value saved by an earlier, killed run of the same identification (`checkpoints`).
         A runner wraps each dataset's expensive work in one unit that returns all it produces (regions, details,
-        metrics), so a resumed run ends as an uninterrupted one."""
-        return unit(self.checkpoints, name, compute)
+        metrics), so a resumed run ends as an uninterrupted one. The ranks of a sharded model run every forward
+        together, so there a unit is read back only where every rank kept it."""
+        if self.checkpoints is None or not distributed.active():
+            return unit(self.checkpoints, name, compute)
+        value = self.checkpoints.load(name)
+        if not distributed.every_rank(value is not None):
+            value = compute()
+            self.checkpoints.save(name, value)
+        return value
 
     def batches(self, name: str, n: int | None = None, subset: list[int] | None = None) -> list[dict]:
         """Response batches of the first n examples of `name` (only positions `subset` of those, if given)."""

@@ -23,7 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import config, distributed, evaluation, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
+from .. import config, evaluation, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
+from .. import distributed
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..hooks import single_thread
 from .. import results as results_
@@ -86,7 +87,7 @@ def context(cfg, role: str, method: str) -> Context:
         device = "cpu"
     lm, tok = models.load(cfg.models[role].entry(), dtype=dtype, device=device)
     halves = cfg.identify.split_half_datasets
-    judge = judges.get(cfg.evaluation.judge, cfg)
+    judge = None if in_group else judges.get(cfg.evaluation.judge, cfg)   # the sharded methods judge nothing
     ctx = Context(lm, tok, role, cfg.models[role].id, calib, ds,
                   cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
                   judge=judge,
