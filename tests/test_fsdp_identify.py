@@ -5,15 +5,17 @@ model and calibration examples, with the same provenance, summary rows and p/q s
 four magnitudes per matrix, so Wanda's scores (|W_ij| times a per-column norm) tie in every column and the
 selections must break ties across the shard boundary as one process does. Methods without a sharded
 implementation are refused when params are checked."""
-import json
+import functools
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 import yaml
 
 from conftest import ROOT
-from saferegions import calibration, config, judges, regions
+from saferegions import calibration, config, distributed, judges, regions
 from saferegions.io import write_jsonl
 from saferegions.models import eligible_weights
 from saferegions.stages import identify
@@ -42,6 +44,7 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(distributed, "relaunch", functools.partial(distributed.relaunch, timeout=120))  # no hang
     model, tok = tiny_model("llama")
     with torch.no_grad():
         for w in eligible_weights(model).values():
@@ -68,6 +71,16 @@ def identified(method: str, raw: dict, out: str) -> tuple[list[dict], dict]:
 @pytest.mark.parametrize("method", ["snip", "wanda"])
 def test_two_fsdp_ranks_write_the_regions_of_one_process(workdir, method):
     one_rows, one_metrics = identified(method, params(), "one")
+    if method == "snip":
+        # A run killed after its first unit (rank 0 cannot write into `out`, a file) whose rank 1 lost that unit:
+        # the re-run must recompute it on both ranks (one alone would wait forever in the other's collectives).
+        (workdir / "fsdp").write_text("not a folder")
+        with pytest.raises(subprocess.CalledProcessError):
+            identified(method, params(distributed="fsdp", nproc=2), "fsdp")
+        kept = workdir / identify.CHECKPOINTS / "aligned" / method
+        assert (kept / "rank0-of-2" / "alpaca.utility" / "value.json").exists()
+        shutil.rmtree(kept / "rank1-of-2" / "alpaca.utility")
+        (workdir / "fsdp").unlink()
     fsdp_rows, fsdp_metrics = identified(method, params(distributed="fsdp", nproc=2), "fsdp")
 
     files = sorted(p.name for p in (workdir / "one").iterdir())
