@@ -12,6 +12,7 @@ from the ranks' packed bits (`distributed.gather_packed`), and the summary rows 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -187,6 +188,8 @@ def relaunched(ctx: Context, out: str | Path) -> list[dict]:
         params.write_text(json.dumps(launch.params))
         distributed.relaunch(f"{__name__}:on_ranks", launch.nproc, [params, launch.role, launch.method, out, result])
         got = json.loads(result.read_text())
+    with contextlib.suppress(OSError):     # every rank removed its own checkpoints; drop their emptied folder
+        (CHECKPOINTS / launch.role / launch.method).rmdir()
     ctx.metrics.update(got["metrics"])
     ctx.details.update(got["details"])
     for row in got["rows"]:       # JSON made the layer indices strings
