@@ -73,7 +73,7 @@ def test_two_fsdp_ranks_write_the_regions_of_one_process(workdir, method):
     one_rows, one_metrics = identified(method, params(), "one")
     if method == "snip":
         # A run killed after its first unit (rank 0 cannot write into `out`, a file) whose rank 1 lost that unit:
-        # the re-run must recompute it on both ranks (one alone would wait forever in the other's collectives).
+        # the re-run must recompute it on both ranks (a rank resuming alone skips forwards the other one joins).
         (workdir / "fsdp").write_text("not a folder")
         with pytest.raises(subprocess.CalledProcessError):
             identified(method, params(distributed="fsdp", nproc=2), "fsdp")
