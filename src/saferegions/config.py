@@ -404,6 +404,11 @@ def parse(raw: dict) -> types.SimpleNamespace:
         for stage in ("set", "spa"):
             if stage in out:
                 _choice(f"{stage}.model", getattr(cfg, stage).model, roles)
+    if "run" in out and "identify" in out and cfg.run.distributed == "fsdp":
+        unsupported = [m for m in cfg.identify.methods if m not in methods.sharded()]
+        if unsupported:
+            raise ConfigError(f"identify.methods: {unsupported} have no sharded implementation; under "
+                              f"run.distributed: fsdp the identify stage runs {list(methods.sharded())} only")
     if "identify" in out and "calibrate" in out:
         for m in methods.REGISTRY:
             own = getattr(cfg.identify, m).datasets

@@ -6,6 +6,7 @@
   ranks' local shards follow the flat order rank by rank (what the sharded top-k's tie rule relies on).
 - `local(t)`: the local shard of a DTensor (a view: writing into it writes the parameter), any other tensor as is.
 - `on_main(path)`: an atomic write that only rank 0 performs; every rank waits for it.
+- `gather_packed(region, shapes)`: the whole region on rank 0 from the ranks' packed mask bits.
 - `relaunch(target, nproc, args)`: runs "module:function" under `torchrun --nproc-per-node N` in a subprocess,
   so a stage re-launches its own work and `dvc repro` stays the one command.
 """
@@ -19,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
@@ -117,6 +119,11 @@ def is_sharded(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def sharded(model) -> bool:
+    """True for a model with FSDP2-sharded parameters (`shard`)."""
+    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (a view of the parameter's storage), any other tensor unchanged."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -130,6 +137,29 @@ def row_offset(p: torch.Tensor) -> int:
         raise ValueError(f"expected a dim-0 sharded DTensor, got placements {p.placements}")
     n, w = p.shape[0], p.device_mesh.size()
     return min(p.device_mesh.get_local_rank() * math.ceil(n / w), n)
+
+
+def gather_packed(region, shapes: dict[str, tuple[int, ...]]):
+    """On rank 0, the whole region (a `regions.PackedRegion`, 'auto' encoding) of a Region of local shards (each
+    mask the dim-0 chunk `shard` gives this rank of a tensor shaped `shapes[name]`), assembled one tensor at a time
+    from every rank's packed bits; None on the other ranks. No rank sends its bool masks or any scores."""
+    from .regions import PackedRegion, pack
+    w, data = world_size(), {}
+    for name, m in region.masks.items():
+        n_rows, row = shapes[name][0], math.prod(shapes[name][1:])
+        chunk = math.ceil(n_rows / w)
+        counts = [(min((r + 1) * chunk, n_rows) - min(r * chunk, n_rows)) * row for r in range(w)]
+        if m.numel() != counts[rank()]:
+            raise ValueError(f"{name}: a local mask of {m.numel()} entries, expected {counts[rank()]}")
+        buf = torch.zeros((max(counts) + 7) // 8, dtype=torch.uint8)
+        bits = np.packbits(m.reshape(-1).numpy())
+        buf[:bits.size] = torch.from_numpy(bits)
+        every = all_gather(buf).numpy()
+        if is_main():
+            data[name] = np.packbits(np.concatenate([np.unpackbits(b, count=c) for b, c in zip(every, counts)]))
+    if not is_main():
+        return None
+    return pack(PackedRegion(data, {n: tuple(shapes[n]) for n in data}, region.meta, region.units), "auto")
 
 
 def barrier() -> None:

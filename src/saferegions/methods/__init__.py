@@ -64,6 +64,7 @@ class Method:
     scores: Callable | str | None = None   # (model, batches, progress) -> {name: score}: a sum over examples, so
                                            # the overlap bootstrap can resample them; None = not resamplable
     memory_phase: Callable | str | None = None   # memory plan of its identify peak (None: hooked forwards only)
+    sharded: bool = False        # its runner scores local shards of an FSDP2-sharded model (run.distributed: fsdp)
 
     def __post_init__(self):
         _choice(f"method {self.name!r}: granularity", self.granularity, GRANULARITIES)
@@ -103,6 +104,11 @@ def resamplable() -> tuple[str, ...]:
     return tuple(m.name for m in REGISTRY.values() if m.scores is not None)
 
 
+def sharded() -> tuple[str, ...]:
+    """Methods the identify stage runs under `run.distributed: fsdp`."""
+    return tuple(m.name for m in REGISTRY.values() if m.sharded)
+
+
 def weight_level() -> tuple[str, ...]:
     """Methods whose regions are sets of weight entries (comparable entry by entry with ESI's)."""
     return tuple(m.name for m in REGISTRY.values() if m.granularity == "weights")
@@ -112,10 +118,10 @@ def weight_level() -> tuple[str, ...]:
 
 def _score_based(name: str, description: str, config: type) -> Method:
     """A weight-level method whose score is a sum over calibration examples: `methods/<name>.py` holds `run`
-    and `<name>_scores`, `memory.<name>_phase` its memory plan."""
+    and `<name>_scores`, `memory.<name>_phase` its memory plan. Its scores are computed on local shards too."""
     return register(Method(name, f"saferegions.methods.{name}:run", description, config, "weights",
                            scores=f"saferegions.methods.{name}:{name}_scores",
-                           memory_phase=f"saferegions.memory:{name}_phase"))
+                           memory_phase=f"saferegions.memory:{name}_phase", sharded=True))
 
 
 _score_based(

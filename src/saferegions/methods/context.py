@@ -20,7 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import chat, data, regions
+import torch
+
+from .. import chat, data, distributed, regions
 from ..checkpoints import unit
 from ..io import read_jsonl
 from ..regions import Region, RegionKind
@@ -88,6 +90,8 @@ class Context:
     asked: dict[str, int] = field(default_factory=dict)   # ident prompts calibrate asked per set (kept or not)
     refusals: object = None     # prompts -> the refusal rows among the model's answers (calibrate's rule), or None
     checkpoints: object = None  # `checkpoints.Checkpoints` of this run (the identify stage's), or None: no resume
+    launch: object = None       # how the identify stage re-launches this run on FSDP2 ranks (run.distributed: fsdp;
+                                # model and tok are then None here), or None: it runs in this process
 
     def __post_init__(self):
         missing = [d for d in [*self.datasets, self.utility_set] if d not in self.calib]
@@ -132,8 +136,15 @@ class Context:
     def unit(self, name: str, compute):
         """`compute()`, or its value saved by an earlier, killed run of the same identification (`checkpoints`).
         A runner wraps each dataset's expensive work in one unit that returns all it produces (regions, details,
-        metrics), so a resumed run ends as an uninterrupted one."""
-        return unit(self.checkpoints, name, compute)
+        metrics), so a resumed run ends as an uninterrupted one. The ranks of a sharded model run every forward
+        together, so there a unit is read back only where every rank kept it."""
+        if self.checkpoints is None or not distributed.active():
+            return unit(self.checkpoints, name, compute)
+        value = self.checkpoints.load(name)
+        if not distributed.every_rank(value is not None):
+            value = compute()
+            self.checkpoints.save(name, value)
+        return value
 
     def batches(self, name: str, n: int | None = None, subset: list[int] | None = None) -> list[dict]:
         """Response batches of the first n examples of `name` (only positions `subset` of those, if given)."""
@@ -168,8 +179,11 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None,
     S(p, q)). Scores are computed one set at a time and dropped, so memory holds one score tensor set (two for
     the sweep dataset). Also: half0/half1 raw regions for `ctx.split_half` datasets, and the p/q sweep
     (`pq_sweep`) on `identify.pq_dataset` when the grid is set and utility answers exist; its points go to
-    `ctx.metrics`. `p`: the method's own top-p (None = identify.p)."""
+    `ctx.metrics`. `p`: the method's own top-p (None = identify.p). On an FSDP2-sharded model (`distributed.shard`)
+    the scores are local shards and every region holds this rank's masks, selected as one process would
+    (`regions.top_fraction_sharded`)."""
     c = ctx.cfg
+    top_fraction = regions.top_fraction_sharded if distributed.sharded(ctx.model) else regions.top_fraction
     p = c.p if p is None else p
     sel = {"q": c.q, "p": p, "group": c.group}
     do_sweep = bool(c.pq_grid_q and c.pq_grid_p and ctx.utility_eval and ctx.utility and c.pq_dataset in ctx.datasets)
@@ -177,17 +191,17 @@ def weight_method(ctx: Context, method: str, score, n: int | None = None,
     def utility_unit():
         scores = score(ctx.batches(ctx.utility_set, n))
         util_meta = ctx.meta(method, ctx.utility_set, RegionKind.UTILITY, n, **sel)
-        return {"util": regions.top_fraction(scores, p, c.group, meta=util_meta),
-                "utils": {pp: regions.top_fraction(scores, pp, c.group) for pp in c.pq_grid_p} if do_sweep else {}}
+        return {"util": top_fraction(scores, p, c.group, meta=util_meta),
+                "utils": {pp: top_fraction(scores, pp, c.group) for pp in c.pq_grid_p} if do_sweep else {}}
 
     def half_unit(d, i, half):
-        return regions.top_fraction(score(ctx.batches(d, n, half)), c.q, c.group,
-                                    meta=ctx.meta(method, d, RegionKind.half(i), len(half), half=i, **sel))
+        return top_fraction(score(ctx.batches(d, n, half)), c.q, c.group,
+                            meta=ctx.meta(method, d, RegionKind.half(i), len(half), half=i, **sel))
 
     def raw_unit(d):
         scores = score(ctx.batches(d, n))
-        return {"raw": regions.top_fraction(scores, c.q, c.group, meta=ctx.meta(method, d, RegionKind.RAW, n, **sel)),
-                "raws": {q: regions.top_fraction(scores, q, c.group) for q in c.pq_grid_q}
+        return {"raw": top_fraction(scores, c.q, c.group, meta=ctx.meta(method, d, RegionKind.RAW, n, **sel)),
+                "raws": {q: top_fraction(scores, q, c.group) for q in c.pq_grid_q}
                 if do_sweep and d == c.pq_dataset else {}}
 
     first = ctx.unit(f"{ctx.utility_set}.utility", utility_unit)
@@ -234,9 +248,17 @@ def pq_sweep(model, tok, utility, raws: dict, utils: dict, prompts: list[str], a
             refined = regions.difference(raw, util)
             with ablation(model, refined):
                 u = utility(model, tok, prompts, answers, batch_size, system)
-            points.append({"q": q, "p": p, "density": refined.density, "utility": u,
+            points.append({"q": q, "p": p, "density": density(refined), "utility": u,
                            "utility_ratio": u / intact if intact else float("nan")})
     return intact, points
+
+
+def density(region: Region) -> float:
+    """The region's density; for a region of local shards (a rank of a sharded model), that of all ranks' shards."""
+    if not distributed.active():
+        return region.density
+    size, numel = distributed.all_reduce(torch.tensor([region.size, region.numel])).tolist()
+    return size / numel if numel else 0.0
 
 
 def pq_pick(points: list[dict], min_ratio: float) -> dict | None:

@@ -4,17 +4,28 @@ Per prompt set the method's runner yields the utility region, and per identifica
 region (`methods/context.py`). This module builds the runner's Context from params and the calibrate stage's
 examples, saves every region with its granularity in its meta (so `methods.removal.ablation` knows how to remove it),
 and turns the regions into the summary rows, tables and metrics.json the notebook shows.
+
+Under `run.distributed: fsdp` the notebook's process loads no model: `run` re-launches the identification on
+`run.nproc` ranks (`distributed.relaunch`, `on_ranks`). Each rank loads the model, shards it with FSDP2, scores and
+selects on its local shards (`methods.sharded()`: SNIP and Wanda), and rank 0 alone writes each region, gathered
+from the ranks' packed bits (`distributed.gather_packed`), and the summary rows the notebook reads back.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
+import math
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from .. import config, evaluation, judges, methods, models, plots, regions  # noqa: F401  (config, plots: re-exported)
+from .. import distributed
 from ..tables import params_table, table  # noqa: F401  (re-exported: the notebook shows its tables with them)
 from ..hooks import single_thread
 from .. import results as results_
@@ -23,7 +34,7 @@ from ..checkpoints import Checkpoints, digest, model_identity
 from ..methods.context import Context, load_calibration, load_utility_eval
 from ..methods.removal import granularity_of
 from ..models import component, layer_index
-from ..regions import Region, RegionKind
+from ..regions import PackedRegion, Region, RegionKind
 
 RESOLVES = methods.Resolves.ITEM_METHOD   # runs its matrix item's method: DVC deps on that method's code only
 CHECKPOINTS = Path("artifacts/checkpoints/identify")   # finished units of a run (not a DVC output; see `run`)
@@ -43,15 +54,41 @@ def datasets(cfg, method: str) -> tuple[list[str], list[str]]:
     return ds, [d for d in cfg.calibrate.datasets if d not in ds]
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What each rank of a `run.distributed: fsdp` identification rebuilds its Context from (`on_ranks`)."""
+    params: dict      # the parsed params as plain data (`config.parse` reads them back)
+    role: str
+    method: str
+    nproc: int
+
+
+def plain_params(cfg) -> dict:
+    """`cfg` (parsed params) as the plain dict `config.parse` turns back into it."""
+    return {k: {r: dataclasses.asdict(m) for r, m in v.items()} if isinstance(v, dict) else dataclasses.asdict(v)
+            for k, v in vars(cfg).items()}
+
+
 def context(cfg, role: str, method: str) -> Context:
     """Model `role` loaded, its calibration examples (stage calibrate) and the method's params, as the runner reads
-    them."""
+    them. Under `run.distributed: fsdp`, outside a process group, no model is loaded: the Context carries the
+    `Launch` that `run` re-launches on the ranks."""
     folder = Path("artifacts/calibrate") / role
     calib, calib_meta = load_calibration(folder)
-    lm, tok = models.load(cfg.models[role].entry(), dtype=cfg.run.dtype, device=cfg.run.device)
     ds = datasets(cfg, method)[0]
+    in_group = torch.distributed.is_initialized()
+    if cfg.run.distributed == "fsdp" and not in_group:
+        return Context(None, None, role, cfg.models[role].id, calib, ds, cfg.calibrate.utility_set, cfg.identify,
+                       cfg.run.seed, calib_meta["system_prompt"],
+                       launch=Launch(plain_params(cfg), role, method, cfg.run.nproc))
+    device, dtype = cfg.run.device, cfg.run.dtype
+    if in_group:     # loaded on the CPU: `distributed.shard` moves each rank's shards to its device
+        if dtype == "auto" and distributed.device().type == "cuda":
+            dtype = "bfloat16"     # what "auto" means on the rank's GPU
+        device = "cpu"
+    lm, tok = models.load(cfg.models[role].entry(), dtype=dtype, device=device)
     halves = cfg.identify.split_half_datasets
-    judge = judges.get(cfg.evaluation.judge, cfg)
+    judge = None if in_group else judges.get(cfg.evaluation.judge, cfg)   # the sharded methods judge nothing
     ctx = Context(lm, tok, role, cfg.models[role].id, calib, ds,
                   cfg.calibrate.utility_set, cfg.identify, cfg.run.seed, calib_meta["system_prompt"],
                   judge=judge,
@@ -63,8 +100,13 @@ def context(cfg, role: str, method: str) -> Context:
                       temperature=cfg.calibrate.temperature, seed=cfg.run.seed,
                       max_new_tokens=calib_meta["max_new_tokens"], batch_size=cfg.calibrate.batch_size,
                       system=calib_meta["system_prompt"]))
-    ctx.checkpoints = Checkpoints(CHECKPOINTS / role / method, run_key(ctx, method, {
-        "judge": cfg.evaluation.judge, "redraws": cfg.calibrate.redraws, "temperature": cfg.calibrate.temperature}))
+    settings = {"judge": cfg.evaluation.judge, "redraws": cfg.calibrate.redraws,
+                "temperature": cfg.calibrate.temperature}
+    root = CHECKPOINTS / role / method
+    if in_group:     # each rank keeps the units of its own shards
+        settings["rank"], settings["world_size"] = distributed.rank(), distributed.world_size()
+        root = root / f"rank{distributed.rank()}-of-{distributed.world_size()}"
+    ctx.checkpoints = Checkpoints(root, run_key(ctx, method, settings))
     return ctx
 
 
@@ -79,12 +121,13 @@ def run_key(ctx: Context, method: str, settings: dict) -> dict:
             "max_new_tokens": ctx.max_new_tokens, "gen_batch_size": ctx.gen_batch_size, **settings}
 
 
-def profile(region: Region) -> tuple[dict[int, float], dict[str, float]]:
+def profile(region: Region | PackedRegion) -> tuple[dict[int, float], dict[str, float]]:
     """Density per decoder layer and per component (q/k/v/o/gate/up/down...) of a base-space region."""
     counts: dict = defaultdict(lambda: [0, 0])
     comps: dict = defaultdict(lambda: [0, 0])
-    for name, m in region.masks.items():
-        k, n = int(m.count_nonzero()), m.numel()
+    for name, shape in regions.shapes(region).items():
+        k = int(region.masks[name].count_nonzero()) if isinstance(region, Region) else region.count(name)
+        n = math.prod(shape)
         for tally, key in ((counts, layer_index(name)), (comps, component(name))):
             tally[key][0] += k
             tally[key][1] += n
@@ -97,12 +140,20 @@ def run(method: str, ctx: Context, out: str | Path) -> list[dict]:
     carrying the method's granularity in its meta, and return one summary row per region: size, density,
     per-layer and per-component density, native units. With `ctx.checkpoints` (set by `context`) every finished
     unit of the runner (one dataset's work) is kept there until all regions are saved, so a re-run after a kill
-    skips it and ends as an uninterrupted run."""
+    skips it and ends as an uninterrupted run. With `ctx.launch` the run happens on FSDP2 ranks (`on_ranks`); on a
+    rank of a sharded model, rank 0 saves the regions gathered from every rank and alone returns rows."""
+    if ctx.launch is not None:
+        return relaunched(ctx, out)
     entry = methods.get(method)
+    shapes = {n: tuple(p.shape) for n, p in ctx.model.named_parameters()} if distributed.sharded(ctx.model) else None
     rows = []
     for dataset, kind, region in entry.run(ctx):
         region.meta = {**region.meta, "granularity": entry.granularity}
         with single_thread():
+            if shapes is not None:
+                region = distributed.gather_packed(region, shapes)
+                if region is None:     # not rank 0
+                    continue
             regions.save(region, regions.region_path(out, dataset, kind))
             size, numel = region.size, region.numel
             row = {"dataset": dataset, "kind": kind, "size": size, "numel": numel, "density": size / numel,
@@ -113,6 +164,38 @@ def run(method: str, ctx: Context, out: str | Path) -> list[dict]:
     if ctx.checkpoints is not None:
         ctx.checkpoints.remove()
     return rows
+
+
+def on_ranks(params_file: str, role: str, method: str, out: str, result_file: str) -> None:
+    """One rank of a `run.distributed: fsdp` identification (started by `relaunched`): the model loaded and sharded
+    with FSDP2, `run` on its local shards; rank 0 writes the summary rows and the method's metrics and details to
+    `result_file` (JSON)."""
+    cfg = config.parse(json.loads(Path(params_file).read_text()))
+    ctx = context(cfg, role, method)
+    distributed.shard(ctx.model)
+    rows = run(method, ctx, out)
+    with distributed.on_main(result_file) as tmp:
+        if tmp is not None:
+            Path(tmp).write_text(json.dumps({"rows": rows, "metrics": ctx.metrics, "details": ctx.details}))
+
+
+def relaunched(ctx: Context, out: str | Path) -> list[dict]:
+    """`run` of `ctx.launch` on its ranks under torchrun (`on_ranks`): the rows rank 0 returned; the method's
+    metrics and details go to `ctx` as a one-process run would put them."""
+    launch = ctx.launch
+    with tempfile.TemporaryDirectory() as tmp:
+        params, result = Path(tmp) / "params.json", Path(tmp) / "result.json"
+        params.write_text(json.dumps(launch.params))
+        distributed.relaunch(f"{__name__}:on_ranks", launch.nproc, [params, launch.role, launch.method, out, result])
+        got = json.loads(result.read_text())
+    with contextlib.suppress(OSError):     # every rank removed its own checkpoints; drop their emptied folder
+        (CHECKPOINTS / launch.role / launch.method).rmdir()
+    ctx.metrics.update(got["metrics"])
+    ctx.details.update(got["details"])
+    for row in got["rows"]:       # JSON made the layer indices strings
+        if "by_layer" in row:
+            row["by_layer"] = {int(layer): d for layer, d in row["by_layer"].items()}
+    return got["rows"]
 
 
 def metrics(rows: list[dict], method: str, role: str, model_id: str, details: dict,
