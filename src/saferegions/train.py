@@ -438,6 +438,8 @@ def generate_sets(model, tok, sets: dict[str, list[str]], judge, max_new_tokens:
     (finished: the model ended the response, see `chat.generate`)."""
     prompts = [p for ps in sets.values() for p in ps]
     names = [n for n, ps in sets.items() for _ in ps]
+    if not prompts:
+        return []
     responses, finished = chat.generate(model, tok, prompts, max_new_tokens, batch_size, system, desc=desc,
                                         with_finished=True)
     found = evaluation.outcomes(responses, judge, prompts)   # degenerate text never counts as compliance
