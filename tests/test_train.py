@@ -408,3 +408,10 @@ def test_full_arm_of_a_bf16_model_follows_fp32_adamw(setup):
         assert {s[k].dtype for k in ("master", "exp_avg", "exp_avg_sq")} == {torch.float32}
         torch.testing.assert_close(s["master"], r.detach(), rtol=1e-6, atol=1e-9)
         assert torch.equal(p.detach(), s["master"].to(torch.bfloat16))
+
+
+def test_generate_sets_of_no_prompts_is_no_rows():
+    """A second task's evaluation asks no safety prompts again (they are paired with the first's): nothing is
+    generated and no row comes back."""
+    model, tok = tiny_model("llama")
+    assert train.generate_sets(model, tok, {}, None, 4, 2, None, "none") == []
